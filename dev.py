@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Set-up and entry point for a fresh machine that has only python3 and pip.
+
+    python3 dev.py tutorial   # make .venv if needed, install lmcheck, run `lmcheck tutorial`
+    python3 dev.py test       # same environment, then run the test suite
+    python3 dev.py bench      # same environment, then run the benchmarks
+
+Extra arguments go to the command (``python3 dev.py test -k chunk``). The environment is made
+once and reused; it is refreshed when pyproject.toml changes. ``LMCHECK_TORCH`` picks the torch
+to install first (default ``torch==2.13.0``, a CPU build where one is on disk; set it to
+``torch`` for your platform's default build, e.g. with CUDA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("LMCHECK_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+TORCH = os.environ.get("LMCHECK_TORCH", "torch==2.13.0")
+
+
+def ensure_environment() -> None:
+    stamp = VENV / ".lmcheck-installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print(f"dev.py: installing {TORCH}, then lmcheck with its test extra", flush=True)
+    subprocess.run([*pip, TORCH], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    stamp.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    commands = {
+        "tutorial": [str(BIN / "lmcheck"), "tutorial"],
+        "test": [str(BIN / "python"), "-m", "pytest"],
+        "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
+    }
+    if not argv or argv[0] not in commands:
+        print(f"usage: python3 dev.py {{{'|'.join(commands)}}} [args...]", file=sys.stderr)
+        return 2
+    ensure_environment()
+    return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

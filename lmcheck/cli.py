@@ -1,0 +1,90 @@
+"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck assets list|fetch|verify``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lmcheck import assets
+from lmcheck.errors import LmcheckError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except LmcheckError as error:
+        print(f"lmcheck: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmcheck", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tutorial = commands.add_parser("tutorial", help="run the four-chapter tutorial on the embedded default")
+    tutorial.add_argument("--chapter", type=int, action="append", metavar="N",
+                          help="run only chapter N (repeatable; default: all)")
+    tutorial.add_argument("--quick", action="store_true", help="smaller runs where a chapter offers them")
+    tutorial.add_argument("--out", default="lmcheck-out", help="folder for plots and JSON (default: %(default)s)")
+    tutorial.set_defaults(handler=_tutorial)
+
+    asset = commands.add_parser("assets", help="list, fetch or verify the offline assets")
+    asset.add_argument("action", choices=("list", "fetch", "verify"))
+    asset.add_argument("names", nargs="*", help="asset names (default: all)")
+    asset.set_defaults(handler=_assets)
+    return parser
+
+
+def _tutorial(args: argparse.Namespace) -> int:
+    from lmcheck.report import Report, write_results_json
+    from lmcheck.tutorial import CHAPTERS, chapter
+
+    wanted = args.chapter or sorted(CHAPTERS)
+    unknown = [n for n in wanted if n not in CHAPTERS]
+    if unknown:
+        raise LmcheckError(f"'--chapter' must be one of {sorted(CHAPTERS)} (got {unknown})")
+    os.makedirs(args.out, exist_ok=True)
+    report = Report()
+    for number in wanted:
+        chapter(number).run(report, quick=args.quick, out=args.out)
+    ok = report.summary()
+    path = write_results_json(report.results, os.path.join(args.out, "tutorial-results.json"))
+    report.text(f"results written to {path}")
+    return 0 if ok else 1
+
+
+def _assets(args: argparse.Namespace) -> int:
+    names = args.names or sorted(assets.ASSETS)
+    for name in names:
+        if name not in assets.ASSETS:
+            raise assets.AssetError(f"unknown asset {name!r}: names must be among {', '.join(sorted(assets.ASSETS))}")
+    if args.action == "list":
+        print(f"cache: {assets.cache_dir()}")
+        for name in names:
+            a = assets.ASSETS[name]
+            print(f"{name:28} {a.package}=={a.version:10} {a.license:28} {a.description}")
+        return 0
+    if args.action == "fetch":
+        for name in names:
+            assets.asset_path(name, progress=lambda line: print(line, flush=True))
+        return 0
+    bad = 0
+    for name in names:
+        state = assets.verify(name)
+        message = {"ok": "ok (sha256 matches)", "missing": "missing (run 'lmcheck assets fetch')",
+                   "corrupt": "CORRUPT: sha256 mismatch, file deleted; 'lmcheck assets fetch' gets it again"}[state]
+        print(f"{name:28} {message}")
+        bad += state != "ok"
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Model presets and builders: tiny named configurations, and models built from them.
+
+Presets are plain dictionaries in the style of minGPT (``'gpt-nano': dict(n_layer=3, ...)``):
+the tutorial's full-size models and small ones that train in seconds on a CPU. Builders align a
+configuration with a tokenizer (vocabulary size, special ids, positions) so that the two can
+never disagree silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from lmcheck.errors import InputError, describe
+
+__all__ = [
+    "BERT_PRESETS",
+    "GPT2_PRESETS",
+    "bert_config",
+    "bert_from_scratch",
+    "gpt2_config",
+    "gpt2_from_scratch",
+]
+
+GPT2_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # the tutorial's 124M
+    "gpt2-small-cpu": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
+    "gpt2-tiny-cpu": dict(n_layer=2, n_head=2, n_embd=128, n_positions=256),
+}
+
+BERT_PRESETS: dict[str, dict[str, int]] = {
+    "bert-base": dict(num_hidden_layers=12, num_attention_heads=12, hidden_size=768,
+                      intermediate_size=3072, max_position_embeddings=512),
+    "bert-tiny-cpu": dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=128,
+                          intermediate_size=512, max_position_embeddings=256),
+}
+
+
+def _preset(presets: dict[str, dict[str, int]], preset: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(preset, dict):
+        return dict(preset)
+    if not isinstance(preset, str) or preset not in presets:
+        raise InputError(f"'preset' must be one of {', '.join(presets)} or a dict (got {describe(preset)})")
+    return dict(presets[preset])
+
+
+def gpt2_config(
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "gpt2",
+    context_length: int | None = None, **overrides: Any,
+) -> GPT2Config:
+    """A GPT-2 configuration aligned with ``tokenizer``: vocabulary size, bos/eos, pad = eos.
+
+    ``context_length`` raises ``n_positions`` to at least that. ``overrides`` go to GPT2Config.
+    """
+    settings = _preset(GPT2_PRESETS, preset)
+    if context_length is not None:
+        settings["n_positions"] = max(settings.get("n_positions", 1024), context_length)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else len(tokenizer) - 1
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    settings.update(vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    settings.update(overrides)
+    return GPT2Config(**settings)
+
+
+def gpt2_from_scratch(
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "gpt2", seed: int = 42,
+    context_length: int | None = None, **overrides: Any,
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT2LMHeadModel (seeded) whose configuration fits ``tokenizer``.
+
+    Example:
+        >>> model = gpt2_from_scratch(load_tokenizer("gpt2"), preset="gpt2-tiny-cpu")
+        >>> model.config.vocab_size
+        50257
+    """
+    config = gpt2_config(tokenizer, preset=preset, context_length=context_length, **overrides)
+    set_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def bert_config(
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "bert-base", **overrides: Any,
+) -> BertConfig:
+    """A BERT configuration aligned with ``tokenizer``: vocabulary size and pad id."""
+    settings = _preset(BERT_PRESETS, preset)
+    settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def bert_from_scratch(
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "bert-base", seed: int = 42,
+    **overrides: Any,
+) -> BertForMaskedLM:
+    """A randomly initialised BertForMaskedLM (seeded) whose configuration fits ``tokenizer``."""
+    config = bert_config(tokenizer, preset=preset, **overrides)
+    set_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def parameter_count(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen or (trainable_only and not parameter.requires_grad):
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total

@@ -1,0 +1,91 @@
+"""Turning results into something to read: a console report, JSON and Markdown.
+
+Probes never print; the CLI and the pytest plugin hand their results to a :class:`Report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lmcheck.results import Result
+
+__all__ = ["Report", "results_to_markdown", "write_results_json"]
+
+
+class Report:
+    """A console report: chapter titles, prose, tables, and a results summary at the end."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        self.results: list[Result] = []
+
+    def title(self, text: str) -> None:
+        self.console.rule(f"[bold]{text}")
+
+    def text(self, text: str) -> None:
+        self.console.print(text)
+
+    def table(self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None) -> None:
+        table = Table(*columns, title=title, show_lines=False)
+        for row in rows:
+            table.add_row(*(_cell(value) for value in row))
+        self.console.print(table)
+
+    def result(self, result: Result) -> Result:
+        """Record a result and print its one-line verdict."""
+        self.results.append(result)
+        mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
+        headroom = "" if result.headroom is None else f" (headroom {_cell(result.headroom)})"
+        self.console.print(f"{mark} {result.name}{headroom}: {result.explanation}", markup=True)
+        return result
+
+    def summary(self) -> bool:
+        """Print the table of all recorded results; True when every one passed."""
+        passed = sum(r.passed for r in self.results)
+        self.table(
+            ("check", "result", "headroom", "explanation"),
+            (
+                (r.name, "PASS" if r.passed else "FAIL", r.headroom, _shorten(r.explanation, 90))
+                for r in self.results
+            ),
+            title=f"{passed} of {len(self.results)} checks passed",
+        )
+        return passed == len(self.results)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def write_results_json(results: Iterable[Result], path: str | Path) -> Path:
+    """Write results as a JSON list; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return target
+
+
+def results_to_markdown(results: Iterable[Result]) -> str:
+    """A Markdown table of results, for CI summaries."""
+    lines = ["| check | result | headroom | explanation |", "|---|---|---|---|"]
+    for r in results:
+        explanation = r.explanation.replace("|", "\\|")
+        lines.append(f"| {r.name} | {'PASS' if r.passed else 'FAIL'} | {_cell(r.headroom)} | {explanation} |")
+    return "\n".join(lines)

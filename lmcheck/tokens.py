@@ -1,0 +1,220 @@
+"""Tokenizers: loading them offline, looking inside, and checking the round trip.
+
+``load_tokenizer("gpt2")`` and ``load_tokenizer("bert-base-uncased")`` build the real Hugging
+Face tokenizers from vocabulary files in the offline assets; any other name or path goes to
+``AutoTokenizer.from_pretrained`` (which honours ``HF_HUB_OFFLINE``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
+
+from lmcheck import assets
+from lmcheck.errors import InputError, describe
+from lmcheck.results import Result
+
+__all__ = ["TokenRow", "TokenTable", "inspect_tokens", "load_tokenizer", "round_trip"]
+
+# name -> (tokenizer class, {asset: file name in the folder}, expected length, extra settings)
+_EMBEDDED: dict[str, tuple[type, dict[str, str], int, dict[str, Any]]] = {
+    "gpt2": (
+        GPT2Tokenizer,
+        {"gpt2-vocab": "vocab.json", "gpt2-merges": "merges.txt"},
+        50257,
+        {"model_max_length": 1024},
+    ),
+    "bert-base-uncased": (
+        BertTokenizer,
+        {"bert-uncased-vocab": "vocab.txt"},
+        30522,
+        {"model_max_length": 512, "do_lower_case": True},
+    ),
+}
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """Load a tokenizer: an embedded one by name, or any Hugging Face name or local folder.
+
+    Args:
+        name_or_path: ``"gpt2"`` or ``"bert-base-uncased"`` (built offline from lmcheck's assets),
+            or anything ``AutoTokenizer.from_pretrained`` accepts.
+
+    Raises:
+        InputError: the name is not a string or path, or it is neither cached nor reachable.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise InputError(
+            f"'name_or_path' must be a tokenizer name or folder (got {describe(name_or_path)})"
+        )
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        return _load_embedded(name)
+    try:
+        # trust_remote_code stays False: a tokenizer's own code is never run without consent.
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"tokenizer {name!r} is neither a local folder nor in the Hugging Face cache, and "
+            f"could not be downloaded ({str(error).splitlines()[0]}); lmcheck's offline "
+            f"tokenizers are {', '.join(sorted(_EMBEDDED))}"
+        ) from None
+
+
+def _load_embedded(name: str) -> PreTrainedTokenizerBase:
+    cls, files, expected_length, settings = _EMBEDDED[name]
+    folder = assets.derived_dir(f"tokenizers/{name}")
+    for asset_name, filename in files.items():
+        target = folder / filename
+        if not target.is_file():
+            partial = folder / f".{filename}.{os.getpid()}"
+            shutil.copyfile(assets.asset_path(asset_name), partial)
+            os.replace(partial, target)
+    tokenizer = cls.from_pretrained(str(folder), **settings)
+    # transformers 5 silently builds an empty tokenizer from files it does not read: check.
+    if len(tokenizer) != expected_length:
+        raise assets.AssetError(
+            f"tokenizer {name!r} built from {folder} has {len(tokenizer)} tokens, expected "
+            f"{expected_length}; delete that folder and run 'lmcheck assets verify'"
+        )
+    tokenizer.name_or_path = name
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One token of an encoded text."""
+
+    position: int
+    id: int
+    token: str  # the vocabulary entry, e.g. "Ġbeach" or "##s"
+    piece: str  # what the id decodes to on its own, e.g. " beach" or "s"
+    special: bool
+    attention_mask: int
+
+
+class TokenTable(tuple[TokenRow, ...]):
+    """The rows of :func:`inspect_tokens`; ``str()`` gives an aligned table."""
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [row.id for row in self]
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return [row.attention_mask for row in self]
+
+    def __str__(self) -> str:
+        header = ("pos", "id", "token", "decoded", "special", "mask")
+        rows = [
+            (str(r.position), str(r.id), r.token, repr(r.piece), "yes" if r.special else "",
+             str(r.attention_mask))
+            for r in self
+        ]
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                 for line in (header, *rows)]
+        return "\n".join(lines)
+
+
+def inspect_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenTable:
+    """One row per token of ``text`` as the tokenizer encodes it, special tokens included.
+
+    Example:
+        >>> table = inspect_tokens(load_tokenizer("gpt2"), "Swimming at the beach is")
+        >>> table.input_ids
+        [10462, 27428, 379, 262, 10481, 318]
+    """
+    _check_text(text, "text")
+    encoding = tokenizer(text)
+    ids = list(encoding["input_ids"])
+    mask = list(encoding.get("attention_mask", [1] * len(ids)))
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    return TokenTable(
+        TokenRow(i, token_id, str(token), tokenizer.decode([token_id]), token_id in special,
+                 int(m))
+        for i, (token_id, token, m) in enumerate(zip(ids, tokens, mask))
+    )
+
+
+def round_trip(
+    tokenizer: PreTrainedTokenizerBase, texts: str | Iterable[str], *, name: str = "round_trip"
+) -> Result:
+    """Check that decoding the encoding gives the text back.
+
+    Byte-level BPE (GPT-2) must return the text exactly. Other tokenizers normalise (lower-case,
+    strip accents, split punctuation), so for them the check is that the decoded text encodes
+    to the same ids again.
+    """
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items:
+        raise InputError("'texts' must hold at least one string (got an empty collection)")
+    byte_level = _is_byte_level(tokenizer)
+    failures: list[dict[str, Any]] = []
+    for index, text in enumerate(items):
+        _check_text(text, f"texts[{index}]")
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        decoded = tokenizer.decode(ids)
+        if byte_level:
+            if decoded != text:
+                failures.append({"index": index, **_first_difference(text, decoded)})
+        else:
+            again = tokenizer.encode(decoded, add_special_tokens=False)
+            if again != ids:
+                failures.append({"index": index, **_first_difference(ids, again)})
+    mode = "exact text" if byte_level else "same ids after decode and re-encode"
+    passed = not failures
+    if passed:
+        explanation = f"all {len(items)} texts round-trip ({mode})"
+    else:
+        first = failures[0]
+        explanation = (
+            f"{len(failures)} of {len(items)} texts do not round-trip ({mode}); text "
+            f"{first['index']} first differs at {first['at']}: {first['expected']!r} became "
+            f"{first['got']!r}"
+        )
+    return Result(
+        name=name,
+        passed=passed,
+        metrics={"texts": len(items), "failures": len(failures), "mode": mode},
+        explanation=explanation,
+        details=tuple(failures),
+    )
+
+
+def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return type(decoder).__name__ == "ByteLevel"
+
+
+def _first_difference(expected: Sequence[Any], got: Sequence[Any]) -> dict[str, Any]:
+    at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
+              min(len(expected), len(got)))
+    return {"at": at, "expected": expected[max(0, at - 10): at + 10],
+            "got": got[max(0, at - 10): at + 10]}
+
+
+def _check_text(text: object, argument: str) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"'{argument}' must be a str (got {describe(text)})")
+    if not text:
+        raise InputError(f"'{argument}' must be a non-empty str (got '')")
+
+
+def vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The number of ids the tokenizer can produce (added tokens included)."""
+    return len(tokenizer)
+
+
+def tokenizer_folder(name: str) -> Path:
+    """Where an embedded tokenizer's files live (built on first use)."""
+    _load_embedded(name)
+    return assets.derived_dir(f"tokenizers/{name}")

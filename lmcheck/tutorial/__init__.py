@@ -1,0 +1,21 @@
+"""``lmcheck tutorial``: the four chapters, printed.
+
+Each chapter module has a ``TITLE`` and ``run(report, *, quick, out)`` that calls the same library
+functions as the matching ``tests/test_0N_*.py`` and records every check in the report.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from types import ModuleType
+
+__all__ = ["CHAPTERS", "chapter"]
+
+# chapter number -> module name in this package; later chapters join as they are written
+CHAPTERS: dict[int, str] = {
+    1: "ch1_tokenizers",
+}
+
+
+def chapter(number: int) -> ModuleType:
+    return import_module(f"lmcheck.tutorial.{CHAPTERS[number]}")

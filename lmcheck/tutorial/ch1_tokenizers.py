@@ -1,0 +1,66 @@
+"""Chapter 1: what a tokenizer takes and gives."""
+
+from __future__ import annotations
+
+from lmcheck.corpus import chunk_documents, load_documents, split_documents
+from lmcheck.defaults import DEFAULTS
+from lmcheck.report import Report
+from lmcheck.results import Result
+from lmcheck.tokens import inspect_tokens, load_tokenizer, round_trip
+
+TITLE = "Chapter 1: tokenizers"
+
+
+def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
+    report.title(TITLE)
+    report.text(
+        "A language model never sees text: a tokenizer maps text to integer ids (input_ids),\n"
+        "says which positions are real tokens (attention_mask), and maps ids back to text."
+    )
+    bert = load_tokenizer(DEFAULTS["masked_tokenizer"])
+    gpt2 = load_tokenizer(DEFAULTS["causal_tokenizer"])
+    for tokenizer, text, expected in (
+        (bert, DEFAULTS["masked_sentence"], [101, 2166, 2003, 2066, 1037, 103, 1997, 7967, 2015, 1012, 102]),
+        (gpt2, DEFAULTS["causal_prompt"], [10462, 27428, 379, 262, 10481, 318]),
+    ):
+        table = inspect_tokens(tokenizer, text)
+        report.table(
+            ("pos", "id", "token", "decoded", "special", "mask"),
+            ((r.position, r.id, r.token, repr(r.piece), "yes" if r.special else "", r.attention_mask)
+             for r in table),
+            title=f"{tokenizer.name_or_path} ({len(tokenizer):,} tokens): {text!r}",
+        )
+        report.text(f"input_ids      = {table.input_ids}\nattention_mask = {table.attention_mask}")
+        report.result(_equal(f"{tokenizer.name_or_path}_input_ids", table.input_ids, expected))
+    report.text(
+        "BERT adds [CLS] at the start and [SEP] at the end and lower-cases ('chocolates' is\n"
+        "'chocolate' + '##s'); GPT-2 adds nothing and keeps the leading space in each token."
+    )
+    report.result(_equal("bert_decode_7967", bert.decode([7967]), "chocolate"))
+    report.result(_equal("gpt2_decode_257", gpt2.decode([257]), " a"))
+
+    documents = load_documents(DEFAULTS["documents"])
+    split = split_documents(documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
+                            seed=DEFAULTS["split_seed"])
+    report.text(
+        f"\nThe Wikipedia sample: {len(documents)} articles; a seeded split gives "
+        f"{len(split['train'])} training and {len(split['validation'])} validation documents."
+    )
+    for name, part in split.items():
+        chunks, stats = chunk_documents(gpt2, part, DEFAULTS["context_length"])
+        report.text(f"{name}: {stats}")
+        lengths = set(map(len, chunks["input_ids"]))
+        report.result(_equal(f"chunk_lengths_{name}", sorted(lengths), [DEFAULTS["context_length"]]))
+    report.result(round_trip(gpt2, documents["text"], name="gpt2_round_trip_wiki_sample"))
+    if not quick:
+        report.result(round_trip(bert, documents["text"], name="bert_round_trip_wiki_sample"))
+
+
+def _equal(name: str, got: object, expected: object) -> Result:
+    passed = got == expected
+    return Result(
+        name=name,
+        passed=passed,
+        metrics={"got": got, "expected": expected},
+        explanation=f"got {got!r}" + ("" if passed else f", expected {expected!r}"),
+    )
