@@ -10,6 +10,8 @@ from lmcheck.corpus import load_documents, split_documents
 from lmcheck.defaults import DEFAULTS
 from lmcheck.tokens import load_tokenizer
 
+pytest_plugins = ["pytester"]  # for the plugin's own tests
+
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:

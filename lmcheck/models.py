@@ -8,18 +8,26 @@ never disagree silently.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     set_seed,
 )
 
+from lmcheck import assets
 from lmcheck.errors import InputError, describe
 
 __all__ = [
@@ -29,6 +37,8 @@ __all__ = [
     "bert_from_scratch",
     "gpt2_config",
     "gpt2_from_scratch",
+    "load_causal_lm",
+    "load_smollm2",
 ]
 
 GPT2_PRESETS: dict[str, dict[str, int]] = {
@@ -117,3 +127,73 @@ def parameter_count(model: torch.nn.Module, *, trainable_only: bool = False) -> 
         seen.add(id(parameter))
         total += parameter.numel()
     return total
+
+
+SMOLLM2_ASSET = "smollm2-135m-instruct-gguf"
+SMOLLM2_DERIVED = "smollm2-135m-instruct"  # the safetensors conversion, in the asset cache
+
+
+def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from the offline assets, in float32 and eval mode, with its tokenizer.
+
+    The first use dequantizes the GGUF file (about 16 s on 2 cores) and saves model and tokenizer
+    as safetensors in the asset cache; later uses load that folder (a few seconds). The
+    conversion is written to a temporary folder and renamed into place under a file lock, so
+    parallel test workers never see half a model.
+
+    Example:
+        >>> model, tokenizer = load_smollm2()
+        >>> model.config.vocab_size
+        49152
+    """
+    folder = assets.derived_dir(SMOLLM2_DERIVED)
+    converted = folder / "model"
+    with FileLock(str(folder / ".convert.lock")):
+        if not (converted / "model.safetensors").is_file():
+            gguf = assets.asset_path(SMOLLM2_ASSET)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # The GGUF loader marks the model as quantized although its weights are now plain
+            # float32, and save_pretrained refuses quantized models: drop that mark first.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            partial = tempfile.mkdtemp(dir=folder, prefix=".model-")
+            try:
+                model.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                shutil.rmtree(converted, ignore_errors=True)
+                os.replace(partial, converted)  # atomic: readers see no folder or a whole one
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return load_causal_lm(converted)
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any causal LM and its tokenizer from a local folder or the Hugging Face cache, in eval mode.
+
+    ``"smollm2"`` gives :func:`load_smollm2`'s offline model. Weights load from safetensors only,
+    and a repository's own code is never run (``trust_remote_code=False``).
+
+    Raises:
+        InputError: the name is not a string or path, or nothing loadable is found under it.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise InputError(
+            f"'name_or_path' must be a model name or folder (got {describe(name_or_path)})"
+        )
+    if str(name_or_path) == "smollm2":
+        return load_smollm2()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"causal LM {str(name_or_path)!r} is neither a local folder with safetensors weights "
+            f"nor in the Hugging Face cache ({str(error).splitlines()[0]})"
+        ) from None
+    return model.eval(), tokenizer
