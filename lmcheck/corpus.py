@@ -146,13 +146,13 @@ def wiki_to_text(wikitext: str) -> str:
     code = mwparserfromhell.parse(wikitext)
     for node in code.filter_templates(recursive=True):
         _remove(code, node)
-    for node in code.filter_tags(recursive=True):
-        if str(node.tag).lower() in {"ref", "table", "gallery", "math", "references", "timeline"}:
-            _remove(code, node)
-    for node in code.filter_wikilinks():
-        title = str(node.title).strip().lower()
+    for tag in code.filter_tags(recursive=True):
+        if str(tag.tag).lower() in {"ref", "table", "gallery", "math", "references", "timeline"}:
+            _remove(code, tag)
+    for link in code.filter_wikilinks():
+        title = str(link.title).strip().lower()
         if title.startswith(_DROP_LINK_PREFIXES) or (":" in title and len(title.split(":")[0]) <= 3):
-            _remove(code, node)  # files, categories and interlanguage links ("de:...")
+            _remove(code, link)  # files, categories and interlanguage links ("de:...")
     text = code.strip_code(normalize=True, collapse=True)
     text = _LEFTOVER.sub("", text)
     lines = [line.strip() for line in text.splitlines()]
@@ -263,7 +263,7 @@ def chunk_documents(
     kept_docs: list[int] = []
     total = kept = 0
     for ids, length, doc in zip(
-        encoded["input_ids"], encoded["length"], encoded["overflow_to_sample_mapping"]
+        encoded["input_ids"], encoded["length"], encoded["overflow_to_sample_mapping"], strict=False
     ):
         total += length
         if length == context_length:

@@ -23,7 +23,7 @@ from lmcheck.results import Result
 __all__ = ["TokenRow", "TokenTable", "inspect_tokens", "load_tokenizer", "round_trip"]
 
 # name -> (tokenizer class, {asset: file name in the folder}, expected length, extra settings)
-_EMBEDDED: dict[str, tuple[type, dict[str, str], int, dict[str, Any]]] = {
+_EMBEDDED: dict[str, tuple[Any, dict[str, str], int, dict[str, Any]]] = {
     "gpt2": (
         GPT2Tokenizer,
         {"gpt2-vocab": "vocab.json", "gpt2-merges": "merges.txt"},
@@ -117,8 +117,8 @@ class TokenTable(tuple[TokenRow, ...]):
              str(r.attention_mask))
             for r in self
         ]
-        widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
                  for line in (header, *rows)]
         return "\n".join(lines)
 
@@ -138,9 +138,9 @@ def inspect_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenTable:
     special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     return TokenTable(
-        TokenRow(i, token_id, str(token), tokenizer.decode([token_id]), token_id in special,
+        TokenRow(i, token_id, str(token), str(tokenizer.decode([token_id])), token_id in special,
                  int(m))
-        for i, (token_id, token, m) in enumerate(zip(ids, tokens, mask))
+        for i, (token_id, token, m) in enumerate(zip(ids, tokens, mask, strict=False))
     )
 
 
@@ -160,13 +160,14 @@ def round_trip(
     failures: list[dict[str, Any]] = []
     for index, text in enumerate(items):
         _check_text(text, f"texts[{index}]")
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        # verbose=False: long documents are expected here, not a mistake worth a warning
+        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
         decoded = tokenizer.decode(ids)
         if byte_level:
             if decoded != text:
                 failures.append({"index": index, **_first_difference(text, decoded)})
         else:
-            again = tokenizer.encode(decoded, add_special_tokens=False)
+            again = tokenizer.encode(decoded, add_special_tokens=False, verbose=False)
             if again != ids:
                 failures.append({"index": index, **_first_difference(ids, again)})
     mode = "exact text" if byte_level else "same ids after decode and re-encode"
@@ -196,7 +197,7 @@ def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _first_difference(expected: Sequence[Any], got: Sequence[Any]) -> dict[str, Any]:
-    at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b),
+    at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
               min(len(expected), len(got)))
     return {"at": at, "expected": expected[max(0, at - 10): at + 10],
             "got": got[max(0, at - 10): at + 10]}

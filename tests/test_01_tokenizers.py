@@ -95,7 +95,7 @@ def test_chunking_keeps_only_full_blocks_and_reports_the_rest(gpt2_tokenizer, wi
 def test_chunks_are_consecutive_slices_of_their_document(gpt2_tokenizer, wiki_split):
     """Chunk k of a document is tokens [128k, 128(k+1)) of that document's encoding."""
     chunks, _ = chunk_documents(gpt2_tokenizer, wiki_split["train"].select(range(3)), context_length=128)
-    first_document = [ids for ids, doc in zip(chunks["input_ids"], chunks["document"]) if doc == 0]
+    first_document = [ids for ids, doc in zip(chunks["input_ids"], chunks["document"], strict=False) if doc == 0]
     full = gpt2_tokenizer(wiki_split["train"][0]["text"])["input_ids"]
     assert first_document == [full[i: i + 128] for i in range(0, len(full) - 127, 128)]
 

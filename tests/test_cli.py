@@ -11,11 +11,13 @@ def test_tutorial_chapter_one_prints_tokens_and_a_summary(tmp_path, capsys):
     assert main(["tutorial", "--chapter", "1", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Chapter 1: tokenizers" in out
-    assert "10462" in out and "'chocolate'" in out
+    assert "10462" in out
+    assert "'chocolate'" in out
     assert "chunks of 128 tokens" in out
     assert "checks passed" in out
     results = json.loads((tmp_path / "tutorial-results.json").read_text())
-    assert results and all(r["passed"] for r in results)
+    assert results
+    assert all(r["passed"] for r in results)
 
 
 def test_unknown_chapter_is_a_clear_error(tmp_path, capsys):
