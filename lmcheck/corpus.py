@@ -13,7 +13,7 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -290,8 +290,8 @@ def _texts_of(documents: datasets.Dataset | Sequence[str]) -> list[str]:
                 f"'documents' must have a 'text' column (found {documents.column_names})"
             )
         texts = list(documents["text"])
-    elif isinstance(documents, Sequence) and not isinstance(documents, str):
-        texts = list(documents)
+    elif isinstance(documents, Iterable) and not isinstance(documents, (str, bytes, Mapping)):
+        texts = list(documents)  # lists, tuples, a datasets column, ...
     else:
         raise InputError(
             f"'documents' must be a datasets.Dataset or a list of str (got {describe(documents)})"
