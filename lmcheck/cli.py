@@ -1,4 +1,4 @@
-"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck assets list|fetch|verify``."""
+"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck check MODEL``, ``lmcheck assets ...``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     tutorial.add_argument("--out", default="lmcheck-out", help="folder for plots and JSON (default: %(default)s)")
     tutorial.set_defaults(handler=_tutorial)
 
+    check = commands.add_parser("check", help="run the causal-LM checks on your own model")
+    check.add_argument("model", help="a local folder, a name in the Hugging Face cache, or 'smollm2'")
+    check.add_argument("--prompt", action="append", metavar="TEXT",
+                       help="prompt to check with (repeatable; default: three English prompts)")
+    check.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    check.set_defaults(handler=_check)
+
     asset = commands.add_parser("assets", help="list, fetch or verify the offline assets")
     asset.add_argument("action", choices=("list", "fetch", "verify"))
     asset.add_argument("names", nargs="*", help="asset names (default: all)")
@@ -58,6 +65,24 @@ def _tutorial(args: argparse.Namespace) -> int:
     ok = report.summary()
     path = write_results_json(report.results, os.path.join(args.out, "tutorial-results.json"))
     report.text(f"results written to {path}")
+    return 0 if ok else 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lmcheck.models import load_causal_lm
+    from lmcheck.report import Report, write_results_json
+    from lmcheck.suite import CAUSAL_CHECKS, DEFAULT_PROMPTS, ensure_pad_token
+
+    model, tokenizer = load_causal_lm(args.model)
+    ensure_pad_token(tokenizer)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    report = Report()
+    report.title(f"lmcheck check {args.model}")
+    for check in CAUSAL_CHECKS.values():
+        report.result(check(model, tokenizer, prompts))
+    ok = report.summary()
+    if args.json:
+        report.text(f"results written to {write_results_json(report.results, args.json)}")
     return 0 if ok else 1
 
 

@@ -6,7 +6,10 @@ Registered through the ``pytest11`` entry point, so installing lmcheck is enough
   (needs weights in the local Hugging Face cache), registered so ``--strict-markers`` works;
 - ``gpu`` tests are skipped, with the reason, where no CUDA device is visible; ``slow`` tests
   run only with ``--lmcheck-slow``;
-- the fixture ``lmcheck_results`` collects results and writes them to ``--lmcheck-json``.
+- the fixture ``lmcheck_results`` collects results and writes them to ``--lmcheck-json``;
+- ``--lmcheck-model`` names your causal LM for the ready-made checks in ``lmcheck.suite``
+  (``pytest --pyargs lmcheck.suite --lmcheck-model ./my-model``), through the session fixtures
+  ``lmcheck_causal_lm`` and ``lmcheck_prompts``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="also run tests marked slow")
     group.addoption("--lmcheck-json", default=None, metavar="PATH",
                     help="write every result recorded through the lmcheck_results fixture to PATH")
+    group.addoption("--lmcheck-model", default=None, metavar="NAME_OR_PATH",
+                    help="causal LM for lmcheck.suite: a local folder, a name in the Hugging Face "
+                         "cache, or 'smollm2' (offline)")
+    group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
+                    help="prompt for lmcheck.suite (repeatable; default: three English prompts)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,6 +79,28 @@ def lmcheck_results(request: pytest.FixtureRequest) -> Iterator[list[Result]]:
     results: list[Result] = []
     yield results
     request.config._lmcheck_results.extend(results)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def lmcheck_causal_lm(pytestconfig: pytest.Config) -> Any:
+    """``(model, tokenizer)`` named by ``--lmcheck-model``; skips when none is given."""
+    name = pytestconfig.getoption("--lmcheck-model")
+    if not name:
+        pytest.skip("no model given: pass --lmcheck-model NAME_OR_PATH")
+    from lmcheck.models import load_causal_lm
+    from lmcheck.suite import ensure_pad_token
+
+    model, tokenizer = load_causal_lm(name)
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def lmcheck_prompts(pytestconfig: pytest.Config) -> list[str]:
+    """The prompts given with ``--lmcheck-prompt``, or lmcheck.suite's defaults."""
+    from lmcheck.suite import DEFAULT_PROMPTS
+
+    return list(pytestconfig.getoption("--lmcheck-prompt") or DEFAULT_PROMPTS)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -23,7 +23,11 @@ class Report:
     """A console report: chapter titles, prose, tables, and a results summary at the end."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(highlight=False)
+        if console is None:
+            console = Console(highlight=False)
+            if not console.is_terminal:  # logs and pipes: wide enough for the results table
+                console = Console(highlight=False, width=120)
+        self.console = console
         self.results: list[Result] = []
 
     def title(self, text: str) -> None:
