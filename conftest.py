@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import datasets
-import pytest
-from transformers import PreTrainedTokenizerBase
+import os
 
-from lmcheck.corpus import load_documents, split_documents
-from lmcheck.defaults import DEFAULTS
-from lmcheck.tokens import load_tokenizer
+# Before torch is imported: idle OpenMP threads sleep instead of spinning. On a small shared
+# machine (2 cores, pytest-xdist or other jobs beside the tests) spinning threads halve the speed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from lmcheck.corpus import load_documents, split_documents  # noqa: E402
+from lmcheck.defaults import DEFAULTS  # noqa: E402
+from lmcheck.models import load_smollm2  # noqa: E402
+from lmcheck.tokens import load_tokenizer  # noqa: E402
 
 pytest_plugins = ["pytester"]  # for the plugin's own tests
 
@@ -38,3 +45,13 @@ def wiki_split(wiki_documents: datasets.Dataset) -> datasets.DatasetDict:
         wiki_documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
         seed=DEFAULTS["split_seed"],
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, from the offline assets.
+
+    The first run converts the GGUF asset to safetensors in the cache (about 30 s); later runs
+    load that in about a second.
+    """
+    return load_smollm2()

@@ -155,10 +155,11 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             # The GGUF loader marks the model as quantized although its weights are now plain
             # float32, and save_pretrained refuses quantized models: drop that mark first.
-            model.hf_quantizer = None
+            setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a Module attribute)
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             partial = tempfile.mkdtemp(dir=folder, prefix=".model-")
+            os.chmod(partial, 0o755)  # mkdtemp makes it private; the cache is shared
             try:
                 model.save_pretrained(partial)
                 tokenizer.save_pretrained(partial)
@@ -171,11 +172,13 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def load_causal_lm(
     name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+    local_files_only: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any causal LM and its tokenizer from a local folder or the Hugging Face cache, in eval mode.
 
     ``"smollm2"`` gives :func:`load_smollm2`'s offline model. Weights load from safetensors only,
     and a repository's own code is never run (``trust_remote_code=False``).
+    ``local_files_only`` never touches the network (the local Hugging Face cache only).
 
     Raises:
         InputError: the name is not a string or path, or nothing loadable is found under it.
@@ -189,8 +192,11 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            local_files_only=local_files_only,
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=False, local_files_only=local_files_only,
+        )
     except (OSError, ValueError) as error:
         raise InputError(
             f"causal LM {str(name_or_path)!r} is neither a local folder with safetensors weights "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lmcheck.results import Result
@@ -34,12 +35,12 @@ class Report:
         self.console.rule(f"[bold]{text}")
 
     def text(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, markup=False)  # "[MASK]" and "[1, 11, 30522]" are text, not style
 
     def table(self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None) -> None:
         table = Table(*columns, title=title, show_lines=False)
         for row in rows:
-            table.add_row(*(_cell(value) for value in row))
+            table.add_row(*(escape(_cell(value)) for value in row))
         self.console.print(table)
 
     def result(self, result: Result) -> Result:
@@ -47,7 +48,7 @@ class Report:
         self.results.append(result)
         mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
         headroom = "" if result.headroom is None else f" (headroom {_cell(result.headroom)})"
-        self.console.print(f"{mark} {result.name}{headroom}: {result.explanation}", markup=True)
+        self.console.print(f"{mark} {escape(result.name)}{headroom}: {escape(result.explanation)}")
         return result
 
     def summary(self) -> bool:

@@ -14,6 +14,7 @@ __all__ = ["CHAPTERS", "chapter"]
 # chapter number -> module name in this package; later chapters join as they are written
 CHAPTERS: dict[int, str] = {
     1: "ch1_tokenizers",
+    3: "ch3_causal",
 }
 
 

@@ -1,0 +1,589 @@
+"""Causal-LM probes: the hand-written greedy loop, and what must agree with it.
+
+The tutorial's loop is four lines: run the model, take the logits at position -1, append their
+argmax to ``input_ids``, extend the ``attention_mask`` by one. :func:`greedy_decode` is that loop,
+with or without a KV cache, for a left-padded batch. The probes check the mismatches that users
+of such loops keep reporting (transformers #15206, #36536, #2401, #41060): a loop that differs from
+``generate`` because the model's generation_config injects sampling or a penalty, a cache that
+differs from full recomputation, padding or batching that changes outputs, and an attention mask
+that lets a position see the future.
+
+Tolerances depend on the dtype of the logits (:data:`LOGIT_ATOL`, :data:`TIE_ATOL`); greedy
+comparisons are tie-tolerant the way the transformers test suite is: two sequences may part only
+where the two top logits are within ``TIE_ATOL`` of each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.results import Result, headroom_below
+
+__all__ = [
+    "LOGIT_ATOL",
+    "TIE_ATOL",
+    "GreedyOutput",
+    "batch_invariance",
+    "causality",
+    "greedy_decode",
+    "greedy_matches_generate",
+    "kv_cache_matches_full",
+    "next_token_logits",
+    "padding_invariance",
+]
+
+# Largest absolute logit difference accepted between two computations that should agree (cache
+# vs none, padded vs alone), by parameter dtype. Measured on a 2-core x86 CPU: SmolLM2-135M
+# (logits up to 35) differs by up to 7.4e-5 in fp32 (10 prompts, 32 left pads) and 0.75 in bf16
+# (bf16's step is 0.25 at 32); GPT-2 124M by 5e-6 in fp32. The bounds are about 4x and 2.7x that;
+# fp16 (not measured) is bf16's bound over 8, their ratio of machine epsilons. A real bug (an
+# ignored mask, a stale cache) moves logits by 1e-2 or more in fp32.
+LOGIT_ATOL: dict[torch.dtype, float] = {torch.float32: 3e-4, torch.float16: 0.25, torch.bfloat16: 2.0}
+# Two top logits within this are a tie: either argmax is a correct greedy choice. fp32 follows
+# transformers' 1e-5; half precision scales it by the ratio of machine epsilons (x8192, x65536).
+TIE_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 0.08, torch.bfloat16: 0.65}
+
+# generation_config fields that change what greedy decoding picks or when it stops, and the
+# value that makes them inert. generate fills every argument left at None from the model's own
+# generation_config (ASSETS.md: repetition_penalty=1.3 survives do_sample=False), so
+# greedy_matches_generate passes each of these explicitly.
+NEUTRAL_GENERATION: dict[str, Any] = {
+    "do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
+    "dola_layers": None, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
+    "watermarking_config": None, "eos_token_id": None, "stop_strings": None, "max_time": None,
+    "num_return_sequences": 1, "prompt_lookup_num_tokens": None, "cache_implementation": None,
+    # sampling-only settings: inert once do_sample is False, reported when set
+    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class GreedyOutput:
+    """What :func:`greedy_decode` returns.
+
+    Attributes:
+        sequences: prompt and new tokens, ``(B, T + N)``.
+        logits: the logits each step's argmax was taken from, float32 ``(B, N, V)``.
+        attention_mask: the mask extended by one per step, ``(B, T + N)``.
+        prompt_length: T.
+    """
+
+    sequences: torch.Tensor
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_length: int
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]  # (B, N)
+
+
+def next_token_logits(model: torch.nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The logits at position -1 for each row of ``inputs`` (a tokenizer's output), ``(B, V)``."""
+    _check_causal_lm(model)
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+        raise InputError(f"'inputs' must be a mapping with 'input_ids' (got {describe(inputs)})")
+    ids = _as_ids(inputs["input_ids"], "inputs['input_ids']")
+    mask = inputs.get("attention_mask")
+    with _eval_mode(model), torch.no_grad():
+        logits, _ = _forward(model, ids, None if mask is None else torch.as_tensor(mask), None)
+    return logits[:, -1, :]
+
+
+def greedy_decode(
+    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, max_new_tokens: int,
+    use_cache: bool = True, attention_mask: torch.Tensor | None = None,
+) -> GreedyOutput:
+    """The tutorial's loop: argmax of the logits at -1, append it, extend the mask; repeat.
+
+    Left padding is handled as ``generate`` does: ``position_ids = cumsum(attention_mask) - 1``.
+    No eos stop: exactly ``max_new_tokens`` tokens are appended to each row.
+
+    Args:
+        model: a causal LM whose output has ``.logits``.
+        input_ids: ``(B, T)`` or ``(T,)`` token ids, left-padded if rows differ in length.
+        max_new_tokens: tokens to append, at least 1.
+        use_cache: feed only the new token with ``past_key_values`` (True) or the whole sequence.
+        attention_mask: ``(B, T)``, 0 at pads; None means all ones.
+
+    Example:
+        >>> out = greedy_decode(model, tokenizer("Swimming at the beach is", return_tensors="pt")
+        ...                     .input_ids, max_new_tokens=2)
+        >>> tokenizer.decode(out.sequences[0])
+        'Swimming at the beach is a great'
+    """
+    _check_causal_lm(model)
+    ids = _as_ids(input_ids, "input_ids")
+    _check_max_new_tokens(max_new_tokens)
+    _check_context(model, ids.shape[1], max_new_tokens)
+    device = _device(model)
+    ids = ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else _as_mask(attention_mask, ids)
+    prompt_length = ids.shape[1]
+    steps: list[torch.Tensor] = []
+    past = None
+    with _eval_mode(model), torch.no_grad():
+        for _ in range(max_new_tokens):
+            feed = ids[:, -1:] if past is not None else ids
+            logits, past = _forward(model, feed, mask, past, use_cache=use_cache)
+            last = logits[:, -1, :].float()  # (B, V)
+            steps.append(last.cpu())
+            ids = torch.cat([ids, last.argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return GreedyOutput(ids.cpu(), torch.stack(steps, dim=1), mask.cpu(), prompt_length)
+
+
+def greedy_matches_generate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
+    max_new_tokens: int = 20, neutralize: bool = True, tie_atol: float | None = None,
+) -> Result:
+    """Check that the hand loop and ``generate(do_sample=False, num_beams=1)`` pick the same tokens.
+
+    Prompts of different lengths run as one left-padded batch. With ``neutralize`` (default),
+    every generation_config setting that could change greedy output (sampling, penalties,
+    minimum length, eos stop, ...) is overridden explicitly and listed in the explanation; with
+    ``neutralize=False``, generate runs as the model's generation_config configures it, so such a
+    setting shows up as a mismatch that the explanation names.
+
+    Args:
+        tie_atol: two top logits this close are a tie that may part the sequences; default
+            :data:`TIE_ATOL` for the logits' dtype.
+    """
+    _check_causal_lm(model)
+    generate: Callable[..., Any] | None = getattr(model, "generate", None)
+    if not callable(generate):
+        raise ModelError(f"'model' must have a generate() method (got a {type(model).__name__})")
+    ids, mask = _encode_batch(tokenizer, prompts)
+    _check_max_new_tokens(max_new_tokens)
+    _check_context(model, ids.shape[1], max_new_tokens)
+    hand = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
+    tol = _tolerance(TIE_ATOL, model) if tie_atol is None else tie_atol
+    overrides = _generation_overrides(getattr(model, "generation_config", None))
+    # generate wants a pad id even where nothing is padded (rows of equal length)
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    if neutralize:
+        settings.update(NEUTRAL_GENERATION)
+    device = _device(model)
+    with _eval_mode(model), torch.no_grad():
+        generated = generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), return_dict_in_generate=True,
+            output_logits=True, **settings)
+    gen_tokens = generated.sequences[:, ids.shape[1]:].cpu()  # (B, <= N)
+    gen_logits = torch.stack(generated.logits, dim=1).float().cpu()  # (B, <= N, V)
+    rows, max_diff = _compare_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol)
+    named = ", ".join(overrides) or "none"
+    failures = [r for r in rows if r["verdict"] == "mismatch"]
+    ties = [r for r in rows if r["verdict"] == "tie"]
+    passed = not failures
+    where = "neutralised" if neutralize else "left in force"
+    if passed:
+        explanation = (f"{_count(rows, 'prompt')} x {max_new_tokens} tokens: the hand loop equals "
+                       "generate" + (f" ({_count(ties, 'row')} part at a tie)" if ties else "")
+                       + f"; generation_config overrides {where}: {named}")
+    else:
+        first = failures[0]
+        chosen = f"{first['hand_token']} ({tokenizer.decode([first['hand_token']])!r})"
+        if first["generate_token"] < 0:
+            what = f"generate stopped (eos) where the hand loop went on with {chosen}"
+        else:
+            what = (f"generate chose {first['generate_token']} "
+                    f"({tokenizer.decode([first['generate_token']])!r}), the hand loop {chosen}; the "
+                    f"hand loop's logits for the two differ by {first['gap']:.3g}, more than the tie "
+                    f"tolerance {tol:g}")
+        explanation = (
+            f"row {first['row']}, step {first['step']} (from 0) of {max_new_tokens}: {what}; "
+            f"generation_config overrides {where}: {named}"
+            + ("" if neutralize or not overrides else " (pass them explicitly to generate, or use "
+               "neutralize=True)"))
+    return Result(
+        name="greedy_matches_generate", passed=passed,
+        metrics={"prompts": len(rows), "max_new_tokens": max_new_tokens, "ties": len(ties),
+                 "mismatches": len(failures), "max_logit_diff": max_diff,
+                 "generation_config_overrides": overrides, "neutralized": neutralize},
+        threshold=tol, headroom=headroom_below(
+            max([max_diff] + [r["gap"] for r in failures]), tol),
+        explanation=explanation, details=tuple(rows))
+
+
+def kv_cache_matches_full(
+    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, max_new_tokens: int = 8,
+    attention_mask: torch.Tensor | None = None, atol: float | None = None,
+) -> Result:
+    """Check, step by step, that logits computed with the KV cache equal full recomputation.
+
+    The cached greedy loop runs first; then at each step the sequence so far is run again
+    without a cache. Step 0 is the prompt pass (no cache read yet); later steps read the cache.
+    """
+    cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
+                           attention_mask=attention_mask, use_cache=True)
+    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    rows = []
+    with _eval_mode(model), torch.no_grad():
+        for step in range(max_new_tokens):
+            end = cached.prompt_length + step
+            full, _ = _forward(model, cached.sequences[:, :end].to(_device(model)),
+                               cached.attention_mask[:, :end].to(_device(model)), None,
+                               use_cache=False)
+            diff = (full[:, -1, :].float().cpu() - cached.logits[:, step]).abs()  # (B, V)
+            row = int(diff.amax(dim=-1).argmax())
+            rows.append({"step": step, "max_abs_diff": float(diff.max()), "row": row,
+                         "token": int(diff[row].argmax())})
+    worst = max(rows, key=lambda r: r["max_abs_diff"])
+    bad = [r for r in rows if r["max_abs_diff"] > tol]
+    if bad:
+        first = bad[0]
+        explanation = (f"step {first['step']} (from 0) of {max_new_tokens}, row {first['row']}: logits with "
+                       f"the cache differ from full recomputation by {first['max_abs_diff']:.3g} "
+                       f"(token id {first['token']}), above {tol:g}; the worst is step "
+                       f"{worst['step']} ({worst['max_abs_diff']:.3g})")
+    else:
+        explanation = (f"{max_new_tokens} steps: logits with the cache are within {tol:g} of full "
+                       f"recomputation (largest difference {worst['max_abs_diff']:.3g}, step {worst['step']})")
+    return Result(
+        name="kv_cache_matches_full", passed=not bad,
+        metrics={"max_abs_diff": worst["max_abs_diff"], "worst_step": worst["step"],
+                 "steps": max_new_tokens, "dtype": str(_dtype(model))},
+        threshold=tol, headroom=headroom_below(worst["max_abs_diff"], tol),
+        explanation=explanation, details=tuple(rows))
+
+
+def padding_invariance(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
+    pad_tokens: int = 8, max_new_tokens: int = 4, atol: float | None = None,
+) -> Result:
+    """Check that ``pad_tokens`` left pads change neither the logits nor the greedy tokens.
+
+    Each prompt runs alone, then with the pads in front (masked out); the logits at every step
+    until the tokens part must be within ``atol`` (default :data:`LOGIT_ATOL` for the dtype),
+    and the tokens may part only at a tie.
+    """
+    if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
+        raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
+    items = _prompt_list(prompts)
+    pad = _pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
+    pairs = []
+    for text in items:
+        ids, _ = _encode_batch(tokenizer, [text])
+        padded = torch.cat([torch.full((1, pad_tokens), pad), ids], dim=1)
+        mask = torch.cat([torch.zeros(1, pad_tokens, dtype=torch.long), torch.ones_like(ids)], dim=1)
+        alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
+        pairs.append((alone, greedy_decode(model, padded, max_new_tokens=max_new_tokens,
+                                           attention_mask=mask), 0))
+    return _invariance("padding_invariance", f"with {pad_tokens} left pads", pairs, model,
+                       tokenizer, atol)
+
+
+def batch_invariance(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+    max_new_tokens: int = 4, atol: float | None = None,
+) -> Result:
+    """Check that a left-padded batch of prompts gives each prompt's logits and tokens alone."""
+    items = _prompt_list(prompts)
+    if len(items) < 2:
+        raise InputError(f"'prompts' must hold at least 2 prompts to batch (got {len(items)})")
+    ids, mask = _encode_batch(tokenizer, items)
+    batched = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
+    pairs = []
+    for row, text in enumerate(items):
+        alone_ids, _ = _encode_batch(tokenizer, [text])
+        pairs.append((greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens), batched, row))
+    return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", pairs, model,
+                       tokenizer, atol)
+
+
+def causality(
+    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, atol: float | None = None,
+    seed: int = 0,
+) -> Result:
+    """Check that no position's output depends on a later input, two ways.
+
+    1. For each t, the tokens after t are replaced by random ones: logits at positions 0..t
+       must stay within ``atol`` (default :data:`LOGIT_ATOL` for the dtype).
+    2. Karpathy's "use backprop to chart dependencies": the gradient of (a random projection
+       of) the logits at t with respect to the input embeddings after t must be zero.
+
+    Cost: T - 1 forward and T - 1 backward passes, so a short ``input_ids`` (8-32 tokens) is enough.
+    """
+    _check_causal_lm(model)
+    ids = _as_ids(input_ids, "input_ids").to(_device(model))
+    length = ids.shape[1]
+    if length < 2:
+        raise InputError(f"'input_ids' must hold at least 2 tokens to test causality (got {length})")
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    generator = torch.Generator().manual_seed(seed)
+    with _eval_mode(model):
+        with torch.no_grad():
+            base, _ = _forward(model, ids, None, None, use_cache=False)  # (B, T, V)
+            vocab = vocab or base.shape[-1]
+            change = []
+            for t in range(length - 1):
+                shift = torch.randint(1, vocab, ids[:, t + 1:].shape, generator=generator)
+                perturbed = ids.clone()
+                perturbed[:, t + 1:] = (ids[:, t + 1:] + shift.to(ids.device)) % vocab
+                logits, _ = _forward(model, perturbed, None, None, use_cache=False)
+                change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
+        embedding: Callable[[torch.Tensor], torch.Tensor] = model.get_input_embeddings()  # type: ignore[operator]
+        embeds = embedding(ids).detach().requires_grad_(True)  # (B, T, D)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits  # (B, T, V)
+        projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
+        ratios = []
+        for t in range(length - 1):
+            (grad,) = torch.autograd.grad((logits[:, t] * projection).sum(), embeds, retain_graph=True)
+            past = float(grad[:, : t + 1].abs().max())
+            future = grad[:, t + 1:].abs().amax(dim=(0, 2))  # (T - t - 1,)
+            ratios.append((float(future.max()) / past if past > 0 else float(future.max()),
+                           t + 1 + int(future.argmax())))
+    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    grad_tol = 1e-6  # masked attention weights are exactly 0, so a causal model gives exactly 0
+    leaks = [t for t in range(length - 1) if change[t] > tol or ratios[t][0] > grad_tol]
+    rows = tuple({"position": t, "logit_change": change[t], "future_gradient_ratio": ratios[t][0],
+                  "most_influential_future_position": ratios[t][1]} for t in range(length - 1))
+    worst = max(change)
+    if leaks:
+        t = leaks[0]
+        explanation = (f"position {t} of {length} sees the future: its logits change by "
+                       f"{change[t]:.3g} (tolerance {tol:g}) when the tokens after it change, and "
+                       f"its gradient with respect to the input embedding at position "
+                       f"{ratios[t][1]} is {ratios[t][0]:.3g} of the largest one at or before it")
+    else:
+        explanation = (f"{length} positions: changing later tokens moves earlier logits by at most "
+                       f"{worst:.3g} (tolerance {tol:g}) and their gradients with respect to later "
+                       f"inputs are {max(r for r, _ in ratios):.3g} of the largest (zero expected)")
+    return Result(
+        name="causality", passed=not leaks,
+        metrics={"max_logit_change": worst, "max_future_gradient_ratio": max(r for r, _ in ratios),
+                 "first_leaking_position": leaks[0] if leaks else None, "positions": length},
+        threshold=tol, headroom=headroom_below(worst, tol), explanation=explanation, details=rows)
+
+
+# --- shared by the probes ---------------------------------------------------------------------
+
+def _invariance(name: str, condition: str, pairs: list[tuple[GreedyOutput, GreedyOutput, int]],
+                model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                atol: float | None) -> Result:
+    """Compare each (alone, other, row of other) pair: logits until the tokens part, and tokens."""
+    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    tie = _tolerance(TIE_ATOL, model)
+    rows = []
+    for index, (alone, other, row) in enumerate(pairs):
+        (compared,), diff = _compare_rows(alone.new_tokens[:1], alone.logits[:1],
+                                          other.new_tokens[row: row + 1], other.logits[row: row + 1], tie)
+        last_token_diff = float((alone.logits[0, 0] - other.logits[row, 0]).abs().max())
+        rows.append({**compared, "row": index, "max_logit_diff": diff,
+                     "last_token_logit_diff": last_token_diff})
+    worst = max(rows, key=lambda r: r["max_logit_diff"])
+    bad = [r for r in rows if r["max_logit_diff"] > tol or r["verdict"] == "mismatch"]
+    steps = pairs[0][0].logits.shape[1]
+    if bad:
+        first = bad[0]
+        explanation = (f"prompt {first['row']} {condition}: logits differ from the prompt alone by "
+                       f"{first['max_logit_diff']:.3g} (at the last prompt token "
+                       f"{first['last_token_logit_diff']:.3g}), tolerance {tol:g}")
+        if first["verdict"] == "mismatch":
+            explanation += (f"; greedy tokens part at step {first['step']}: "
+                            f"{tokenizer.decode([first['hand_token']])!r} alone, "
+                            f"{tokenizer.decode([first['generate_token']])!r} {condition}")
+    else:
+        explanation = (f"{_count(rows, 'prompt')} {condition}: logits within {tol:g} of each prompt alone "
+                       f"(largest {worst['max_logit_diff']:.3g}) and the same {steps} greedy tokens")
+    return Result(name=name, passed=not bad,
+                  metrics={"prompts": len(rows), "max_logit_diff": worst["max_logit_diff"],
+                           "greedy_steps": steps, "mismatches": sum(r["verdict"] == "mismatch" for r in rows)},
+                  threshold=tol, headroom=headroom_below(worst["max_logit_diff"], tol),
+                  explanation=explanation,
+                  details=tuple(rows))
+
+
+def _compare_rows(tokens_a: torch.Tensor, logits_a: torch.Tensor, tokens_b: torch.Tensor,
+                  logits_b: torch.Tensor, tie: float) -> tuple[list[dict[str, Any]], float]:
+    """Per row: the first step where the tokens part, and whether A's logits call it a tie.
+
+    Returns the rows and the largest |logits_a - logits_b| over the steps both share a history.
+    """
+    rows, max_diff = [], 0.0
+    for row in range(tokens_a.shape[0]):
+        steps = min(tokens_a.shape[1], tokens_b.shape[1])
+        parted = [s for s in range(steps) if tokens_a[row, s] != tokens_b[row, s]]
+        last = parted[0] if parted else steps - 1  # logits after a parting have other histories
+        if steps:
+            diff = (logits_a[row, : last + 1] - logits_b[row, : last + 1]).abs().max()
+            max_diff = max(max_diff, float(diff))
+        record: dict[str, Any] = {"row": row, "verdict": "equal", "step": None}
+        if parted or tokens_b.shape[1] < tokens_a.shape[1]:
+            step = parted[0] if parted else steps  # generate stopped early: eos
+            a = int(tokens_a[row, step])
+            b = int(tokens_b[row, step]) if step < tokens_b.shape[1] else -1
+            gap = float(logits_a[row, step, a] - logits_a[row, step, b]) if b >= 0 else float("inf")
+            record.update(step=step, hand_token=a, generate_token=b, gap=gap,
+                          verdict="tie" if gap <= tie else "mismatch")
+        rows.append(record)
+    return rows, max_diff
+
+
+def _count(items: Sequence[Any], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _generation_overrides(config: GenerationConfig | None) -> list[str]:
+    """Settings of a generation_config that differ from plain greedy decoding, as 'name=value'."""
+    if config is None:
+        return []
+    found = []
+    for key, neutral in NEUTRAL_GENERATION.items():
+        value = getattr(config, key, None)
+        if value is not None and value != neutral and not (key == "min_length" and value == 0):
+            found.append(f"{key}={value!r}")
+    return found
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any, *,
+             use_cache: bool = True) -> tuple[torch.Tensor, Any]:
+    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
+    if mask is not None:
+        mask = mask.to(ids.device)
+        kwargs["attention_mask"] = mask
+        if _accepts(model, "position_ids"):
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not count
+            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
+    # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
+    # releases know only past_key_values
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if past is not None:
+        kwargs[cache_name] = past
+    output = model(**kwargs)
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ModelError(f"'model' must return an output with .logits (got {describe(output)})")
+    return logits, getattr(output, cache_name, None) if use_cache else None  # (B, t, V)
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    parameters = inspect.signature(model.forward).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while probing; the model's own mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_causal_lm(model: object) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"'model' must be a torch.nn.Module causal LM (got {describe(model)})")
+    if isinstance(model, PreTrainedModel) and not model.can_generate():
+        raise ModelError(
+            f"'model' must be a causal LM that decodes left to right (got a {type(model).__name__}, "
+            "whose can_generate() is False); a masked LM predicts masked tokens from both sides: "
+            "use lmcheck's masked-LM probes for it")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_ids(value: object, argument: str) -> torch.Tensor:
+    ids = value if isinstance(value, torch.Tensor) else None
+    if ids is None:
+        try:
+            ids = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"'{argument}' must be a (B, T) tensor of token ids (got {describe(value)})") from None
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise InputError(f"'{argument}' must be a (B, T) integer tensor (got {ids.dtype} of shape {tuple(ids.shape)})")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"'{argument}' must hold at least one token per row (got shape {tuple(ids.shape)}): "
+                         "an empty prompt gives the model nothing to continue")
+    return ids.long()
+
+
+def _as_mask(mask: object, ids: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(mask).long()
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tuple(tensor.shape) != tuple(ids.shape):
+        raise InputError(f"'attention_mask' must have the shape of input_ids {tuple(ids.shape)} "
+                         f"(got {tuple(tensor.shape)})")
+    return tensor.to(ids.device)
+
+
+def _check_max_new_tokens(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
+
+
+def _check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        context = getattr(config, key, None)
+        if isinstance(context, int) and prompt_length + max_new_tokens > context:
+            raise InputError(
+                f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} needs "
+                f"{prompt_length + max_new_tokens} positions, more than the model's context of "
+                f"{context} (config.{key}); shorten the prompt or ask for fewer tokens")
+
+
+def _prompt_list(prompts: object) -> list[str]:
+    items = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(items, Sequence) or not items:
+        raise InputError(f"'prompts' must be a str or a non-empty list of str (got {describe(prompts)})")
+    for index, text in enumerate(items):
+        if not isinstance(text, str) or not text:
+            raise InputError(f"'prompts[{index}]' must be a non-empty str (got {describe(text)}): "
+                             "an empty prompt gives the model nothing to continue")
+    return list(items)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise InputError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token, and "
+            f"{required_for} needs one to pad prompts on the left; set one first, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (the attention mask hides the pads)")
+    return pad
+
+
+def _encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode prompts and pad them on the left by hand (whatever the tokenizer's padding_side)."""
+    items = _prompt_list(prompts)
+    encoded = [list(tokenizer(text)["input_ids"]) for text in items]
+    width = max(map(len, encoded))
+    if any(len(ids) != width for ids in encoded):
+        lengths = sorted({len(ids) for ids in encoded})
+        pad = _pad_id(tokenizer, required_for=f"a batch of prompts of {lengths} tokens")
+    else:
+        pad = 0
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # (B, T)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])  # (B, T)
+    return ids, mask
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _tolerance(table: dict[torch.dtype, float], model: torch.nn.Module) -> float:
+    """The tolerance for the model's parameter dtype (logits are compared in float32)."""
+    return table.get(_dtype(model), table[torch.float32])

