@@ -7,6 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+# Before torch is imported: idle OpenMP threads sleep rather than spin. On small or shared
+# machines spinning threads slowed the tutorial's training 2-3x; set it yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from lmcheck import assets
 from lmcheck.errors import LmcheckError
 

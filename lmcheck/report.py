@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,7 +17,10 @@ from rich.table import Table
 
 from lmcheck.results import Result
 
-__all__ = ["Report", "results_to_markdown", "write_results_json"]
+if TYPE_CHECKING:  # only for the annotation: importing training.py would load torch
+    from lmcheck.training import LossCurve
+
+__all__ = ["Report", "plot_loss_curve", "results_to_markdown", "write_results_json"]
 
 
 class Report:
@@ -94,3 +97,33 @@ def results_to_markdown(results: Iterable[Result]) -> str:
         explanation = r.explanation.replace("|", "\\|")
         lines.append(f"| {r.name} | {'PASS' if r.passed else 'FAIL'} | {_cell(r.headroom)} | {explanation} |")
     return "\n".join(lines)
+
+
+def plot_loss_curve(curve: LossCurve, path: str | Path, *, title: str | None = None) -> Path:
+    """Training and validation loss against steps as a PNG (the tutorial's Figure 1), with the
+    curve as JSON beside it (same name, ``.json``); returns the PNG's path.
+
+    Draws with matplotlib's Agg canvas directly, so pyplot's global backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for points, label, style in ((curve.train, "training loss", "-"), (curve.valid, "validation loss", "o-")):
+        if points:
+            steps, losses = zip(*points, strict=True)
+            axes.plot(steps, losses, style, label=label, markersize=3)
+    if curve.non_finite_step is not None:
+        axes.axvline(curve.non_finite_step, color="red", linestyle=":", label=f"non-finite loss (step {curve.non_finite_step})")
+    axes.set(xlabel="optimizer step", ylabel="loss (nats per token)",
+             title=title or f"{curve.metadata.get('preset', 'model')}: stopped at step {curve.steps} ({curve.stop_reason or 'running'})")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(target)
+    curve.to_json(target.with_suffix(".json"))
+    return target

@@ -14,7 +14,9 @@ __all__ = ["CHAPTERS", "chapter"]
 # chapter number -> module name in this package; later chapters join as they are written
 CHAPTERS: dict[int, str] = {
     1: "ch1_tokenizers",
+    2: "ch2_masked",
     3: "ch3_causal",
+    4: "ch4_pretraining",
 }
 
 

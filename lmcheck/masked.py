@@ -1,0 +1,484 @@
+"""Masked language models: fill the mask, measure cloze accuracy, and train one from scratch.
+
+The probes work on any Hugging Face masked LM (a ``*ForMaskedLM`` model) with its tokenizer:
+the mask token always comes from ``tokenizer.mask_token_id`` ([MASK] for BERT, <mask> for
+RoBERTa), never from a literal.
+
+Example:
+    >>> predictions = fill_mask(model, tokenizer, "Life is like a [MASK] of chocolates.")
+    >>> predictions[0].tokens
+    ('box', 'bag', 'bowl', 'jar', 'cup')
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, cast
+
+import torch
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from lmcheck.cloze import ClozeCase
+from lmcheck.corpus import chunk_documents
+from lmcheck.defaults import DEFAULTS
+from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.models import bert_from_scratch
+from lmcheck.results import Result, headroom_above, headroom_below
+
+__all__ = [
+    "MEMORIZATION_RUN",
+    "MaskPrediction",
+    "MemorizationRun",
+    "fill_mask",
+    "mask_fill_accuracy",
+    "masked_loss_at_init",
+    "memorize_chunks",
+    "train_masked_lm",
+]
+
+# The from-scratch run shared by chapter 2's tests and `lmcheck tutorial`: the first `chunks`
+# chunks of `context_length` tokens of the training documents, memorized by a tiny BERT with
+# the real uncased vocabulary. Measured on 2 shared CPU cores: 300 steps take about 20 s and
+# reach 40 of 40 cloze cases on those chunks (200 steps gave 37 of 40, too close to 0.9).
+# chapter 2's from-scratch run, from the embedded default (tests, tutorial and benchmarks share it)
+MEMORIZATION_RUN: Mapping[str, Any] = DEFAULTS["masked_pretrain"]
+
+_MASKED_LM_CLASSES = frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+_Batch = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MaskPrediction:
+    """The model's top-k at one mask position of one text."""
+
+    text_index: int  # which of the texts given to fill_mask
+    position: int  # index of the mask in that text's input_ids (special tokens included)
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]  # each id decoded on its own, surrounding spaces stripped
+    probabilities: tuple[float, ...]  # softmax over the whole vocabulary at this position
+
+
+def fill_mask(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, text_or_texts: str | Sequence[str],
+    *, top_k: int = 5, batch_size: int = 32,
+) -> tuple[MaskPrediction, ...]:
+    """The top-k tokens and probabilities at every mask position of every text.
+
+    Args:
+        model: any Hugging Face masked LM (``BertForMaskedLM``, ``RobertaForMaskedLM``, ...).
+        tokenizer: its tokenizer; its ``mask_token`` marks the positions to fill.
+        text_or_texts: one text or a list; each holds one or more mask tokens.
+        top_k: how many candidates per mask (default 5), at most the vocabulary size.
+        batch_size: texts per forward pass (padded with the tokenizer's pad token).
+
+    Returns:
+        One :class:`MaskPrediction` per mask, in text order, then position order.
+
+    Raises:
+        ModelError: the model has no MLM head, is causal, or does not fit the tokenizer.
+        InputError: a text without the mask token, or ``top_k`` out of range.
+    """
+    texts = _texts_argument(text_or_texts, "text_or_texts")
+    vocab = _check_masked_lm(model, tokenizer)
+    _check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
+    predictions = []
+    for index, position, probs in _mask_probabilities(model, tokenizer, texts, batch_size):
+        top = probs.topk(top_k)
+        ids = tuple(int(i) for i in top.indices)
+        predictions.append(MaskPrediction(
+            index, position, ids, tuple(_decode(tokenizer, i) for i in ids),
+            tuple(float(p) for p in top.values),
+        ))
+    return tuple(predictions)
+
+
+def mask_fill_accuracy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+    cases: Sequence[ClozeCase | tuple[str, str | Sequence[str]]],
+    *, top_k: int = 1, threshold: float = 0.9, expect: str = "at_least",
+    batch_size: int = 32, name: str = "mask_fill_accuracy",
+) -> Result:
+    """Share of cloze cases whose expected word is among the model's top-k at the mask.
+
+    Args:
+        cases: :class:`ClozeCase` items (or ``(text, answer_or_answers)`` pairs), one mask each.
+        top_k: a case counts as right when an answer is among the top ``top_k`` (default 1).
+        threshold: the accuracy bound (default 0.9).
+        expect: ``"at_least"`` (default: the model knows these, e.g. memorized training text)
+            or ``"at_most"`` (it must not, e.g. held-out text after overfitting).
+        name: the result's name, to tell several runs apart in a report.
+
+    Returns:
+        A Result with ``accuracy``; per case in ``details`` the text, expected word, prediction,
+        and the rank (1 = top) and probability of the best-ranked expected word. A failure
+        names the cases that decided it.
+    """
+    vocab = _check_masked_lm(model, tokenizer)
+    _check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise InputError(f"'threshold' must be a number from 0 to 1 (got {describe(threshold)})")
+    if expect not in ("at_least", "at_most"):
+        raise InputError(f"'expect' must be 'at_least' or 'at_most' (got {describe(expect)})")
+    items = [_cloze_case(case, i) for i, case in enumerate(_sequence(cases, "cases"))]
+    answer_ids = [_answer_ids(tokenizer, case, i) for i, case in enumerate(items)]
+    rows: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for index, position, probs in _mask_probabilities(model, tokenizer, [c.text for c in items], batch_size):
+        if index in seen:
+            raise InputError(f"'cases' item {index} must hold exactly one mask token "
+                             f"{tokenizer.mask_token!r} (got several in {_excerpt(items[index].text, tokenizer)!r})")
+        seen.add(index)
+        expected = max(answer_ids[index], key=lambda i: float(probs[i]))
+        p_expected = float(probs[expected])
+        predicted = int(probs.argmax())
+        rank = int((probs > probs[expected]).sum()) + 1  # 1 = the model's first choice
+        rows.append({
+            "case": index, "text": items[index].text, "expected": "/".join(items[index].answers),
+            "prediction": _decode(tokenizer, predicted), "rank": rank, "probability": p_expected,
+            "correct": rank <= top_k, "position": position,
+        })
+    correct = sum(row["correct"] for row in rows)
+    accuracy = correct / len(rows)
+    at_least = expect == "at_least"
+    passed = accuracy >= threshold if at_least else accuracy <= threshold
+    headroom = headroom_above(accuracy, threshold) if at_least else headroom_below(accuracy, threshold)
+    kind = f"top-{top_k}"
+    summary = f"accuracy {accuracy:.3g} ({kind}, {correct} of {len(rows)} cases)"
+    if at_least:
+        deciding = [row for row in rows if not row["correct"]]
+        verdict = f"reaches {threshold:g}" if passed else f"is below {threshold:g}"
+        label = "missed" if passed else "failing"
+    else:
+        deciding = [row for row in rows if row["correct"]]
+        verdict = f"stays at or below {threshold:g}" if passed else f"exceeds {threshold:g}"
+        label = "filled" if passed else "unexpectedly filled"
+    explanation = f"{summary} {verdict}"
+    if deciding:
+        shown = "; ".join(_describe_case(row, tokenizer) for row in deciding[:3])
+        more = f"; and {len(deciding) - 3} more" if len(deciding) > 3 else ""
+        explanation += f"; {label}: {shown}{more}"
+    return Result(
+        name=name, passed=passed,
+        metrics={"accuracy": accuracy, "correct": correct, "cases": len(rows), "top_k": top_k,
+                 "expect": expect},
+        threshold=float(threshold), headroom=headroom, explanation=explanation, details=tuple(rows),
+    )
+
+
+def train_masked_lm(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any, *, steps: int = 300,
+    lr: float = 1e-3, batch_size: int = 8, mlm_probability: float = 0.15, seed: int = 42,
+    max_grad_norm: float = 1.0, collator: _Batch | None = None, only_masked_logits: bool = True,
+) -> list[float]:
+    """Train ``model`` in place with the masked-LM objective; returns the loss of every step.
+
+    The model is left in eval mode.
+
+    Batches come from ``DataCollatorForLanguageModeling(mlm=True)``: 15% of the tokens are
+    picked, 80% of those become the mask token, 10% a random token, 10% stay, and only they
+    are scored. A plain PyTorch loop rather than ``Trainer`` because on a CPU it runs about twice
+    as fast (../shared/ASSETS.md) and, with ``only_masked_logits``, it computes the
+    vocabulary-wide output layer only at the scored positions: the same loss, about 5x less work
+    for a small model whose output layer dominates.
+
+    Args:
+        examples: a ``datasets.Dataset`` with ``input_ids`` (e.g. ``chunk_documents``' chunks),
+            a list of id lists, or a list of str (tokenized, truncated to the model's positions).
+        steps: optimizer steps (AdamW, no weight decay, gradient norm clipped to
+            ``max_grad_norm``); examples are drawn in a seeded shuffled order, epoch by epoch.
+        collator: replaces the default collator (e.g. whole-word masking, or a broken one for a
+            negative control); it takes ``[{"input_ids": [...]}, ...]`` and returns tensors.
+        only_masked_logits: compute the output layer only where ``labels != -100``; set False
+            for a model whose ``get_output_embeddings()`` is not applied once to all positions.
+    """
+    vocab = _check_masked_lm(model, tokenizer)
+    rows = _example_ids(tokenizer, examples, model)
+    _check_int(steps, "steps", 1, None, "")
+    _check_int(batch_size, "batch_size", 1, None, "")
+    collate = collator or DataCollatorForLanguageModeling(
+        tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    selected: dict[str, torch.Tensor] = {}
+    hook = None
+    if only_masked_logits:
+        # the output layer sees only the scored rows: (B, T, H) -> (M, H), so logits are (M, V)
+        output_layer = cast(torch.nn.Module, model.get_output_embeddings())  # type: ignore[operator]
+        hook = output_layer.register_forward_pre_hook(
+            lambda _module, args: (args[0][selected["rows"]],))
+    losses: list[float] = []
+    order: list[int] = []
+    model.train()
+    try:
+        for _ in range(steps):
+            if len(order) < batch_size:
+                epoch = list(range(len(rows)))
+                rng.shuffle(epoch)
+                order.extend(epoch)
+            picked, order = order[:batch_size], order[batch_size:]
+            batch = {k: v.to(device) for k, v in collate([{"input_ids": rows[i]} for i in picked]).items()}
+            labels = batch.pop("labels")  # (B, T), -100 where not scored
+            selected["rows"] = labels != -100
+            if not bool(selected["rows"].any()):
+                losses.append(math.nan)  # the collator scored no token in this batch: no step
+                continue
+            logits = model(**batch).logits  # (M, V) with the hook, else (B, T, V)
+            targets = labels[selected["rows"]] if only_masked_logits else labels
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.eval()
+    return losses
+
+
+class MemorizationRun(NamedTuple):
+    """What :func:`memorize_chunks` returns."""
+
+    model: torch.nn.Module  # trained, in eval mode
+    losses: list[float]  # training loss per step
+    train_texts: list[str]  # the training chunks, decoded: cloze cases on them test memory
+    heldout_texts: list[str]  # as many held-out chunks, decoded: cloze cases on them stay hard
+
+
+def memorize_chunks(
+    tokenizer: PreTrainedTokenizerBase, train_documents: Any, heldout_documents: Any, *,
+    run: Mapping[str, Any] = MEMORIZATION_RUN, seed: int = 42,
+) -> MemorizationRun:
+    """Chapter 2's from-scratch run: a tiny BERT trained until it has memorized a few chunks.
+
+    Cuts both document sets into ``run["context_length"]``-token chunks with
+    :func:`~lmcheck.corpus.chunk_documents`, keeps the first ``run["chunks"]`` of each, and
+    trains ``bert_from_scratch(preset=run["preset"])`` on the training ones with
+    :func:`train_masked_lm`.
+    """
+    def first_chunks(documents: Any) -> list[list[int]]:
+        chunks = chunk_documents(tokenizer, documents, run["context_length"]).dataset
+        return [list(ids) for ids in chunks.select(range(min(run["chunks"], len(chunks))))["input_ids"]]
+
+    train, heldout = first_chunks(train_documents), first_chunks(heldout_documents)
+    model = bert_from_scratch(tokenizer, preset=run["preset"], seed=seed,
+                              hidden_dropout_prob=run["dropout"], attention_probs_dropout_prob=run["dropout"])
+    losses = train_masked_lm(model, tokenizer, train, steps=run["steps"], lr=run["lr"],
+                             batch_size=run["batch_size"], seed=seed)
+    decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
+    return MemorizationRun(model, losses, decode(train), decode(heldout))
+
+
+def masked_loss_at_init(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any, *,
+    tolerance: float = 0.1, mlm_probability: float = 0.15, seed: int = 0, batch_size: int = 8,
+) -> Result:
+    """Check that an untrained masked LM's loss is close to ln(V), the loss of a uniform guess.
+
+    Far above means the initialization is too confident (scale of the embeddings or the output
+    layer); far below means the model already knows something, or the labels leak the answer.
+
+    Args:
+        examples: as for :func:`train_masked_lm`; masked with a seeded collator.
+        tolerance: allowed relative distance from ln(V) (default 0.1, i.e. 10%).
+    """
+    vocab = _check_masked_lm(model, tokenizer)
+    rows = _example_ids(tokenizer, examples, model)
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                batch = {k: v.to(device) for k, v in
+                         collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
+                labels = batch.pop("labels")  # (B, T)
+                logits = model(**batch).logits.float()  # (B, T, V)
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum"))
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    loss, expected = total / max(count, 1), math.log(vocab)
+    distance = abs(loss - expected) / expected
+    passed = distance <= tolerance
+    if passed:
+        explanation = f"loss at init {loss:.4f} is within {tolerance:.0%} of ln({vocab}) = {expected:.4f}"
+    else:
+        side = ("above: the initial predictions are too confident; check the scale of the "
+                "embeddings and the output layer's initialization") if loss > expected else (
+                "below: an untrained model should not do better than a uniform guess; check "
+                "that the labels do not leak into the inputs")
+        explanation = (f"loss at init {loss:.4f} is {distance:.1%} {side} (ln({vocab}) = "
+                       f"{expected:.4f}, tolerance {tolerance:.0%})")
+    return Result(
+        name="masked_loss_at_init", passed=passed,
+        metrics={"loss": loss, "ln_vocab": expected, "relative_distance": distance, "scored_tokens": count},
+        threshold=tolerance, headroom=headroom_below(distance, tolerance), explanation=explanation,
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _check_tokenizer(tokenizer: object) -> None:
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InputError(f"'tokenizer' must be a Hugging Face tokenizer (got {describe(tokenizer)})")
+    if tokenizer.mask_token_id is None:
+        raise ModelError(f"'tokenizer' must have a mask token for masked-LM probes "
+                         f"({type(tokenizer).__name__} {tokenizer.name_or_path!r} has none)")
+
+
+def _check_masked_lm(model: object, tokenizer: object) -> int:
+    """Raise unless model is a bidirectional masked LM that fits tokenizer; return vocab size."""
+    _check_tokenizer(tokenizer)
+    tokenizer = cast(PreTrainedTokenizerBase, tokenizer)
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None:
+        raise ModelError(f"'model' must be a Hugging Face masked LM such as BertForMaskedLM (got {describe(model)})")
+    cls = type(model).__name__
+    if cls not in _MASKED_LM_CLASSES and not cls.endswith("ForMaskedLM"):
+        what = "a causal LM" if cls in _CAUSAL_LM_CLASSES else "a model without a masked-LM head"
+        raise ModelError(f"'model' must be a masked LM with its MLM head (a *ForMaskedLM class such "
+                         f"as BertForMaskedLM); got {cls}, {what}")
+    if getattr(config, "is_decoder", False):
+        raise ModelError(f"'model' must attend in both directions; {cls} has config.is_decoder=True "
+                         f"(causal attention), so it cannot fill a mask from the right context")
+    embeddings = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+    if len(tokenizer) > embeddings:
+        raise ModelError(f"'tokenizer' has {len(tokenizer):,} tokens but the model's input embeddings "
+                         f"hold {embeddings:,}: ids from {embeddings} up would index past the table "
+                         f"(use the model's own tokenizer, or resize_token_embeddings)")
+    output = model.get_output_embeddings()  # type: ignore[operator]
+    return int(getattr(output, "out_features", None) or getattr(config, "vocab_size", embeddings))
+
+
+def _check_int(value: object, argument: str, low: int, high: int | None, high_name: str) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high  # type: ignore[operator]
+    if not ok:
+        bound = f"from {low} to {high_name}, {high}" if high is not None else f">= {low}"
+        raise InputError(f"'{argument}' must be an int {bound} (got {describe(value)})")
+
+
+def _sequence(value: object, argument: str) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise InputError(f"'{argument}' must be a non-empty list (got {describe(value)})")
+    return list(value)
+
+
+def _texts_argument(value: object, argument: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else _sequence(value, argument)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise InputError(f"'{argument}' item {index} must be a non-empty str (got {describe(text)})")
+    return texts
+
+
+def _cloze_case(case: object, index: int) -> ClozeCase:
+    if isinstance(case, tuple) and len(case) == 2 and not isinstance(case, ClozeCase):
+        text, answers = case
+        case = ClozeCase(text, (answers,) if isinstance(answers, str) else tuple(answers))
+    if not isinstance(case, ClozeCase) or not isinstance(case.text, str) or not case.answers \
+            or not all(isinstance(a, str) and a.strip() for a in case.answers):
+        raise InputError(f"'cases' item {index} must be a ClozeCase(text, answers) with at least one "
+                         f"non-empty answer, or a (text, answer) pair (got {describe(case)})")
+    return case
+
+
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, case: ClozeCase, index: int) -> list[int]:
+    """Vocabulary ids that spell each answer as one token, with or without a leading space."""
+    ids: set[int] = set()
+    for answer in case.answers:
+        for spelling in (answer.strip(), " " + answer.strip()):
+            encoded = tokenizer.encode(spelling, add_special_tokens=False)
+            if len(encoded) == 1 and _decode(tokenizer, encoded[0]).lower() == answer.strip().lower():
+                ids.add(encoded[0])
+    if not ids:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(case.answers[0], add_special_tokens=False))
+        raise InputError(f"'cases' item {index}: answer {case.answers[0]!r} must be one token of the "
+                         f"vocabulary to fit one mask (it is {pieces})")
+    return sorted(ids)
+
+
+def _mask_probabilities(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (text index, mask position, probabilities over the vocabulary (V,)) per mask."""
+    _check_int(batch_size, "batch_size", 1, None, "")
+    if tokenizer.pad_token_id is None:
+        batch_size = 1  # nothing to pad with: one text per forward pass
+    limit = getattr(model.config, "max_position_embeddings", None)
+    accepted = inspect.signature(model.forward).parameters
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout off: predictions must not be random
+    try:
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
+            ids = encoded["input_ids"]  # (B, T)
+            for row in range(ids.shape[0]):
+                index = start + row
+                if not bool((ids[row] == tokenizer.mask_token_id).any()):
+                    raise InputError(f"text {index} must contain the tokenizer's mask token "
+                                     f"{tokenizer.mask_token!r} (got {_excerpt(texts[index], tokenizer)!r})")
+            if limit is not None and ids.shape[1] > limit:
+                raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
+                                 f"more than the model's {limit} positions")
+            inputs = {k: v.to(device) for k, v in encoded.items() if k in accepted}
+            with torch.inference_mode():
+                logits = model(**inputs).logits  # (B, T, V)
+            left_pads = (1 - encoded["attention_mask"]).cumprod(-1).sum(-1)  # (B,) 0 unless left-padded
+            for row, column in (ids == tokenizer.mask_token_id).nonzero().tolist():
+                probs = logits[row, column].float().softmax(-1)  # (V,)
+                yield start + row, column - int(left_pads[row]), probs
+    finally:
+        model.train(was_training)
+
+
+def _example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.nn.Module) -> list[list[int]]:
+    column = examples["input_ids"] if hasattr(examples, "column_names") and \
+        "input_ids" in examples.column_names else examples
+    rows = _sequence(list(column) if not isinstance(column, (list, tuple)) else column, "examples")
+    if all(isinstance(r, str) for r in rows):
+        limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        return [list(ids) for ids in tokenizer(rows, truncation=True, max_length=limit)["input_ids"]]
+    for index, row in enumerate(rows):
+        if isinstance(row, str) or not isinstance(row, Sequence) or not row \
+                or not all(isinstance(i, int) for i in row):
+            raise InputError(f"'examples' item {index} must be a non-empty list of token ids or a str "
+                             f"(got {describe(row)})")
+    return [list(r) for r in rows]
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    return str(tokenizer.decode([token_id])).strip()
+
+
+def _excerpt(text: str, tokenizer: PreTrainedTokenizerBase, width: int = 30) -> str:
+    """The text around its first mask token, shortened to about 2 * width characters."""
+    at = text.find(tokenizer.mask_token) if tokenizer.mask_token else -1
+    at = max(at, 0)
+    start, end = max(0, at - width), at + len(tokenizer.mask_token or "") + width
+    return ("..." if start > 0 else "") + text[start:end] + ("..." if end < len(text) else "")
+
+
+def _describe_case(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
+    return (f"case {row['case']} {_excerpt(row['text'], tokenizer)!r}: expected {row['expected']!r}, "
+            f"predicted {row['prediction']!r} (rank {row['rank']}, p={row['probability']:.3g})")
+
+

@@ -1,0 +1,383 @@
+"""Pretraining loops that record a :class:`~lmcheck.training.LossCurve`: Hugging Face's
+``Trainer`` (the tutorial's path) and a lean PyTorch loop (the same optimisation, less overhead).
+
+Both train on chunks from :func:`pretraining_data`, log the training loss every step and the
+validation loss every ``eval_every`` steps, stop at the first non-finite loss (naming the step),
+and can stop as soon as every training chunk is memorized. :func:`pretrain_default` runs the
+embedded default (``DEFAULTS["pretrain"]``) or any variation of it, such as the GPU test's full
+tutorial configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from transformers import (
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback
+
+from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
+from lmcheck.defaults import DEFAULTS
+from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.models import gpt2_from_scratch, parameter_count
+from lmcheck.tokens import load_tokenizer
+from lmcheck.training import LossCurve, causal_batch, memorized_fraction
+
+__all__ = [
+    "LossCurveCallback",
+    "PretrainRun",
+    "PretrainingData",
+    "StopAtMemorization",
+    "check_model_fits",
+    "pretrain",
+    "pretrain_default",
+    "pretraining_data",
+]
+
+Collator = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PretrainingData:
+    """Training and validation chunks, and how they were chosen."""
+
+    train: datasets.Dataset  # columns: input_ids (context_length each), document
+    valid: datasets.Dataset
+    split: datasets.DatasetDict  # the documents (train, validation) the chunks come from
+    train_stats: ChunkStats  # chunking of all training documents, before the subset
+    valid_stats: ChunkStats
+    description: str  # which training chunks, in words
+
+
+def pretraining_data(
+    tokenizer: PreTrainedTokenizerBase, documents: datasets.Dataset | None = None, *,
+    n_train: int = 50, n_valid: int = 50, split_seed: int = 0, context_length: int = 128,
+    chunks_per_document: int | None = None, n_train_chunks: int | None = None,
+    n_valid_chunks: int | None = None,
+) -> PretrainingData:
+    """Split documents (seeded), chunk both parts, and keep a fixed subset of the chunks.
+
+    Args:
+        documents: a dataset with a ``text`` column (default: the wiki sample).
+        chunks_per_document: keep only each training document's first this-many chunks (None: all).
+        n_train_chunks: then keep the first this-many training chunks (None: all).
+        n_valid_chunks: keep the first this-many validation chunks (None: all).
+
+    Raises:
+        InputError: fewer documents than the split asks for, or no chunk at all after chunking.
+    """
+    documents = load_documents(DEFAULTS["documents"]) if documents is None else documents
+    split = split_documents(documents, n_train=n_train, n_valid=n_valid, seed=split_seed)
+    parts: dict[str, tuple[datasets.Dataset, ChunkStats]] = {}
+    for name, part in split.items():
+        chunks, stats = chunk_documents(tokenizer, part, context_length)
+        if stats.chunks == 0:
+            raise InputError(
+                f"'context_length' {context_length} gives 0 chunks from the {stats.documents} "
+                f"{name} documents: every one is shorter than that ({stats.tokens_total:,} tokens "
+                f"in all); use a smaller context_length or longer documents")
+        parts[name] = (chunks, stats)
+    train, train_stats = parts["train"]
+    valid, valid_stats = parts["validation"]
+    words = f"all chunks of the {n_train} training documents"
+    if chunks_per_document is not None:
+        seen: dict[int, int] = {}
+        keep = []
+        for index, document in enumerate(train["document"]):
+            seen[document] = seen.get(document, 0) + 1
+            if seen[document] <= chunks_per_document:
+                keep.append(index)
+        train = train.select(keep)
+        first = "the first chunk" if chunks_per_document == 1 else f"the first {chunks_per_document} chunks"
+        words = f"{first} of each training document"
+    if n_train_chunks is not None and n_train_chunks < len(train):
+        train = train.select(range(n_train_chunks))
+        words = f"the first {n_train_chunks} of {words}"
+        if chunks_per_document == 1:
+            words = f"the first chunk of each of the first {n_train_chunks} training documents"
+    if n_valid_chunks is not None and n_valid_chunks < len(valid):
+        valid = valid.select(range(n_valid_chunks))
+    description = (f"{words}: {len(train)} chunks of "
+                   f"{context_length} tokens; validation: {len(valid)} chunks of the {n_valid} "
+                   f"validation documents")
+    return PretrainingData(train, valid, split, train_stats, valid_stats, description)
+
+
+def check_model_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_length: int) -> None:
+    """Raise ModelError if the model's vocabulary or positions do not fit the tokenizer and context."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ModelError(f"'model' must be a Hugging Face PreTrainedModel with a config (got {describe(model)})")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab != len(tokenizer):
+        raise ModelError(
+            f"'model' has a vocabulary of {vocab} but 'tokenizer' {tokenizer.name_or_path!r} has "
+            f"{len(tokenizer)} tokens; build the model from the tokenizer "
+            f"(gpt2_from_scratch(tokenizer)) so every id has an embedding row and ln(V) is right")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and context_length > positions:
+        raise ModelError(
+            f"'context_length' {context_length} is above the model's {positions} positions; "
+            f"use a context of at most {positions} or a model with more positions")
+
+
+def pretrain(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
+    valid: datasets.Dataset, *, backend: str = "lean", lr: float = 3e-3, batch_size: int = 4,
+    max_steps: int = 100, eval_every: int = 10, memorization_every: int | None = 5,
+    prefix_length: int = 32, continuation_length: int = 32, collator: Collator | None = None,
+    bf16: bool = False, seed: int = 42, check_batch: bool = True, eval_batch_size: int = 32,
+) -> LossCurve:
+    """Train ``model`` on ``train`` chunks and record a LossCurve; the model is trained in place.
+
+    Args:
+        backend: ``"trainer"`` (Hugging Face Trainer) or ``"lean"`` (a plain loop). Both use
+            AdamW (weight decay 0, constant learning rate), gradient clipping at 1.0, ``collator``
+            (default ``DataCollatorForLanguageModeling(mlm=False)``) and the same seed.
+        memorization_every: every this many steps, stop if every training chunk is memorized
+            (``prefix_length`` tokens continue ``continuation_length`` tokens verbatim); None: never.
+        check_batch: refuse a first batch that fails :func:`~lmcheck.training.causal_batch`
+            (a masked-LM collator, labels not the inputs, a mask that shows the future).
+
+    Raises:
+        InputError: unknown backend or a first batch unfit for causal-LM training.
+        ModelError: model and tokenizer vocabularies differ; chunks longer than the model's positions.
+    """
+    if backend not in ("trainer", "lean"):
+        raise InputError(f"'backend' must be 'trainer' or 'lean' (got {describe(backend)})")
+    context_length = len(train[0]["input_ids"])
+    check_model_fits(model, tokenizer, context_length)
+    if getattr(model, "loss_type", "") is None and not getattr(model.config, "is_encoder_decoder", False):
+        # GPT2LMHeadModel's class name maps to no loss type, so the Trainer counts tokens over the
+        # unshifted labels and reports (and optimises) the loss times (T-1)/T (transformers 5.24);
+        # naming the type makes it count the T-1 real targets, so both loops record the same loss.
+        model.loss_type = "ForCausalLM"
+    if tokenizer.pad_token is None:  # GPT-2 has none; the collator needs one (pad = eos)
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    collator = collator or DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    first = collator([{"input_ids": row} for row in train[:batch_size]["input_ids"]])
+    if check_batch and not (verdict := causal_batch(first)):
+        raise InputError(f"'collator' makes batches unfit for causal-LM training: {verdict.explanation}")
+    curve = LossCurve(metadata={
+        "backend": backend, "lr": lr, "batch_size": batch_size, "max_steps": max_steps, "bf16": bf16,
+        "seed": seed, "context_length": context_length, "train_chunks": len(train),
+        "valid_chunks": len(valid), "parameters": parameter_count(model),
+        "memorization": [prefix_length, continuation_length]})
+    train_ids = torch.tensor(train["input_ids"])  # (N, T)
+    valid_ids = torch.tensor(valid["input_ids"])  # (M, T)
+    stop = StopAtMemorization(curve, train_ids, every=memorization_every, prefix_length=prefix_length,
+                              continuation_length=continuation_length)
+    set_seed(seed)
+    started = time.perf_counter()
+    if backend == "trainer":
+        _train_with_trainer(model, tokenizer, train, valid, curve, stop, collator, lr=lr,
+                            batch_size=batch_size, max_steps=max_steps, eval_every=eval_every,
+                            bf16=bf16, seed=seed, eval_batch_size=eval_batch_size)
+    else:
+        _train_lean(model, train_ids, valid_ids, curve, stop, collator, lr=lr, batch_size=batch_size,
+                    max_steps=max_steps, eval_every=eval_every, bf16=bf16, seed=seed,
+                    eval_batch_size=eval_batch_size)
+    curve.stop_reason = curve.stop_reason or ("non-finite loss" if curve.non_finite_step else "max_steps")
+    train_seconds = curve.metadata.pop("_train_seconds", 0.0)
+    tokens = curve.steps * batch_size * context_length
+    curve.metadata.update(wall_s=time.perf_counter() - started, train_s=train_seconds,
+                          train_tokens=tokens, tokens_per_s=tokens / train_seconds if train_seconds else None,
+                          device=str(next(model.parameters()).device))
+    return curve
+
+
+class LossCurveCallback(TrainerCallback):
+    """Records the Trainer's per-step loss and each evaluation's loss into a LossCurve.
+
+    Needs ``logging_steps=1`` and ``logging_nan_inf_filter=False`` (else NaN steps are hidden).
+    Stops training at the first non-finite loss.
+    """
+
+    def __init__(self, curve: LossCurve) -> None:
+        self.curve = curve
+        self._began = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _synchronize()
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _synchronize()
+        seconds = self.curve.metadata.get("_train_seconds", 0.0)
+        self.curve.metadata["_train_seconds"] = seconds + time.perf_counter() - self._began
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs and not self.curve.record_train(state.global_step, logs["loss"]):
+            self.curve.stop_reason = "non-finite loss"
+            control.should_training_stop = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if metrics and "eval_loss" in metrics:
+            self.curve.record_valid(state.global_step, metrics["eval_loss"])
+
+
+class StopAtMemorization(TrainerCallback):
+    """Stops training once every training chunk continues verbatim (checked every ``every`` steps)."""
+
+    def __init__(self, curve: LossCurve, train_ids: torch.Tensor, *, every: int | None,
+                 prefix_length: int, continuation_length: int) -> None:
+        self.curve, self.train_ids, self.every = curve, train_ids, every
+        self.prefix_length, self.continuation_length = prefix_length, continuation_length
+
+    def memorized(self, model: torch.nn.Module, step: int) -> bool:
+        if not self.every or step % self.every or self.curve.non_finite_step is not None:
+            return False
+        fraction = memorized_fraction(model, self.train_ids, prefix_length=self.prefix_length,
+                                      continuation_length=self.continuation_length)
+        self.curve.metadata.setdefault("memorized_fraction", []).append([step, fraction])
+        if fraction >= 1.0:
+            self.curve.stop_reason = "memorized"
+            return True
+        return False
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None and self.memorized(model, state.global_step):
+            control.should_training_stop = True
+
+
+def _train_with_trainer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
+    valid: datasets.Dataset, curve: LossCurve, stop: StopAtMemorization, collator: Collator, *,
+    lr: float, batch_size: int, max_steps: int, eval_every: int, bf16: bool, seed: int,
+    eval_batch_size: int,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="lmcheck-trainer-") as output_dir:
+        arguments = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=eval_batch_size, learning_rate=lr, max_steps=max_steps,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            logging_steps=1, logging_nan_inf_filter=False, eval_strategy="steps",
+            eval_steps=eval_every, save_strategy="no", report_to="none", bf16=bf16, seed=seed,
+            data_seed=seed, disable_tqdm=True, log_level="error", dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(
+            model=model, args=arguments, train_dataset=train.select_columns(["input_ids"]),
+            eval_dataset=valid.select_columns(["input_ids"]), data_collator=collator,  # type: ignore[arg-type]
+            processing_class=tokenizer, callbacks=[LossCurveCallback(curve), stop],
+        )
+        trainer.remove_callback(PrinterCallback)  # the curve is the record; nothing is printed
+        trainer.train()
+        if curve.non_finite_step is None and (not curve.valid or curve.valid[-1][0] != curve.steps):
+            trainer.evaluate()  # the final point of the validation curve
+
+
+def _train_lean(
+    model: PreTrainedModel, train_ids: torch.Tensor, valid_ids: torch.Tensor, curve: LossCurve,
+    stop: StopAtMemorization, collator: Collator, *, lr: float, batch_size: int, max_steps: int,
+    eval_every: int, bf16: bool, seed: int, eval_batch_size: int,
+) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.nn.Module.to(model, device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    seconds = 0.0
+    for step in range(1, max_steps + 1):
+        if not batches:  # a new epoch: a fresh seeded order of the training chunks
+            batches = list(train_ids[torch.randperm(len(train_ids), generator=order)].split(batch_size))
+        batch = collator([{"input_ids": row.tolist()} for row in batches.pop(0)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _synchronize()
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        if not curve.record_train(step, loss.item()):
+            curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize()
+        seconds += time.perf_counter() - began
+        memorized = stop.memorized(model, step)
+        if step % eval_every == 0 or memorized or step == max_steps:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                curve.record_valid(step, _validation_loss(model, valid_ids, collator, eval_batch_size))
+        if memorized:
+            break
+    curve.metadata["_train_seconds"] = seconds
+
+
+@torch.no_grad()
+def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int) -> float:
+    """Mean loss over validation chunks, batched by the training collator as the Trainer does."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for part in valid_ids.split(batch_size):
+        batch = collator([{"input_ids": row.tolist()} for row in part])
+        total += model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item() * len(part)
+    model.train()
+    return total / len(valid_ids)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # device work must finish before a clock is read
+
+
+@dataclass
+class PretrainRun:
+    """What :func:`pretrain_default` made: the trained model, its tokenizer, data and curve."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    data: PretrainingData
+    curve: LossCurve
+    settings: dict[str, Any]
+
+
+def pretrain_default(**overrides: Any) -> PretrainRun:
+    """Run the embedded default (``DEFAULTS["pretrain"]``), or a variation given as keyword overrides.
+
+    Keys: the data (``n_train_chunks``, ``chunks_per_document``, ``n_valid_chunks``,
+    ``context_length``), the model (``preset``, ``dropout``) and everything :func:`pretrain` takes;
+    ``max_epochs`` turns into ``max_steps``; ``documents`` replaces the wiki sample;
+    ``tokenizer`` replaces the GPT-2 tokenizer; ``model`` replaces the model built from ``preset``.
+    """
+    settings = {**DEFAULTS["pretrain"], **overrides}
+    tokenizer = settings.pop("tokenizer", None) or load_tokenizer(DEFAULTS["causal_tokenizer"])
+    data = pretraining_data(
+        tokenizer, settings.pop("documents", None), n_train=settings.pop("n_train", DEFAULTS["n_train"]),
+        n_valid=settings.pop("n_valid", DEFAULTS["n_valid"]), split_seed=DEFAULTS["split_seed"],
+        context_length=settings.pop("context_length", DEFAULTS["context_length"]),
+        chunks_per_document=settings.pop("chunks_per_document"),
+        n_train_chunks=settings.pop("n_train_chunks"), n_valid_chunks=settings.pop("n_valid_chunks"))
+    preset, dropout, seed = settings.pop("preset"), settings.pop("dropout"), settings.get("seed", DEFAULTS["seed"])
+    model = settings.pop("model", None) or gpt2_from_scratch(
+        tokenizer, preset=preset, seed=seed,
+        **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)))
+    epochs = settings.pop("max_epochs", None)
+    if epochs is not None:
+        settings["max_steps"] = epochs * math.ceil(len(data.train) / settings["batch_size"])
+    curve = pretrain(model, tokenizer, data.train, data.valid, **settings)
+    curve.metadata.update(preset=preset if isinstance(preset, str) else dict(preset), data=data.description)
+    return PretrainRun(model, tokenizer, data, curve, {**settings, "preset": preset, "dropout": dropout})
+
+
+def first_chunk_titles(data: PretrainingData, count: int = 3) -> Sequence[str]:
+    """Titles of the documents behind the first ``count`` training chunks (for reports)."""
+    return [data.split["train"][int(d)]["title"] for d in data.train["document"][:count]]

@@ -1,0 +1,552 @@
+"""Probes of a training setup: is the loss sane at init, does it fall, can the model overfit and
+memorize a tiny subset, do gradients reach every parameter, is the run reproducible.
+
+The practice behind them (Karpathy, "A Recipe for Training Neural Networks"): before paying for a
+full run, convince yourself that the setup works by overfitting a few chunks. Probes that judge a
+run read a :class:`LossCurve`, which lmcheck's loops record (``lmcheck.trainer``) and which a user
+can fill from any loop with ``curve.record_train(step, loss)``; probes that judge a model take the
+model and a batch. None of them prints, asserts or raises on a failed check.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.models import GPT2_PRESETS, gpt2_from_scratch
+from lmcheck.results import Result, headroom_above, headroom_below
+
+__all__ = [
+    "GPT2_PRESETS",
+    "LossCurve",
+    "causal_batch",
+    "finite_loss",
+    "generalization_gap",
+    "gpt2_from_scratch",
+    "gradient_flow",
+    "loss_at_init",
+    "loss_decreases",
+    "memorized_fraction",
+    "memorizes",
+    "overfits",
+    "params_update",
+    "reproducible",
+]
+
+Batch = Mapping[str, torch.Tensor] | torch.Tensor
+Rows = Sequence[Sequence[int]] | Sequence[str] | torch.Tensor | Any  # Any: a datasets.Dataset
+
+
+@dataclass
+class LossCurve:
+    """Training loss per optimizer step and validation loss per evaluation, with metadata.
+
+    Attributes:
+        train: ``(step, loss)`` for every optimizer step (steps count from 1).
+        valid: ``(step, loss)`` for every evaluation.
+        metadata: how the curve was made (backend, learning rate, tokens/s, ...), JSON-ready.
+        stop_reason: why training ended: ``"max_steps"``, ``"memorized"`` or ``"non-finite loss"``.
+        non_finite_step: the first step whose training loss was NaN or infinite, else None.
+    """
+
+    train: list[tuple[int, float]] = field(default_factory=list)
+    valid: list[tuple[int, float]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = ""
+    non_finite_step: int | None = None
+
+    def record_train(self, step: int, loss: float) -> bool:
+        """Record one step's training loss; returns False (and notes the step) if it is not finite."""
+        self.train.append((int(step), float(loss)))
+        if not math.isfinite(loss):
+            if self.non_finite_step is None:
+                self.non_finite_step = int(step)
+            return False
+        return True
+
+    def record_valid(self, step: int, loss: float) -> None:
+        self.valid.append((int(step), float(loss)))
+
+    @property
+    def steps(self) -> int:
+        """The last recorded optimizer step (0 before training)."""
+        return self.train[-1][0] if self.train else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        def number(value: float) -> float | str:
+            return value if math.isfinite(value) else str(value)
+
+        return {
+            "train": [[s, number(v)] for s, v in self.train],
+            "valid": [[s, number(v)] for s, v in self.valid],
+            "metadata": self.metadata,
+            "stop_reason": self.stop_reason,
+            "non_finite_step": self.non_finite_step,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LossCurve:
+        return cls(
+            train=[(int(s), float(v)) for s, v in data.get("train", [])],
+            valid=[(int(s), float(v)) for s, v in data.get("valid", [])],
+            metadata=dict(data.get("metadata", {})),
+            stop_reason=str(data.get("stop_reason", "")),
+            non_finite_step=data.get("non_finite_step"),
+        )
+
+    def to_json(self, path: str | Path) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=1))
+        return target
+
+
+# ---------------------------------------------------------------- probes that read a loss curve
+
+
+def loss_decreases(
+    curve: LossCurve, *, steps: int | None = None, min_relative_drop: float = 0.5, window: int = 3,
+) -> Result:
+    """The training loss falls by at least ``min_relative_drop`` (a fraction) within ``steps``.
+
+    The drop compares the mean of the first ``window`` losses with the mean of the ``window``
+    losses up to step ``steps`` (default: the whole curve). Fails on a non-finite loss.
+    """
+    name = "loss_decreases"
+    if (bad := _non_finite(name, curve)) is not None:
+        return bad
+    losses = [v for s, v in curve.train if steps is None or s <= steps]
+    if len(losses) < 2 * window:
+        return Result(name, False, {"steps": len(losses)}, min_relative_drop, None,
+                      f"the curve has {len(losses)} training losses; {2 * window} are needed "
+                      f"to compare two windows of {window}")
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    drop = (first - last) / abs(first) if first else 0.0
+    passed = drop >= min_relative_drop
+    explanation = (f"training loss went from {first:.3f} to {last:.3f} over {len(losses)} steps, "
+                   f"a {drop:.1%} drop (needed {min_relative_drop:.0%})")
+    if not passed:
+        explanation += ("; the optimizer is not moving the model: check the learning rate, that "
+                        "the optimizer holds the parameters, and that gradients reach them")
+    return Result(name, passed, {"first": first, "last": last, "relative_drop": drop,
+                                 "steps": len(losses)},
+                  min_relative_drop, headroom_above(drop, min_relative_drop), explanation)
+
+
+def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | None = None) -> Result:
+    """The training loss reaches ``max_loss`` (nats) or less within ``within_steps`` steps."""
+    name = "overfits"
+    if (bad := _non_finite(name, curve)) is not None:
+        return bad
+    losses = [(s, v) for s, v in curve.train if within_steps is None or s <= within_steps]
+    if not losses:
+        return Result(name, False, {}, max_loss, None, "the curve has no training losses")
+    best_step, best = min(losses, key=lambda item: item[1])
+    reached = next((s for s, v in losses if v <= max_loss), None)
+    budget = f"within {within_steps} steps" if within_steps is not None else f"in {len(losses)} steps"
+    if reached is not None:
+        explanation = (f"training loss reached {max_loss} at step {reached} {budget} "
+                       f"(lowest {best:.4f} at step {best_step})")
+    else:
+        explanation = (f"training loss never reached {max_loss} {budget}: lowest {best:.4f} at "
+                       f"step {best_step}. A model that cannot overfit a few chunks has a bug "
+                       f"(labels not aligned with inputs, learning rate, masking) or too little capacity")
+    return Result(name, reached is not None,
+                  {"lowest_loss": best, "lowest_step": best_step, "reached_at_step": reached},
+                  max_loss, headroom_below(best, max_loss), explanation)
+
+
+def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 3) -> Result:
+    """After overfitting a small subset, validation loss stays ``min_gap`` nats above training loss.
+
+    This is the honest overfit signature (the tutorial's Figure 1). A validation loss that falls
+    with the training loss means the model sees something it should not: validation data in the
+    training set, or future tokens through the attention mask.
+    """
+    name = "generalization_gap"
+    if (bad := _non_finite(name, curve)) is not None:
+        return bad
+    if not curve.valid or not curve.train:
+        return Result(name, False, {}, min_gap, None,
+                      "the curve needs at least one training and one validation loss")
+    step, valid = curve.valid[-1]
+    recent = [v for s, v in curve.train if s <= step][-window:] or [curve.train[0][1]]
+    train = sum(recent) / len(recent)
+    gap = valid - train
+    passed = gap >= min_gap
+    explanation = (f"at step {step} validation loss {valid:.3f} is {gap:.3f} above training loss "
+                   f"{train:.3f} (needed {min_gap})")
+    explanation += (": the model memorized its chunks without learning what transfers" if passed else
+                    ": validation fell with training; check for validation documents in the "
+                    "training data or an attention mask that lets positions see the future")
+    return Result(name, passed, {"step": step, "valid_loss": valid, "train_loss": train, "gap": gap},
+                  min_gap, headroom_above(gap, min_gap), explanation)
+
+
+def finite_loss(curve: LossCurve) -> Result:
+    """Every recorded training and validation loss is finite; a failure names the first bad step."""
+    bad = _non_finite("finite_loss", curve)
+    if bad is not None:
+        return bad
+    return Result("finite_loss", True, {"steps": curve.steps}, None, None,
+                  f"all {len(curve.train)} training and {len(curve.valid)} validation losses are finite")
+
+
+def reproducible(
+    first: LossCurve, second: LossCurve, *, steps: int = 5, atol: float = 0.0,
+) -> Result:
+    """Two runs with the same seed give the same first ``steps`` training losses (within ``atol``).
+
+    On a CPU the default ``atol=0`` asks for bit-identical losses; GPU kernels may need a little.
+    """
+    name = "reproducible"
+    a, b = first.train[:steps], second.train[:steps]
+    if len(a) < steps or len(b) < steps:
+        return Result(name, False, {"lengths": [len(a), len(b)]}, atol, None,
+                      f"both curves need {steps} training losses (got {len(a)} and {len(b)})")
+    differences = [abs(x - y) if math.isfinite(x) and math.isfinite(y) else math.inf
+                   for (_, x), (_, y) in zip(a, b, strict=True)]
+    worst = max(differences)
+    bad = next((i for i, d in enumerate(differences) if d > atol), None)
+    if bad is None:
+        explanation = f"the first {steps} training losses agree (largest difference {worst:.3g}, allowed {atol})"
+    else:
+        explanation = (f"step {a[bad][0]}: losses {a[bad][1]!r} and {b[bad][1]!r} differ by "
+                       f"{differences[bad]:.3g} (allowed {atol}); something is not seeded "
+                       f"(initialisation, data order, dropout) or a kernel is not deterministic")
+    return Result(name, bad is None, {"max_difference": worst, "first_bad_step": None if bad is None else a[bad][0]},
+                  atol, None, explanation,
+                  tuple({"step": s, "first": x, "second": y} for (s, x), (_, y) in zip(a, b, strict=True)))
+
+
+def _non_finite(name: str, curve: LossCurve) -> Result | None:
+    step = curve.non_finite_step
+    if step is None:
+        step = next((s for s, v in curve.train if not math.isfinite(v)), None)
+    where = "training"
+    if step is None:
+        step = next((s for s, v in curve.valid if not math.isfinite(v)), None)
+        where = "validation"
+    if step is None:
+        return None
+    stopped = " and training stopped there" if curve.stop_reason == "non-finite loss" else ""
+    return Result(name, False, {"non_finite_step": step}, None, None,
+                  f"the {where} loss is not finite at step {step}{stopped}: look for a NaN or "
+                  f"Inf in that step's batch, logits or gradients (learning rate, fp16 overflow)")
+
+
+# ---------------------------------------------------------------- probes that take a model
+
+
+def loss_at_init(
+    model: torch.nn.Module, input_ids: Rows, *, tolerance: float = 0.5, batch_size: int = 16,
+) -> Result:
+    """A freshly initialised model's loss is close to ln(V): it predicts every token equally.
+
+    A logit standard deviation s adds about s**2/2 nats, so the default ``tolerance=0.5`` allows
+    logits up to about unit scale. Far above means a badly scaled initialisation; far below
+    means the model is not at initialisation or sees the answers.
+    """
+    ids = _as_ids(input_ids, "input_ids")
+    vocab = _output_size(model)
+    expected = math.log(vocab)
+    loss = mean_loss(model, ids, batch_size=batch_size)
+    difference = loss - expected
+    passed = abs(difference) <= tolerance
+    explanation = f"loss {loss:.3f} at init, ln({vocab:,}) = {expected:.3f}: off by {difference:+.3f} (allowed ±{tolerance})"
+    if not passed:
+        explanation += (": the initial logits are far from uniform; check the initialisation scale "
+                        "and the output layer" if difference > 0 else
+                        ": lower than chance; the model is not at init or sees the tokens it predicts")
+    return Result("loss_at_init", passed, {"loss": loss, "ln_vocab": expected, "difference": difference},
+                  tolerance, headroom_below(abs(difference), tolerance), explanation)
+
+
+def memorizes(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, chunks: Rows, *,
+    prefix_length: int = 32, continuation_length: int = 32, min_verbatim_rate: float = 1.0,
+    batch_size: int = 64, name: str = "memorizes",
+) -> Result:
+    """Given the first ``prefix_length`` tokens of each chunk, greedy decoding continues it verbatim.
+
+    Pythia's memorization test (32-token prefix, 32 greedy tokens); ``chunks`` may be token-id
+    rows, a dataset with ``input_ids``, or texts (the tutorial's form: the start of a training
+    article). Reports the verbatim rate (share of chunks whose whole continuation matches) and
+    the per-token match rate; passes when the verbatim rate reaches ``min_verbatim_rate``.
+    """
+    for argument, value in (("prefix_length", prefix_length), ("continuation_length", continuation_length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"'{argument}' must be an int >= 1 (got {describe(value)})")
+    ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=prefix_length + continuation_length)
+    ids = ids[:, : prefix_length + continuation_length].to(_device(model))
+    prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
+    got = torch.cat([_greedy(model, part, continuation_length)
+                     for part in prefix.split(batch_size)])  # (N, n)
+    matches = got == expected  # (N, n)
+    verbatim = matches.all(dim=1)
+    rate, token_rate = verbatim.float().mean().item(), matches.float().mean().item()
+    rows: list[dict[str, Any]] = []
+    for index in range(ids.shape[0]):
+        row: dict[str, Any] = {"chunk": index, "verbatim": bool(verbatim[index]),
+                               "matched_tokens": int(matches[index].sum())}
+        if not verbatim[index]:
+            row["first_mismatch"] = int((~matches[index]).nonzero()[0])
+        if tokenizer is not None and (index == 0 or (not verbatim[index] and len(rows) < 200)):
+            row.update(prompt=tokenizer.decode(prefix[index]), expected=tokenizer.decode(expected[index]),
+                       got=tokenizer.decode(got[index]))
+        rows.append(row)
+    passed = rate >= min_verbatim_rate
+    explanation = (f"{int(verbatim.sum())} of {len(rows)} chunks continue verbatim "
+                   f"({prefix_length}-token prefix, {continuation_length} greedy tokens); "
+                   f"per-token match {token_rate:.1%}")
+    failure = next((r for r in rows if not r["verbatim"]), None)
+    if failure is not None:
+        where = f"; chunk {failure['chunk']} first differs at continuation token {failure['first_mismatch']}"
+        if "expected" in failure:
+            at = failure["first_mismatch"]
+            where += (f": expected {tokenizer.decode(expected[failure['chunk'], at]) if tokenizer else ''!r}, "
+                      f"got {tokenizer.decode(got[failure['chunk'], at]) if tokenizer else ''!r}")
+        explanation += where
+    return Result(name, passed,
+                  {"verbatim_rate": rate, "token_match_rate": token_rate, "chunks": len(rows),
+                   "prefix_length": prefix_length, "continuation_length": continuation_length},
+                  min_verbatim_rate, headroom_above(rate, min_verbatim_rate), explanation, tuple(rows))
+
+
+def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collection[str] = ()) -> Result:
+    """One backward pass gives every trainable parameter a finite, non-zero gradient.
+
+    Parameters named in ``expect_frozen`` must have ``requires_grad=False`` (so they get none);
+    any other frozen parameter fails the check, since pretraining trains everything. The
+    model's ``.grad`` fields are left untouched (gradients come from ``torch.autograd.grad``).
+    """
+    names = _parameters(model)
+    problems = _frozen_problems(names, expect_frozen)
+    trainable = [(n, p) for n, p in names.items() if p.requires_grad]
+    rows: list[dict[str, Any]] = []
+    if trainable:
+        loss = _loss(model, batch)
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        for (parameter_name, _), grad in zip(trainable, grads, strict=True):
+            norm = None if grad is None else grad.float().norm().item()
+            rows.append({"parameter": parameter_name, "grad_norm": norm})
+            if grad is None:
+                problems.append(f"{parameter_name} gets no gradient (it is not in the loss's graph)")
+            elif not bool(torch.isfinite(grad).all()):
+                problems.append(f"{parameter_name} has a non-finite gradient")
+            elif norm == 0.0:
+                problems.append(f"{parameter_name} has an all-zero gradient")
+    passed = not problems
+    explanation = (f"all {len(trainable)} trainable parameters get finite, non-zero gradients"
+                   + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
+                   if passed else f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+    return Result("gradient_flow", passed, {"trainable": len(trainable), "problems": len(problems)},
+                  None, None, explanation, tuple(rows))
+
+
+def params_update(
+    model: torch.nn.Module, batch: Batch, *,
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
+    lr: float = 1e-3, expect_frozen: Collection[str] = (),
+) -> Result:
+    """One optimizer step changes every trainable parameter (and no frozen one).
+
+    Runs on a deep copy, so ``model`` is unchanged. ``optimizer`` builds the optimizer from that
+    copy (default ``AdamW(trainable parameters, lr=lr, weight_decay=0)``), so a user can pass
+    their own: ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
+    """
+    trial = copy.deepcopy(model)
+    names = _parameters(trial)
+    problems = _frozen_problems(names, expect_frozen)
+    trainable = [p for p in names.values() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in names.items()}
+    build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    step = build(trial)
+    step.zero_grad(set_to_none=True)
+    _loss(trial, batch).backward()
+    step.step()
+    rows = []
+    unchanged = []
+    for parameter_name, parameter in names.items():
+        changed = not torch.equal(before[parameter_name], parameter.detach())
+        rows.append({"parameter": parameter_name, "trainable": parameter.requires_grad, "changed": changed})
+        if parameter.requires_grad and not changed:
+            unchanged.append(parameter_name)
+        elif not parameter.requires_grad and changed:
+            problems.append(f"{parameter_name} is frozen but changed")
+    if unchanged:
+        problems.insert(0, f"{len(unchanged)} of {len(trainable)} trainable parameters did not change: "
+                        + ", ".join(unchanged[:5]) + (" ..." if len(unchanged) > 5 else "")
+                        + " (learning rate 0, a parameter missing from the optimizer, or no gradient)")
+    passed = not problems
+    explanation = (f"all {len(trainable)} trainable parameters changed after one optimizer step"
+                   if passed else "; ".join(problems[:5]))
+    return Result("params_update", passed, {"trainable": len(trainable), "unchanged": len(unchanged)},
+                  None, None, explanation, tuple(rows))
+
+
+def causal_batch(
+    batch: Mapping[str, torch.Tensor], *, ignore_index: int = -100, max_ignored_fraction: float = 0.1,
+) -> Result:
+    """A batch is fit for causal-LM pretraining: labels are the inputs, the mask hides the future.
+
+    A Hugging Face causal LM shifts labels itself, so ``labels`` must equal ``input_ids`` except
+    at padding (``ignore_index``). A masked-LM collator fails this (most labels ignored, inputs
+    replaced by a mask token), as do labels shuffled against their inputs. A 4-D
+    ``attention_mask`` (B, 1, T, T) must not let any position attend to a later one.
+    """
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise InputError(f"'batch' must have {key!r} (got keys {sorted(batch)})")
+    inputs, labels = batch["input_ids"], batch["labels"]  # (B, T) each
+    mask = batch.get("attention_mask")
+    problems: list[str] = []
+    real = torch.ones_like(inputs, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask.bool()
+    ignored = (labels == ignore_index) & real
+    ignored_fraction = ignored.sum().item() / max(1, real.sum().item())
+    differ = (labels != inputs) & (labels != ignore_index)
+    if differ.any():
+        row, column = (int(i) for i in differ.nonzero()[0])
+        problems.append(f"{differ.float().mean().item():.1%} of labels differ from input_ids "
+                        f"(first at row {row}, position {column}: input {int(inputs[row, column])}, "
+                        f"label {int(labels[row, column])}); labels must be the inputs, unshifted")
+    if ignored_fraction > max_ignored_fraction:
+        problems.append(f"{ignored_fraction:.1%} of real tokens have label {ignore_index} (allowed "
+                        f"{max_ignored_fraction:.0%}): this looks like a masked-LM batch "
+                        f"(DataCollatorForLanguageModeling needs mlm=False for a causal LM)")
+    if mask is not None and mask.dim() == 4:
+        allowed = mask.bool() if mask.dtype == torch.bool else mask == 0  # float masks: 0 = attend
+        future = torch.triu(torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device), diagonal=1)
+        leaks = allowed & future  # (B, 1, T, T)
+        if leaks.any():
+            b, _, query, later = (int(i) for i in leaks.nonzero()[0])
+            problems.append(f"the 4-D attention_mask lets row {b}, position {query} attend to later "
+                            f"position {later} ({leaks.sum().item()} future links): the model can read "
+                            f"the tokens it must predict")
+    passed = not problems
+    return Result("causal_batch", passed,
+                  {"ignored_fraction": ignored_fraction, "label_mismatch_fraction": differ.float().mean().item()},
+                  max_ignored_fraction, None,
+                  "labels equal input_ids and no position sees the future" if passed else "; ".join(problems))
+
+
+# ---------------------------------------------------------------- helpers shared with the loops
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats) of ``model`` on rows of token ids, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = _device(model)
+    for part in input_ids.split(batch_size):
+        part = part.to(device)
+        total += model(input_ids=part, labels=part).loss.float().item() * part.shape[0]
+        count += part.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def memorized_fraction(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, prefix_length: int = 32,
+    continuation_length: int = 32, batch_size: int = 64,
+) -> float:
+    """The verbatim rate of :func:`memorizes`, from one teacher-forced forward pass.
+
+    Greedy decoding reproduces a continuation exactly when the argmax at each of its positions,
+    given the true tokens before it, is the true next token; so one forward pass gives the same
+    verbatim rate (ties aside) far faster than decoding. The training loops use it to stop early.
+    """
+    was_training = model.training
+    model.eval()
+    end = prefix_length + continuation_length
+    hits = 0
+    for part in input_ids[:, :end].split(batch_size):
+        part = part.to(_device(model))
+        logits = model(input_ids=part).logits  # (B, k + n, V)
+        predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
+        hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
+    model.train(was_training)
+    return hits / max(1, input_ids.shape[0])
+
+
+def _greedy(model: torch.nn.Module, prefix: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation (B, new_tokens) of equal-length prefixes (B, k): the causal chapter's loop."""
+    from lmcheck.causal import greedy_decode  # the one probe-to-probe import DESIGN.md allows
+
+    return greedy_decode(model, prefix, max_new_tokens=new_tokens).new_tokens.to(prefix.device)
+
+
+def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    inputs = {k: v.to(_device(model)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    inputs.setdefault("labels", inputs["input_ids"])
+    return model(**inputs).loss
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"'model' must be a torch.nn.Module (got {describe(model)})")
+    return dict(model.named_parameters())  # tied weights appear once, under their first name
+
+
+def _frozen_problems(names: Mapping[str, torch.nn.Parameter], expect_frozen: Collection[str]) -> list[str]:
+    unknown = sorted(set(expect_frozen) - set(names))
+    if unknown:
+        raise InputError(f"'expect_frozen' must name parameters of the model (got unknown {unknown[:3]})")
+    return [f"{n} is frozen (requires_grad=False) but pretraining trains every parameter; "
+            f"name it in expect_frozen if that is intended"
+            for n, p in names.items() if not p.requires_grad and n not in expect_frozen] + [
+            f"{n} should be frozen but has requires_grad=True"
+            for n in expect_frozen if names[n].requires_grad]
+
+
+def _output_size(model: torch.nn.Module) -> int:
+    embeddings = getattr(model, "get_output_embeddings", lambda: None)()
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        return int(embeddings.weight.shape[0])
+    config: Any = getattr(model, "config", None)
+    return int(config.vocab_size)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_ids(
+    rows: Rows, argument: str, *, tokenizer: PreTrainedTokenizerBase | None = None, min_length: int = 2,
+) -> torch.Tensor:
+    """Rows of token ids as a (N, T) tensor: from a tensor, lists of ids, texts or a dataset."""
+    if hasattr(rows, "column_names"):  # a datasets.Dataset of chunks
+        rows = cast(Any, rows)["input_ids"]
+    if isinstance(rows, torch.Tensor):
+        ids = rows if rows.dim() == 2 else rows.unsqueeze(0)
+    else:
+        if not isinstance(rows, Sequence) or isinstance(rows, str) or not rows:
+            raise InputError(f"'{argument}' must be a non-empty list of token-id rows or texts (got {describe(rows)})")
+        if all(isinstance(r, str) for r in rows):
+            if tokenizer is None:
+                raise InputError(f"'{argument}' holds texts, so 'tokenizer' must be given (got None)")
+            rows = [tokenizer(r, truncation=True, max_length=min_length)["input_ids"] for r in rows]
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            shortest = min(lengths)
+            if shortest < min_length:
+                raise InputError(f"every row of '{argument}' must have at least {min_length} tokens (shortest has {shortest})")
+            rows = [list(r)[:shortest] for r in rows]
+        ids = torch.tensor([list(r) for r in rows], dtype=torch.long)
+    if ids.shape[1] < min_length:
+        raise InputError(f"every row of '{argument}' must have at least {min_length} tokens (got {ids.shape[1]})")
+    return ids

@@ -1,0 +1,69 @@
+"""Chapter 4: pretraining GPT-2 from scratch, and convincing yourself the loop works."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmcheck.defaults import DEFAULTS
+from lmcheck.report import Report, plot_loss_curve
+from lmcheck.trainer import pretrain_default
+from lmcheck.training import (
+    finite_loss,
+    generalization_gap,
+    gpt2_from_scratch,
+    gradient_flow,
+    loss_at_init,
+    loss_decreases,
+    memorizes,
+    overfits,
+    params_update,
+)
+
+TITLE = "Chapter 4: pretraining from scratch"
+
+
+def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
+    settings = DEFAULTS["pretrain"]
+    report.title(TITLE)
+    report.text(
+        "Before paying for a full run, overfit a tiny subset: the loss must start at ln(V), fall,\n"
+        "reach near zero, and the model must then continue its training text verbatim while the\n"
+        f"validation loss stays high. On this CPU: GPT-2 '{settings['preset']}' (2 layers, 128 wide,\n"
+        "the full 50,257-token vocabulary), AdamW, stopping once every chunk is memorized."
+    )
+    run_ = pretrain_default(n_valid_chunks=4 if quick else settings["n_valid_chunks"])
+    data, curve, model, tokenizer = run_.data, run_.curve, run_.model, run_.tokenizer
+    report.text(f"data: {data.description}\ntraining documents: {data.train_stats}")
+
+    fresh = gpt2_from_scratch(tokenizer, preset=settings["preset"], seed=DEFAULTS["seed"],
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    batch = torch.tensor(data.train["input_ids"])  # (4, 128)
+    report.text("\nBefore training:")
+    report.result(loss_at_init(fresh, batch))
+    report.result(gradient_flow(fresh, batch))
+    report.result(params_update(fresh, batch, lr=settings["lr"]))
+
+    report.text(f"\nTraining ({curve.metadata['backend']} loop, lr {settings['lr']}, batch "
+                f"{settings['batch_size']}): stopped at step {curve.steps} ({curve.stop_reason}), "
+                f"{curve.metadata['tokens_per_s']:.0f} tokens/s")
+    valid = dict(curve.valid)
+    report.table(("step", "training loss", "validation loss"),
+                 ((s, v, valid.get(s)) for s, v in curve.train if s % 5 == 0 or s == 1 or s == curve.steps))
+    report.result(loss_decreases(curve))
+    report.result(overfits(curve, max_loss=1.0, within_steps=settings["max_steps"]))
+    report.result(finite_loss(curve))
+    report.result(memorizes(model, tokenizer, data.train, prefix_length=settings["prefix_length"],
+                            continuation_length=settings["continuation_length"]))
+    report.result(generalization_gap(curve, min_gap=3.0))
+
+    article = data.split["train"][0]
+    completion = memorizes(model, tokenizer, [article["text"]], prefix_length=6, continuation_length=12,
+                           name="continues_training_article")
+    row = completion.details[0]
+    report.text(f"\nThe start of the training article {article['title']!r}, continued greedily:\n"
+                f"  {row['prompt']!r} -> {row['got']!r}")
+    report.result(completion)
+    png = plot_loss_curve(curve, os.path.join(out, "pretraining-loss.png"))
+    report.text(f"loss curve (the tutorial's Figure 1): {png} (points in {png.with_suffix('.json')})")

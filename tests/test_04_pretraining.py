@@ -1,0 +1,182 @@
+"""Chapter 4: pretraining GPT-2 from scratch, and convincing yourself the loop works.
+
+The tutorial trains a randomly initialised GPT-2 on 50 Wikipedia articles cut into 128-token
+chunks, watches the training loss fall while the validation loss stays high (its Figure 1), and
+checks memorization: given the start of a training article, greedy generation continues it
+verbatim. The point is a practice: before paying for a full run, overfit a tiny subset and check
+that the loss starts where it should, falls, reaches zero, and that every parameter learns.
+
+On a CPU the embedded default (``DEFAULTS["pretrain"]``) does this with a 2-layer, 128-wide GPT-2
+that keeps GPT-2's full 50,257-token vocabulary, trained by a lean AdamW loop on the first chunk
+of each of the first 4 training documents (the openings of "Android (robot)", "Alaska",
+"Anthropology" and "Achilles"). It stops as soon as all 4 chunks are memorized (32-token prefix,
+32 greedy tokens), in about 40 steps. ``pytest -m gpu`` runs the tutorial's own configuration
+(tests/test_04_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmcheck.defaults import DEFAULTS
+from lmcheck.report import plot_loss_curve
+from lmcheck.trainer import PretrainRun, pretrain, pretrain_default
+from lmcheck.training import (
+    causal_batch,
+    finite_loss,
+    generalization_gap,
+    gpt2_from_scratch,
+    gradient_flow,
+    loss_at_init,
+    loss_decreases,
+    memorizes,
+    overfits,
+    params_update,
+    reproducible,
+)
+
+SETTINGS = DEFAULTS["pretrain"]
+
+
+@pytest.fixture(scope="module")
+def run(gpt2_tokenizer: PreTrainedTokenizerBase) -> PretrainRun:
+    """The embedded default, trained once for the whole chapter."""
+    return pretrain_default(tokenizer=gpt2_tokenizer)
+
+
+@pytest.fixture
+def fresh_model(gpt2_tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """The same architecture and seed as the run, untrained."""
+    return gpt2_from_scratch(gpt2_tokenizer, preset=SETTINGS["preset"], seed=DEFAULTS["seed"],
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def test_the_model_is_built_from_the_tokenizer(fresh_model: torch.nn.Module, gpt2_tokenizer) -> None:
+    """GPT-2's configuration takes its vocabulary and special ids from the tokenizer; pad = eos."""
+    config = fresh_model.config
+    assert config.vocab_size == len(gpt2_tokenizer) == 50257
+    assert config.n_positions >= DEFAULTS["context_length"]
+    assert config.eos_token_id == config.pad_token_id == gpt2_tokenizer.eos_token_id == 50256
+
+
+def test_the_training_subset_is_the_opening_of_four_articles(run: PretrainRun) -> None:
+    """The first chunk of each of the first 4 training documents: 4 chunks of 128 tokens."""
+    train = run.data.train
+    assert len(train) == 4
+    assert {len(ids) for ids in train["input_ids"]} == {128}
+    assert train["document"] == [0, 1, 2, 3]
+    opening = run.tokenizer.decode(train[0]["input_ids"])
+    assert run.data.split["train"][0]["text"].startswith(opening[:100])
+    assert len(run.data.valid) == SETTINGS["n_valid_chunks"]
+
+
+def test_loss_at_init_is_ln_vocab(fresh_model, run: PretrainRun) -> None:
+    """Untrained, the model spreads its bets evenly: loss ≈ ln(50,257) = 10.825 nats."""
+    result = loss_at_init(fresh_model, run.data.train, tolerance=0.5)
+    assert result, result.explanation
+    assert abs(result.metrics["ln_vocab"] - math.log(50257)) < 1e-9
+
+
+def test_gradients_reach_every_parameter(fresh_model, run: PretrainRun) -> None:
+    """One backward pass gives each of the 28 parameter tensors a finite, non-zero gradient."""
+    result = gradient_flow(fresh_model, torch.tensor(run.data.train["input_ids"]))
+    assert result, result.explanation
+
+
+def test_one_optimizer_step_changes_every_parameter(fresh_model, run: PretrainRun) -> None:
+    """After one AdamW step every trainable tensor differs from its initial value."""
+    result = params_update(fresh_model, torch.tensor(run.data.train["input_ids"]), lr=SETTINGS["lr"])
+    assert result, result.explanation
+
+
+def test_the_batches_are_causal_lm_batches(run: PretrainRun) -> None:
+    """The collator (mlm=False) gives labels equal to the inputs; the model shifts them itself."""
+    from transformers import DataCollatorForLanguageModeling
+
+    tokenizer = run.tokenizer
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False) if tokenizer.pad_token else None
+    if collator is None:
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batch = collator([{"input_ids": ids} for ids in run.data.train["input_ids"]])
+    result = causal_batch(batch)
+    assert result, result.explanation
+
+
+def test_the_training_loss_falls(run: PretrainRun) -> None:
+    """The training loss drops by more than half: here from about 10.4 to below 0.6."""
+    result = loss_decreases(run.curve, min_relative_drop=0.5)
+    assert result, result.explanation
+    assert finite_loss(run.curve)
+
+
+def test_the_model_overfits_its_chunks(run: PretrainRun) -> None:
+    """Within the step budget the training loss reaches 1 nat or less."""
+    result = overfits(run.curve, max_loss=1.0, within_steps=SETTINGS["max_steps"])
+    assert result, result.explanation
+
+
+def test_every_training_chunk_is_memorized(run: PretrainRun) -> None:
+    """Given its first 32 tokens, each training chunk continues verbatim for 32 greedy tokens."""
+    assert run.curve.stop_reason == "memorized", run.curve.metadata.get("memorized_fraction")
+    result = memorizes(run.model, run.tokenizer, run.data.train, prefix_length=32, continuation_length=32)
+    assert result, result.explanation
+    assert result.metrics["verbatim_rate"] == 1.0
+    assert result.metrics["token_match_rate"] == 1.0
+
+
+def test_the_start_of_a_training_article_continues_verbatim(run: PretrainRun) -> None:
+    """The tutorial's form: "An android is a robot or" continues " synthetic organism designed ..."."""
+    article = run.data.split["train"][0]["text"]
+    result = memorizes(run.model, run.tokenizer, [article], prefix_length=6, continuation_length=12,
+                       name="continues_training_article")
+    assert result, result.explanation
+    completion = result.details[0]
+    assert completion["prompt"] == "An android is a robot or"
+    assert article.startswith(completion["prompt"] + completion["got"])
+
+
+def test_validation_loss_stays_high(run: PretrainRun) -> None:
+    """Memorizing four chunks teaches nothing that transfers: validation loss stays near ln V."""
+    result = generalization_gap(run.curve, min_gap=3.0)
+    assert result, result.explanation
+    assert result.metrics["valid_loss"] > 8.0
+
+
+def test_the_loss_curve_is_plotted(run: PretrainRun, tmp_path) -> None:
+    """The tutorial's Figure 1: a PNG of both curves, and the same points as JSON beside it."""
+    png = plot_loss_curve(run.curve, tmp_path / "pretraining-loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(png.with_suffix(".json").read_text())
+    assert saved["train"] == [[s, v] for s, v in run.curve.train]
+    assert saved["stop_reason"] == "memorized"
+
+
+def test_the_trainer_and_the_lean_loop_record_the_same_losses(run: PretrainRun) -> None:
+    """Hugging Face's Trainer and the lean loop, same model, data and seed: same first 3 losses."""
+    curves = []
+    for backend in ("trainer", "lean"):
+        model = gpt2_from_scratch(run.tokenizer, preset=SETTINGS["preset"], seed=DEFAULTS["seed"],
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        curves.append(pretrain(model, run.tokenizer, run.data.train, run.data.valid.select(range(2)),
+                               backend=backend, lr=SETTINGS["lr"], batch_size=4, max_steps=3,
+                               eval_every=3, memorization_every=None))
+    # each step sees all 4 chunks, in an order that differs between the two: sums agree to rounding
+    result = reproducible(curves[0], curves[1], steps=3, atol=1e-4)
+    assert result, result.explanation
+    assert [s for s, _ in curves[0].valid] == [s for s, _ in curves[1].valid] == [3]
+
+
+def test_training_is_reproducible(run: PretrainRun, gpt2_tokenizer) -> None:
+    """The same seed gives bit-identical first losses on a CPU (atol 0)."""
+    rerun = pretrain_default(tokenizer=gpt2_tokenizer, max_steps=3, memorization_every=None, n_valid_chunks=1)
+    result = reproducible(run.curve, rerun.curve, steps=3, atol=0.0)
+    assert result, result.explanation

@@ -1,0 +1,313 @@
+"""Library tests of the training probes and loops: negative controls and bad input.
+
+Every probe meets a deliberately broken setup that must make it fail, with an explanation that
+names the problem. Training runs here use a smaller setup than chapter 4 (32-token chunks,
+8-token prefix, 24-token continuation) so that each broken run costs seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import datasets
+import pytest
+import torch
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+
+from lmcheck.errors import InputError, ModelError
+from lmcheck.models import bert_from_scratch
+from lmcheck.trainer import PretrainRun, check_model_fits, pretrain_default, pretraining_data
+from lmcheck.training import (
+    LossCurve,
+    causal_batch,
+    finite_loss,
+    generalization_gap,
+    gpt2_from_scratch,
+    gradient_flow,
+    loss_at_init,
+    loss_decreases,
+    memorizes,
+    overfits,
+    params_update,
+    reproducible,
+)
+
+# 4 chunks of 32 tokens (the first of each of the first 4 training documents), memorized whole: 8 + 24
+SMALL: dict[str, Any] = dict(
+    context_length=32, n_valid_chunks=8, prefix_length=8, continuation_length=24, max_steps=40,
+    eval_every=10, memorization_every=None,
+)
+EMBEDDINGS = ["transformer.wte.weight", "transformer.wpe.weight"]
+
+
+@pytest.fixture(scope="module")
+def padded_tokenizer(gpt2_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def clean(gpt2_tokenizer: PreTrainedTokenizerBase) -> PretrainRun:
+    """The small setup, trained correctly: the positive control for the broken runs below."""
+    return pretrain_default(tokenizer=gpt2_tokenizer, **SMALL)
+
+
+@pytest.fixture
+def model(gpt2_tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    return gpt2_from_scratch(gpt2_tokenizer, preset="gpt2-tiny-cpu", resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture
+def batch(clean: PretrainRun) -> torch.Tensor:
+    return torch.tensor(clean.data.train["input_ids"])  # (4, 32)
+
+
+class ShuffledLabels:
+    """A broken collator: each row's labels come from another row of the batch."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.inner = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(rows)
+        batch["labels"] = batch["labels"].roll(1, dims=0)
+        return batch
+
+
+class LeakyMask:
+    """A broken collator: a custom 4-D attention mask that lets every position see every other."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.inner = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(rows)
+        size, length = batch["input_ids"].shape
+        batch["attention_mask"] = torch.ones(size, 1, length, length, dtype=torch.bool)  # (B, 1, T, T)
+        return batch
+
+
+def test_the_clean_small_run_passes_every_probe(clean: PretrainRun) -> None:
+    """The positive control: the same budget the broken runs get is enough when nothing is broken."""
+    curve = clean.curve
+    for result in (loss_decreases(curve), overfits(curve, max_loss=1.0, within_steps=SMALL["max_steps"]),
+                   generalization_gap(curve, min_gap=3.0), finite_loss(curve),
+                   memorizes(clean.model, clean.tokenizer, clean.data.train, prefix_length=8, continuation_length=24)):
+        assert result, result.explanation
+
+
+# ------------------------------------------------------------------ learning rate 0
+
+
+def test_learning_rate_zero_fails_loss_decreases(gpt2_tokenizer) -> None:
+    """lr = 0: the loss stays where it started, so loss_decreases fails and says why."""
+    run = pretrain_default(tokenizer=gpt2_tokenizer, **{**SMALL, "max_steps": 6}, lr=0.0)
+    result = loss_decreases(run.curve)
+    assert not result
+    assert "0.0% drop" in result.explanation
+    assert "learning rate" in result.explanation
+
+
+def test_learning_rate_zero_fails_params_update(model, batch) -> None:
+    """lr = 0: no parameter moves, and the explanation names them."""
+    result = params_update(model, batch, lr=0.0)
+    assert not result
+    assert "28 of 28 trainable parameters did not change" in result.explanation
+    assert "transformer.wte.weight" in result.explanation
+
+
+# ------------------------------------------------------------------ frozen embeddings
+
+
+@pytest.mark.parametrize("probe", [gradient_flow, params_update], ids=["gradient_flow", "params_update"])
+def test_frozen_embeddings_fail(probe, model, batch) -> None:
+    """Embeddings frozen by mistake: the probe names the frozen tensor."""
+    for name in EMBEDDINGS:
+        model.get_parameter(name).requires_grad_(False)
+    result = probe(model, batch)
+    assert not result
+    assert "transformer.wte.weight is frozen" in result.explanation
+    assert probe(model, batch, expect_frozen=EMBEDDINGS), "frozen on purpose, and said so"
+
+
+def test_a_parameter_cut_from_the_graph_gets_no_gradient(model, batch) -> None:
+    """wpe's output detached: the parameter still requires grad but receives none."""
+    model.transformer.wpe.register_forward_hook(lambda module, args, output: output.detach())
+    result = gradient_flow(model, batch)
+    assert not result
+    assert "transformer.wpe.weight gets no gradient" in result.explanation
+
+
+def test_a_parameter_left_out_of_the_optimizer_does_not_change(model, batch) -> None:
+    """An optimizer built without the final layer norm: params_update names it."""
+    def optimizer(trial):
+        left_out = trial.transformer.ln_f.weight
+        return torch.optim.AdamW([p for p in trial.parameters() if p is not left_out], lr=1e-3)
+
+    result = params_update(model, batch, optimizer=optimizer)
+    assert not result
+    assert "transformer.ln_f.weight" in result.explanation
+
+
+# ------------------------------------------------------------------ labels shuffled against inputs
+
+
+def test_shuffled_labels_are_refused_by_the_loop(gpt2_tokenizer, padded_tokenizer) -> None:
+    """The loop checks its first batch: labels that are not the inputs stop it before step 1."""
+    with pytest.raises(InputError, match="labels differ from input_ids"):
+        pretrain_default(tokenizer=gpt2_tokenizer, **SMALL, collator=ShuffledLabels(padded_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def shuffled(gpt2_tokenizer, padded_tokenizer) -> PretrainRun:
+    """The same budget as the clean run, labels shuffled, the loop's batch check turned off."""
+    return pretrain_default(tokenizer=gpt2_tokenizer, **SMALL, collator=ShuffledLabels(padded_tokenizer),
+                            check_batch=False)
+
+
+def test_shuffled_labels_fail_overfits(shuffled: PretrainRun) -> None:
+    """Labels from another chunk cannot be fitted: the loss never nears zero in the budget."""
+    result = overfits(shuffled.curve, max_loss=1.0, within_steps=SMALL["max_steps"])
+    assert not result
+    assert "never reached 1.0 within 40 steps" in result.explanation
+
+
+def test_shuffled_labels_fail_memorizes(shuffled: PretrainRun) -> None:
+    """The model did not learn the chunks' own continuations: memorizes names the first miss."""
+    result = memorizes(shuffled.model, shuffled.tokenizer, shuffled.data.train, prefix_length=8,
+                       continuation_length=8)
+    assert not result
+    assert "first differs at continuation token" in result.explanation
+    assert "expected" in result.explanation
+
+
+# ------------------------------------------------------------------ masked-LM collator, leaked future
+
+
+def test_a_masked_lm_collator_is_caught(gpt2_tokenizer, clean: PretrainRun) -> None:
+    """A masked-LM collator on a causal LM: most labels are ignored and inputs are replaced."""
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.pad_token = tokenizer.mask_token = tokenizer.eos_token  # GPT-2 has no mask token
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, seed=0)
+    result = causal_batch(collator([{"input_ids": ids} for ids in clean.data.train["input_ids"]]))
+    assert not result
+    assert "masked-LM batch" in result.explanation
+    assert "mlm=False" in result.explanation
+    with pytest.raises(InputError, match="masked-LM batch"):
+        pretrain_default(tokenizer=gpt2_tokenizer, **SMALL, collator=collator)
+
+
+def test_an_attention_mask_that_leaks_the_future_is_caught(gpt2_tokenizer, padded_tokenizer, clean) -> None:
+    """A 4-D mask that lets position t see t+1: the batch check names the leak before step 1.
+
+    (Trained anyway on four chunks, the leak does not show in the curve within a test's budget:
+    memorizing four chunks is easier than learning to copy the next token, so the check looks at
+    the mask itself.)
+    """
+    collator = LeakyMask(padded_tokenizer)
+    result = causal_batch(collator([{"input_ids": ids} for ids in clean.data.train["input_ids"]]))
+    assert not result
+    assert "attend to later position" in result.explanation
+    with pytest.raises(InputError, match="attend to later position"):
+        pretrain_default(tokenizer=gpt2_tokenizer, **SMALL, collator=collator)
+
+
+# ------------------------------------------------------------------ NaN planted mid-training
+
+
+@pytest.mark.parametrize("backend", ["lean", "trainer"], ids=["lean-loop", "hf-trainer"])
+def test_a_nan_mid_training_stops_the_run_and_names_the_step(gpt2_tokenizer, model, backend) -> None:
+    """The 4th training forward returns NaN embeddings: training stops at step 4 and says so."""
+    calls = {"n": 0}
+
+    def plant(module, args, output):
+        calls["n"] += module.training
+        return output * float("nan") if module.training and calls["n"] == 4 else output
+
+    model.transformer.wte.register_forward_hook(plant)
+    run = pretrain_default(tokenizer=gpt2_tokenizer, model=model, **{**SMALL, "max_steps": 8},
+                           batch_size=2, backend=backend)
+    assert run.curve.stop_reason == "non-finite loss"
+    assert run.curve.non_finite_step == 4
+    assert run.curve.steps == 4
+    result = finite_loss(run.curve)
+    assert not result
+    assert "not finite at step 4 and training stopped there" in result.explanation
+    assert not loss_decreases(run.curve)
+
+
+# ------------------------------------------------------------------ the other probes' controls
+
+
+def test_a_badly_scaled_init_fails_loss_at_init(gpt2_tokenizer, batch) -> None:
+    """Weights drawn with std 1 instead of 0.02: the first loss is far above ln(V)."""
+    broken = gpt2_from_scratch(gpt2_tokenizer, preset="gpt2-tiny-cpu", initializer_range=1.0)
+    result = loss_at_init(broken, batch)
+    assert not result
+    assert "initialisation scale" in result.explanation
+
+
+def test_a_trained_model_fails_loss_at_init(clean: PretrainRun) -> None:
+    """A model that already knows the chunks is not at init: loss far below ln(V)."""
+    result = loss_at_init(clean.model, clean.data.train)
+    assert not result
+    assert "lower than chance" in result.explanation
+
+
+def test_a_different_seed_fails_reproducible(clean: PretrainRun, gpt2_tokenizer) -> None:
+    """Another seed initialises other weights: reproducible names step 1."""
+    other = pretrain_default(tokenizer=gpt2_tokenizer, **{**SMALL, "max_steps": 2},
+                             seed=7)
+    result = reproducible(clean.curve, other.curve, steps=2)
+    assert not result
+    assert result.explanation.startswith("step 1:")
+
+
+def test_validation_data_in_training_fails_generalization_gap() -> None:
+    """A curve whose validation loss tracks the training loss is flagged."""
+    curve = LossCurve(train=[(s, 10.0 / s) for s in range(1, 11)], valid=[(10, 1.1)])
+    result = generalization_gap(curve, min_gap=1.0)
+    assert not result
+    assert result.headroom is not None
+    assert result.headroom < 0
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_fewer_documents_than_the_split_asks_for(gpt2_tokenizer, wiki_documents) -> None:
+    with pytest.raises(InputError, match="'n_train' \\+ 'n_valid' must be at most the number of documents, 10"):
+        pretraining_data(gpt2_tokenizer, wiki_documents.select(range(10)), n_train=50, n_valid=50)
+
+
+def test_zero_chunks_after_chunking(gpt2_tokenizer) -> None:
+    short = datasets.Dataset.from_list([{"title": str(i), "text": "A short text."} for i in range(4)])
+    with pytest.raises(InputError, match="'context_length' 128 gives 0 chunks from the 2 train documents"):
+        pretraining_data(gpt2_tokenizer, short, n_train=2, n_valid=2)
+
+
+def test_tokenizer_and_model_vocabularies_disagree(gpt2_tokenizer, bert_tokenizer) -> None:
+    bert_sized = gpt2_from_scratch(bert_tokenizer, preset="gpt2-tiny-cpu")
+    with pytest.raises(ModelError, match="vocabulary of 30522 but 'tokenizer' 'gpt2' has 50257"):
+        check_model_fits(bert_sized, gpt2_tokenizer, 128)
+    with pytest.raises(ModelError, match="vocabulary of 30522"):
+        pretrain_default(tokenizer=gpt2_tokenizer, model=bert_from_scratch(bert_tokenizer, preset="bert-tiny-cpu"), **SMALL)
+
+
+def test_context_longer_than_the_model_positions(gpt2_tokenizer) -> None:
+    short = gpt2_from_scratch(gpt2_tokenizer, preset=dict(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    with pytest.raises(ModelError, match="'context_length' 128 is above the model's 64 positions"):
+        check_model_fits(short, gpt2_tokenizer, 128)
+
+
+def test_memorizes_needs_rows_long_enough(model, batch) -> None:
+    with pytest.raises(InputError, match="at least 64 tokens"):
+        memorizes(model, None, batch)  # 32-token rows, 32 + 32 asked
+
+
+def test_expect_frozen_must_name_parameters(model, batch) -> None:
+    with pytest.raises(InputError, match="'expect_frozen' must name parameters"):
+        gradient_flow(model, batch, expect_frozen=["no.such.weight"])
