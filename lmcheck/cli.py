@@ -55,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tutorial(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
     from lmcheck.report import Report, write_results_json
     from lmcheck.tutorial import CHAPTERS, chapter
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars would break the tables
 
     wanted = args.chapter or sorted(CHAPTERS)
     unknown = [n for n in wanted if n not in CHAPTERS]

@@ -94,7 +94,11 @@ def gpt2_from_scratch(
     """
     config = gpt2_config(tokenizer, preset=preset, context_length=context_length, **overrides)
     set_seed(seed)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers maps GPT2LMHeadModel to no loss type and warns at every forward with labels;
+    # it is a plain causal-LM loss (shifted labels).
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def bert_config(
