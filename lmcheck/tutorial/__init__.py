@@ -9,7 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 from types import ModuleType
 
-__all__ = ["CHAPTERS", "chapter"]
+from lmcheck.results import Result
+
+__all__ = ["CHAPTERS", "chapter", "expect", "expect_equal"]
 
 # chapter number -> module name in this package; later chapters join as they are written
 CHAPTERS: dict[int, str] = {
@@ -22,3 +24,15 @@ CHAPTERS: dict[int, str] = {
 
 def chapter(number: int) -> ModuleType:
     return import_module(f"lmcheck.tutorial.{CHAPTERS[number]}")
+
+
+def expect(name: str, passed: bool, explanation: str) -> Result:
+    """A tutorial step's own check (a shape, an id) as a result, so the summary counts it."""
+    return Result(name=name, passed=bool(passed), explanation=explanation)
+
+
+def expect_equal(name: str, got: object, expected: object) -> Result:
+    """A step that must give exactly ``expected``."""
+    passed = got == expected
+    return Result(name=name, passed=passed, metrics={"got": got, "expected": expected},
+                  explanation=f"got {got!r}" + ("" if passed else f", expected {expected!r}"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from lmcheck.corpus import chunk_documents, load_documents, split_documents
 from lmcheck.defaults import DEFAULTS
 from lmcheck.report import Report
-from lmcheck.results import Result
 from lmcheck.tokens import inspect_tokens, load_tokenizer, round_trip
+from lmcheck.tutorial import expect_equal
 
 TITLE = "Chapter 1: tokenizers"
 
@@ -31,13 +31,13 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
             title=f"{tokenizer.name_or_path} ({len(tokenizer):,} tokens): {text!r}",
         )
         report.text(f"input_ids      = {table.input_ids}\nattention_mask = {table.attention_mask}")
-        report.result(_equal(f"{tokenizer.name_or_path}_input_ids", table.input_ids, expected))
+        report.result(expect_equal(f"{tokenizer.name_or_path}_input_ids", table.input_ids, expected))
     report.text(
         "BERT adds [CLS] at the start and [SEP] at the end and lower-cases ('chocolates' is\n"
         "'chocolate' + '##s'); GPT-2 adds nothing and keeps the leading space in each token."
     )
-    report.result(_equal("bert_decode_7967", bert.decode([7967]), "chocolate"))
-    report.result(_equal("gpt2_decode_257", gpt2.decode([257]), " a"))
+    report.result(expect_equal("bert_decode_7967", bert.decode([7967]), "chocolate"))
+    report.result(expect_equal("gpt2_decode_257", gpt2.decode([257]), " a"))
 
     documents = load_documents(DEFAULTS["documents"])
     split = split_documents(documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
@@ -50,17 +50,8 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         chunks, stats = chunk_documents(gpt2, part, DEFAULTS["context_length"])
         report.text(f"{name}: {stats}")
         lengths = set(map(len, chunks["input_ids"]))
-        report.result(_equal(f"chunk_lengths_{name}", sorted(lengths), [DEFAULTS["context_length"]]))
+        report.result(expect_equal(f"chunk_lengths_{name}", sorted(lengths), [DEFAULTS["context_length"]]))
     report.result(round_trip(gpt2, documents["text"], name="gpt2_round_trip_wiki_sample"))
     if not quick:
         report.result(round_trip(bert, documents["text"], name="bert_round_trip_wiki_sample"))
 
-
-def _equal(name: str, got: object, expected: object) -> Result:
-    passed = got == expected
-    return Result(
-        name=name,
-        passed=passed,
-        metrics={"got": got, "expected": expected},
-        explanation=f"got {got!r}" + ("" if passed else f", expected {expected!r}"),
-    )

@@ -19,8 +19,8 @@ from lmcheck.masked import (
 )
 from lmcheck.models import bert_from_scratch
 from lmcheck.report import Report
-from lmcheck.results import Result
 from lmcheck.tokens import inspect_tokens, load_tokenizer
+from lmcheck.tutorial import expect, expect_equal
 
 TITLE = "Chapter 2: masked language models"
 
@@ -43,7 +43,7 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     structure = str(model)
     if not quick:
         report.text(structure)
-    report.result(_check("bert_base_structure", all(part in structure for part in (
+    report.result(expect("bert_base_structure", all(part in structure for part in (
         "(word_embeddings): Embedding(30522, 768", "(0-11): 12 x BertLayer", "(cls): BertOnlyMLMHead",
         "(decoder): Linear(in_features=768, out_features=30522")),
         "word embeddings 30522 x 768, 12 encoder layers, an MLM head back to 30522 scores"))
@@ -53,17 +53,17 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         logits = model(**inputs).logits  # (1, 11, 30522)
     mask_index = torch.where(inputs["input_ids"] == tokenizer.mask_token_id)[1].tolist()
     probs = logits[0, mask_index[0]].softmax(-1)  # (30522,)
-    report.result(_equal("logits_shape", list(logits.shape), [1, 11, 30522]))
-    report.result(_equal("masked_index", mask_index, [5]))
-    report.result(_equal("mask_logits_shape", list(logits[0, 5].shape), [30522]))
-    report.result(_check("softmax_sums_to_one", abs(float(probs.sum()) - 1.0) <= 1e-5,
+    report.result(expect_equal("logits_shape", list(logits.shape), [1, 11, 30522]))
+    report.result(expect_equal("masked_index", mask_index, [5]))
+    report.result(expect_equal("mask_logits_shape", list(logits[0, 5].shape), [30522]))
+    report.result(expect("softmax_sums_to_one", abs(float(probs.sum()) - 1.0) <= 1e-5,
                          f"probabilities at index 5 sum to {float(probs.sum()):.6f} (tolerance 1e-5)"))
     (prediction,) = fill_mask(model, tokenizer, sentence, top_k=5)
     report.table(("rank", "id", "token", "probability"),
                  ((i + 1, t_id, tok, p) for i, (t_id, tok, p) in
                   enumerate(zip(prediction.ids, prediction.tokens, prediction.probabilities, strict=True))),
                  title="top 5 at [MASK], random BERT-base (pretrained: box bag bowl jar cup)")
-    report.result(_check("top5_decodes", len(prediction.tokens) == 5 and all(prediction.tokens),
+    report.result(expect("top5_decodes", len(prediction.tokens) == 5 and all(prediction.tokens),
                          f"top 5 ids {list(prediction.ids)} decode to {list(prediction.tokens)}"))
 
     _from_scratch(report, tokenizer, rows=4 if quick else 8)
@@ -89,13 +89,13 @@ def _from_scratch(report: Report, tokenizer: Any, *, rows: int) -> None:
                 + f"  (ln 30522 = {math.log(30522):.2f})")
 
     results = []
-    for texts, name, threshold, expect in (
+    for texts, name, threshold, direction in (
         (run.train_texts, "mask_fill_accuracy_memorized", plan["memorized_min"], "at_least"),
         (run.heldout_texts, "mask_fill_accuracy_heldout", plan["heldout_max"], "at_most"),
     ):
         cases = cloze_cases(tokenizer, texts, n=plan["cases"], seed=plan["case_seed"], context="text")
         results.append(report.result(mask_fill_accuracy(
-            run.model, tokenizer, cases, threshold=threshold, expect=expect, name=name)))
+            run.model, tokenizer, cases, threshold=threshold, expect=direction, name=name)))
     memorized, heldout = (r.details for r in results)
     report.table(
         ("memorized chunk", "expected / predicted", "p(expected)",
@@ -112,10 +112,3 @@ def _side(row: Any) -> tuple[str, str, str]:
     excerpt = ("..." if at > 25 else "") + text[max(0, at - 25): at + 31] + "..."
     return excerpt, f"{row['expected']} / {row['prediction']}", f"{row['probability']:.2g}"
 
-
-def _equal(name: str, got: object, expected: object) -> Result:
-    return _check(name, got == expected, f"got {got!r}" + ("" if got == expected else f", expected {expected!r}"))
-
-
-def _check(name: str, passed: bool, explanation: str) -> Result:
-    return Result(name=name, passed=bool(passed), explanation=explanation)
