@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -12,6 +15,7 @@ from lmcheck import (
     chunk_documents,
     inspect_tokens,
     load_documents,
+    load_tokenizer,
     round_trip,
     split_documents,
 )
@@ -133,3 +137,22 @@ def test_chunk_documents_names_a_non_string_document(gpt2_tokenizer):
         chunk_documents(gpt2_tokenizer, ["ok", None])
     with pytest.raises(InputError, match="'documents' must have a 'text' column"):
         chunk_documents(gpt2_tokenizer, datasets.Dataset.from_dict({"body": ["x"]}))
+
+
+def test_an_unknown_tokenizer_name_is_a_clear_error_offline():
+    """In Hugging Face offline mode a name that is not cached fails at once, naming it."""
+    code = ("from lmcheck import load_tokenizer\n"
+            "try:\n    load_tokenizer('no-such-org/no-such-tokenizer')\n"
+            "except ValueError as error:\n    print(type(error).__name__, error)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.startswith("InputError tokenizer 'no-such-org/no-such-tokenizer' is neither")
+    assert "offline tokenizers are bert-base-uncased, gpt2" in out
+
+
+def test_a_local_tokenizer_folder_loads_through_auto_tokenizer(gpt2_tokenizer, tmp_path):
+    gpt2_tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert len(loaded) == 50257
+    assert loaded("Swimming at the beach is")["input_ids"] == [10462, 27428, 379, 262, 10481, 318]
