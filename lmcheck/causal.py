@@ -1,12 +1,12 @@
-"""Causal-LM probes: the hand-written greedy loop, and what must agree with it.
+"""Causal-LM probes: what must agree with the tutorial's greedy loop.
 
-The tutorial's loop is four lines: run the model, take the logits at position -1, append their
-argmax to ``input_ids``, extend the ``attention_mask`` by one. :func:`greedy_decode` is that loop,
-with or without a KV cache, for a left-padded batch. The probes check the mismatches that users
-of such loops keep reporting (transformers #15206, #36536, #2401, #41060): a loop that differs from
-``generate`` because the model's generation_config injects sampling or a penalty, a cache that
-differs from full recomputation, padding or batching that changes outputs, and an attention mask
-that lets a position see the future.
+The loop itself, :func:`~lmcheck.decoding.greedy_decode`, lives in :mod:`lmcheck.decoding`. The
+probes check the mismatches that users of such loops keep reporting (transformers #15206, #36536,
+#2401, #41060): a loop that differs from ``generate`` because the model's generation_config injects
+sampling or a penalty (:func:`greedy_matches_generate`), a cache that differs from full
+recomputation (:func:`kv_cache_matches_full`), padding or batching that changes outputs
+(:func:`padding_invariance`, :func:`batch_invariance`), and an attention mask that lets a position
+see the future (:func:`causality`).
 
 Tolerances depend on the dtype of the logits (:data:`LOGIT_ATOL`, :data:`TIE_ATOL`); greedy
 comparisons are tie-tolerant the way the transformers test suite is: two sequences may part only
@@ -15,28 +15,36 @@ where the two top logits are within ``TIE_ATOL`` of each other.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from lmcheck.decoding import (
+    GreedyOutput,
+    as_ids,
+    check_causal_lm,
+    check_context,
+    check_max_new_tokens,
+    encode_batch,
+    eval_mode,
+    greedy_decode,
+    model_device,
+    model_forward,
+    pad_id,
+    prompt_list,
+)
 from lmcheck.errors import InputError, ModelError, describe
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
     "LOGIT_ATOL",
     "TIE_ATOL",
-    "GreedyOutput",
     "batch_invariance",
     "causality",
-    "greedy_decode",
     "greedy_matches_generate",
     "kv_cache_matches_full",
-    "next_token_logits",
     "padding_invariance",
 ]
 
@@ -69,82 +77,6 @@ NEUTRAL_GENERATION: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class GreedyOutput:
-    """What :func:`greedy_decode` returns.
-
-    Attributes:
-        sequences: prompt and new tokens, ``(B, T + N)``.
-        logits: the logits each step's argmax was taken from, float32 ``(B, N, V)``.
-        attention_mask: the mask extended by one per step, ``(B, T + N)``.
-        prompt_length: T.
-    """
-
-    sequences: torch.Tensor
-    logits: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_length: int
-
-    @property
-    def new_tokens(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_length:]  # (B, N)
-
-
-def next_token_logits(model: torch.nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-    """The logits at position -1 for each row of ``inputs`` (a tokenizer's output), ``(B, V)``."""
-    _check_causal_lm(model)
-    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
-        raise InputError(f"'inputs' must be a mapping with 'input_ids' (got {describe(inputs)})")
-    ids = _as_ids(inputs["input_ids"], "inputs['input_ids']")
-    mask = inputs.get("attention_mask")
-    with _eval_mode(model), torch.no_grad():
-        logits, _ = _forward(model, ids, None if mask is None else torch.as_tensor(mask), None)
-    return logits[:, -1, :]
-
-
-def greedy_decode(
-    model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, max_new_tokens: int,
-    use_cache: bool = True, attention_mask: torch.Tensor | None = None,
-) -> GreedyOutput:
-    """The tutorial's loop: argmax of the logits at -1, append it, extend the mask; repeat.
-
-    Left padding is handled as ``generate`` does: ``position_ids = cumsum(attention_mask) - 1``.
-    No eos stop: exactly ``max_new_tokens`` tokens are appended to each row.
-
-    Args:
-        model: a causal LM whose output has ``.logits``.
-        input_ids: ``(B, T)`` or ``(T,)`` token ids, left-padded if rows differ in length.
-        max_new_tokens: tokens to append, at least 1.
-        use_cache: feed only the new token with ``past_key_values`` (True) or the whole sequence.
-        attention_mask: ``(B, T)``, 0 at pads; None means all ones.
-
-    Example:
-        >>> out = greedy_decode(model, tokenizer("Swimming at the beach is", return_tensors="pt")
-        ...                     .input_ids, max_new_tokens=2)
-        >>> tokenizer.decode(out.sequences[0])
-        'Swimming at the beach is a great'
-    """
-    _check_causal_lm(model)
-    ids = _as_ids(input_ids, "input_ids")
-    _check_max_new_tokens(max_new_tokens)
-    _check_context(model, ids.shape[1], max_new_tokens)
-    device = _device(model)
-    ids = ids.to(device)
-    mask = torch.ones_like(ids) if attention_mask is None else _as_mask(attention_mask, ids)
-    prompt_length = ids.shape[1]
-    steps: list[torch.Tensor] = []
-    past = None
-    with _eval_mode(model), torch.no_grad():
-        for _ in range(max_new_tokens):
-            feed = ids[:, -1:] if past is not None else ids
-            logits, past = _forward(model, feed, mask, past, use_cache=use_cache)
-            last = logits[:, -1, :].float()  # (B, V)
-            steps.append(last.cpu())
-            ids = torch.cat([ids, last.argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return GreedyOutput(ids.cpu(), torch.stack(steps, dim=1), mask.cpu(), prompt_length)
-
-
 def greedy_matches_generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
     max_new_tokens: int = 20, neutralize: bool = True, tie_atol: float | None = None,
@@ -161,13 +93,13 @@ def greedy_matches_generate(
         tie_atol: two top logits this close are a tie that may part the sequences; default
             :data:`TIE_ATOL` for the logits' dtype.
     """
-    _check_causal_lm(model)
+    check_causal_lm(model)
     generate: Callable[..., Any] | None = getattr(model, "generate", None)
     if not callable(generate):
         raise ModelError(f"'model' must have a generate() method (got a {type(model).__name__})")
-    ids, mask = _encode_batch(tokenizer, prompts)
-    _check_max_new_tokens(max_new_tokens)
-    _check_context(model, ids.shape[1], max_new_tokens)
+    ids, mask = encode_batch(tokenizer, prompts)
+    check_max_new_tokens(max_new_tokens)
+    check_context(model, ids.shape[1], max_new_tokens)
     hand = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
     tol = _tolerance(TIE_ATOL, model) if tie_atol is None else tie_atol
     overrides = _generation_overrides(getattr(model, "generation_config", None))
@@ -176,8 +108,8 @@ def greedy_matches_generate(
     settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad}
     if neutralize:
         settings.update(NEUTRAL_GENERATION)
-    device = _device(model)
-    with _eval_mode(model), torch.no_grad():
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
         generated = generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), return_dict_in_generate=True,
             output_logits=True, **settings)
@@ -239,12 +171,12 @@ def kv_cache_matches_full(
                            attention_mask=attention_mask, use_cache=True)
     tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
     rows = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for step in range(max_new_tokens):
             end = cached.prompt_length + step
-            full, _ = _forward(model, cached.sequences[:, :end].to(_device(model)),
-                               cached.attention_mask[:, :end].to(_device(model)), None,
-                               use_cache=False)
+            full, _ = model_forward(model, cached.sequences[:, :end].to(model_device(model)),
+                                    cached.attention_mask[:, :end].to(model_device(model)), None,
+                                    use_cache=False)
             diff = (full[:, -1, :].float().cpu() - cached.logits[:, step]).abs()  # (B, V)
             row = int(diff.amax(dim=-1).argmax())
             rows.append({"step": step, "max_abs_diff": float(diff.max()), "row": row,
@@ -280,11 +212,11 @@ def padding_invariance(
     """
     if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
         raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
-    items = _prompt_list(prompts)
-    pad = _pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
+    items = prompt_list(prompts)
+    pad = pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
     pairs = []
     for text in items:
-        ids, _ = _encode_batch(tokenizer, [text])
+        ids, _ = encode_batch(tokenizer, [text])
         padded = torch.cat([torch.full((1, pad_tokens), pad), ids], dim=1)
         mask = torch.cat([torch.zeros(1, pad_tokens, dtype=torch.long), torch.ones_like(ids)], dim=1)
         alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
@@ -299,14 +231,14 @@ def batch_invariance(
     max_new_tokens: int = 4, atol: float | None = None,
 ) -> Result:
     """Check that a left-padded batch of prompts gives each prompt's logits and tokens alone."""
-    items = _prompt_list(prompts)
+    items = prompt_list(prompts)
     if len(items) < 2:
         raise InputError(f"'prompts' must hold at least 2 prompts to batch (got {len(items)})")
-    ids, mask = _encode_batch(tokenizer, items)
+    ids, mask = encode_batch(tokenizer, items)
     batched = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
     pairs = []
     for row, text in enumerate(items):
-        alone_ids, _ = _encode_batch(tokenizer, [text])
+        alone_ids, _ = encode_batch(tokenizer, [text])
         pairs.append((greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens), batched, row))
     return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", pairs, model,
                        tokenizer, atol)
@@ -325,23 +257,23 @@ def causality(
 
     Cost: T - 1 forward and T - 1 backward passes, so a short ``input_ids`` (8-32 tokens) is enough.
     """
-    _check_causal_lm(model)
-    ids = _as_ids(input_ids, "input_ids").to(_device(model))
+    check_causal_lm(model)
+    ids = as_ids(input_ids, "input_ids").to(model_device(model))
     length = ids.shape[1]
     if length < 2:
         raise InputError(f"'input_ids' must hold at least 2 tokens to test causality (got {length})")
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     generator = torch.Generator().manual_seed(seed)
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.no_grad():
-            base, _ = _forward(model, ids, None, None, use_cache=False)  # (B, T, V)
+            base, _ = model_forward(model, ids, None, None, use_cache=False)  # (B, T, V)
             vocab = vocab or base.shape[-1]
             change = []
             for t in range(length - 1):
                 shift = torch.randint(1, vocab, ids[:, t + 1:].shape, generator=generator)
                 perturbed = ids.clone()
                 perturbed[:, t + 1:] = (ids[:, t + 1:] + shift.to(ids.device)) % vocab
-                logits, _ = _forward(model, perturbed, None, None, use_cache=False)
+                logits, _ = model_forward(model, perturbed, None, None, use_cache=False)
                 change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
         embedding: Callable[[torch.Tensor], torch.Tensor] = model.get_input_embeddings()  # type: ignore[operator]
         embeds = embedding(ids).detach().requires_grad_(True)  # (B, T, D)
@@ -375,6 +307,7 @@ def causality(
         metrics={"max_logit_change": worst, "max_future_gradient_ratio": max(r for r, _ in ratios),
                  "first_leaking_position": leaks[0] if leaks else None, "positions": length},
         threshold=tol, headroom=headroom_below(worst, tol), explanation=explanation, details=rows)
+
 
 
 # --- shared by the probes ---------------------------------------------------------------------
@@ -455,137 +388,6 @@ def _generation_overrides(config: GenerationConfig | None) -> list[str]:
         if value is not None and value != neutral and not (key == "min_length" and value == 0):
             found.append(f"{key}={value!r}")
     return found
-
-
-def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any, *,
-             use_cache: bool = True) -> tuple[torch.Tensor, Any]:
-    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence."""
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
-    if mask is not None:
-        mask = mask.to(ids.device)
-        kwargs["attention_mask"] = mask
-        if _accepts(model, "position_ids"):
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not count
-            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
-    # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
-    # releases know only past_key_values
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    if past is not None:
-        kwargs[cache_name] = past
-    output = model(**kwargs)
-    logits = getattr(output, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise ModelError(f"'model' must return an output with .logits (got {describe(output)})")
-    return logits, getattr(output, cache_name, None) if use_cache else None  # (B, t, V)
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    parameters = inspect.signature(model.forward).parameters
-    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while probing; the model's own mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _check_causal_lm(model: object) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"'model' must be a torch.nn.Module causal LM (got {describe(model)})")
-    if isinstance(model, PreTrainedModel) and not model.can_generate():
-        raise ModelError(
-            f"'model' must be a causal LM that decodes left to right (got a {type(model).__name__}, "
-            "whose can_generate() is False); a masked LM predicts masked tokens from both sides: "
-            "use lmcheck's masked-LM probes for it")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _as_ids(value: object, argument: str) -> torch.Tensor:
-    ids = value if isinstance(value, torch.Tensor) else None
-    if ids is None:
-        try:
-            ids = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise InputError(f"'{argument}' must be a (B, T) tensor of token ids (got {describe(value)})") from None
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InputError(f"'{argument}' must be a (B, T) integer tensor (got {ids.dtype} of shape {tuple(ids.shape)})")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise InputError(f"'{argument}' must hold at least one token per row (got shape {tuple(ids.shape)}): "
-                         "an empty prompt gives the model nothing to continue")
-    return ids.long()
-
-
-def _as_mask(mask: object, ids: torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(mask).long()
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    if tuple(tensor.shape) != tuple(ids.shape):
-        raise InputError(f"'attention_mask' must have the shape of input_ids {tuple(ids.shape)} "
-                         f"(got {tuple(tensor.shape)})")
-    return tensor.to(ids.device)
-
-
-def _check_max_new_tokens(value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
-
-
-def _check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        context = getattr(config, key, None)
-        if isinstance(context, int) and prompt_length + max_new_tokens > context:
-            raise InputError(
-                f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} needs "
-                f"{prompt_length + max_new_tokens} positions, more than the model's context of "
-                f"{context} (config.{key}); shorten the prompt or ask for fewer tokens")
-
-
-def _prompt_list(prompts: object) -> list[str]:
-    items = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(items, Sequence) or not items:
-        raise InputError(f"'prompts' must be a str or a non-empty list of str (got {describe(prompts)})")
-    for index, text in enumerate(items):
-        if not isinstance(text, str) or not text:
-            raise InputError(f"'prompts[{index}]' must be a non-empty str (got {describe(text)}): "
-                             "an empty prompt gives the model nothing to continue")
-    return list(items)
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise InputError(
-            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token, and "
-            f"{required_for} needs one to pad prompts on the left; set one first, e.g. "
-            "tokenizer.pad_token = tokenizer.eos_token (the attention mask hides the pads)")
-    return pad
-
-
-def _encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode prompts and pad them on the left by hand (whatever the tokenizer's padding_side)."""
-    items = _prompt_list(prompts)
-    encoded = [list(tokenizer(text)["input_ids"]) for text in items]
-    width = max(map(len, encoded))
-    if any(len(ids) != width for ids in encoded):
-        lengths = sorted({len(ids) for ids in encoded})
-        pad = _pad_id(tokenizer, required_for=f"a batch of prompts of {lengths} tokens")
-    else:
-        pad = 0
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # (B, T)
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])  # (B, T)
-    return ids, mask
 
 
 def _dtype(model: torch.nn.Module) -> torch.dtype:

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from lmcheck.results import Result
 
-if TYPE_CHECKING:  # only for the annotation: importing training.py would load torch
-    from lmcheck.training import LossCurve
+if TYPE_CHECKING:  # only for the annotation
+    from lmcheck.curves import LossCurve
 
 __all__ = ["Report", "plot_loss_curve", "results_to_markdown", "write_results_json"]
 

@@ -1,4 +1,4 @@
-"""Pretraining loops that record a :class:`~lmcheck.training.LossCurve`: Hugging Face's
+"""Pretraining loops that record a :class:`~lmcheck.curves.LossCurve`: Hugging Face's
 ``Trainer`` (the tutorial's path) and a lean PyTorch loop (the same optimisation, less overhead).
 
 Both train on chunks from :func:`pretraining_data`, log the training loss every step and the
@@ -32,11 +32,12 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
+from lmcheck.curves import LossCurve
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError, ModelError, describe
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
-from lmcheck.training import LossCurve, causal_batch, memorized_fraction
+from lmcheck.training import causal_batch, memorized_fraction
 
 __all__ = [
     "LossCurveCallback",

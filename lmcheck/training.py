@@ -1,247 +1,39 @@
-"""Probes of a training setup: is the loss sane at init, does it fall, can the model overfit and
-memorize a tiny subset, do gradients reach every parameter, is the run reproducible.
+"""Probes of a training setup that take the model and a batch: is the loss sane at init, do
+gradients reach every parameter, does one optimizer step change them, is a batch fit for causal-LM
+training, can the model continue the chunks it was trained on verbatim.
 
 The practice behind them (Karpathy, "A Recipe for Training Neural Networks"): before paying for a
 full run, convince yourself that the setup works by overfitting a few chunks. Probes that judge a
-run read a :class:`LossCurve`, which lmcheck's loops record (``lmcheck.trainer``) and which a user
-can fill from any loop with ``curve.record_train(step, loss)``; probes that judge a model take the
-model and a batch. None of them prints, asserts or raises on a failed check.
+run from its recorded loss alone live in ``lmcheck.curves``. The loops in ``lmcheck.trainer``
+use :func:`memorized_fraction` to stop early. None of them prints, asserts or raises on a failed
+check.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmcheck.decoding import greedy_decode, model_device
 from lmcheck.errors import InputError, ModelError, describe
-from lmcheck.models import GPT2_PRESETS, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
-    "GPT2_PRESETS",
-    "LossCurve",
     "causal_batch",
-    "finite_loss",
-    "generalization_gap",
-    "gpt2_from_scratch",
     "gradient_flow",
     "loss_at_init",
-    "loss_decreases",
     "memorized_fraction",
     "memorizes",
-    "overfits",
     "params_update",
-    "reproducible",
 ]
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 Rows = Sequence[Sequence[int]] | Sequence[str] | torch.Tensor | Any  # Any: a datasets.Dataset
-
-
-@dataclass
-class LossCurve:
-    """Training loss per optimizer step and validation loss per evaluation, with metadata.
-
-    Attributes:
-        train: ``(step, loss)`` for every optimizer step (steps count from 1).
-        valid: ``(step, loss)`` for every evaluation.
-        metadata: how the curve was made (backend, learning rate, tokens/s, ...), JSON-ready.
-        stop_reason: why training ended: ``"max_steps"``, ``"memorized"`` or ``"non-finite loss"``.
-        non_finite_step: the first step whose training loss was NaN or infinite, else None.
-    """
-
-    train: list[tuple[int, float]] = field(default_factory=list)
-    valid: list[tuple[int, float]] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    stop_reason: str = ""
-    non_finite_step: int | None = None
-
-    def record_train(self, step: int, loss: float) -> bool:
-        """Record one step's training loss; returns False (and notes the step) if it is not finite."""
-        self.train.append((int(step), float(loss)))
-        if not math.isfinite(loss):
-            if self.non_finite_step is None:
-                self.non_finite_step = int(step)
-            return False
-        return True
-
-    def record_valid(self, step: int, loss: float) -> None:
-        self.valid.append((int(step), float(loss)))
-
-    @property
-    def steps(self) -> int:
-        """The last recorded optimizer step (0 before training)."""
-        return self.train[-1][0] if self.train else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        def number(value: float) -> float | str:
-            return value if math.isfinite(value) else str(value)
-
-        return {
-            "train": [[s, number(v)] for s, v in self.train],
-            "valid": [[s, number(v)] for s, v in self.valid],
-            "metadata": self.metadata,
-            "stop_reason": self.stop_reason,
-            "non_finite_step": self.non_finite_step,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LossCurve:
-        return cls(
-            train=[(int(s), float(v)) for s, v in data.get("train", [])],
-            valid=[(int(s), float(v)) for s, v in data.get("valid", [])],
-            metadata=dict(data.get("metadata", {})),
-            stop_reason=str(data.get("stop_reason", "")),
-            non_finite_step=data.get("non_finite_step"),
-        )
-
-    def to_json(self, path: str | Path) -> Path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(self.to_dict(), indent=1))
-        return target
-
-
-# ---------------------------------------------------------------- probes that read a loss curve
-
-
-def loss_decreases(
-    curve: LossCurve, *, steps: int | None = None, min_relative_drop: float = 0.5, window: int = 3,
-) -> Result:
-    """The training loss falls by at least ``min_relative_drop`` (a fraction) within ``steps``.
-
-    The drop compares the mean of the first ``window`` losses with the mean of the ``window``
-    losses up to step ``steps`` (default: the whole curve). Fails on a non-finite loss.
-    """
-    name = "loss_decreases"
-    if (bad := _non_finite(name, curve)) is not None:
-        return bad
-    losses = [v for s, v in curve.train if steps is None or s <= steps]
-    if len(losses) < 2 * window:
-        return Result(name, False, {"steps": len(losses)}, min_relative_drop, None,
-                      f"the curve has {len(losses)} training losses; {2 * window} are needed "
-                      f"to compare two windows of {window}")
-    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-    drop = (first - last) / abs(first) if first else 0.0
-    passed = drop >= min_relative_drop
-    explanation = (f"training loss went from {first:.3f} to {last:.3f} over {len(losses)} steps, "
-                   f"a {drop:.1%} drop (needed {min_relative_drop:.0%})")
-    if not passed:
-        explanation += ("; the optimizer is not moving the model: check the learning rate, that "
-                        "the optimizer holds the parameters, and that gradients reach them")
-    return Result(name, passed, {"first": first, "last": last, "relative_drop": drop,
-                                 "steps": len(losses)},
-                  min_relative_drop, headroom_above(drop, min_relative_drop), explanation)
-
-
-def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | None = None) -> Result:
-    """The training loss reaches ``max_loss`` (nats) or less within ``within_steps`` steps."""
-    name = "overfits"
-    if (bad := _non_finite(name, curve)) is not None:
-        return bad
-    losses = [(s, v) for s, v in curve.train if within_steps is None or s <= within_steps]
-    if not losses:
-        return Result(name, False, {}, max_loss, None, "the curve has no training losses")
-    best_step, best = min(losses, key=lambda item: item[1])
-    reached = next((s for s, v in losses if v <= max_loss), None)
-    budget = f"within {within_steps} steps" if within_steps is not None else f"in {len(losses)} steps"
-    if reached is not None:
-        explanation = (f"training loss reached {max_loss} at step {reached} {budget} "
-                       f"(lowest {best:.4f} at step {best_step})")
-    else:
-        explanation = (f"training loss never reached {max_loss} {budget}: lowest {best:.4f} at "
-                       f"step {best_step}. A model that cannot overfit a few chunks has a bug "
-                       f"(labels not aligned with inputs, learning rate, masking) or too little capacity")
-    return Result(name, reached is not None,
-                  {"lowest_loss": best, "lowest_step": best_step, "reached_at_step": reached},
-                  max_loss, headroom_below(best, max_loss), explanation)
-
-
-def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 3) -> Result:
-    """After overfitting a small subset, validation loss stays ``min_gap`` nats above training loss.
-
-    This is the honest overfit signature (the tutorial's Figure 1). A validation loss that falls
-    with the training loss means the model sees something it should not: validation data in the
-    training set, or future tokens through the attention mask.
-    """
-    name = "generalization_gap"
-    if (bad := _non_finite(name, curve)) is not None:
-        return bad
-    if not curve.valid or not curve.train:
-        return Result(name, False, {}, min_gap, None,
-                      "the curve needs at least one training and one validation loss")
-    step, valid = curve.valid[-1]
-    recent = [v for s, v in curve.train if s <= step][-window:] or [curve.train[0][1]]
-    train = sum(recent) / len(recent)
-    gap = valid - train
-    passed = gap >= min_gap
-    explanation = (f"at step {step} validation loss {valid:.3f} is {gap:.3f} above training loss "
-                   f"{train:.3f} (needed {min_gap})")
-    explanation += (": the model memorized its chunks without learning what transfers" if passed else
-                    ": validation fell with training; check for validation documents in the "
-                    "training data or an attention mask that lets positions see the future")
-    return Result(name, passed, {"step": step, "valid_loss": valid, "train_loss": train, "gap": gap},
-                  min_gap, headroom_above(gap, min_gap), explanation)
-
-
-def finite_loss(curve: LossCurve) -> Result:
-    """Every recorded training and validation loss is finite; a failure names the first bad step."""
-    bad = _non_finite("finite_loss", curve)
-    if bad is not None:
-        return bad
-    return Result("finite_loss", True, {"steps": curve.steps}, None, None,
-                  f"all {len(curve.train)} training and {len(curve.valid)} validation losses are finite")
-
-
-def reproducible(
-    first: LossCurve, second: LossCurve, *, steps: int = 5, atol: float = 0.0,
-) -> Result:
-    """Two runs with the same seed give the same first ``steps`` training losses (within ``atol``).
-
-    On a CPU the default ``atol=0`` asks for bit-identical losses; GPU kernels may need a little.
-    """
-    name = "reproducible"
-    a, b = first.train[:steps], second.train[:steps]
-    if len(a) < steps or len(b) < steps:
-        return Result(name, False, {"lengths": [len(a), len(b)]}, atol, None,
-                      f"both curves need {steps} training losses (got {len(a)} and {len(b)})")
-    differences = [abs(x - y) if math.isfinite(x) and math.isfinite(y) else math.inf
-                   for (_, x), (_, y) in zip(a, b, strict=True)]
-    worst = max(differences)
-    bad = next((i for i, d in enumerate(differences) if d > atol), None)
-    if bad is None:
-        explanation = f"the first {steps} training losses agree (largest difference {worst:.3g}, allowed {atol})"
-    else:
-        explanation = (f"step {a[bad][0]}: losses {a[bad][1]!r} and {b[bad][1]!r} differ by "
-                       f"{differences[bad]:.3g} (allowed {atol}); something is not seeded "
-                       f"(initialisation, data order, dropout) or a kernel is not deterministic")
-    return Result(name, bad is None, {"max_difference": worst, "first_bad_step": None if bad is None else a[bad][0]},
-                  atol, None, explanation,
-                  tuple({"step": s, "first": x, "second": y} for (s, x), (_, y) in zip(a, b, strict=True)))
-
-
-def _non_finite(name: str, curve: LossCurve) -> Result | None:
-    step = curve.non_finite_step
-    if step is None:
-        step = next((s for s, v in curve.train if not math.isfinite(v)), None)
-    where = "training"
-    if step is None:
-        step = next((s for s, v in curve.valid if not math.isfinite(v)), None)
-        where = "validation"
-    if step is None:
-        return None
-    stopped = " and training stopped there" if curve.stop_reason == "non-finite loss" else ""
-    return Result(name, False, {"non_finite_step": step}, None, None,
-                  f"the {where} loss is not finite at step {step}{stopped}: look for a NaN or "
-                  f"Inf in that step's batch, logits or gradients (learning rate, fp16 overflow)")
 
 
 # ---------------------------------------------------------------- probes that take a model
@@ -287,7 +79,7 @@ def memorizes(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"'{argument}' must be an int >= 1 (got {describe(value)})")
     ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=prefix_length + continuation_length)
-    ids = ids[:, : prefix_length + continuation_length].to(_device(model))
+    ids = ids[:, : prefix_length + continuation_length].to(model_device(model))
     prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
     got = torch.cat([_greedy(model, part, continuation_length)
                      for part in prefix.split(batch_size)])  # (N, n)
@@ -448,7 +240,7 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: in
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = _device(model)
+    device = model_device(model)
     for part in input_ids.split(batch_size):
         part = part.to(device)
         total += model(input_ids=part, labels=part).loss.float().item() * part.shape[0]
@@ -473,7 +265,7 @@ def memorized_fraction(
     end = prefix_length + continuation_length
     hits = 0
     for part in input_ids[:, :end].split(batch_size):
-        part = part.to(_device(model))
+        part = part.to(model_device(model))
         logits = model(input_ids=part).logits  # (B, k + n, V)
         predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
         hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
@@ -483,15 +275,13 @@ def memorized_fraction(
 
 def _greedy(model: torch.nn.Module, prefix: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation (B, new_tokens) of equal-length prefixes (B, k): the causal chapter's loop."""
-    from lmcheck.causal import greedy_decode  # the one probe-to-probe import DESIGN.md allows
-
     return greedy_decode(model, prefix, max_new_tokens=new_tokens).new_tokens.to(prefix.device)
 
 
 def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
-    inputs = {k: v.to(_device(model)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    inputs = {k: v.to(model_device(model)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     inputs.setdefault("labels", inputs["input_ids"])
     return model(**inputs).loss
 
@@ -519,10 +309,6 @@ def _output_size(model: torch.nn.Module) -> int:
         return int(embeddings.weight.shape[0])
     config: Any = getattr(model, "config", None)
     return int(config.vocab_size)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _as_ids(

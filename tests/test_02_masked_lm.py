@@ -33,12 +33,8 @@ from transformers import BertForMaskedLM
 
 from lmcheck.cloze import cloze_cases
 from lmcheck.defaults import DEFAULTS
-from lmcheck.masked import (
-    MEMORIZATION_RUN,
-    fill_mask,
-    mask_fill_accuracy,
-    masked_loss_at_init,
-)
+from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
+from lmcheck.masked_training import MEMORIZATION_RUN
 from lmcheck.models import bert_from_scratch
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."

@@ -27,12 +27,11 @@ from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBa
 from lmcheck.causal import (
     batch_invariance,
     causality,
-    greedy_decode,
     greedy_matches_generate,
     kv_cache_matches_full,
-    next_token_logits,
     padding_invariance,
 )
+from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError
 from lmcheck.models import gpt2_from_scratch, load_causal_lm

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import torch
 
+from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
 from lmcheck.defaults import DEFAULTS
 from lmcheck.report import plot_loss_curve, write_results_json
 from lmcheck.results import Result
 from lmcheck.trainer import pretrain_default
-from lmcheck.training import finite_loss, generalization_gap, loss_decreases, memorizes, overfits
+from lmcheck.training import memorizes
 
 
 def pretrain_and_check(settings: dict[str, Any], out: Path, *, max_loss: float, min_gap: float) -> list[Result]:

@@ -23,21 +23,23 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmcheck.curves import (
+    finite_loss,
+    generalization_gap,
+    loss_decreases,
+    overfits,
+    reproducible,
+)
 from lmcheck.defaults import DEFAULTS
+from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import plot_loss_curve
 from lmcheck.trainer import PretrainRun, pretrain, pretrain_default
 from lmcheck.training import (
     causal_batch,
-    finite_loss,
-    generalization_gap,
-    gpt2_from_scratch,
     gradient_flow,
     loss_at_init,
-    loss_decreases,
     memorizes,
-    overfits,
     params_update,
-    reproducible,
 )
 
 SETTINGS = DEFAULTS["pretrain"]

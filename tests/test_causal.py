@@ -1,5 +1,5 @@
-"""Library tests of lmcheck.causal: negative controls (broken models each probe must catch, with
-an explanation that locates the problem) and misuse (each a clear error)."""
+"""Library tests of lmcheck.causal and lmcheck.decoding: negative controls (broken models each
+probe must catch, with an explanation that locates the problem) and misuse (each a clear error)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from lmcheck.causal import (
     batch_invariance,
     causality,
-    greedy_decode,
     greedy_matches_generate,
     kv_cache_matches_full,
-    next_token_logits,
     padding_invariance,
 )
+from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.tokens import load_tokenizer

@@ -1,4 +1,5 @@
-"""Library tests of the training probes and loops: negative controls and bad input.
+"""Library tests of the training probes (lmcheck.curves, lmcheck.training) and loops: negative
+controls and bad input.
 
 Every probe meets a deliberately broken setup that must make it fail, with an explanation that
 names the problem. Training runs here use a smaller setup than chapter 4 (32-token chunks,
@@ -15,22 +16,23 @@ import pytest
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from lmcheck.errors import InputError, ModelError
-from lmcheck.models import bert_from_scratch
-from lmcheck.trainer import PretrainRun, check_model_fits, pretrain_default, pretraining_data
-from lmcheck.training import (
+from lmcheck.curves import (
     LossCurve,
-    causal_batch,
     finite_loss,
     generalization_gap,
-    gpt2_from_scratch,
+    loss_decreases,
+    overfits,
+    reproducible,
+)
+from lmcheck.errors import InputError, ModelError
+from lmcheck.models import bert_from_scratch, gpt2_from_scratch
+from lmcheck.trainer import PretrainRun, check_model_fits, pretrain_default, pretraining_data
+from lmcheck.training import (
+    causal_batch,
     gradient_flow,
     loss_at_init,
-    loss_decreases,
     memorizes,
-    overfits,
     params_update,
-    reproducible,
 )
 
 # 4 chunks of 32 tokens (the first of each of the first 4 training documents), memorized whole: 8 + 24

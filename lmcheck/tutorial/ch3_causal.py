@@ -8,11 +8,11 @@ from transformers import PreTrainedTokenizerBase
 from lmcheck.causal import (
     batch_invariance,
     causality,
-    greedy_decode,
     greedy_matches_generate,
     kv_cache_matches_full,
     padding_invariance,
 )
+from lmcheck.decoding import greedy_decode
 from lmcheck.defaults import DEFAULTS
 from lmcheck.models import gpt2_from_scratch, load_smollm2
 from lmcheck.report import Report

@@ -6,20 +6,12 @@ import os
 
 import torch
 
+from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
 from lmcheck.defaults import DEFAULTS
+from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import Report, plot_loss_curve
 from lmcheck.trainer import pretrain_default
-from lmcheck.training import (
-    finite_loss,
-    generalization_gap,
-    gpt2_from_scratch,
-    gradient_flow,
-    loss_at_init,
-    loss_decreases,
-    memorizes,
-    overfits,
-    params_update,
-)
+from lmcheck.training import gradient_flow, loss_at_init, memorizes, params_update
 
 TITLE = "Chapter 4: pretraining from scratch"
 

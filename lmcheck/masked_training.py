@@ -1,0 +1,146 @@
+"""Training a masked language model: the masked-LM loop and chapter 2's from-scratch run.
+
+:func:`train_masked_lm` trains any Hugging Face masked LM in place with
+``DataCollatorForLanguageModeling(mlm=True)``; :func:`memorize_chunks` is chapter 2's run, a tiny
+BERT trained until it has memorized a few chunks, with :data:`MEMORIZATION_RUN` its settings.
+The probes that judge the result (``fill_mask``, ``mask_fill_accuracy``, ``masked_loss_at_init``)
+are in ``lmcheck.masked``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, NamedTuple, cast
+
+import torch
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+
+from lmcheck.corpus import chunk_documents
+from lmcheck.defaults import DEFAULTS
+from lmcheck.masked import _check_int, _check_masked_lm, _example_ids
+from lmcheck.models import bert_from_scratch
+
+__all__ = [
+    "MEMORIZATION_RUN",
+    "MemorizationRun",
+    "memorize_chunks",
+    "train_masked_lm",
+]
+
+# Chapter 2's from-scratch run, from the embedded default (tests, tutorial and benchmarks share
+# it): the first `chunks` chunks of `context_length` tokens of the training documents, memorized
+# by a tiny BERT with the real uncased vocabulary. Measured on 2 shared CPU cores: 300 steps take
+# about 20 s and reach 40 of 40 cloze cases on those chunks (200 steps gave 37 of 40, too close
+# to 0.9).
+MEMORIZATION_RUN: Mapping[str, Any] = DEFAULTS["masked_pretrain"]
+
+_Batch = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+
+
+def train_masked_lm(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any, *, steps: int = 300,
+    lr: float = 1e-3, batch_size: int = 8, mlm_probability: float = 0.15, seed: int = 42,
+    max_grad_norm: float = 1.0, collator: _Batch | None = None, only_masked_logits: bool = True,
+) -> list[float]:
+    """Train ``model`` in place with the masked-LM objective; returns the loss of every step.
+
+    The model is left in eval mode.
+
+    Batches come from ``DataCollatorForLanguageModeling(mlm=True)``: 15% of the tokens are
+    picked, 80% of those become the mask token, 10% a random token, 10% stay, and only they
+    are scored. A plain PyTorch loop rather than ``Trainer`` because on a CPU it runs about twice
+    as fast (../shared/ASSETS.md) and, with ``only_masked_logits``, it computes the
+    vocabulary-wide output layer only at the scored positions: the same loss, about 5x less work
+    for a small model whose output layer dominates.
+
+    Args:
+        examples: a ``datasets.Dataset`` with ``input_ids`` (e.g. ``chunk_documents``' chunks),
+            a list of id lists, or a list of str (tokenized, truncated to the model's positions).
+        steps: optimizer steps (AdamW, no weight decay, gradient norm clipped to
+            ``max_grad_norm``); examples are drawn in a seeded shuffled order, epoch by epoch.
+        collator: replaces the default collator (e.g. whole-word masking, or a broken one for a
+            negative control); it takes ``[{"input_ids": [...]}, ...]`` and returns tensors.
+        only_masked_logits: compute the output layer only where ``labels != -100``; set False
+            for a model whose ``get_output_embeddings()`` is not applied once to all positions.
+    """
+    vocab = _check_masked_lm(model, tokenizer)
+    rows = _example_ids(tokenizer, examples, model)
+    _check_int(steps, "steps", 1, None, "")
+    _check_int(batch_size, "batch_size", 1, None, "")
+    collate = collator or DataCollatorForLanguageModeling(
+        tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    selected: dict[str, torch.Tensor] = {}
+    hook = None
+    if only_masked_logits:
+        # the output layer sees only the scored rows: (B, T, H) -> (M, H), so logits are (M, V)
+        output_layer = cast(torch.nn.Module, model.get_output_embeddings())  # type: ignore[operator]
+        hook = output_layer.register_forward_pre_hook(
+            lambda _module, args: (args[0][selected["rows"]],))
+    losses: list[float] = []
+    order: list[int] = []
+    model.train()
+    try:
+        for _ in range(steps):
+            if len(order) < batch_size:
+                epoch = list(range(len(rows)))
+                rng.shuffle(epoch)
+                order.extend(epoch)
+            picked, order = order[:batch_size], order[batch_size:]
+            batch = {k: v.to(device) for k, v in collate([{"input_ids": rows[i]} for i in picked]).items()}
+            labels = batch.pop("labels")  # (B, T), -100 where not scored
+            selected["rows"] = labels != -100
+            if not bool(selected["rows"].any()):
+                losses.append(math.nan)  # the collator scored no token in this batch: no step
+                continue
+            logits = model(**batch).logits  # (M, V) with the hook, else (B, T, V)
+            targets = labels[selected["rows"]] if only_masked_logits else labels
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.eval()
+    return losses
+
+
+class MemorizationRun(NamedTuple):
+    """What :func:`memorize_chunks` returns."""
+
+    model: torch.nn.Module  # trained, in eval mode
+    losses: list[float]  # training loss per step
+    train_texts: list[str]  # the training chunks, decoded: cloze cases on them test memory
+    heldout_texts: list[str]  # as many held-out chunks, decoded: cloze cases on them stay hard
+
+
+def memorize_chunks(
+    tokenizer: PreTrainedTokenizerBase, train_documents: Any, heldout_documents: Any, *,
+    run: Mapping[str, Any] = MEMORIZATION_RUN, seed: int = 42,
+) -> MemorizationRun:
+    """Chapter 2's from-scratch run: a tiny BERT trained until it has memorized a few chunks.
+
+    Cuts both document sets into ``run["context_length"]``-token chunks with
+    :func:`~lmcheck.corpus.chunk_documents`, keeps the first ``run["chunks"]`` of each, and
+    trains ``bert_from_scratch(preset=run["preset"])`` on the training ones with
+    :func:`train_masked_lm`.
+    """
+    def first_chunks(documents: Any) -> list[list[int]]:
+        chunks = chunk_documents(tokenizer, documents, run["context_length"]).dataset
+        return [list(ids) for ids in chunks.select(range(min(run["chunks"], len(chunks))))["input_ids"]]
+
+    train, heldout = first_chunks(train_documents), first_chunks(heldout_documents)
+    model = bert_from_scratch(tokenizer, preset=run["preset"], seed=seed,
+                              hidden_dropout_prob=run["dropout"], attention_probs_dropout_prob=run["dropout"])
+    losses = train_masked_lm(model, tokenizer, train, steps=run["steps"], lr=run["lr"],
+                             batch_size=run["batch_size"], seed=seed)
+    decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
+    return MemorizationRun(model, losses, decode(train), decode(heldout))
