@@ -73,8 +73,8 @@ def fill_mask(
         InputError: a text without the mask token, or ``top_k`` out of range.
     """
     texts = _texts_argument(text_or_texts, "text_or_texts")
-    vocab = _check_masked_lm(model, tokenizer)
-    _check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
+    vocab = check_masked_lm(model, tokenizer)
+    check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
     predictions = []
     for index, position, probs in _mask_probabilities(model, tokenizer, texts, batch_size):
         top = probs.topk(top_k)
@@ -107,8 +107,8 @@ def mask_fill_accuracy(
         and the rank (1 = top) and probability of the best-ranked expected word. A failure
         names the cases that decided it.
     """
-    vocab = _check_masked_lm(model, tokenizer)
-    _check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
+    vocab = check_masked_lm(model, tokenizer)
+    check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
         raise InputError(f"'threshold' must be a number from 0 to 1 (got {describe(threshold)})")
     if expect not in ("at_least", "at_most"):
@@ -172,8 +172,8 @@ def masked_loss_at_init(
         examples: as for :func:`~lmcheck.masked_training.train_masked_lm`; masked with a seeded collator.
         tolerance: allowed relative distance from ln(V) (default 0.1, i.e. 10%).
     """
-    vocab = _check_masked_lm(model, tokenizer)
-    rows = _example_ids(tokenizer, examples, model)
+    vocab = check_masked_lm(model, tokenizer)
+    rows = example_ids(tokenizer, examples, model)
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -220,7 +220,7 @@ def _check_tokenizer(tokenizer: object) -> None:
                          f"({type(tokenizer).__name__} {tokenizer.name_or_path!r} has none)")
 
 
-def _check_masked_lm(model: object, tokenizer: object) -> int:
+def check_masked_lm(model: object, tokenizer: object) -> int:
     """Raise unless model is a bidirectional masked LM that fits tokenizer; return vocab size."""
     _check_tokenizer(tokenizer)
     tokenizer = cast(PreTrainedTokenizerBase, tokenizer)
@@ -244,7 +244,8 @@ def _check_masked_lm(model: object, tokenizer: object) -> int:
     return int(getattr(output, "out_features", None) or getattr(config, "vocab_size", embeddings))
 
 
-def _check_int(value: object, argument: str, low: int, high: int | None, high_name: str) -> None:
+def check_int(value: object, argument: str, low: int, high: int | None, high_name: str) -> None:
+    """Raise InputError unless ``value`` is an int in [low, high] (``high_name`` names the bound)."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
     if ok and high is not None:
         ok = value <= high  # type: ignore[operator]
@@ -297,7 +298,7 @@ def _mask_probabilities(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (text index, mask position, probabilities over the vocabulary (V,)) per mask."""
-    _check_int(batch_size, "batch_size", 1, None, "")
+    check_int(batch_size, "batch_size", 1, None, "")
     if tokenizer.pad_token_id is None:
         batch_size = 1  # nothing to pad with: one text per forward pass
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -328,7 +329,8 @@ def _mask_probabilities(
         model.train(was_training)
 
 
-def _example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.nn.Module) -> list[list[int]]:
+def example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.nn.Module) -> list[list[int]]:
+    """Training or scoring examples (texts, id rows or a dataset of chunks) as lists of ids."""
     column = examples["input_ids"] if hasattr(examples, "column_names") and \
         "input_ids" in examples.column_names else examples
     rows = _sequence(list(column) if not isinstance(column, (list, tuple)) else column, "examples")

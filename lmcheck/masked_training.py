@@ -20,7 +20,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from lmcheck.corpus import chunk_documents
 from lmcheck.defaults import DEFAULTS
-from lmcheck.masked import _check_int, _check_masked_lm, _example_ids
+from lmcheck.masked import check_int, check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
 
 __all__ = [
@@ -66,10 +66,10 @@ def train_masked_lm(
         only_masked_logits: compute the output layer only where ``labels != -100``; set False
             for a model whose ``get_output_embeddings()`` is not applied once to all positions.
     """
-    vocab = _check_masked_lm(model, tokenizer)
-    rows = _example_ids(tokenizer, examples, model)
-    _check_int(steps, "steps", 1, None, "")
-    _check_int(batch_size, "batch_size", 1, None, "")
+    vocab = check_masked_lm(model, tokenizer)
+    rows = example_ids(tokenizer, examples, model)
+    check_int(steps, "steps", 1, None, "")
+    check_int(batch_size, "batch_size", 1, None, "")
     collate = collator or DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
