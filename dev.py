@@ -4,6 +4,8 @@
     python3 dev.py tutorial   # make .venv if needed, install lmcheck, run `lmcheck tutorial`
     python3 dev.py test       # same environment, then run the test suite
     python3 dev.py bench      # same environment, then run the benchmarks
+    python3 dev.py gpu        # on a CUDA machine: the gpu-marked tests, then the benchmarks,
+                              # numbers and plots kept in gpu-results/
 
 Extra arguments go to the command (``python3 dev.py test -k chunk``). The environment is made
 once and reused; it is refreshed when pyproject.toml changes. ``LMCHECK_TORCH`` picks the torch
@@ -46,12 +48,27 @@ def main(argv: list[str]) -> int:
         "tutorial": [str(BIN / "lmcheck"), "tutorial"],
         "test": [str(BIN / "python"), "-m", "pytest"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
+        "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
     }
     if not argv or argv[0] not in commands:
         print(f"usage: python3 dev.py {{{'|'.join(commands)}}} [args...]", file=sys.stderr)
         return 2
     ensure_environment()
+    if argv[0] == "gpu":
+        return gpu(commands, argv[1:])
     return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+
+
+def gpu(commands: dict[str, list[str]], extra: list[str]) -> int:
+    """The GPU checks and the benchmarks, with their numbers and plots kept in gpu-results/."""
+    out = ROOT / "gpu-results"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "LMCHECK_GPU_OUT": str(out)}
+    tests = subprocess.run([*commands["gpu"], f"--junitxml={out / 'gpu-tests.xml'}", *extra],
+                           cwd=ROOT, env=env).returncode
+    bench = subprocess.run([*commands["bench"], f"--benchmark-json={out / 'benchmarks.json'}"],
+                           cwd=ROOT, env=env).returncode
+    return tests or bench
 
 
 if __name__ == "__main__":
