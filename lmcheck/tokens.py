@@ -145,49 +145,78 @@ def inspect_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenTable:
 
 
 def round_trip(
-    tokenizer: PreTrainedTokenizerBase, texts: str | Iterable[str], *, name: str = "round_trip"
+    tokenizer: PreTrainedTokenizerBase, texts: str | Iterable[str], *, allow_unknown: bool = False,
+    name: str = "round_trip",
 ) -> Result:
     """Check that decoding the encoding gives the text back.
 
     Byte-level BPE (GPT-2) must return the text exactly. Other tokenizers normalise (lower-case,
     strip accents, split punctuation), so for them the check is that the decoded text encodes
-    to the same ids again.
+    to the same ids again, and that nothing was lost to the unknown token: ``[UNK]`` decodes and
+    re-encodes to itself, yet the characters behind it are gone.
+
+    Args:
+        allow_unknown: count unknown tokens (``metrics["unknown_tokens"]``) without failing.
     """
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items:
         raise InputError("'texts' must hold at least one string (got an empty collection)")
     byte_level = _is_byte_level(tokenizer)
+    unk_id = getattr(tokenizer, "unk_token_id", None)
     failures: list[dict[str, Any]] = []
+    unknown_total = 0
     for index, text in enumerate(items):
         _check_text(text, f"texts[{index}]")
         # verbose=False: long documents are expected here, not a mistake worth a warning
         ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
         decoded = tokenizer.decode(ids)
+        unknown = ids.count(unk_id) if unk_id is not None and not byte_level else 0
+        unknown_total += unknown
         if byte_level:
             if decoded != text:
                 failures.append({"index": index, **_first_difference(text, decoded)})
-        else:
-            again = tokenizer.encode(decoded, add_special_tokens=False, verbose=False)
-            if again != ids:
-                failures.append({"index": index, **_first_difference(ids, again)})
-    mode = "exact text" if byte_level else "same ids after decode and re-encode"
+            continue
+        again = tokenizer.encode(decoded, add_special_tokens=False, verbose=False)
+        if again != ids:
+            failures.append({"index": index, **_first_difference(ids, again)})
+        elif unknown and not allow_unknown:
+            failures.append({"index": index, "unknown": unknown, "lost": _unknown_text(tokenizer, text)})
+    mode = ("exact text" if byte_level else "same ids after decode and re-encode"
+            + ("" if allow_unknown else ", nothing lost to the unknown token"))
     passed = not failures
     if passed:
         explanation = f"all {len(items)} texts round-trip ({mode})"
+        if unknown_total:
+            explanation += f"; {unknown_total} unknown tokens allowed"
     else:
         first = failures[0]
-        explanation = (
-            f"{len(failures)} of {len(items)} texts do not round-trip ({mode}); text "
-            f"{first['index']} first differs at {first['at']}: {first['expected']!r} became "
-            f"{first['got']!r}"
+        where = (
+            f"{first['unknown']} pieces became {tokenizer.unk_token}, e.g. {first['lost']!r}"
+            if "unknown" in first else
+            f"first differs at {first['at']}: {first['expected']!r} became {first['got']!r}"
         )
+        explanation = (f"{len(failures)} of {len(items)} texts do not round-trip ({mode}); "
+                       f"text {first['index']}: {where}")
     return Result(
         name=name,
         passed=passed,
-        metrics={"texts": len(items), "failures": len(failures), "mode": mode},
+        metrics={"texts": len(items), "failures": len(failures), "mode": mode,
+                 "unknown_tokens": unknown_total},
         explanation=explanation,
         details=tuple(failures),
     )
+
+
+def _unknown_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """The source text behind the first unknown token (fast tokenizers give offsets)."""
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except (NotImplementedError, ValueError, TypeError):
+        return "?"
+    for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        if token_id == tokenizer.unk_token_id:
+            return text[start:stop]
+    return "?"
 
 
 def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -156,3 +156,13 @@ def test_a_local_tokenizer_folder_loads_through_auto_tokenizer(gpt2_tokenizer, t
     loaded = load_tokenizer(tmp_path)
     assert len(loaded) == 50257
     assert loaded("Swimming at the beach is")["input_ids"] == [10462, 27428, 379, 262, 10481, 318]
+
+
+def test_text_lost_to_the_unknown_token_fails_the_round_trip(bert_tokenizer, gpt2_tokenizer):
+    """Negative control: '[UNK]' decodes and re-encodes to itself, yet the llama is gone."""
+    text = "The llama 🦙 grazes."
+    result = round_trip(bert_tokenizer, text)
+    assert not result
+    assert "1 pieces became [UNK], e.g. '🦙'" in result.explanation
+    assert round_trip(bert_tokenizer, text, allow_unknown=True).metrics["unknown_tokens"] == 1
+    assert round_trip(gpt2_tokenizer, text)  # bytes: nothing is unknown
