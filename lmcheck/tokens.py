@@ -213,7 +213,7 @@ def _unknown_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except (NotImplementedError, ValueError, TypeError):
         return "?"
-    for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+    for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
         if token_id == tokenizer.unk_token_id:
             return text[start:stop]
     return "?"
