@@ -5,7 +5,7 @@
     python3 dev.py test       # same environment, then run the test suite
     python3 dev.py bench      # same environment, then run the benchmarks
     python3 dev.py gpu        # on a CUDA machine: the gpu-marked tests, then the benchmarks,
-                              # numbers and plots kept in gpu-results/
+                              # numbers and plots kept in benchmarks/results/gpu/ (commit them)
 
 Extra arguments go to the command (``python3 dev.py test -k chunk``). The environment is made
 once and reused; it is refreshed when pyproject.toml changes. ``LMCHECK_TORCH`` picks the torch
@@ -60,9 +60,9 @@ def main(argv: list[str]) -> int:
 
 
 def gpu(commands: dict[str, list[str]], extra: list[str]) -> int:
-    """The GPU checks and the benchmarks, with their numbers and plots kept in gpu-results/."""
-    out = ROOT / "gpu-results"
-    out.mkdir(exist_ok=True)
+    """The GPU checks and the benchmarks; numbers and plots go to benchmarks/results/gpu/."""
+    out = ROOT / "benchmarks" / "results" / "gpu"  # tracked: commit what a GPU run measured
+    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LMCHECK_GPU_OUT": str(out)}
     tests = subprocess.run([*commands["gpu"], f"--junitxml={out / 'gpu-tests.xml'}", *extra],
                            cwd=ROOT, env=env).returncode
