@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     check.set_defaults(handler=_check)
 
+    golden = commands.add_parser("golden", help="compare the default recipe's losses with this device's golden values")
+    golden.add_argument("--update", action="store_true", help="record this device's values instead")
+    golden.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="with --update: run N times and store a tolerance covering the spread")
+    golden.add_argument("--steps", type=int, default=None, metavar="N", help="steps to record (default 10)")
+    golden.add_argument("--file", default=None, metavar="PATH", help="golden file (default: lmcheck's own)")
+    golden.set_defaults(handler=_golden)
+
     asset = commands.add_parser("assets", help="list, fetch or verify the offline assets")
     asset.add_argument("action", choices=("list", "fetch", "verify"))
     asset.add_argument("names", nargs="*", help="asset names (default: all)")
@@ -92,6 +100,24 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         report.text(f"results written to {write_results_json(report.results, args.json)}")
     return 0 if ok else 1
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from lmcheck import golden
+
+    path = args.file or golden.DEFAULT_GOLDEN
+    steps = args.steps or golden.GOLDEN_STEPS
+    if args.runs < 1:
+        raise LmcheckError(f"'--runs' must be at least 1 (got {args.runs})")
+    if args.update:
+        curves = [golden.default_recipe_curve(steps) for _ in range(args.runs)]
+        entry = golden.record_golden(curves, path, steps=steps, recipe=golden.RECIPE)
+        print(f"recorded {steps} losses for {golden.device_key()} in {path} "
+              f"(rtol {entry['rtol']:g}, measured spread {entry['measured_spread']:.3g} over {args.runs} runs)")
+        return 0
+    result = golden.matches_golden(golden.default_recipe_curve(steps), path)
+    print(result)
+    return 0 if result else 1
 
 
 def _assets(args: argparse.Namespace) -> int:

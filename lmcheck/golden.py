@@ -1,0 +1,161 @@
+"""Golden loss curves, keyed by device: catch a training setup that silently changed.
+
+A golden file holds the first training losses of a fixed recipe (the embedded default: same
+data, seed, model and optimizer), one entry per *device key* (``cpu-AVX512/torch-2.13``,
+``cuda-NVIDIA_H100_80GB_HBM3/torch-2.13``): kernels differ between devices and torch
+versions, so golden values from one never judge another (torchtune #2578, llm.c PR #615).
+A device without an entry is not a failure: :class:`GoldenMissingError` says how to record one
+(``lmcheck golden --update``), and the test suite skips with that reason.
+
+The comparison is llm.c's: step by step, ``|loss - golden| <= atol + rtol * |golden|``.
+``lmcheck golden --update --runs 3`` runs the recipe several times and stores a tolerance that
+covers the run-to-run spread it measured (Megatron's ``--recommend-tolerances``), never below
+the default ``rtol``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcheck.curves import LossCurve
+from lmcheck.errors import GoldenMissingError, InputError, describe
+from lmcheck.results import Result, headroom_below
+
+__all__ = [
+    "DEFAULT_GOLDEN",
+    "DEFAULT_RTOL",
+    "GOLDEN_STEPS",
+    "default_recipe_curve",
+    "device_key",
+    "matches_golden",
+    "record_golden",
+]
+
+DEFAULT_GOLDEN = Path(__file__).with_name("golden") / "pretrain-cpu-default.json"
+DEFAULT_RTOL = 1e-4  # torchtune's recipe tests use rtol 1e-4 on losses
+GOLDEN_STEPS = 10
+RECIPE = "the first steps of DEFAULTS['pretrain'] (chapter 4's CPU default), lean loop"
+
+
+def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
+    """The recipe the shipped golden file records: chapter 4's CPU default, first ``steps`` steps."""
+    from lmcheck.trainer import pretrain_default  # the loops sit beside, not below, this module
+
+    return pretrain_default(max_steps=steps, eval_every=steps, memorization_every=None,
+                            n_valid_chunks=1).curve
+
+
+def device_key(device: str | torch.device | None = None) -> str:
+    """Which golden entry applies here: the device (CPU instruction set or GPU name) and torch."""
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    chosen = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if chosen.type == "cuda":
+        name = torch.cuda.get_device_name(chosen).replace(" ", "_")
+        return f"cuda-{name}/torch-{torch_version}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"cpu-{platform.machine()}-{capability}/torch-{torch_version}"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"entries": {}}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise InputError(f"'path' {str(path)!r} is not a golden file (no 'entries' mapping)")
+    return data
+
+
+def matches_golden(
+    curve: LossCurve, path: str | os.PathLike[str] = DEFAULT_GOLDEN, *, key: str | None = None,
+    rtol: float | None = None, atol: float = 0.0,
+) -> Result:
+    """Compare a curve's first training losses with the golden ones recorded for this device.
+
+    Args:
+        curve: the run to check; it needs at least as many steps as the golden entry.
+        path: the golden file (default: the embedded default's, shipped with lmcheck).
+        key: the device key (default :func:`device_key`).
+        rtol: relative tolerance (default: the entry's own, else :data:`DEFAULT_RTOL`).
+
+    Raises:
+        GoldenMissingError: the file has no entry for this device key.
+    """
+    if not isinstance(curve, LossCurve):
+        raise InputError(f"'curve' must be a LossCurve (got {describe(curve)})")
+    target = Path(path)
+    key = key or device_key()
+    entry = _read(target)["entries"].get(key)
+    if entry is None:
+        raise GoldenMissingError(
+            f"no golden values for {key!r} in {target}: record them on this device with "
+            f"'lmcheck golden --update' (and commit the file)")
+    golden: list[float] = [float(v) for v in entry["train"]]
+    tolerance = float(entry.get("rtol", DEFAULT_RTOL)) if rtol is None else rtol
+    losses = [loss for _, loss in curve.train[: len(golden)]]
+    if len(losses) < len(golden):
+        return Result("matches_golden", False, {"steps": len(losses), "golden_steps": len(golden)},
+                      tolerance, None, f"the curve has {len(losses)} training losses, the golden "
+                      f"entry {len(golden)}: train at least that many steps")
+    rows = []
+    worst = 0.0  # largest |loss - golden| as a fraction of what was allowed at that step
+    for step, (loss, reference) in enumerate(zip(losses, golden, strict=True), start=1):
+        allowed = atol + tolerance * abs(reference)
+        used = abs(loss - reference) / allowed if allowed > 0 else (0.0 if loss == reference else math.inf)
+        used = used if math.isfinite(loss) else math.inf
+        worst = max(worst, used)
+        rows.append({"step": step, "loss": loss, "golden": reference, "allowed": allowed, "used": used})
+    bad = next((row for row in rows if row["used"] > 1), None)
+    if bad is None:
+        explanation = (f"the first {len(golden)} training losses match the golden values for {key} "
+                       f"(within rtol {tolerance:g}; at most {worst:.0%} of the allowed difference)")
+    else:
+        explanation = (f"step {bad['step']}: loss {bad['loss']:.6f}, golden {bad['golden']:.6f} "
+                       f"for {key}, off by {abs(bad['loss'] - bad['golden']):.3g} (allowed "
+                       f"{bad['allowed']:.3g}): the data, seed, model, optimizer or kernels changed; "
+                       "if the change is intended, record new values with 'lmcheck golden --update'")
+    return Result("matches_golden", bad is None,
+                  {"key": key, "steps": len(golden), "rtol": tolerance, "atol": atol,
+                   "max_used_fraction": worst},
+                  tolerance, headroom_below(worst, 1.0), explanation, tuple(rows))
+
+
+def record_golden(
+    curves: Sequence[LossCurve], path: str | os.PathLike[str] = DEFAULT_GOLDEN, *,
+    steps: int, key: str | None = None, recipe: str = "",
+) -> dict[str, Any]:
+    """Store the first ``steps`` training losses of the first curve as this device's entry.
+
+    With several curves (repeated runs), the stored ``rtol`` covers four times the largest
+    relative spread between them, and never less than :data:`DEFAULT_RTOL`. Returns the entry.
+    """
+    if not curves or not all(isinstance(c, LossCurve) for c in curves):
+        raise InputError(f"'curves' must be a non-empty list of LossCurve (got {describe(curves)})")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"'steps' must be an int >= 1 (got {describe(steps)})")
+    runs = [[loss for _, loss in c.train[:steps]] for c in curves]
+    if any(len(run) < steps or not all(map(math.isfinite, run)) for run in runs):
+        raise InputError(f"'curves' must each hold {steps} finite training losses")
+    reference = runs[0]
+    spread = max((abs(v - r) / abs(r) for run in runs[1:] for v, r in zip(run, reference, strict=True)),
+                 default=0.0)
+    entry = {"train": reference, "rtol": max(DEFAULT_RTOL, 4 * spread), "measured_spread": spread,
+             "runs": len(runs), "recorded": date.today().isoformat(), "torch": torch.__version__}
+    target = Path(path)
+    data = _read(target)
+    data["recipe"] = recipe or data.get("recipe", "")
+    data["entries"][key or device_key()] = entry
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, target)
+    return entry
