@@ -115,24 +115,32 @@ def greedy_matches_generate(
             output_logits=True, **settings)
     gen_tokens = generated.sequences[:, ids.shape[1]:].cpu()  # (B, <= N)
     gen_logits = torch.stack(generated.logits, dim=1).float().cpu()  # (B, <= N, V)
-    rows, max_diff = _compare_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol)
+    # a row that met eos is padded with the pad id while the batch goes on
+    eos = () if neutralize else _eos_ids(getattr(model, "generation_config", None))
+    rows, max_diff = _compare_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol,
+                                   sides=("hand", "generate"), eos_ids=eos, pad=pad)
     named = ", ".join(overrides) or "none"
     failures = [r for r in rows if r["verdict"] == "mismatch"]
     ties = [r for r in rows if r["verdict"] == "tie"]
     passed = not failures
     where = "neutralised" if neutralize else "left in force"
     if passed:
+        tied = ""
+        if ties:
+            t = ties[0]
+            tied = (f" ({_count(ties, 'row')} part at a tie; the first: row {t['row']}, step "
+                    f"{t['step']}, the hand loop {_token(tokenizer, t['hand_token'])}, generate "
+                    f"{_token(tokenizer, t['generate_token'])}, top-2 gap {t['gap']:.3g} <= {tol:g})")
         explanation = (f"{_count(rows, 'prompt')} x {max_new_tokens} tokens: the hand loop equals "
-                       "generate" + (f" ({_count(ties, 'row')} part at a tie)" if ties else "")
-                       + f"; generation_config overrides {where}: {named}")
+                       f"generate{tied}; generation_config overrides {where}: {named}")
     else:
         first = failures[0]
-        chosen = f"{first['hand_token']} ({tokenizer.decode([first['hand_token']])!r})"
+        chosen = _token(tokenizer, first["hand_token"])
         if first["generate_token"] < 0:
             what = f"generate stopped (eos) where the hand loop went on with {chosen}"
         else:
-            what = (f"generate chose {first['generate_token']} "
-                    f"({tokenizer.decode([first['generate_token']])!r}), the hand loop {chosen}; the "
+            what = (f"generate chose {_token(tokenizer, first['generate_token'])}, the hand loop "
+                    f"{chosen}; the "
                     f"hand loop's logits for the two differ by {first['gap']:.3g}, more than the tie "
                     f"tolerance {tol:g}")
         explanation = (
@@ -140,20 +148,34 @@ def greedy_matches_generate(
             f"generation_config overrides {where}: {named}"
             + ("" if neutralize or not overrides else " (pass them explicitly to generate, or use "
                "neutralize=True)"))
-    # How close it came to failing: a token flips once the two paths' logits differ by as much
-    # as the closest decision's margin (the smallest top-2 gap of the hand loop). On failure,
-    # how far the parting step's gap went past the tie tolerance.
+    # How close it came to failing, in [0, 1] on a pass:
+    # - a row that parted at a tie: headroom_below(its gap, tol), how near the gap came to tol;
+    # - elsewhere only steps whose top-2 gap exceeds tol count (a flip there is a failure; one
+    #   at or below tol is a tie). A flip needs the two paths' logits to differ by about half
+    #   the gap, so the margin is max(0, headroom_below(2 * max_logit_diff, closest such gap)),
+    #   1.0 where there is no such step;
+    # - the headroom is the least of these. On failure: how far the parting step's gap went
+    #   past the tie tolerance (-inf for an eos stop).
     top2 = hand.logits.topk(2, dim=-1).values  # (B, N, 2)
-    closest_gap = float((top2[..., 0] - top2[..., 1]).min())
+    gaps = top2[..., 0] - top2[..., 1]  # (B, N)
+    closest_gap = float(gaps.min())
+    shared = torch.ones_like(gaps, dtype=torch.bool)  # (B, N): steps both paths reach alike
+    for r in ties:
+        shared[r["row"], r["step"]:] = False
+    decisive = gaps[shared & (gaps > tol)]
+    closest_decisive = float(decisive.min()) if decisive.numel() else None
+    margin = 1.0 if closest_decisive is None else max(0.0, headroom_below(2 * max_diff, closest_decisive))
     if passed:
-        headroom = headroom_below(max_diff, closest_gap) if closest_gap > 0 else None
+        headroom = min([margin] + [headroom_below(r["gap"], tol) for r in ties])
     else:
         headroom = headroom_below(max(r["gap"] for r in failures), tol)
     return Result(
         name="greedy_matches_generate", passed=passed,
         metrics={"prompts": len(rows), "max_new_tokens": max_new_tokens, "ties": len(ties),
                  "mismatches": len(failures), "max_logit_diff": max_diff,
-                 "closest_top2_gap": closest_gap,
+                 "closest_top2_gap": closest_gap, "closest_decisive_top2_gap": closest_decisive,
+                 "headroom_rule": "min(1 - gap/tie_atol per tie, max(0, 1 - 2 * max_logit_diff / "
+                                  "closest_decisive_top2_gap)); the latter is 1 if no gap > tie_atol",
                  "generation_config_overrides": overrides, "neutralized": neutralize},
         threshold=tol, headroom=headroom, explanation=explanation, details=tuple(rows))
 
@@ -166,10 +188,19 @@ def kv_cache_matches_full(
 
     The cached greedy loop runs first; then at each step the sequence so far is run again
     without a cache. Step 0 is the prompt pass (no cache read yet); later steps read the cache.
+    A model that returns no cache fails: the loop would re-feed the whole sequence, and the two
+    sides would be one computation.
     """
     cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
                            attention_mask=attention_mask, use_cache=True)
     tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    if not cached.cache_used:  # the loop fell back to full recomputation: both sides are one
+        return Result(
+            name="kv_cache_matches_full", passed=False,
+            metrics={"cache_used": False, "steps": max_new_tokens, "dtype": str(_dtype(model))},
+            threshold=tol, headroom=None,
+            explanation="the model returned no KV cache (neither `cache` nor `past_key_values`): "
+                        "there is nothing to compare")
     rows = []
     with eval_mode(model), torch.no_grad():
         for step in range(max_new_tokens):
@@ -195,7 +226,7 @@ def kv_cache_matches_full(
     return Result(
         name="kv_cache_matches_full", passed=not bad,
         metrics={"max_abs_diff": worst["max_abs_diff"], "worst_step": worst["step"],
-                 "steps": max_new_tokens, "dtype": str(_dtype(model))},
+                 "steps": max_new_tokens, "dtype": str(_dtype(model)), "cache_used": True},
         threshold=tol, headroom=headroom_below(worst["max_abs_diff"], tol),
         explanation=explanation, details=tuple(rows))
 
@@ -208,7 +239,8 @@ def padding_invariance(
 
     Each prompt runs alone, then with the pads in front (masked out); the logits at every step
     until the tokens part must be within ``atol`` (default :data:`LOGIT_ATOL` for the dtype),
-    and the tokens may part only at a tie.
+    and the tokens may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``,
+    since logits that may each move by ``atol`` can flip two tokens that far apart.
     """
     if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
         raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
@@ -222,7 +254,7 @@ def padding_invariance(
         alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
         pairs.append((alone, greedy_decode(model, padded, max_new_tokens=max_new_tokens,
                                            attention_mask=mask), 0))
-    return _invariance("padding_invariance", f"with {pad_tokens} left pads", pairs, model,
+    return _invariance("padding_invariance", f"with {pad_tokens} left pads", "padded", pairs, model,
                        tokenizer, atol)
 
 
@@ -230,7 +262,11 @@ def batch_invariance(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
     max_new_tokens: int = 4, atol: float | None = None,
 ) -> Result:
-    """Check that a left-padded batch of prompts gives each prompt's logits and tokens alone."""
+    """Check that a left-padded batch of prompts gives each prompt's logits and tokens alone.
+
+    Logits must agree within ``atol`` (default :data:`LOGIT_ATOL` for the dtype) until the
+    tokens part, and they may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``.
+    """
     items = prompt_list(prompts)
     if len(items) < 2:
         raise InputError(f"'prompts' must hold at least 2 prompts to batch (got {len(items)})")
@@ -240,8 +276,8 @@ def batch_invariance(
     for row, text in enumerate(items):
         alone_ids, _ = encode_batch(tokenizer, [text])
         pairs.append((greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens), batched, row))
-    return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", pairs, model,
-                       tokenizer, atol)
+    return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", "batched",
+                       pairs, model, tokenizer, atol)
 
 
 def causality(
@@ -301,27 +337,36 @@ def causality(
     else:
         explanation = (f"{length} positions: changing later tokens moves earlier logits by at most "
                        f"{worst:.3g} (tolerance {tol:g}) and their gradients with respect to later "
-                       f"inputs are {max(r for r, _ in ratios):.3g} of the largest (zero expected)")
+                       f"inputs are {max(r for r, _ in ratios):.3g} of the largest (tolerance {grad_tol:g})")
+    max_ratio = max(r for r, _ in ratios)
     return Result(
         name="causality", passed=not leaks,
-        metrics={"max_logit_change": worst, "max_future_gradient_ratio": max(r for r, _ in ratios),
-                 "first_leaking_position": leaks[0] if leaks else None, "positions": length},
-        threshold=tol, headroom=headroom_below(worst, tol), explanation=explanation, details=rows)
+        metrics={"max_logit_change": worst, "max_future_gradient_ratio": max_ratio,
+                 "first_leaking_position": leaks[0] if leaks else None, "positions": length,
+                 "grad_tol": grad_tol},
+        # threshold: the logit criterion's; the headroom is the nearer of the two criteria
+        threshold=tol, headroom=min(headroom_below(worst, tol), headroom_below(max_ratio, grad_tol)),
+        explanation=explanation, details=rows)
 
 
 
 # --- shared by the probes ---------------------------------------------------------------------
 
-def _invariance(name: str, condition: str, pairs: list[tuple[GreedyOutput, GreedyOutput, int]],
-                model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                atol: float | None) -> Result:
-    """Compare each (alone, other, row of other) pair: logits until the tokens part, and tokens."""
+def _invariance(name: str, condition: str, side: str,
+                pairs: list[tuple[GreedyOutput, GreedyOutput, int]], model: torch.nn.Module,
+                tokenizer: PreTrainedTokenizerBase, atol: float | None) -> Result:
+    """Compare each (alone, other, row of other) pair: logits until the tokens part, and tokens.
+
+    ``side`` names the other computation in the details (``"padded"``: ``padded_token``). A
+    parting is a tie within ``max(TIE_ATOL, 2 * atol)``: the noise allowed may flip that much.
+    """
     tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
-    tie = _tolerance(TIE_ATOL, model)
+    tie = max(_tolerance(TIE_ATOL, model), 2 * tol)
     rows = []
     for index, (alone, other, row) in enumerate(pairs):
         (compared,), diff = _compare_rows(alone.new_tokens[:1], alone.logits[:1],
-                                          other.new_tokens[row: row + 1], other.logits[row: row + 1], tie)
+                                          other.new_tokens[row: row + 1], other.logits[row: row + 1], tie,
+                                          sides=("alone", side))
         last_token_diff = float((alone.logits[0, 0] - other.logits[row, 0]).abs().max())
         rows.append({**compared, "row": index, "max_logit_diff": diff,
                      "last_token_logit_diff": last_token_diff})
@@ -330,27 +375,39 @@ def _invariance(name: str, condition: str, pairs: list[tuple[GreedyOutput, Greed
     steps = pairs[0][0].logits.shape[1]
     if bad:
         first = bad[0]
+        above = "above" if first["max_logit_diff"] > tol else "within"
         explanation = (f"prompt {first['row']} {condition}: logits differ from the prompt alone by "
                        f"{first['max_logit_diff']:.3g} (at the last prompt token "
-                       f"{first['last_token_logit_diff']:.3g}), tolerance {tol:g}")
+                       f"{first['last_token_logit_diff']:.3g}), {above} the tolerance {tol:g}")
         if first["verdict"] == "mismatch":
-            explanation += (f"; greedy tokens part at step {first['step']}: "
-                            f"{tokenizer.decode([first['hand_token']])!r} alone, "
-                            f"{tokenizer.decode([first['generate_token']])!r} {condition}")
+            explanation += (f"; greedy tokens part at step {first['step']}, a top-2 gap of "
+                            f"{first['gap']:.3g} (more than the tie tolerance {tie:g}): "
+                            f"{tokenizer.decode([first['alone_token']])!r} alone, "
+                            f"{tokenizer.decode([first[side + '_token']])!r} {condition}")
     else:
         explanation = (f"{_count(rows, 'prompt')} {condition}: logits within {tol:g} of each prompt alone "
                        f"(largest {worst['max_logit_diff']:.3g}) and the same {steps} greedy tokens")
     return Result(name=name, passed=not bad,
-                  metrics={"prompts": len(rows), "max_logit_diff": worst["max_logit_diff"],
+                  metrics={"prompts": len(rows), "max_logit_diff": worst["max_logit_diff"], "tie_atol": tie,
                            "greedy_steps": steps, "mismatches": sum(r["verdict"] == "mismatch" for r in rows)},
-                  threshold=tol, headroom=headroom_below(worst["max_logit_diff"], tol),
+                  # a mismatch's gap > 2 * tol implies a logit difference > tol; the gaps are
+                  # kept so that the headroom is negative on every failure regardless
+                  threshold=tol, headroom=min([headroom_below(worst["max_logit_diff"], tol)]
+                                              + [headroom_below(r["gap"], tie) for r in bad
+                                                 if r["verdict"] == "mismatch"]),
                   explanation=explanation,
                   details=tuple(rows))
 
 
 def _compare_rows(tokens_a: torch.Tensor, logits_a: torch.Tensor, tokens_b: torch.Tensor,
-                  logits_b: torch.Tensor, tie: float) -> tuple[list[dict[str, Any]], float]:
+                  logits_b: torch.Tensor, tie: float, *, sides: tuple[str, str],
+                  eos_ids: Sequence[int] = (), pad: int | None = None,
+                  ) -> tuple[list[dict[str, Any]], float]:
     """Per row: the first step where the tokens part, and whether A's logits call it a tie.
+
+    ``sides`` names A and B in the records (``f"{side}_token"``). B stopped at eos (its token
+    recorded as -1, its gap inf) where B is shorter, or where B's row holds one of ``eos_ids``
+    at or before the parting step and only ``pad`` after it, as generate pads a stopped row.
 
     Returns the rows and the largest |logits_a - logits_b| over the steps both share a history.
     """
@@ -367,11 +424,31 @@ def _compare_rows(tokens_a: torch.Tensor, logits_a: torch.Tensor, tokens_b: torc
             step = parted[0] if parted else steps  # generate stopped early: eos
             a = int(tokens_a[row, step])
             b = int(tokens_b[row, step]) if step < tokens_b.shape[1] else -1
+            if b >= 0 and _stopped(tokens_b[row].tolist(), step, eos_ids, pad):
+                b = -1
             gap = float(logits_a[row, step, a] - logits_a[row, step, b]) if b >= 0 else float("inf")
-            record.update(step=step, hand_token=a, generate_token=b, gap=gap,
-                          verdict="tie" if gap <= tie else "mismatch")
+            record.update({"step": step, f"{sides[0]}_token": a, f"{sides[1]}_token": b, "gap": gap,
+                           "verdict": "tie" if gap <= tie else "mismatch"})
         rows.append(record)
     return rows, max_diff
+
+
+def _stopped(tokens: list[int], step: int, eos_ids: Sequence[int], pad: int | None) -> bool:
+    """Whether a row holds eos at or before ``step`` and only ``pad`` after that eos."""
+    first = next((s for s in range(step + 1) if tokens[s] in eos_ids), None)
+    return first is not None and all(t == pad for t in tokens[first + 1:])
+
+
+def _eos_ids(config: GenerationConfig | None) -> tuple[int, ...]:
+    """The eos ids a generation_config stops at (an int, a list, or None)."""
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
+
+
+def _token(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
+    return f"{token} ({tokenizer.decode([token])!r})"
 
 
 def _count(items: Sequence[Any], noun: str) -> str:

@@ -50,12 +50,16 @@ class GreedyOutput:
         logits: the logits each step's argmax was taken from, float32 ``(B, N, V)``.
         attention_mask: the mask extended by one per step, ``(B, T + N)``.
         prompt_length: T.
+        cache_used: True when the model returned a KV cache at every step, so each step after
+            the first fed only the new token; False with ``use_cache=False`` or when the model
+            returned no cache, in which case the loop re-fed the whole sequence instead.
     """
 
     sequences: torch.Tensor
     logits: torch.Tensor
     attention_mask: torch.Tensor
     prompt_length: int
+    cache_used: bool = False
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -88,6 +92,8 @@ def greedy_decode(
         input_ids: ``(B, T)`` or ``(T,)`` token ids, left-padded if rows differ in length.
         max_new_tokens: tokens to append, at least 1.
         use_cache: feed only the new token with ``past_key_values`` (True) or the whole sequence.
+            A model that returns no cache gets the whole sequence anyway; the output's
+            ``cache_used`` says which happened.
         attention_mask: ``(B, T)``, 0 at pads; None means all ones.
 
     Example:
@@ -106,15 +112,17 @@ def greedy_decode(
     prompt_length = ids.shape[1]
     steps: list[torch.Tensor] = []
     past = None
+    cache_used = use_cache
     with eval_mode(model), torch.no_grad():
         for _ in range(max_new_tokens):
             feed = ids[:, -1:] if past is not None else ids
             logits, past = model_forward(model, feed, mask, past, use_cache=use_cache)
+            cache_used = cache_used and past is not None  # no cache: the next step re-feeds all
             last = logits[:, -1, :].float()  # (B, V)
             steps.append(last.cpu())
             ids = torch.cat([ids, last.argmax(dim=-1, keepdim=True)], dim=1)  # (B, T + 1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return GreedyOutput(ids.cpu(), torch.stack(steps, dim=1), mask.cpu(), prompt_length)
+    return GreedyOutput(ids.cpu(), torch.stack(steps, dim=1), mask.cpu(), prompt_length, cache_used)
 
 
 

@@ -39,10 +39,9 @@ from lmcheck.tokens import load_tokenizer
 
 PROMPT = DEFAULTS["causal_prompt"]  # "Swimming at the beach is"
 # several prompts of different lengths, so that batches need left padding
-PROMPTS = (PROMPT, "The capital of France is", "def fibonacci(n):",
-           "Once upon a time, in a small village near the mountains, there lived")
+PROMPTS: tuple[str, ...] = DEFAULTS["causal_prompts"]
 # SmolLM2-135M-Instruct's greedy continuation, 20 tokens (ASSETS.md, checked with generate)
-SMOLLM2_CONTINUATION = " a great way to unwind and enjoy the beautiful scenery.\n\nThe beach is a great place"
+SMOLLM2_CONTINUATION: str = DEFAULTS["smollm2_continuation"]
 
 SmolLM2 = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -107,7 +106,8 @@ def test_hand_loop_equals_generate(smollm2: SmolLM2) -> None:
     assert result.metrics["generation_config_overrides"] == ["eos_token_id=2"]
     assert result.threshold == 1e-5  # fp32 tie tolerance
     # the two paths' logits differ by far less than the closest decision's top-2 margin
-    assert 0 < result.headroom <= 1
+    assert result.headroom is not None
+    assert 0 <= result.headroom <= 1
 
 
 def test_cache_equals_full_recomputation(smollm2: SmolLM2) -> None:

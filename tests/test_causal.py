@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from lmcheck.causal import (
     kv_cache_matches_full,
     padding_invariance,
 )
-from lmcheck.decoding import greedy_decode, next_token_logits
+from lmcheck.decoding import encode_batch, greedy_decode, next_token_logits
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.tokens import load_tokenizer
@@ -89,6 +90,44 @@ def _corrupt_cache(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], o
     return output
 
 
+class _NoCache(torch.nn.Module):
+    """Wraps a causal LM and returns its logits alone: no KV cache under either name."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs: Any) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.inner(**kwargs).logits)
+
+
+def _tie_top2_on_prompt_pass(module: torch.nn.Module, args: Any, kwargs: dict[str, Any],
+                             output: Any) -> Any:
+    """A forward hook: on the prompt pass (more than one new token) the two top logits at -1 tie exactly."""
+    if kwargs["input_ids"].shape[1] > 1:
+        last = output.logits[:, -1]  # (B, V)
+        top = last.topk(2, dim=-1).indices  # (B, 2)
+        last.scatter_(1, top[:, 1:], last.gather(1, top[:, :1]))
+    return output
+
+
+def _flip_top2_when_padded(amount: float) -> Any:
+    """A forward hook: where the mask holds pads, the top logit at -1 drops and the second rises by ``amount``."""
+    def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        if (kwargs["attention_mask"] == 0).any():
+            last = output.logits[:, -1]  # (B, V)
+            top = last.topk(2, dim=-1).indices  # (B, 2)
+            last.scatter_add_(1, top, torch.tensor([[-amount, amount]]).expand_as(top).to(last))
+        return output
+    return hook
+
+
+def _future_leak(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook on the embedding dropout: each position gains 1e-5 x the sum of later ones."""
+    later = output.flip(1).cumsum(1).flip(1) - output  # (B, T, D)
+    return output + 1e-5 * later
+
+
 @contextmanager
 def _generation_settings(model: PreTrainedModel, **settings: Any) -> Iterator[None]:
     """Temporarily put settings into the model's generation_config, as a Hub checkpoint may."""
@@ -118,6 +157,27 @@ def test_causality_catches_attention_that_sees_the_future(
     assert "position 0 of 6 sees the future" in result.explanation
     assert result.metrics["max_future_gradient_ratio"] > 1e-3
     assert causality(tiny_gpt2, ids), "the model is intact again"
+
+
+def test_causality_headroom_counts_a_leak_seen_only_by_the_gradient(
+    tiny_gpt2: GPT2LMHeadModel, gpt2_tokenizer_with_pad: PreTrainedTokenizerBase,
+) -> None:
+    """A leak of 1e-5 x the later embeddings moves logits less than atol, but not the gradient.
+
+    Regression: the headroom followed the logit criterion alone, so this failure had a positive one.
+    """
+    ids = gpt2_tokenizer_with_pad(PROMPT, return_tensors="pt").input_ids
+    handle = tiny_gpt2.transformer.drop.register_forward_hook(_future_leak)
+    try:
+        result = causality(tiny_gpt2, ids)
+    finally:
+        handle.remove()
+    assert not result
+    assert result.metrics["max_logit_change"] < result.threshold
+    assert result.metrics["max_future_gradient_ratio"] > result.metrics["grad_tol"] == 1e-6
+    assert result.headroom is not None
+    assert result.headroom < 0
+    assert "position 0 of 6 sees the future" in result.explanation
 
 
 def test_repetition_penalty_in_generation_config_is_named(smollm2: SmolLM2) -> None:
@@ -183,7 +243,62 @@ def test_a_parting_at_a_tie_passes_and_is_reported(
                                          max_new_tokens=8, neutralize=False, tie_atol=1e6)
     assert result, result.explanation
     assert result.metrics["ties"] == 1
-    assert "part at a tie" in result.explanation
+    assert "1 row part at a tie; the first: row 0, step" in result.explanation
+    assert "generate" in result.explanation.split("the first:")[1]
+    assert result.headroom is not None
+    assert 0 <= result.headroom <= 1
+
+
+def test_an_exact_tie_that_did_not_part_leaves_headroom_in_range(
+    tiny_gpt2: GPT2LMHeadModel, gpt2_tokenizer_with_pad: PreTrainedTokenizerBase,
+) -> None:
+    """A top-2 gap of exactly 0 (both paths pick the same token) gives a headroom in [0, 1], not None.
+
+    Regression: the headroom was max_diff over the closest gap, None at a gap of 0 and
+    negative where the closest gap was below the logit noise.
+    """
+    with _hooked(tiny_gpt2, post=_tie_top2_on_prompt_pass):
+        result = greedy_matches_generate(tiny_gpt2, gpt2_tokenizer_with_pad,
+                                         [PROMPT, "The capital of France is"], max_new_tokens=4)
+    assert result, result.explanation
+    assert result.metrics["closest_top2_gap"] == 0.0
+    assert result.metrics["closest_decisive_top2_gap"] > result.threshold
+    assert result.headroom is not None
+    assert 0 <= result.headroom <= 1
+
+
+def test_an_eos_stop_inside_a_batch_is_named(
+    tiny_gpt2: GPT2LMHeadModel, gpt2_tokenizer_with_pad: PreTrainedTokenizerBase,
+) -> None:
+    """Row 0 meets eos at step 0 while row 1 goes on: generate pads row 0, and that reads as a stop."""
+    prompts = ["Hi", "Once upon a time, in a small village"]
+    ids, mask = encode_batch(gpt2_tokenizer_with_pad, prompts)
+    tokens = greedy_decode(tiny_gpt2, ids, max_new_tokens=4, attention_mask=mask).new_tokens
+    eos = int(tokens[0, 0])
+    assert eos not in tokens[1].tolist()
+    assert eos != gpt2_tokenizer_with_pad.pad_token_id
+    with _generation_settings(tiny_gpt2, eos_token_id=eos):
+        result = greedy_matches_generate(tiny_gpt2, gpt2_tokenizer_with_pad, prompts,
+                                         max_new_tokens=4, neutralize=False)
+    assert not result
+    assert result.explanation.startswith("row 0, step 1 (from 0) of 4: generate stopped (eos)")
+    assert result.details[0]["generate_token"] == -1
+    assert result.details[1]["verdict"] == "equal"
+
+
+def test_kv_cache_check_fails_without_a_cache(
+    tiny_gpt2: GPT2LMHeadModel, gpt2_tokenizer_with_pad: PreTrainedTokenizerBase,
+) -> None:
+    """A model that returns no cache fails: the loop would recompute, so there is nothing to compare."""
+    ids = gpt2_tokenizer_with_pad(PROMPT, return_tensors="pt").input_ids
+    assert kv_cache_matches_full(tiny_gpt2, ids, max_new_tokens=3), "the intact model must pass first"
+    wrapped = _NoCache(tiny_gpt2)
+    assert not greedy_decode(wrapped, ids, max_new_tokens=3).cache_used
+    result = kv_cache_matches_full(wrapped, ids, max_new_tokens=3)
+    assert not result
+    assert result.explanation == ("the model returned no KV cache (neither `cache` nor "
+                                  "`past_key_values`): there is nothing to compare")
+    assert result.metrics["cache_used"] is False
 
 
 def test_kv_cache_check_catches_a_corrupted_cache(smollm2: SmolLM2) -> None:
@@ -216,6 +331,35 @@ def test_batch_check_catches_an_ignored_mask(
         result = batch_invariance(tiny_gpt2, gpt2_tokenizer_with_pad, prompts, max_new_tokens=2)
     assert not result
     assert result.explanation.startswith("prompt 0 in a left-padded batch of 2")
+
+
+def test_padding_check_counts_a_flip_within_the_allowed_noise_as_a_tie(
+    tiny_gpt2: GPT2LMHeadModel, gpt2_tokenizer_with_pad: PreTrainedTokenizerBase,
+) -> None:
+    """Padding moves two near-tied logits by 0.6 x their gap, within atol = the gap: a tie, a pass.
+
+    Regression: the tie tolerance was 1e-5 whatever atol allowed, so such a flip failed with a
+    positive headroom. Past atol it fails, and the headroom is negative.
+    """
+    ids = gpt2_tokenizer_with_pad(PROMPT, return_tensors="pt").input_ids
+    top2 = greedy_decode(tiny_gpt2, ids, max_new_tokens=1).logits[0, 0].topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap > 1e-4
+    with _hooked(tiny_gpt2, post=_flip_top2_when_padded(0.6 * gap)):
+        within = padding_invariance(tiny_gpt2, gpt2_tokenizer_with_pad, PROMPT, max_new_tokens=1,
+                                    atol=gap)
+        beyond = padding_invariance(tiny_gpt2, gpt2_tokenizer_with_pad, PROMPT, max_new_tokens=1,
+                                    atol=0.5 * gap)
+    assert within, within.explanation
+    assert within.details[0]["verdict"] == "tie"
+    assert within.details[0]["alone_token"] != within.details[0]["padded_token"]
+    assert within.metrics["tie_atol"] == pytest.approx(2 * gap)
+    assert within.headroom is not None
+    assert 0 < within.headroom < 1
+    assert not beyond
+    assert "above the tolerance" in beyond.explanation
+    assert beyond.headroom is not None
+    assert beyond.headroom < 0
 
 
 # --- the loop itself ---------------------------------------------------------------------------

@@ -22,10 +22,9 @@ from lmcheck.tokens import load_tokenizer
 TITLE = "Chapter 3: causal language models"
 
 # prompts of different lengths, so that a batch of them needs left padding
-PROMPTS = (DEFAULTS["causal_prompt"], "The capital of France is", "def fibonacci(n):",
-           "Once upon a time, in a small village near the mountains, there lived")
+PROMPTS: tuple[str, ...] = DEFAULTS["causal_prompts"]
 # SmolLM2-135M-Instruct's greedy continuation of the seed prompt, 20 tokens (ASSETS.md)
-SMOLLM2_CONTINUATION = " a great way to unwind and enjoy the beautiful scenery.\n\nThe beach is a great place"
+SMOLLM2_CONTINUATION: str = DEFAULTS["smollm2_continuation"]
 
 
 def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
