@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcheck.errors import InputError, check_int, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -106,6 +107,8 @@ def loss_decreases(
     losses up to step ``steps`` (default: the whole curve). Fails on a non-finite loss.
     """
     name = "loss_decreases"
+    _check_curve(curve, "curve")
+    check_int(window, "window", 1)
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     losses = [v for s, v in curve.train if steps is None or s <= steps]
@@ -129,6 +132,7 @@ def loss_decreases(
 def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | None = None) -> Result:
     """The training loss reaches ``max_loss`` (nats) or less within ``within_steps`` steps."""
     name = "overfits"
+    _check_curve(curve, "curve")
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     losses = [(s, v) for s, v in curve.train if within_steps is None or s <= within_steps]
@@ -157,6 +161,8 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
     training set, or future tokens through the attention mask.
     """
     name = "generalization_gap"
+    _check_curve(curve, "curve")
+    check_int(window, "window", 1)
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     if not curve.valid or not curve.train:
@@ -178,6 +184,7 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
 
 def finite_loss(curve: LossCurve) -> Result:
     """Every recorded training and validation loss is finite; a failure names the first bad step."""
+    _check_curve(curve, "curve")
     bad = _non_finite("finite_loss", curve)
     if bad is not None:
         return bad
@@ -193,6 +200,9 @@ def reproducible(
     On a CPU the default ``atol=0`` asks for bit-identical losses; GPU kernels may need a little.
     """
     name = "reproducible"
+    _check_curve(first, "first")
+    _check_curve(second, "second")
+    check_int(steps, "steps", 1)
     a, b = first.train[:steps], second.train[:steps]
     if len(a) < steps or len(b) < steps:
         return Result(name, False, {"lengths": [len(a), len(b)]}, atol, None,
@@ -210,6 +220,12 @@ def reproducible(
     return Result(name, bad is None, {"max_difference": worst, "first_bad_step": None if bad is None else a[bad][0]},
                   atol, None, explanation,
                   tuple({"step": s, "first": x, "second": y} for (s, x), (_, y) in zip(a, b, strict=True)))
+
+
+def _check_curve(curve: object, argument: str) -> None:
+    if not isinstance(curve, LossCurve):
+        raise InputError(f"'{argument}' must be a LossCurve (as pretrain records, or filled with "
+                         f"record_train) (got {describe(curve)})")
 
 
 def _non_finite(name: str, curve: LossCurve) -> Result | None:

@@ -27,7 +27,8 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lmcheck.cloze import ClozeCase
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.decoding import eval_mode, model_device
+from lmcheck.errors import InputError, ModelError, check_fraction, check_int, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -109,8 +110,7 @@ def mask_fill_accuracy(
     """
     vocab = check_masked_lm(model, tokenizer)
     check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
-        raise InputError(f"'threshold' must be a number from 0 to 1 (got {describe(threshold)})")
+    check_fraction(threshold, "threshold")
     if expect not in ("at_least", "at_most"):
         raise InputError(f"'expect' must be 'at_least' or 'at_most' (got {describe(expect)})")
     items = [_cloze_case(case, i) for i, case in enumerate(_sequence(cases, "cases"))]
@@ -173,24 +173,21 @@ def masked_loss_at_init(
         tolerance: allowed relative distance from ln(V) (default 0.1, i.e. 10%).
     """
     vocab = check_masked_lm(model, tokenizer)
+    check_int(batch_size, "batch_size", 1)
+    check_fraction(mlm_probability, "mlm_probability")
     rows = example_ids(tokenizer, examples, model)
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                batch = {k: v.to(device) for k, v in
-                         collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
-                labels = batch.pop("labels")  # (B, T)
-                logits = model(**batch).logits.float()  # (B, T, V)
-                total += float(torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum"))
-                count += int((labels != -100).sum())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in
+                     collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
+            labels = batch.pop("labels")  # (B, T)
+            logits = model(**batch).logits.float()  # (B, T, V)
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum"))
+            count += int((labels != -100).sum())
     loss, expected = total / max(count, 1), math.log(vocab)
     distance = abs(loss - expected) / expected
     passed = distance <= tolerance
@@ -244,16 +241,6 @@ def check_masked_lm(model: object, tokenizer: object) -> int:
     return int(getattr(output, "out_features", None) or getattr(config, "vocab_size", embeddings))
 
 
-def check_int(value: object, argument: str, low: int, high: int | None, high_name: str) -> None:
-    """Raise InputError unless ``value`` is an int in [low, high] (``high_name`` names the bound)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high  # type: ignore[operator]
-    if not ok:
-        bound = f"from {low} to {high_name}, {high}" if high is not None else f">= {low}"
-        raise InputError(f"'{argument}' must be an int {bound} (got {describe(value)})")
-
-
 def _sequence(value: object, argument: str) -> list[Any]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
         raise InputError(f"'{argument}' must be a non-empty list (got {describe(value)})")
@@ -303,10 +290,8 @@ def _mask_probabilities(
         batch_size = 1  # nothing to pad with: one text per forward pass
     limit = getattr(model.config, "max_position_embeddings", None)
     accepted = inspect.signature(model.forward).parameters
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # dropout off: predictions must not be random
-    try:
+    device = model_device(model)
+    with eval_mode(model):  # dropout off: predictions must not be random
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
             ids = encoded["input_ids"]  # (B, T)
@@ -325,8 +310,6 @@ def _mask_probabilities(
             for row, column in (ids == tokenizer.mask_token_id).nonzero().tolist():
                 probs = logits[row, column].float().softmax(-1)  # (V,)
                 yield start + row, column - int(left_pads[row]), probs
-    finally:
-        model.train(was_training)
 
 
 def example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.nn.Module) -> list[list[int]]:

@@ -19,8 +19,10 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from lmcheck.corpus import chunk_documents
+from lmcheck.decoding import model_device
 from lmcheck.defaults import DEFAULTS
-from lmcheck.masked import check_int, check_masked_lm, example_ids
+from lmcheck.errors import check_int
+from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
 
 __all__ = [
@@ -45,9 +47,11 @@ def train_masked_lm(
     lr: float = 1e-3, batch_size: int = 8, mlm_probability: float = 0.15, seed: int = 42,
     max_grad_norm: float = 1.0, collator: _Batch | None = None, only_masked_logits: bool = True,
 ) -> list[float]:
-    """Train ``model`` in place with the masked-LM objective; returns the loss of every step.
+    """Train ``model`` in place with the masked-LM objective; returns one loss per step.
 
-    The model is left in eval mode.
+    The list has ``steps`` entries: the training loss of each step, or NaN for a step whose
+    batch had no scored token (the collator masked nothing), which is skipped without an
+    optimizer update. The model is left in eval mode.
 
     Batches come from ``DataCollatorForLanguageModeling(mlm=True)``: 15% of the tokens are
     picked, 80% of those become the mask token, 10% a random token, 10% stay, and only they
@@ -73,7 +77,7 @@ def train_masked_lm(
     collate = collator or DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    device = next(model.parameters()).device
+    device = model_device(model)
     rng = random.Random(seed)
     selected: dict[str, torch.Tensor] = {}
     hook = None
@@ -117,7 +121,7 @@ class MemorizationRun(NamedTuple):
     """What :func:`memorize_chunks` returns."""
 
     model: torch.nn.Module  # trained, in eval mode
-    losses: list[float]  # training loss per step
+    losses: list[float]  # training loss per step (NaN for a skipped batch, see train_masked_lm)
     train_texts: list[str]  # the training chunks, decoded: cloze cases on them test memory
     heldout_texts: list[str]  # as many held-out chunks, decoded: cloze cases on them stay hard
 

@@ -14,7 +14,7 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +33,19 @@ from transformers.trainer_callback import PrinterCallback
 
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
+from lmcheck.decoding import eval_mode, model_device
 from lmcheck.defaults import DEFAULTS
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.errors import InputError, ModelError, check_int, describe
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
-from lmcheck.training import causal_batch, memorized_fraction
+from lmcheck.training import causal_batch, check_memorization_lengths, memorized_fraction
 
 __all__ = [
     "LossCurveCallback",
     "PretrainRun",
     "PretrainingData",
     "StopAtMemorization",
+    "causal_lm_collator",
     "check_model_fits",
     "pretrain",
     "pretrain_default",
@@ -137,6 +139,22 @@ def check_model_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             f"use a context of at most {positions} or a model with more positions")
 
 
+def causal_lm_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForLanguageModeling:
+    """The collator :func:`pretrain` uses by default: ``DataCollatorForLanguageModeling(mlm=False)``.
+
+    Labels are the inputs (the model shifts them), padding is labelled -100. A tokenizer without
+    a pad token (GPT-2) gets a copy whose pad token is its eos token; ``tokenizer`` is unchanged.
+    """
+    return DataCollatorForLanguageModeling(_with_pad_token(tokenizer), mlm=False)
+
+
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:  # GPT-2 has none; the collator needs one (pad = eos)
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def pretrain(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
     valid: datasets.Dataset, *, backend: str = "lean", lr: float = 3e-3, batch_size: int = 4,
@@ -149,29 +167,39 @@ def pretrain(
     Args:
         backend: ``"trainer"`` (Hugging Face Trainer) or ``"lean"`` (a plain loop). Both use
             AdamW (weight decay 0, constant learning rate), gradient clipping at 1.0, ``collator``
-            (default ``DataCollatorForLanguageModeling(mlm=False)``) and the same seed.
+            (default :func:`causal_lm_collator`) and the same seed.
         memorization_every: every this many steps, stop if every training chunk is memorized
             (``prefix_length`` tokens continue ``continuation_length`` tokens verbatim); None: never.
+            The two lengths must fit in a chunk.
         check_batch: refuse a first batch that fails :func:`~lmcheck.training.causal_batch`
             (a masked-LM collator, labels not the inputs, a mask that shows the future).
 
     Raises:
-        InputError: unknown backend or a first batch unfit for causal-LM training.
+        InputError: unknown backend, empty ``train`` or ``valid``, a count below 1, a prefix
+            plus continuation longer than the chunks, or a first batch unfit for causal-LM training.
         ModelError: model and tokenizer vocabularies differ; chunks longer than the model's positions.
     """
     if backend not in ("trainer", "lean"):
         raise InputError(f"'backend' must be 'trainer' or 'lean' (got {describe(backend)})")
+    for argument, chunks in (("train", train), ("valid", valid)):
+        if not isinstance(chunks, datasets.Dataset) or "input_ids" not in chunks.column_names or not len(chunks):
+            raise InputError(f"'{argument}' must be a non-empty datasets.Dataset of chunks with an "
+                             f"'input_ids' column, as pretraining_data makes (got {describe(chunks)})")
+    for argument, value in (("batch_size", batch_size), ("max_steps", max_steps), ("eval_every", eval_every),
+                            ("eval_batch_size", eval_batch_size)):
+        check_int(value, argument, 1)
     context_length = len(train[0]["input_ids"])
+    if memorization_every is not None:
+        check_int(memorization_every, "memorization_every", 1)
+        check_memorization_lengths(prefix_length, continuation_length, context_length)
     check_model_fits(model, tokenizer, context_length)
     if getattr(model, "loss_type", "") is None and not getattr(model.config, "is_encoder_decoder", False):
         # GPT2LMHeadModel's class name maps to no loss type, so the Trainer counts tokens over the
         # unshifted labels and reports (and optimises) the loss times (T-1)/T (transformers 5.24);
         # naming the type makes it count the T-1 real targets, so both loops record the same loss.
         model.loss_type = "ForCausalLM"
-    if tokenizer.pad_token is None:  # GPT-2 has none; the collator needs one (pad = eos)
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.pad_token = tokenizer.eos_token
-    collator = collator or DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    tokenizer = _with_pad_token(tokenizer)
+    collator = collator or causal_lm_collator(tokenizer)
     first = collator([{"input_ids": row} for row in train[:batch_size]["input_ids"]])
     if check_batch and not (verdict := causal_batch(first)):
         raise InputError(f"'collator' makes batches unfit for causal-LM training: {verdict.explanation}")
@@ -199,7 +227,7 @@ def pretrain(
     tokens = curve.steps * batch_size * context_length
     curve.metadata.update(wall_s=time.perf_counter() - started, train_s=train_seconds,
                           train_tokens=tokens, tokens_per_s=tokens / train_seconds if train_seconds else None,
-                          device=str(next(model.parameters()).device))
+                          device=str(model_device(model)))
     return curve
 
 
@@ -325,13 +353,12 @@ def _train_lean(
 @torch.no_grad()
 def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int) -> float:
     """Mean loss over validation chunks, batched by the training collator as the Trainer does."""
-    model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = 0.0
-    for part in valid_ids.split(batch_size):
-        batch = collator([{"input_ids": row.tolist()} for row in part])
-        total += model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item() * len(part)
-    model.train()
+    with eval_mode(model):
+        for part in valid_ids.split(batch_size):
+            batch = collator([{"input_ids": row.tolist()} for row in part])
+            total += model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item() * len(part)
     return total / len(valid_ids)
 
 
@@ -378,7 +405,3 @@ def pretrain_default(**overrides: Any) -> PretrainRun:
     curve.metadata.update(preset=preset if isinstance(preset, str) else dict(preset), data=data.description)
     return PretrainRun(model, tokenizer, data, curve, {**settings, "preset": preset, "dropout": dropout})
 
-
-def first_chunk_titles(data: PretrainingData, count: int = 3) -> Sequence[str]:
-    """Titles of the documents behind the first ``count`` training chunks (for reports)."""
-    return [data.split["train"][int(d)]["title"] for d in data.train["document"][:count]]

@@ -19,12 +19,13 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck.decoding import greedy_decode, model_device
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.decoding import eval_mode, greedy_decode, model_device
+from lmcheck.errors import InputError, ModelError, check_fraction, check_int, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
     "causal_batch",
+    "check_memorization_lengths",
     "gradient_flow",
     "loss_at_init",
     "memorized_fraction",
@@ -48,8 +49,16 @@ def loss_at_init(
     logits up to about unit scale. Far above means a badly scaled initialisation; far below
     means the model is not at initialisation or sees the answers.
     """
+    check_int(batch_size, "batch_size", 1)
     ids = _as_ids(input_ids, "input_ids")
     vocab = _output_size(model)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        row = int((ids == bad).any(dim=1).nonzero()[0])
+        raise InputError(f"'input_ids' must hold token ids from 0 to {vocab - 1}, the model's "
+                         f"vocabulary of {vocab:,} (got id {bad} in row {row}); tokenize with the "
+                         f"model's own tokenizer")
     expected = math.log(vocab)
     loss = mean_loss(model, ids, batch_size=batch_size)
     difference = loss - expected
@@ -75,9 +84,10 @@ def memorizes(
     article). Reports the verbatim rate (share of chunks whose whole continuation matches) and
     the per-token match rate; passes when the verbatim rate reaches ``min_verbatim_rate``.
     """
-    for argument, value in (("prefix_length", prefix_length), ("continuation_length", continuation_length)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"'{argument}' must be an int >= 1 (got {describe(value)})")
+    check_int(prefix_length, "prefix_length", 1)
+    check_int(continuation_length, "continuation_length", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_fraction(min_verbatim_rate, "min_verbatim_rate")
     ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=prefix_length + continuation_length)
     ids = ids[:, : prefix_length + continuation_length].to(model_device(model))
     prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
@@ -122,6 +132,7 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
     model's ``.grad`` fields are left untouched (gradients come from ``torch.autograd.grad``).
     """
     names = _parameters(model)
+    _check_batch(batch)
     problems = _frozen_problems(names, expect_frozen)
     trainable = [(n, p) for n, p in names.items() if p.requires_grad]
     rows: list[dict[str, Any]] = []
@@ -156,6 +167,8 @@ def params_update(
     copy (default ``AdamW(trainable parameters, lr=lr, weight_decay=0)``), so a user can pass
     their own: ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
     """
+    _parameters(model)
+    _check_batch(batch)
     trial = copy.deepcopy(model)
     names = _parameters(trial)
     problems = _frozen_problems(names, expect_frozen)
@@ -194,8 +207,13 @@ def causal_batch(
     A Hugging Face causal LM shifts labels itself, so ``labels`` must equal ``input_ids`` except
     at padding (``ignore_index``). A masked-LM collator fails this (most labels ignored, inputs
     replaced by a mask token), as do labels shuffled against their inputs. A 4-D
-    ``attention_mask`` (B, 1, T, T) must not let any position attend to a later one.
+    ``attention_mask`` (B, 1, T, T) must not let any position attend to a later one: a floating
+    mask is additive (0 = attend, a large negative number = blocked), a bool or integer mask
+    marks the allowed links with nonzero values (1 = attend, 0 = blocked).
     """
+    if not isinstance(batch, Mapping):
+        raise InputError(f"'batch' must be a mapping of tensors with 'input_ids' and 'labels', as a "
+                         f"collator returns (got {describe(batch)})")
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise InputError(f"'batch' must have {key!r} (got keys {sorted(batch)})")
@@ -216,7 +234,7 @@ def causal_batch(
                         f"{max_ignored_fraction:.0%}): this looks like a masked-LM batch "
                         f"(DataCollatorForLanguageModeling needs mlm=False for a causal LM)")
     if mask is not None and mask.dim() == 4:
-        allowed = mask.bool() if mask.dtype == torch.bool else mask == 0  # float masks: 0 = attend
+        allowed = mask == 0 if mask.is_floating_point() else mask.bool()  # float: additive; else nonzero = attend
         future = torch.triu(torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device), diagonal=1)
         leaks = allowed & future  # (B, 1, T, T)
         if leaks.any():
@@ -237,15 +255,13 @@ def causal_batch(
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 16) -> float:
     """Mean next-token loss (nats) of ``model`` on rows of token ids, in eval mode."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device = model_device(model)
-    for part in input_ids.split(batch_size):
-        part = part.to(device)
-        total += model(input_ids=part, labels=part).loss.float().item() * part.shape[0]
-        count += part.shape[0]
-    model.train(was_training)
+    with eval_mode(model):
+        for part in input_ids.split(batch_size):
+            part = part.to(device)
+            total += model(input_ids=part, labels=part).loss.float().item() * part.shape[0]
+            count += part.shape[0]
     return total / max(count, 1)
 
 
@@ -259,23 +275,55 @@ def memorized_fraction(
     Greedy decoding reproduces a continuation exactly when the argmax at each of its positions,
     given the true tokens before it, is the true next token; so one forward pass gives the same
     verbatim rate (ties aside) far faster than decoding. The training loops use it to stop early.
+
+    Raises:
+        InputError: ``input_ids`` is not a (N, T) tensor, or ``prefix_length +
+            continuation_length`` is more than the chunk length T.
     """
-    was_training = model.training
-    model.eval()
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise InputError(f"'input_ids' must be a (N, T) tensor of token ids (got {describe(input_ids)})")
+    check_memorization_lengths(prefix_length, continuation_length, input_ids.shape[1])
+    check_int(batch_size, "batch_size", 1)
     end = prefix_length + continuation_length
     hits = 0
-    for part in input_ids[:, :end].split(batch_size):
-        part = part.to(model_device(model))
-        logits = model(input_ids=part).logits  # (B, k + n, V)
-        predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
-        hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
-    model.train(was_training)
+    device = model_device(model)
+    with eval_mode(model):
+        for part in input_ids[:, :end].split(batch_size):
+            part = part.to(device)
+            logits = model(input_ids=part).logits  # (B, k + n, V)
+            predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
+            hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
     return hits / max(1, input_ids.shape[0])
+
+
+def check_memorization_lengths(prefix_length: object, continuation_length: object, chunk_length: int) -> None:
+    """Raise InputError unless a ``prefix_length``-token prefix and a ``continuation_length``-token
+    continuation (ints >= 1) fit in a chunk of ``chunk_length`` tokens.
+
+    Without this, a prefix as long as the chunk would leave nothing to compare, and an untrained
+    model would count as having memorized every chunk.
+    """
+    check_int(prefix_length, "prefix_length", 1)
+    check_int(continuation_length, "continuation_length", 1)
+    total = cast(int, prefix_length) + cast(int, continuation_length)
+    if total > chunk_length:
+        raise InputError(
+            f"'prefix_length' {prefix_length} + 'continuation_length' {continuation_length} must be "
+            f"at most the chunk length, {chunk_length} tokens (got {total}); use a shorter prefix "
+            f"or continuation, or longer chunks")
 
 
 def _greedy(model: torch.nn.Module, prefix: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation (B, new_tokens) of equal-length prefixes (B, k): the causal chapter's loop."""
     return greedy_decode(model, prefix, max_new_tokens=new_tokens).new_tokens.to(prefix.device)
+
+
+def _check_batch(batch: object) -> None:
+    """Raise InputError unless ``batch`` is a (B, T) tensor of ids or a mapping with ``input_ids``."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if not isinstance(ids, torch.Tensor):
+        raise InputError(f"'batch' must be a (B, T) tensor of token ids or a mapping of tensors with "
+                         f"'input_ids', as a collator returns (got {describe(batch)})")
 
 
 def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

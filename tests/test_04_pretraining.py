@@ -33,7 +33,7 @@ from lmcheck.curves import (
 from lmcheck.defaults import DEFAULTS
 from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import plot_loss_curve
-from lmcheck.trainer import PretrainRun, pretrain, pretrain_default
+from lmcheck.trainer import PretrainRun, causal_lm_collator, pretrain, pretrain_default
 from lmcheck.training import (
     causal_batch,
     gradient_flow,
@@ -97,18 +97,9 @@ def test_one_optimizer_step_changes_every_parameter(fresh_model, run: PretrainRu
 
 
 def test_the_batches_are_causal_lm_batches(run: PretrainRun) -> None:
-    """The collator (mlm=False) gives labels equal to the inputs; the model shifts them itself."""
-    from transformers import DataCollatorForLanguageModeling
-
-    tokenizer = run.tokenizer
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False) if tokenizer.pad_token else None
-    if collator is None:
-        import copy
-
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.pad_token = tokenizer.eos_token
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    batch = collator([{"input_ids": ids} for ids in run.data.train["input_ids"]])
+    """pretrain's collator (mlm=False) gives labels equal to the inputs; the model shifts them itself."""
+    batch = causal_lm_collator(run.tokenizer)([{"input_ids": ids} for ids in run.data.train["input_ids"]])
+    assert torch.equal(batch["labels"], batch["input_ids"])  # (4, 128): equal chunks, no padding
     result = causal_batch(batch)
     assert result, result.explanation
 

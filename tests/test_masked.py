@@ -214,6 +214,32 @@ def test_held_out_control_fails_when_the_model_knows_the_text(memorized_bert, be
     assert "exceeds 0.2; unexpectedly filled: case 0 " in result.explanation
 
 
+@pytest.mark.parametrize(
+    "probe",
+    [lambda m, t: fill_mask(m, t, SENTENCE),
+     lambda m, t: mask_fill_accuracy(m, t, [ClozeCase(SENTENCE, ("box",))]),
+     lambda m, t: masked_loss_at_init(m, t, [SENTENCE])],
+    ids=["fill_mask", "mask_fill_accuracy", "masked_loss_at_init"],
+)
+def test_a_failing_forward_leaves_the_model_in_training_mode(bert_tokenizer, probe):
+    """The probes switch to eval mode; an exception inside must not leave the user's model there."""
+    model = bert_from_scratch(bert_tokenizer, preset="bert-tiny-cpu", seed=0).train()
+
+    def fail(module, args, output):
+        raise RuntimeError("planted failure")
+
+    model.get_input_embeddings().register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        probe(model, bert_tokenizer)
+    assert model.training
+
+
+def test_threshold_out_of_range_is_refused(tiny_bert, bert_tokenizer):
+    """The accuracy bound is a share: a number from 0 to 1."""
+    with pytest.raises(InputError, match=re.escape("'threshold' must be a number from 0 to 1 (got 1.5 that is a float)")):
+        mask_fill_accuracy(tiny_bert, bert_tokenizer, [ClozeCase(SENTENCE, ("box",))], threshold=1.5)
+
+
 # --- masked_loss_at_init -----------------------------------------------------------------------
 
 def test_loss_at_init_fails_for_an_overconfident_head(bert_tokenizer, memorized_bert):

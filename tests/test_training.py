@@ -9,6 +9,8 @@ names the problem. Training runs here use a smaller setup than chapter 4 (32-tok
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -26,11 +28,19 @@ from lmcheck.curves import (
 )
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.trainer import PretrainRun, check_model_fits, pretrain_default, pretraining_data
+from lmcheck.trainer import (
+    PretrainRun,
+    check_model_fits,
+    pretrain,
+    pretrain_default,
+    pretraining_data,
+)
 from lmcheck.training import (
     causal_batch,
     gradient_flow,
     loss_at_init,
+    mean_loss,
+    memorized_fraction,
     memorizes,
     params_update,
 )
@@ -313,3 +323,134 @@ def test_memorizes_needs_rows_long_enough(model, batch) -> None:
 def test_expect_frozen_must_name_parameters(model, batch) -> None:
     with pytest.raises(InputError, match="'expect_frozen' must name parameters"):
         gradient_flow(model, batch, expect_frozen=["no.such.weight"])
+
+
+# ------------------------------------------------------------------ memorization lengths
+
+
+def test_a_prefix_and_continuation_longer_than_the_chunks_are_refused(model, batch, clean) -> None:
+    """32 + 32 asked of 32-token chunks: nothing would be compared and an untrained model would
+    count as memorized (the loop once stopped at step 5 with loss 10.25), so both refuse it."""
+    message = (r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length, "
+               r"32 tokens \(got 64\)")
+    with pytest.raises(InputError, match=message):
+        pretrain(model, clean.tokenizer, clean.data.train, clean.data.valid, max_steps=5)
+    with pytest.raises(InputError, match=message):
+        memorized_fraction(model, batch)
+    with pytest.raises(InputError, match=r"'prefix_length' 8 \+ 'continuation_length' 32 .* \(got 40\)"):
+        memorized_fraction(model, batch, prefix_length=8, continuation_length=32)  # once a bare RuntimeError
+    assert memorized_fraction(model, batch, prefix_length=8, continuation_length=24) == 0.0  # untrained
+
+
+# ------------------------------------------------------------------ eval mode restored
+
+
+@pytest.mark.parametrize("helper", [
+    lambda model, ids: mean_loss(model, ids),
+    lambda model, ids: memorized_fraction(model, ids, prefix_length=8, continuation_length=24),
+], ids=["mean_loss", "memorized_fraction"])
+def test_a_failing_forward_leaves_the_model_in_training_mode(helper, model, batch) -> None:
+    """The helpers switch to eval mode; an exception inside must not leave the user's model there."""
+    def fail(module, args, output):
+        raise RuntimeError("planted failure")
+
+    model.transformer.wte.register_forward_hook(fail)
+    model.train()
+    with pytest.raises(RuntimeError, match="planted failure"):
+        helper(model, batch)
+    assert model.training
+
+
+# ------------------------------------------------------------------ 4-D attention masks
+
+
+def _causal(length: int) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril()  # (T, T), True on and below the diagonal
+
+
+_T = 8
+_BLOCKED = torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize(("mask", "passes"), [
+    (_causal(_T).long(), True),
+    (torch.ones(_T, _T, dtype=torch.long), False),
+    (_causal(_T), True),
+    (torch.ones(_T, _T, dtype=torch.bool), False),
+    (torch.zeros(_T, _T).masked_fill(~_causal(_T), _BLOCKED), True),
+    (torch.zeros(_T, _T), False),
+], ids=["int-causal", "int-leaking", "bool-causal", "bool-leaking", "float-additive-causal",
+        "float-additive-leaking"])
+def test_causal_batch_reads_each_kind_of_4d_mask(mask: torch.Tensor, passes: bool) -> None:
+    """Bool and int masks: nonzero = attend; float masks are additive: 0 = attend, very negative = blocked."""
+    ids = torch.arange(2 * _T).reshape(2, _T)  # (B, T)
+    result = causal_batch({"input_ids": ids, "labels": ids.clone(),
+                           "attention_mask": mask.expand(2, 1, _T, _T)})  # (B, 1, T, T)
+    assert bool(result) is passes, result.explanation
+    if not passes:
+        assert "lets row 0, position 0 attend to later position 1" in result.explanation
+
+
+# ------------------------------------------------------------------ misuse names the argument
+
+
+@pytest.fixture(scope="module")
+def misuse(gpt2_tokenizer, clean: PretrainRun) -> SimpleNamespace:
+    """An untrained model and the small run's chunks: every call below must refuse before using them."""
+    train = clean.data.train
+    return SimpleNamespace(model=gpt2_from_scratch(gpt2_tokenizer, preset="gpt2-tiny-cpu"), tokenizer=gpt2_tokenizer,
+                           train=train, valid=clean.data.valid, ids=torch.tensor(train["input_ids"]))
+
+
+def _above_vocab(ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.clone()
+    ids[1, 5] = 50257
+    return ids
+
+
+MISUSE: list[tuple[str, Callable[[Any], object], str]] = [
+    ("pretrain-empty-train", lambda c: pretrain(c.model, c.tokenizer, c.train.select([]), c.valid),
+     r"'train' must be a non-empty datasets.Dataset of chunks .*\(got "),
+    ("pretrain-empty-valid", lambda c: pretrain(c.model, c.tokenizer, c.train, c.valid.select([])),
+     r"'valid' must be a non-empty datasets.Dataset of chunks .*\(got "),
+    ("pretrain-eval-every-0", lambda c: pretrain(c.model, c.tokenizer, c.train, c.valid, eval_every=0),
+     r"'eval_every' must be an int >= 1 \(got 0 that is a int\)"),
+    ("pretrain-batch-size-0", lambda c: pretrain(c.model, c.tokenizer, c.train, c.valid, batch_size=0),
+     r"'batch_size' must be an int >= 1 \(got 0 that is a int\)"),
+    ("memorizes-batch-size-0", lambda c: memorizes(c.model, None, c.ids, prefix_length=8, continuation_length=8,
+                                                   batch_size=0),
+     r"'batch_size' must be an int >= 1 \(got 0"),
+    ("memorizes-min-verbatim-rate-2", lambda c: memorizes(c.model, None, c.ids, prefix_length=8,
+                                                          continuation_length=8, min_verbatim_rate=2.0),
+     r"'min_verbatim_rate' must be a number from 0 to 1 \(got 2.0 that is a float\)"),
+    ("loss-at-init-batch-size-0", lambda c: loss_at_init(c.model, c.ids, batch_size=0),
+     r"'batch_size' must be an int >= 1 \(got 0"),
+    ("loss-at-init-id-above-vocab", lambda c: loss_at_init(c.model, _above_vocab(c.ids)),
+     r"'input_ids' must hold token ids from 0 to 50256, the model's vocabulary of 50,257 \(got id 50257 in row 1\)"),
+    ("params-update-list", lambda c: params_update(c.model, [[1, 2, 3]]),
+     r"'batch' must be a \(B, T\) tensor of token ids or a mapping .* \(got \[\[1, 2, 3\]\] that is a list\)"),
+    ("gradient-flow-str", lambda c: gradient_flow(c.model, "some text"),
+     r"'batch' must be a \(B, T\) tensor .* \(got 'some text' that is a str\)"),
+    ("causal-batch-tensor", lambda c: causal_batch(c.ids),
+     r"'batch' must be a mapping of tensors with 'input_ids' and 'labels'.* that is a Tensor\)"),
+    ("loss-decreases-window-0", lambda c: loss_decreases(LossCurve(), window=0),
+     r"'window' must be an int >= 1 \(got 0"),
+    ("generalization-gap-window-0", lambda c: generalization_gap(LossCurve(), window=0),
+     r"'window' must be an int >= 1 \(got 0"),
+    ("loss-decreases-list", lambda c: loss_decreases([10.0, 5.0]),
+     r"'curve' must be a LossCurve .*\(got \[10.0, 5.0\] that is a list\)"),
+    ("overfits-dict", lambda c: overfits({"train": []}), r"'curve' must be a LossCurve .*that is a dict\)"),
+    ("generalization-gap-none", lambda c: generalization_gap(None), r"'curve' must be a LossCurve .*that is a NoneType\)"),
+    ("finite-loss-list", lambda c: finite_loss([1.0]), r"'curve' must be a LossCurve .*that is a list\)"),
+    ("reproducible-second-list", lambda c: reproducible(LossCurve(), [1.0]),
+     r"'second' must be a LossCurve .*that is a list\)"),
+    ("reproducible-steps-0", lambda c: reproducible(LossCurve(), LossCurve(), steps=0),
+     r"'steps' must be an int >= 1 \(got 0"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), [case[1:] for case in MISUSE], ids=[case[0] for case in MISUSE])
+def test_misuse_names_the_argument_expected_and_got(misuse, call, message) -> None:
+    """Each misuse raises InputError naming the argument, what was expected and what came."""
+    with pytest.raises(InputError, match=message):
+        call(misuse)
