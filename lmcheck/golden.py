@@ -1,9 +1,9 @@
 """Golden loss curves, keyed by device: catch a training setup that silently changed.
 
 A golden file holds the first training losses of a fixed recipe (the embedded default: same
-data, seed, model and optimizer), one entry per *device key* (``cpu-AVX512/torch-2.13``,
-``cuda-NVIDIA_H100_80GB_HBM3/torch-2.13``): kernels differ between devices and torch
-versions, so golden values from one never judge another (torchtune #2578, llm.c PR #615).
+data, seed, model and optimizer), one entry per *device key* (``cpu-x86_64-AVX512/torch-2.13/transformers-5.24``,
+``cuda-NVIDIA_H100_80GB_HBM3/torch-2.13/transformers-5.24``): kernels differ between devices
+and library versions, so golden values from one never judge another (torchtune #2578, llm.c PR #615).
 A device without an entry is not a failure: :class:`GoldenMissingError` says how to record one
 (``lmcheck golden --update``), and the test suite skips with that reason.
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from lmcheck.curves import LossCurve
 from lmcheck.errors import GoldenMissingError, InputError, describe
@@ -55,15 +56,20 @@ def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
 
 
 def device_key(device: str | torch.device | None = None) -> str:
-    """Which golden entry applies here: the device (CPU instruction set or GPU name) and torch."""
-    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    """Which golden entry applies here: the device (CPU instruction set or GPU name), torch and
+    transformers (whose loss and initialisation code can change between minor releases)."""
+    versions = f"torch-{_minor(torch.__version__)}/transformers-{_minor(transformers.__version__)}"
     chosen = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if chosen.type == "cuda":
         name = torch.cuda.get_device_name(chosen).replace(" ", "_")
-        return f"cuda-{name}/torch-{torch_version}"
+        return f"cuda-{name}/{versions}"
     capability = torch.backends.cpu.get_cpu_capability()
-    return f"cpu-{platform.machine()}-{capability}/torch-{torch_version}"
+    return f"cpu-{platform.machine()}-{capability}/{versions}"
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -149,7 +155,8 @@ def record_golden(
     spread = max((abs(v - r) / abs(r) for run in runs[1:] for v, r in zip(run, reference, strict=True)),
                  default=0.0)
     entry = {"train": reference, "rtol": max(DEFAULT_RTOL, 4 * spread), "measured_spread": spread,
-             "runs": len(runs), "recorded": date.today().isoformat(), "torch": torch.__version__}
+             "runs": len(runs), "recorded": date.today().isoformat(), "torch": torch.__version__,
+             "transformers": transformers.__version__}
     target = Path(path)
     data = _read(target)
     data["recipe"] = recipe or data.get("recipe", "")

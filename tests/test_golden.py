@@ -39,7 +39,6 @@ def test_the_default_recipe_matches_this_devices_golden_values(recipe_curve):
     except GoldenMissingError as missing:
         pytest.skip(str(missing))
     assert result, result.explanation
-    assert 0 <= result.headroom <= 1
 
 
 def test_a_changed_loss_fails_and_names_the_step(tmp_path):
@@ -75,7 +74,7 @@ def test_the_shipped_file_has_an_entry_for_the_development_cpu():
     entries = json.loads(DEFAULT_GOLDEN.read_text())["entries"]
     assert any(key.startswith("cpu-") for key in entries)
     assert all(len(entry["train"]) == 10 for entry in entries.values())
-    assert device_key().endswith("/torch-" + ".".join(torch.__version__.split(".")[:2]))
+    assert "/torch-" + ".".join(torch.__version__.split(".")[:2]) + "/transformers-" in device_key()
 
 
 def test_the_golden_command_records_then_compares(tmp_path, capsys):

@@ -23,15 +23,13 @@ from lmcheck.causal import (
     kv_cache_matches_full,
     padding_invariance,
 )
+from lmcheck.defaults import DEFAULTS
 from lmcheck.results import Result
 
 __all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "run_causal_checks"]
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "Swimming at the beach is",
-    "The capital of France is",
-    "In 1905, Albert Einstein published four papers that",
-)
+# prompts of different lengths (so a batch needs left padding), shared with chapter 3
+DEFAULT_PROMPTS: tuple[str, ...] = tuple(DEFAULTS["causal_prompts"])
 
 Check = Callable[[torch.nn.Module, PreTrainedTokenizerBase, Sequence[str]], Result]
 

@@ -82,6 +82,11 @@ def _from_scratch(report: Report, tokenizer: Any, *, rows: int) -> None:
     shown = list(enumerate(run.losses))[::every] + [(len(run.losses) - 1, run.losses[-1])]
     report.text("training loss: " + ", ".join(f"step {i}: {loss:.2f}" for i, loss in shown)
                 + f"  (ln 30522 = {math.log(30522):.2f})")
+    last = [loss for loss in run.losses[-20:] if math.isfinite(loss)]
+    final = sum(last) / max(1, len(last))
+    report.result(expect("training_loss_falls", run.losses[0] > 9.0 and final < 1.0,
+                         f"from {run.losses[0]:.2f} to {final:.2f} (mean of the last 20 steps; "
+                         "needed: above 9 at the start, below 1 at the end)"))
 
     results = []
     for texts, name, threshold, direction in (

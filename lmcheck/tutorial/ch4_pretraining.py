@@ -8,10 +8,13 @@ import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
 from lmcheck.defaults import DEFAULTS
+from lmcheck.errors import GoldenMissingError
+from lmcheck.golden import matches_golden
 from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import Report, plot_loss_curve
-from lmcheck.trainer import pretrain_default
-from lmcheck.training import gradient_flow, loss_at_init, memorizes, params_update
+from lmcheck.trainer import causal_lm_collator, pretrain_default
+from lmcheck.training import causal_batch, gradient_flow, loss_at_init, memorizes, params_update
+from lmcheck.tutorial import expect
 
 TITLE = "Chapter 4: pretraining from scratch"
 
@@ -37,12 +40,22 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     report.result(gradient_flow(fresh, batch))
     report.result(params_update(fresh, batch, lr=settings["lr"]))
 
+    report.result(causal_batch(causal_lm_collator(tokenizer)(
+        [{"input_ids": ids} for ids in data.train["input_ids"]])))
+
     report.text(f"\nTraining ({curve.metadata['backend']} loop, lr {settings['lr']}, batch "
                 f"{settings['batch_size']}): stopped at step {curve.steps} ({curve.stop_reason}), "
                 f"{curve.metadata['tokens_per_s']:.0f} tokens/s")
     valid = dict(curve.valid)
     report.table(("step", "training loss", "validation loss"),
                  ((s, v, valid.get(s)) for s, v in curve.train if s % 5 == 0 or s == 1 or s == curve.steps))
+    report.result(expect("stopped_at_memorization", curve.stop_reason == "memorized",
+                         f"stopped at step {curve.steps} of at most {settings['max_steps']}: "
+                         f"{curve.stop_reason}"))
+    try:
+        report.result(matches_golden(curve))
+    except GoldenMissingError as missing:
+        report.text(f"(golden losses: {missing})")
     report.result(loss_decreases(curve))
     report.result(overfits(curve, max_loss=1.0, within_steps=settings["max_steps"]))
     report.result(finite_loss(curve))
