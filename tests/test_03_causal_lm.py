@@ -105,9 +105,12 @@ def test_hand_loop_equals_generate(smollm2: SmolLM2) -> None:
     assert result, result.explanation
     assert result.metrics["generation_config_overrides"] == ["eos_token_id=2"]
     assert result.threshold == 1e-5  # fp32 tie tolerance
-    # the two paths' logits differ by far less than the closest decision's top-2 margin
+    # the two paths' logits differ by far less than the closest decision's top-2 margin.
+    # Measured (SmolLM2, fp32, CPU): max_logit_diff 0.0, headroom 1.0; bounds: the fp32 tie
+    # tolerance, and logits that move by under a quarter of the closest decisive top-2 gap
+    assert result.metrics["max_logit_diff"] <= 1e-5
     assert result.headroom is not None
-    assert 0 <= result.headroom <= 1
+    assert result.headroom > 0.5
 
 
 def test_cache_equals_full_recomputation(smollm2: SmolLM2) -> None:

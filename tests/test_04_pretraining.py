@@ -10,7 +10,7 @@ On a CPU the embedded default (``DEFAULTS["pretrain"]``) does this with a 2-laye
 that keeps GPT-2's full 50,257-token vocabulary, trained by a lean AdamW loop on the first chunk
 of each of the first 4 training documents (the openings of "Android (robot)", "Alaska",
 "Anthropology" and "Achilles"). It stops as soon as all 4 chunks are memorized (32-token prefix,
-32 greedy tokens), in about 40 steps. ``pytest -m gpu`` runs the tutorial's own configuration
+32 greedy tokens), in 45 steps. ``pytest -m gpu`` runs the tutorial's own configuration
 (tests/test_04_gpu.py).
 """
 
@@ -88,6 +88,7 @@ def test_gradients_reach_every_parameter(fresh_model, run: PretrainRun) -> None:
     """One backward pass gives each of the 28 parameter tensors a finite, non-zero gradient."""
     result = gradient_flow(fresh_model, torch.tensor(run.data.train["input_ids"]))
     assert result, result.explanation
+    assert "all 28 trainable parameters" in result.explanation
 
 
 def test_one_optimizer_step_changes_every_parameter(fresh_model, run: PretrainRun) -> None:
@@ -105,9 +106,12 @@ def test_the_batches_are_causal_lm_batches(run: PretrainRun) -> None:
 
 
 def test_the_training_loss_falls(run: PretrainRun) -> None:
-    """The training loss drops by more than half: here from about 10.4 to below 0.6."""
+    """The training loss drops by more than half: the mean of the first 3, about 10.3, to below 0.6."""
     result = loss_decreases(run.curve, min_relative_drop=0.5)
     assert result, result.explanation
+    # measured on 2 CPU cores: 10.31 (steps 1-3) to 0.486 (steps 43-45), a 95% drop
+    assert 10.0 < result.metrics["first"] < 10.6
+    assert result.metrics["last"] < 0.6
     assert finite_loss(run.curve)
 
 
@@ -162,12 +166,15 @@ def test_the_trainer_and_the_lean_loop_record_the_same_losses(run: PretrainRun) 
         curves.append(pretrain(model, run.tokenizer, run.data.train, run.data.valid.select(range(2)),
                                backend=backend, lr=SETTINGS["lr"], batch_size=4, max_steps=3,
                                eval_every=3, memorization_every=None))
-    # each step sees all 4 chunks, in an order that differs between the two: sums agree to rounding
+    # each step sees all 4 chunks, in an order that differs between the two: sums agree to rounding.
+    # Measured: largest difference 9.5e-7 (step 3, fp32, 2 CPU cores); 1e-4 leaves 100x for other CPUs
     result = reproducible(curves[0], curves[1], steps=3, atol=1e-4)
     assert result, result.explanation
     assert [s for s, _ in curves[0].valid] == [s for s, _ in curves[1].valid] == [3]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bit-identical losses are a CPU property: "
+                    "CUDA's embedding backward is not deterministic")
 def test_training_is_reproducible(run: PretrainRun, gpt2_tokenizer) -> None:
     """The same seed gives bit-identical first losses on a CPU (atol 0)."""
     rerun = pretrain_default(tokenizer=gpt2_tokenizer, max_steps=3, memorization_every=None, n_valid_chunks=1)

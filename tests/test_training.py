@@ -248,7 +248,9 @@ def test_a_nan_mid_training_stops_the_run_and_names_the_step(gpt2_tokenizer, mod
     result = finite_loss(run.curve)
     assert not result
     assert "not finite at step 4 and training stopped there" in result.explanation
-    assert not loss_decreases(run.curve)
+    decreases = loss_decreases(run.curve)
+    assert not decreases
+    assert "training loss is not finite at step 4" in decreases.explanation
 
 
 # ------------------------------------------------------------------ the other probes' controls
@@ -285,6 +287,8 @@ def test_validation_data_in_training_fails_generalization_gap() -> None:
     assert not result
     assert result.headroom is not None
     assert result.headroom < 0
+    assert "validation fell with training" in result.explanation
+    assert "validation documents in the training data" in result.explanation
 
 
 # ------------------------------------------------------------------ bad input
