@@ -4,13 +4,14 @@ The loop itself, :func:`~lmcheck.decoding.greedy_decode`, lives in :mod:`lmcheck
 probes check the mismatches that users of such loops keep reporting (transformers #15206, #36536,
 #2401, #41060): a loop that differs from ``generate`` because the model's generation_config injects
 sampling or a penalty (:func:`greedy_matches_generate`), a cache that differs from full
-recomputation (:func:`kv_cache_matches_full`), padding or batching that changes outputs
-(:func:`padding_invariance`, :func:`batch_invariance`), and an attention mask that lets a position
-see the future (:func:`causality`).
+recomputation (:func:`kv_cache_matches_full`), and an attention mask that lets a position see the
+future (:func:`causality`). Padding or batching that changes outputs is checked in
+:mod:`lmcheck.invariance`.
 
-Tolerances depend on the dtype of the logits (:data:`LOGIT_ATOL`, :data:`TIE_ATOL`); greedy
-comparisons are tie-tolerant the way the transformers test suite is: two sequences may part only
-where the two top logits are within ``TIE_ATOL`` of each other.
+Tolerances depend on the dtype of the logits (:data:`~lmcheck.comparison.LOGIT_ATOL`,
+:data:`~lmcheck.comparison.TIE_ATOL`); greedy comparisons are tie-tolerant the way the
+transformers test suite is: two sequences may part only where the two top logits are within
+``TIE_ATOL`` of each other. Both live in :mod:`lmcheck.comparison`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from lmcheck.comparison import (
+    LOGIT_ATOL,
+    TIE_ATOL,
+    compare_greedy_rows,
+    count_phrase,
+    parameter_dtype,
+    tolerance_for,
+)
 from lmcheck.decoding import (
-    GreedyOutput,
     as_ids,
     check_causal_lm,
     check_context,
@@ -32,32 +40,15 @@ from lmcheck.decoding import (
     greedy_decode,
     model_device,
     model_forward,
-    pad_id,
-    prompt_list,
 )
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
-    "LOGIT_ATOL",
-    "TIE_ATOL",
-    "batch_invariance",
     "causality",
     "greedy_matches_generate",
     "kv_cache_matches_full",
-    "padding_invariance",
 ]
-
-# Largest absolute logit difference accepted between two computations that should agree (cache
-# vs none, padded vs alone), by parameter dtype. Measured on a 2-core x86 CPU: SmolLM2-135M
-# (logits up to 35) differs by up to 7.4e-5 in fp32 (10 prompts, 32 left pads) and 0.75 in bf16
-# (bf16's step is 0.25 at 32); GPT-2 124M by 5e-6 in fp32. The bounds are about 4x and 2.7x that;
-# fp16 (not measured) is bf16's bound over 8, their ratio of machine epsilons. A real bug (an
-# ignored mask, a stale cache) moves logits by 1e-2 or more in fp32.
-LOGIT_ATOL: dict[torch.dtype, float] = {torch.float32: 3e-4, torch.float16: 0.25, torch.bfloat16: 2.0}
-# Two top logits within this are a tie: either argmax is a correct greedy choice. fp32 follows
-# transformers' 1e-5; half precision scales it by the ratio of machine epsilons (x8192, x65536).
-TIE_ATOL: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 0.08, torch.bfloat16: 0.65}
 
 # generation_config fields that change what greedy decoding picks or when it stops, and the
 # value that makes them inert. generate fills every argument left at None from the model's own
@@ -101,7 +92,7 @@ def greedy_matches_generate(
     check_max_new_tokens(max_new_tokens)
     check_context(model, ids.shape[1], max_new_tokens)
     hand = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
-    tol = _tolerance(TIE_ATOL, model) if tie_atol is None else tie_atol
+    tol = tolerance_for(TIE_ATOL, model) if tie_atol is None else tie_atol
     overrides = _generation_overrides(getattr(model, "generation_config", None))
     # generate wants a pad id even where nothing is padded (rows of equal length)
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -117,8 +108,8 @@ def greedy_matches_generate(
     gen_logits = torch.stack(generated.logits, dim=1).float().cpu()  # (B, <= N, V)
     # a row that met eos is padded with the pad id while the batch goes on
     eos = () if neutralize else _eos_ids(getattr(model, "generation_config", None))
-    rows, max_diff = _compare_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol,
-                                   sides=("hand", "generate"), eos_ids=eos, pad=pad)
+    rows, max_diff = compare_greedy_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol,
+                                         sides=("hand", "generate"), eos_ids=eos, pad=pad)
     named = ", ".join(overrides) or "none"
     failures = [r for r in rows if r["verdict"] == "mismatch"]
     ties = [r for r in rows if r["verdict"] == "tie"]
@@ -128,10 +119,10 @@ def greedy_matches_generate(
         tied = ""
         if ties:
             t = ties[0]
-            tied = (f" ({_count(ties, 'row')} part at a tie; the first: row {t['row']}, step "
+            tied = (f" ({count_phrase(ties, 'row')} part at a tie; the first: row {t['row']}, step "
                     f"{t['step']}, the hand loop {_token(tokenizer, t['hand_token'])}, generate "
                     f"{_token(tokenizer, t['generate_token'])}, top-2 gap {t['gap']:.3g} <= {tol:g})")
-        explanation = (f"{_count(rows, 'prompt')} x {max_new_tokens} tokens: the hand loop equals "
+        explanation = (f"{count_phrase(rows, 'prompt')} x {max_new_tokens} tokens: the hand loop equals "
                        f"generate{tied}; generation_config overrides {where}: {named}")
     else:
         first = failures[0]
@@ -193,11 +184,11 @@ def kv_cache_matches_full(
     """
     cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
                            attention_mask=attention_mask, use_cache=True)
-    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
     if not cached.cache_used:  # the loop fell back to full recomputation: both sides are one
         return Result(
             name="kv_cache_matches_full", passed=False,
-            metrics={"cache_used": False, "steps": max_new_tokens, "dtype": str(_dtype(model))},
+            metrics={"cache_used": False, "steps": max_new_tokens, "dtype": str(parameter_dtype(model))},
             threshold=tol, headroom=None,
             explanation="the model returned no KV cache (neither `cache` nor `past_key_values`): "
                         "there is nothing to compare")
@@ -226,58 +217,9 @@ def kv_cache_matches_full(
     return Result(
         name="kv_cache_matches_full", passed=not bad,
         metrics={"max_abs_diff": worst["max_abs_diff"], "worst_step": worst["step"],
-                 "steps": max_new_tokens, "dtype": str(_dtype(model)), "cache_used": True},
+                 "steps": max_new_tokens, "dtype": str(parameter_dtype(model)), "cache_used": True},
         threshold=tol, headroom=headroom_below(worst["max_abs_diff"], tol),
         explanation=explanation, details=tuple(rows))
-
-
-def padding_invariance(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
-    pad_tokens: int = 8, max_new_tokens: int = 4, atol: float | None = None,
-) -> Result:
-    """Check that ``pad_tokens`` left pads change neither the logits nor the greedy tokens.
-
-    Each prompt runs alone, then with the pads in front (masked out); the logits at every step
-    until the tokens part must be within ``atol`` (default :data:`LOGIT_ATOL` for the dtype),
-    and the tokens may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``,
-    since logits that may each move by ``atol`` can flip two tokens that far apart.
-    """
-    if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
-        raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
-    items = prompt_list(prompts)
-    pad = pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
-    pairs = []
-    for text in items:
-        ids, _ = encode_batch(tokenizer, [text])
-        padded = torch.cat([torch.full((1, pad_tokens), pad), ids], dim=1)
-        mask = torch.cat([torch.zeros(1, pad_tokens, dtype=torch.long), torch.ones_like(ids)], dim=1)
-        alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
-        pairs.append((alone, greedy_decode(model, padded, max_new_tokens=max_new_tokens,
-                                           attention_mask=mask), 0))
-    return _invariance("padding_invariance", f"with {pad_tokens} left pads", "padded", pairs, model,
-                       tokenizer, atol)
-
-
-def batch_invariance(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-    max_new_tokens: int = 4, atol: float | None = None,
-) -> Result:
-    """Check that a left-padded batch of prompts gives each prompt's logits and tokens alone.
-
-    Logits must agree within ``atol`` (default :data:`LOGIT_ATOL` for the dtype) until the
-    tokens part, and they may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``.
-    """
-    items = prompt_list(prompts)
-    if len(items) < 2:
-        raise InputError(f"'prompts' must hold at least 2 prompts to batch (got {len(items)})")
-    ids, mask = encode_batch(tokenizer, items)
-    batched = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
-    pairs = []
-    for row, text in enumerate(items):
-        alone_ids, _ = encode_batch(tokenizer, [text])
-        pairs.append((greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens), batched, row))
-    return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", "batched",
-                       pairs, model, tokenizer, atol)
 
 
 def causality(
@@ -322,7 +264,7 @@ def causality(
             future = grad[:, t + 1:].abs().amax(dim=(0, 2))  # (T - t - 1,)
             ratios.append((float(future.max()) / past if past > 0 else float(future.max()),
                            t + 1 + int(future.argmax())))
-    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
+    tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
     grad_tol = 1e-6  # masked attention weights are exactly 0, so a causal model gives exactly 0
     leaks = [t for t in range(length - 1) if change[t] > tol or ratios[t][0] > grad_tol]
     rows = tuple({"position": t, "logit_change": change[t], "future_gradient_ratio": ratios[t][0],
@@ -350,94 +292,7 @@ def causality(
 
 
 
-# --- shared by the probes ---------------------------------------------------------------------
-
-def _invariance(name: str, condition: str, side: str,
-                pairs: list[tuple[GreedyOutput, GreedyOutput, int]], model: torch.nn.Module,
-                tokenizer: PreTrainedTokenizerBase, atol: float | None) -> Result:
-    """Compare each (alone, other, row of other) pair: logits until the tokens part, and tokens.
-
-    ``side`` names the other computation in the details (``"padded"``: ``padded_token``). A
-    parting is a tie within ``max(TIE_ATOL, 2 * atol)``: the noise allowed may flip that much.
-    """
-    tol = _tolerance(LOGIT_ATOL, model) if atol is None else atol
-    tie = max(_tolerance(TIE_ATOL, model), 2 * tol)
-    rows = []
-    for index, (alone, other, row) in enumerate(pairs):
-        (compared,), diff = _compare_rows(alone.new_tokens[:1], alone.logits[:1],
-                                          other.new_tokens[row: row + 1], other.logits[row: row + 1], tie,
-                                          sides=("alone", side))
-        last_token_diff = float((alone.logits[0, 0] - other.logits[row, 0]).abs().max())
-        rows.append({**compared, "row": index, "max_logit_diff": diff,
-                     "last_token_logit_diff": last_token_diff})
-    worst = max(rows, key=lambda r: r["max_logit_diff"])
-    bad = [r for r in rows if r["max_logit_diff"] > tol or r["verdict"] == "mismatch"]
-    steps = pairs[0][0].logits.shape[1]
-    if bad:
-        first = bad[0]
-        above = "above" if first["max_logit_diff"] > tol else "within"
-        explanation = (f"prompt {first['row']} {condition}: logits differ from the prompt alone by "
-                       f"{first['max_logit_diff']:.3g} (at the last prompt token "
-                       f"{first['last_token_logit_diff']:.3g}), {above} the tolerance {tol:g}")
-        if first["verdict"] == "mismatch":
-            explanation += (f"; greedy tokens part at step {first['step']}, a top-2 gap of "
-                            f"{first['gap']:.3g} (more than the tie tolerance {tie:g}): "
-                            f"{tokenizer.decode([first['alone_token']])!r} alone, "
-                            f"{tokenizer.decode([first[side + '_token']])!r} {condition}")
-    else:
-        explanation = (f"{_count(rows, 'prompt')} {condition}: logits within {tol:g} of each prompt alone "
-                       f"(largest {worst['max_logit_diff']:.3g}) and the same {steps} greedy tokens")
-    return Result(name=name, passed=not bad,
-                  metrics={"prompts": len(rows), "max_logit_diff": worst["max_logit_diff"], "tie_atol": tie,
-                           "greedy_steps": steps, "mismatches": sum(r["verdict"] == "mismatch" for r in rows)},
-                  # a mismatch's gap > 2 * tol implies a logit difference > tol; the gaps are
-                  # kept so that the headroom is negative on every failure regardless
-                  threshold=tol, headroom=min([headroom_below(worst["max_logit_diff"], tol)]
-                                              + [headroom_below(r["gap"], tie) for r in bad
-                                                 if r["verdict"] == "mismatch"]),
-                  explanation=explanation,
-                  details=tuple(rows))
-
-
-def _compare_rows(tokens_a: torch.Tensor, logits_a: torch.Tensor, tokens_b: torch.Tensor,
-                  logits_b: torch.Tensor, tie: float, *, sides: tuple[str, str],
-                  eos_ids: Sequence[int] = (), pad: int | None = None,
-                  ) -> tuple[list[dict[str, Any]], float]:
-    """Per row: the first step where the tokens part, and whether A's logits call it a tie.
-
-    ``sides`` names A and B in the records (``f"{side}_token"``). B stopped at eos (its token
-    recorded as -1, its gap inf) where B is shorter, or where B's row holds one of ``eos_ids``
-    at or before the parting step and only ``pad`` after it, as generate pads a stopped row.
-
-    Returns the rows and the largest |logits_a - logits_b| over the steps both share a history.
-    """
-    rows, max_diff = [], 0.0
-    for row in range(tokens_a.shape[0]):
-        steps = min(tokens_a.shape[1], tokens_b.shape[1])
-        parted = [s for s in range(steps) if tokens_a[row, s] != tokens_b[row, s]]
-        last = parted[0] if parted else steps - 1  # logits after a parting have other histories
-        if steps:
-            diff = (logits_a[row, : last + 1] - logits_b[row, : last + 1]).abs().max()
-            max_diff = max(max_diff, float(diff))
-        record: dict[str, Any] = {"row": row, "verdict": "equal", "step": None}
-        if parted or tokens_b.shape[1] < tokens_a.shape[1]:
-            step = parted[0] if parted else steps  # generate stopped early: eos
-            a = int(tokens_a[row, step])
-            b = int(tokens_b[row, step]) if step < tokens_b.shape[1] else -1
-            if b >= 0 and _stopped(tokens_b[row].tolist(), step, eos_ids, pad):
-                b = -1
-            gap = float(logits_a[row, step, a] - logits_a[row, step, b]) if b >= 0 else float("inf")
-            record.update({"step": step, f"{sides[0]}_token": a, f"{sides[1]}_token": b, "gap": gap,
-                           "verdict": "tie" if gap <= tie else "mismatch"})
-        rows.append(record)
-    return rows, max_diff
-
-
-def _stopped(tokens: list[int], step: int, eos_ids: Sequence[int], pad: int | None) -> bool:
-    """Whether a row holds eos at or before ``step`` and only ``pad`` after that eos."""
-    first = next((s for s in range(step + 1) if tokens[s] in eos_ids), None)
-    return first is not None and all(t == pad for t in tokens[first + 1:])
-
+# --- helpers of greedy_matches_generate ------------------------------------------------------
 
 def _eos_ids(config: GenerationConfig | None) -> tuple[int, ...]:
     """The eos ids a generation_config stops at (an int, a list, or None)."""
@@ -451,10 +306,6 @@ def _token(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
     return f"{token} ({tokenizer.decode([token])!r})"
 
 
-def _count(items: Sequence[Any], noun: str) -> str:
-    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
-
-
 def _generation_overrides(config: GenerationConfig | None) -> list[str]:
     """Settings of a generation_config that differ from plain greedy decoding, as 'name=value'."""
     if config is None:
@@ -465,12 +316,3 @@ def _generation_overrides(config: GenerationConfig | None) -> list[str]:
         if value is not None and value != neutral and not (key == "min_length" and value == 0):
             found.append(f"{key}={value!r}")
     return found
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _tolerance(table: dict[torch.dtype, float], model: torch.nn.Module) -> float:
-    """The tolerance for the model's parameter dtype (logits are compared in float32)."""
-    return table.get(_dtype(model), table[torch.float32])

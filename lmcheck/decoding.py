@@ -4,10 +4,10 @@ The loop is four lines: run the model, take the logits at position -1, append th
 ``input_ids``, extend the ``attention_mask`` by one. :func:`greedy_decode` is that loop, with or
 without a KV cache, for a left-padded batch; :func:`next_token_logits` is its first step.
 
-Below them sit the pieces :mod:`lmcheck.causal` imports rather than repeats: :func:`model_forward`
-(one model call, with positions that skip left pads and the cache under either name transformers
-uses), :func:`eval_mode`, :func:`model_device`, the checks of a model, ids, prompts and
-``max_new_tokens`` that raise :class:`~lmcheck.errors.InputError` or
+Below them sit the pieces :mod:`lmcheck.causal` and :mod:`lmcheck.invariance` import rather than
+repeat: :func:`model_forward` (one model call, with positions that skip left pads and the cache
+under either name transformers uses), :func:`eval_mode`, :func:`model_device`, the checks of a
+model, ids, prompts and ``max_new_tokens`` that raise :class:`~lmcheck.errors.InputError` or
 :class:`~lmcheck.errors.ModelError`, and :func:`encode_batch`, which pads prompts on the left.
 """
 
@@ -126,7 +126,7 @@ def greedy_decode(
 
 
 
-# --- shared with the probes in lmcheck.causal ------------------------------------------------
+# --- shared with the probes in lmcheck.causal and lmcheck.invariance -------------------------
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
                   *, use_cache: bool = True) -> tuple[torch.Tensor, Any]:

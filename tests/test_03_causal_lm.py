@@ -24,16 +24,11 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmcheck.causal import (
-    batch_invariance,
-    causality,
-    greedy_matches_generate,
-    kv_cache_matches_full,
-    padding_invariance,
-)
+from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError
+from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import gpt2_from_scratch, load_causal_lm
 from lmcheck.tokens import load_tokenizer
 

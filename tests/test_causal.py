@@ -1,5 +1,6 @@
-"""Library tests of lmcheck.causal and lmcheck.decoding: negative controls (broken models each
-probe must catch, with an explanation that locates the problem) and misuse (each a clear error)."""
+"""Library tests of lmcheck.causal, lmcheck.invariance and lmcheck.decoding: negative controls
+(broken models each probe must catch, with an explanation that locates the problem) and misuse
+(each a clear error)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,10 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lmcheck.causal import (
-    batch_invariance,
-    causality,
-    greedy_matches_generate,
-    kv_cache_matches_full,
-    padding_invariance,
-)
+from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.decoding import encode_batch, greedy_decode, next_token_logits
 from lmcheck.errors import InputError, ModelError
+from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.tokens import load_tokenizer
 

@@ -16,14 +16,9 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck.causal import (
-    batch_invariance,
-    causality,
-    greedy_matches_generate,
-    kv_cache_matches_full,
-    padding_invariance,
-)
+from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.defaults import DEFAULTS
+from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.results import Result
 
 __all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "run_causal_checks"]

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck.causal import (
-    batch_invariance,
-    causality,
-    greedy_matches_generate,
-    kv_cache_matches_full,
-    padding_invariance,
-)
+from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.decoding import greedy_decode
 from lmcheck.defaults import DEFAULTS
+from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import gpt2_from_scratch, load_smollm2
 from lmcheck.report import Report
 from lmcheck.results import Result
