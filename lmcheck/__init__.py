@@ -4,7 +4,9 @@ Every probe takes a model, a tokenizer and data, and returns a :class:`Result`::
 
     import lmcheck
     result = lmcheck.round_trip(lmcheck.load_tokenizer("gpt2"), ["Hello, world"])
-    assert result, result.explanation
+    print(result)  # [PASS] round_trip: all 1 texts round-trip (exact text)
+
+A result is truthy when it passed; in a test, ``assert result, result.explanation``.
 
 Names are imported lazily, so ``import lmcheck`` stays fast.
 """

@@ -1,10 +1,9 @@
 """The one result type that every probe returns.
 
 A probe never raises on a failed check: it returns ``Result(passed=False, ...)`` whose
-``explanation`` says what went wrong and where. The idiom in tests and in user code is::
-
-    result = lmcheck.causality(model, input_ids)
-    assert result, result.explanation
+``explanation`` says what went wrong and where. A result is truthy when it passed, so the
+idiom in tests and in user code is ``assert result, result.explanation``; outside tests,
+``if not result: print(result.explanation)``.
 """
 
 from __future__ import annotations
