@@ -85,17 +85,14 @@ def _tutorial(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from lmcheck.models import load_causal_lm
     from lmcheck.report import Report, write_results_json
-    from lmcheck.suite import CAUSAL_CHECKS, DEFAULT_PROMPTS, ensure_pad_token
+    from lmcheck.suite import DEFAULT_PROMPTS, load_model_for_checks, run_causal_checks
 
-    model, tokenizer = load_causal_lm(args.model)
-    ensure_pad_token(tokenizer)
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    model, tokenizer = load_model_for_checks(args.model)
     report = Report()
     report.title(f"lmcheck check {args.model}")
-    for check in CAUSAL_CHECKS.values():
-        report.result(check(model, tokenizer, prompts))
+    for result in run_causal_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS):
+        report.result(result)
     ok = report.summary()
     if args.json:
         report.text(f"results written to {write_results_json(report.results, args.json)}")

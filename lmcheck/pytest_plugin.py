@@ -87,12 +87,9 @@ def lmcheck_causal_lm(pytestconfig: pytest.Config) -> Any:
     name = pytestconfig.getoption("--lmcheck-model")
     if not name:
         pytest.skip("no model given: pass --lmcheck-model NAME_OR_PATH")
-    from lmcheck.models import load_causal_lm
-    from lmcheck.suite import ensure_pad_token
+    from lmcheck.suite import load_model_for_checks
 
-    model, tokenizer = load_causal_lm(name)
-    ensure_pad_token(tokenizer)
-    return model, tokenizer
+    return load_model_for_checks(name)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Turning results into something to read: a console report, JSON and Markdown.
+"""Turning results into something to read: a console report, JSON, and the loss-curve plot.
 
 Probes never print; the CLI and the pytest plugin hand their results to a :class:`Report`.
 """
@@ -20,7 +20,7 @@ from lmcheck.results import Result
 if TYPE_CHECKING:  # only for the annotation
     from lmcheck.curves import LossCurve
 
-__all__ = ["Report", "plot_loss_curve", "results_to_markdown", "write_results_json"]
+__all__ = ["Report", "plot_loss_curve", "write_results_json"]
 
 
 class Report:
@@ -88,15 +88,6 @@ def write_results_json(results: Iterable[Result], path: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return target
-
-
-def results_to_markdown(results: Iterable[Result]) -> str:
-    """A Markdown table of results, for CI summaries."""
-    lines = ["| check | result | headroom | explanation |", "|---|---|---|---|"]
-    for r in results:
-        explanation = r.explanation.replace("|", "\\|")
-        lines.append(f"| {r.name} | {'PASS' if r.passed else 'FAIL'} | {_cell(r.headroom)} | {explanation} |")
-    return "\n".join(lines)
 
 
 def plot_loss_curve(curve: LossCurve, path: str | Path, *, title: str | None = None) -> Path:

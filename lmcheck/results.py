@@ -8,7 +8,6 @@ idiom in tests and in user code is ``assert result, result.explanation``; outsid
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,9 +54,6 @@ class Result:
             "explanation": self.explanation,
             "details": _jsonable([dict(row) for row in self.details]),
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
         status = "PASS" if self.passed else "FAIL"

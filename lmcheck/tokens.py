@@ -239,11 +239,6 @@ def _check_text(text: object, argument: str) -> None:
         raise InputError(f"'{argument}' must be a non-empty str (got '')")
 
 
-def vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The number of ids the tokenizer can produce (added tokens included)."""
-    return len(tokenizer)
-
-
 def tokenizer_folder(name: str) -> Path:
     """Where an embedded tokenizer's files live (built on first use)."""
     _load_embedded(name)

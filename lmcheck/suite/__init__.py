@@ -19,9 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.defaults import DEFAULTS
 from lmcheck.invariance import batch_invariance, padding_invariance
+from lmcheck.models import load_causal_lm
 from lmcheck.results import Result
 
-__all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "run_causal_checks"]
+__all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "load_model_for_checks", "run_causal_checks"]
 
 # prompts of different lengths (so a batch needs left padding), shared with chapter 3
 DEFAULT_PROMPTS: tuple[str, ...] = tuple(DEFAULTS["causal_prompts"])
@@ -50,7 +51,10 @@ def run_causal_checks(
     return [check(model, tokenizer, prompts) for check in CAUSAL_CHECKS.values()]
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Padding needs a pad token; a causal LM without one pads with eos (masked out anyway)."""
+def load_model_for_checks(name_or_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The user's causal LM and tokenizer, ready for the checks: padding needs a pad token, so a
+    tokenizer without one pads with eos (the padded positions are masked out anyway)."""
+    model, tokenizer = load_causal_lm(name_or_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
