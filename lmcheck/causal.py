@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from lmcheck._finite import in_context, probe, require_finite
 from lmcheck.comparison import (
     LOGIT_ATOL,
     TIE_ATOL,
@@ -41,7 +42,7 @@ from lmcheck.decoding import (
     model_device,
     model_forward,
 )
-from lmcheck.errors import InputError, ModelError
+from lmcheck.errors import InputError, ModelError, check_number
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -68,6 +69,7 @@ NEUTRAL_GENERATION: dict[str, Any] = {
 }
 
 
+@probe("greedy_matches_generate")
 def greedy_matches_generate(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
     max_new_tokens: int = 20, neutralize: bool = True, tie_atol: float | None = None,
@@ -88,10 +90,13 @@ def greedy_matches_generate(
     generate: Callable[..., Any] | None = getattr(model, "generate", None)
     if not callable(generate):
         raise ModelError(f"'model' must have a generate() method (got a {type(model).__name__})")
+    if tie_atol is not None:
+        check_number(tie_atol, "tie_atol", low=0)
     ids, mask = encode_batch(tokenizer, prompts)
     check_max_new_tokens(max_new_tokens)
     check_context(model, ids.shape[1], max_new_tokens)
-    hand = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
+    with in_context("the hand loop (row = prompt)"):
+        hand = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
     tol = tolerance_for(TIE_ATOL, model) if tie_atol is None else tie_atol
     overrides = _generation_overrides(getattr(model, "generation_config", None))
     # generate wants a pad id even where nothing is padded (rows of equal length)
@@ -106,6 +111,7 @@ def greedy_matches_generate(
             output_logits=True, **settings)
     gen_tokens = generated.sequences[:, ids.shape[1]:].cpu()  # (B, <= N)
     gen_logits = torch.stack(generated.logits, dim=1).float().cpu()  # (B, <= N, V)
+    require_finite(gen_logits, "generate's logits", ("row", "step", "token id"))
     # a row that met eos is padded with the pad id while the batch goes on
     eos = () if neutralize else _eos_ids(getattr(model, "generation_config", None))
     rows, max_diff = compare_greedy_rows(hand.new_tokens, hand.logits, gen_tokens, gen_logits, tol,
@@ -171,6 +177,7 @@ def greedy_matches_generate(
         threshold=tol, headroom=headroom, explanation=explanation, details=tuple(rows))
 
 
+@probe("kv_cache_matches_full")
 def kv_cache_matches_full(
     model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, max_new_tokens: int = 8,
     attention_mask: torch.Tensor | None = None, atol: float | None = None,
@@ -182,8 +189,11 @@ def kv_cache_matches_full(
     A model that returns no cache fails: the loop would re-feed the whole sequence, and the two
     sides would be one computation.
     """
-    cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
-                           attention_mask=attention_mask, use_cache=True)
+    if atol is not None:
+        check_number(atol, "atol", low=0)
+    with in_context("the loop with the cache"):
+        cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
+                               attention_mask=attention_mask, use_cache=True)
     tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
     if not cached.cache_used:  # the loop fell back to full recomputation: both sides are one
         return Result(
@@ -198,7 +208,8 @@ def kv_cache_matches_full(
             end = cached.prompt_length + step
             full, _ = model_forward(model, cached.sequences[:, :end].to(model_device(model)),
                                     cached.attention_mask[:, :end].to(model_device(model)), None,
-                                    use_cache=False)
+                                    use_cache=False,
+                                    what=f"the logits of full recomputation at step {step} (from 0)")
             diff = (full[:, -1, :].float().cpu() - cached.logits[:, step]).abs()  # (B, V)
             row = int(diff.amax(dim=-1).argmax())
             rows.append({"step": step, "max_abs_diff": float(diff.max()), "row": row,
@@ -222,6 +233,7 @@ def kv_cache_matches_full(
         explanation=explanation, details=tuple(rows))
 
 
+@probe("causality")
 def causality(
     model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Any], *, atol: float | None = None,
     seed: int = 0,
@@ -236,6 +248,8 @@ def causality(
     Cost: T - 1 forward and T - 1 backward passes, so a short ``input_ids`` (8-32 tokens) is enough.
     """
     check_causal_lm(model)
+    if atol is not None:
+        check_number(atol, "atol", low=0)
     ids = as_ids(input_ids, "input_ids").to(model_device(model))
     length = ids.shape[1]
     if length < 2:
@@ -244,22 +258,27 @@ def causality(
     generator = torch.Generator().manual_seed(seed)
     with eval_mode(model):
         with torch.no_grad():
-            base, _ = model_forward(model, ids, None, None, use_cache=False)  # (B, T, V)
+            base, _ = model_forward(model, ids, None, None, use_cache=False,
+                                    what="the logits of input_ids")  # (B, T, V)
             vocab = vocab or base.shape[-1]
             change = []
             for t in range(length - 1):
                 shift = torch.randint(1, vocab, ids[:, t + 1:].shape, generator=generator)
                 perturbed = ids.clone()
                 perturbed[:, t + 1:] = (ids[:, t + 1:] + shift.to(ids.device)) % vocab
-                logits, _ = model_forward(model, perturbed, None, None, use_cache=False)
+                logits, _ = model_forward(model, perturbed, None, None, use_cache=False,
+                                          what=f"the logits with the tokens after position {t} changed")
                 change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
         embedding: Callable[[torch.Tensor], torch.Tensor] = model.get_input_embeddings()  # type: ignore[operator]
         embeds = embedding(ids).detach().requires_grad_(True)  # (B, T, D)
         logits = model(inputs_embeds=embeds, use_cache=False).logits  # (B, T, V)
+        require_finite(logits, "the logits from input embeddings", ("row", "position", "token id"))
         projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
         ratios = []
         for t in range(length - 1):
             (grad,) = torch.autograd.grad((logits[:, t] * projection).sum(), embeds, retain_graph=True)
+            require_finite(grad, f"the gradients of the output at position {t} with respect to the "
+                           f"input embeddings", ("row", "position", "feature"))
             past = float(grad[:, : t + 1].abs().max())
             future = grad[:, t + 1:].abs().amax(dim=(0, 2))  # (T - t - 1,)
             ratios.append((float(future.max()) / past if past > 0 else float(future.max()),

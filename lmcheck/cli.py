@@ -93,7 +93,7 @@ def _check(args: argparse.Namespace) -> int:
     report.title(f"lmcheck check {args.model}")
     for result in run_causal_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS):
         report.result(result)
-    ok = report.summary()
+    ok = report.summary(table=False)  # each result was printed once, as its line
     if args.json:
         report.text(f"results written to {write_results_json(report.results, args.json)}")
     return 0 if ok else 1

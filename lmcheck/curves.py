@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcheck.errors import InputError, check_int, describe
+from lmcheck._finite import non_finite_result, probe
+from lmcheck.errors import InputError, check_int, check_number, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -98,6 +99,7 @@ class LossCurve:
 # ---------------------------------------------------------------- probes that read a loss curve
 
 
+@probe("loss_decreases")
 def loss_decreases(
     curve: LossCurve, *, steps: int | None = None, min_relative_drop: float = 0.5, window: int = 3,
 ) -> Result:
@@ -109,6 +111,9 @@ def loss_decreases(
     name = "loss_decreases"
     _check_curve(curve, "curve")
     check_int(window, "window", 1)
+    check_number(min_relative_drop, "min_relative_drop")
+    if steps is not None:
+        check_int(steps, "steps", 1)
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     losses = [v for s, v in curve.train if steps is None or s <= steps]
@@ -129,10 +134,14 @@ def loss_decreases(
                   min_relative_drop, headroom_above(drop, min_relative_drop), explanation)
 
 
+@probe("overfits")
 def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | None = None) -> Result:
     """The training loss reaches ``max_loss`` (nats) or less within ``within_steps`` steps."""
     name = "overfits"
     _check_curve(curve, "curve")
+    check_number(max_loss, "max_loss")
+    if within_steps is not None:
+        check_int(within_steps, "within_steps", 1)
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     losses = [(s, v) for s, v in curve.train if within_steps is None or s <= within_steps]
@@ -153,6 +162,7 @@ def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | Non
                   max_loss, headroom_below(best, max_loss), explanation)
 
 
+@probe("generalization_gap")
 def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 3) -> Result:
     """After overfitting a small subset, validation loss stays ``min_gap`` nats above training loss.
 
@@ -163,6 +173,7 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
     name = "generalization_gap"
     _check_curve(curve, "curve")
     check_int(window, "window", 1)
+    check_number(min_gap, "min_gap")
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     if not curve.valid or not curve.train:
@@ -182,6 +193,7 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
                   min_gap, headroom_above(gap, min_gap), explanation)
 
 
+@probe("finite_loss")
 def finite_loss(curve: LossCurve) -> Result:
     """Every recorded training and validation loss is finite; a failure names the first bad step."""
     _check_curve(curve, "curve")
@@ -192,6 +204,7 @@ def finite_loss(curve: LossCurve) -> Result:
                   f"all {len(curve.train)} training and {len(curve.valid)} validation losses are finite")
 
 
+@probe("reproducible")
 def reproducible(
     first: LossCurve, second: LossCurve, *, steps: int = 5, atol: float = 0.0,
 ) -> Result:
@@ -203,7 +216,12 @@ def reproducible(
     _check_curve(first, "first")
     _check_curve(second, "second")
     check_int(steps, "steps", 1)
+    check_number(atol, "atol", low=0)
     a, b = first.train[:steps], second.train[:steps]
+    for argument, curve in (("first", first), ("second", second)):
+        bad_curve = _non_finite(name, LossCurve(train=curve.train[:steps]), argument)
+        if bad_curve is not None:
+            return bad_curve
     if len(a) < steps or len(b) < steps:
         return Result(name, False, {"lengths": [len(a), len(b)]}, atol, None,
                       f"both curves need {steps} training losses (got {len(a)} and {len(b)})")
@@ -228,17 +246,17 @@ def _check_curve(curve: object, argument: str) -> None:
                          f"record_train) (got {describe(curve)})")
 
 
-def _non_finite(name: str, curve: LossCurve) -> Result | None:
-    step = curve.non_finite_step
-    if step is None:
-        step = next((s for s, v in curve.train if not math.isfinite(v)), None)
-    where = "training"
-    if step is None:
-        step = next((s for s, v in curve.valid if not math.isfinite(v)), None)
-        where = "validation"
-    if step is None:
+def _non_finite(name: str, curve: LossCurve, argument: str = "") -> Result | None:
+    """A failed Result naming the first non-finite training (else validation) loss, or None."""
+    found = next(((s, v, "training") for s, v in curve.train if not math.isfinite(v)), None)
+    if found is None:
+        found = next(((s, v, "validation") for s, v in curve.valid if not math.isfinite(v)), None)
+    if found is None:
         return None
+    step, value, where = found
     stopped = " and training stopped there" if curve.stop_reason == "non-finite loss" else ""
-    return Result(name, False, {"non_finite_step": step}, None, None,
-                  f"the {where} loss is not finite at step {step}{stopped}: look for a NaN or "
-                  f"Inf in that step's batch, logits or gradients (learning rate, fp16 overflow)")
+    curve_name = f"'{argument}': " if argument else ""
+    return non_finite_result(
+        name, f"{curve_name}the {where} loss at step {step} is {value} (not finite){stopped}: look "
+              f"for a NaN or Inf in that step's batch, logits or gradients (learning rate, fp16 "
+              f"overflow)", non_finite_step=step)

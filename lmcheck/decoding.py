@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmcheck._finite import require_finite
 from lmcheck.errors import InputError, ModelError, describe
 
 __all__ = [
@@ -96,6 +97,10 @@ def greedy_decode(
             ``cache_used`` says which happened.
         attention_mask: ``(B, T)``, 0 at pads; None means all ones.
 
+    Raises:
+        NonFiniteError: the logits at an unmasked position are NaN or Inf (the message names
+            the step, row, position and token id): tokens read from them would mean nothing.
+
     Example:
         >>> out = greedy_decode(model, tokenizer("Swimming at the beach is", return_tensors="pt")
         ...                     .input_ids, max_new_tokens=2)
@@ -114,9 +119,10 @@ def greedy_decode(
     past = None
     cache_used = use_cache
     with eval_mode(model), torch.no_grad():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             feed = ids[:, -1:] if past is not None else ids
-            logits, past = model_forward(model, feed, mask, past, use_cache=use_cache)
+            logits, past = model_forward(model, feed, mask, past, use_cache=use_cache,
+                                         what=f"the logits at decoding step {step} (from 0)")
             cache_used = cache_used and past is not None  # no cache: the next step re-feeds all
             last = logits[:, -1, :].float()  # (B, V)
             steps.append(last.cpu())
@@ -129,8 +135,12 @@ def greedy_decode(
 # --- shared with the probes in lmcheck.causal and lmcheck.invariance -------------------------
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
-                  *, use_cache: bool = True) -> tuple[torch.Tensor, Any]:
-    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence."""
+                  *, use_cache: bool = True, what: str = "the model's logits") -> tuple[torch.Tensor, Any]:
+    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
+
+    Raises NonFiniteError, naming ``what`` and the row, position and token id, where the logits
+    at an unmasked position hold NaN or Inf (a pad's logits may be anything).
+    """
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
     if mask is not None:
         mask = mask.to(ids.device)
@@ -147,6 +157,10 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
     logits = getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor):
         raise ModelError(f"'model' must return an output with .logits (got {describe(output)})")
+    fed = ids.shape[1]
+    require_finite(logits, what, ("row", "position", "token id"),
+                   valid=None if mask is None else mask[:, -fed:].bool(),
+                   offsets=(0, 0 if mask is None else mask.shape[1] - fed))
     return logits, getattr(output, cache_name, None) if use_cache else None  # (B, t, V)
 
 

@@ -7,7 +7,19 @@ and each also subclasses the builtin a Python user would expect to catch.
 
 from __future__ import annotations
 
-__all__ = ["AssetError", "InputError", "LmcheckError", "ModelError", "check_fraction", "check_int", "describe"]
+import math
+
+__all__ = [
+    "AssetError",
+    "InputError",
+    "LmcheckError",
+    "ModelError",
+    "NonFiniteError",
+    "check_fraction",
+    "check_int",
+    "check_number",
+    "describe",
+]
 
 
 class LmcheckError(Exception):
@@ -20,6 +32,16 @@ class InputError(LmcheckError, ValueError):
 
 class ModelError(LmcheckError, TypeError):
     """A model or tokenizer does not fit the probe (a causal LM given to a masked-LM probe, ...)."""
+
+
+class NonFiniteError(ModelError):
+    """A model computed NaN or Inf (logits, a loss, a gradient) where a number was needed.
+
+    The message says what was not finite and where (row, step, position, token id, parameter).
+    A probe never lets it escape: it returns a failed :class:`~lmcheck.results.Result` with that
+    message. Functions that return data rather than a verdict (``greedy_decode``, ``fill_mask``)
+    raise it, since tokens or probabilities read from NaN logits mean nothing.
+    """
 
 
 class AssetError(LmcheckError, RuntimeError):
@@ -55,3 +77,17 @@ def check_fraction(value: object, argument: str) -> None:
     """Raise InputError unless ``value`` is a real number from 0 to 1 (a rate or share)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
         raise InputError(f"'{argument}' must be a number from 0 to 1 (got {describe(value)})")
+
+
+def check_number(value: object, argument: str, *, low: float | None = None) -> None:
+    """Raise InputError unless ``value`` is a finite real number, at least ``low`` if given.
+
+    Tolerances and bounds go through here: a NaN tolerance would make ``diff > tol`` False for
+    every difference, so that a check could never fail.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low  # type: ignore[operator]
+    if not ok:
+        bound = f" >= {low:g}" if low is not None else ""
+        raise InputError(f"'{argument}' must be a finite number{bound} (got {describe(value)})")

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import transformers
 
+from lmcheck._finite import probe
 from lmcheck.curves import LossCurve
-from lmcheck.errors import GoldenMissingError, InputError, describe
+from lmcheck.errors import GoldenMissingError, InputError, check_number, describe
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -81,6 +82,7 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+@probe("matches_golden")
 def matches_golden(
     curve: LossCurve, path: str | os.PathLike[str] = DEFAULT_GOLDEN, *, key: str | None = None,
     rtol: float | None = None, atol: float = 0.0,
@@ -98,6 +100,9 @@ def matches_golden(
     """
     if not isinstance(curve, LossCurve):
         raise InputError(f"'curve' must be a LossCurve (got {describe(curve)})")
+    check_number(atol, "atol", low=0)
+    if rtol is not None:
+        check_number(rtol, "rtol", low=0)
     target = Path(path)
     key = key or device_key()
     entry = _read(target)["entries"].get(key)
@@ -121,7 +126,11 @@ def matches_golden(
         worst = max(worst, used)
         rows.append({"step": step, "loss": loss, "golden": reference, "allowed": allowed, "used": used})
     bad = next((row for row in rows if row["used"] > 1), None)
-    if bad is None:
+    if bad is not None and not math.isfinite(bad["loss"]):
+        explanation = (f"step {bad['step']}: the training loss is {bad['loss']} (not finite), golden "
+                       f"{bad['golden']:.6f} for {key}: look for a NaN or Inf in that step's batch, "
+                       f"logits or gradients")
+    elif bad is None:
         explanation = (f"the first {len(golden)} training losses match the golden values for {key} "
                        f"(within rtol {tolerance:g}; at most {worst:.0%} of the allowed difference)")
     else:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmcheck._finite import in_context, probe
 from lmcheck.comparison import (
     LOGIT_ATOL,
     TIE_ATOL,
@@ -22,12 +23,13 @@ from lmcheck.comparison import (
     tolerance_for,
 )
 from lmcheck.decoding import GreedyOutput, encode_batch, greedy_decode, pad_id, prompt_list
-from lmcheck.errors import InputError, describe
+from lmcheck.errors import InputError, check_number, describe
 from lmcheck.results import Result, headroom_below
 
 __all__ = ["batch_invariance", "padding_invariance"]
 
 
+@probe("padding_invariance")
 def padding_invariance(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
     pad_tokens: int = 8, max_new_tokens: int = 4, atol: float | None = None,
@@ -41,20 +43,25 @@ def padding_invariance(
     """
     if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
         raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
+    if atol is not None:
+        check_number(atol, "atol", low=0)
     items = prompt_list(prompts)
     pad = pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
     pairs = []
-    for text in items:
+    for index, text in enumerate(items):
         ids, _ = encode_batch(tokenizer, [text])
         padded = torch.cat([torch.full((1, pad_tokens), pad), ids], dim=1)
         mask = torch.cat([torch.zeros(1, pad_tokens, dtype=torch.long), torch.ones_like(ids)], dim=1)
-        alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
-        pairs.append((alone, greedy_decode(model, padded, max_new_tokens=max_new_tokens,
-                                           attention_mask=mask), 0))
+        with in_context(f"prompt {index} alone"):
+            alone = greedy_decode(model, ids, max_new_tokens=max_new_tokens)
+        with in_context(f"prompt {index} with {pad_tokens} left pads"):
+            padded_run = greedy_decode(model, padded, max_new_tokens=max_new_tokens, attention_mask=mask)
+        pairs.append((alone, padded_run, 0))
     return _invariance("padding_invariance", f"with {pad_tokens} left pads", "padded", pairs, model,
                        tokenizer, atol)
 
 
+@probe("batch_invariance")
 def batch_invariance(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
     max_new_tokens: int = 4, atol: float | None = None,
@@ -64,15 +71,20 @@ def batch_invariance(
     Logits must agree within ``atol`` (default :data:`LOGIT_ATOL` for the dtype) until the
     tokens part, and they may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``.
     """
+    if atol is not None:
+        check_number(atol, "atol", low=0)
     items = prompt_list(prompts)
     if len(items) < 2:
         raise InputError(f"'prompts' must hold at least 2 prompts to batch (got {len(items)})")
     ids, mask = encode_batch(tokenizer, items)
-    batched = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
+    with in_context(f"the batch of {len(items)} prompts (row = prompt)"):
+        batched = greedy_decode(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
     pairs = []
     for row, text in enumerate(items):
         alone_ids, _ = encode_batch(tokenizer, [text])
-        pairs.append((greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens), batched, row))
+        with in_context(f"prompt {row} alone"):
+            alone = greedy_decode(model, alone_ids, max_new_tokens=max_new_tokens)
+        pairs.append((alone, batched, row))
     return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", "batched",
                        pairs, model, tokenizer, atol)
 

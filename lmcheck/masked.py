@@ -26,9 +26,10 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from lmcheck._finite import probe, require_finite
 from lmcheck.cloze import ClozeCase
 from lmcheck.decoding import eval_mode, model_device
-from lmcheck.errors import InputError, ModelError, check_fraction, check_int, describe
+from lmcheck.errors import InputError, ModelError, check_fraction, check_int, check_number, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -72,6 +73,8 @@ def fill_mask(
     Raises:
         ModelError: the model has no MLM head, is causal, or does not fit the tokenizer.
         InputError: a text without the mask token, or ``top_k`` out of range.
+        NonFiniteError: the logits are NaN or Inf; the message names the text, position and
+            token id.
     """
     texts = _texts_argument(text_or_texts, "text_or_texts")
     vocab = check_masked_lm(model, tokenizer)
@@ -87,6 +90,7 @@ def fill_mask(
     return tuple(predictions)
 
 
+@probe("mask_fill_accuracy")
 def mask_fill_accuracy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     cases: Sequence[ClozeCase | tuple[str, str | Sequence[str]]],
@@ -159,6 +163,7 @@ def mask_fill_accuracy(
     )
 
 
+@probe("masked_loss_at_init")
 def masked_loss_at_init(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any, *,
     tolerance: float = 0.1, mlm_probability: float = 0.15, seed: int = 0, batch_size: int = 8,
@@ -174,6 +179,7 @@ def masked_loss_at_init(
     """
     vocab = check_masked_lm(model, tokenizer)
     check_int(batch_size, "batch_size", 1)
+    check_number(tolerance, "tolerance", low=0)
     check_fraction(mlm_probability, "mlm_probability")
     rows = example_ids(tokenizer, examples, model)
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
@@ -185,6 +191,9 @@ def masked_loss_at_init(
                      collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
             labels = batch.pop("labels")  # (B, T)
             logits = model(**batch).logits.float()  # (B, T, V)
+            valid = batch["attention_mask"] if "attention_mask" in batch else None
+            require_finite(logits, f"the logits of examples {start} to {start + len(labels) - 1}",
+                           ("example", "position", "token id"), valid=valid, offsets=(start,))
             total += float(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum"))
             count += int((labels != -100).sum())
@@ -306,6 +315,9 @@ def _mask_probabilities(
             inputs = {k: v.to(device) for k, v in encoded.items() if k in accepted}
             with torch.inference_mode():
                 logits = model(**inputs).logits  # (B, T, V)
+            require_finite(logits, f"the logits of texts {start} to {start + len(ids) - 1}",
+                           ("text", "position", "token id"), valid=encoded["attention_mask"].bool(),
+                           offsets=(start,))
             left_pads = (1 - encoded["attention_mask"]).cumprod(-1).sum(-1)  # (B,) 0 unless left-padded
             for row, column in (ids == tokenizer.mask_token_id).nonzero().tolist():
                 probs = logits[row, column].float().softmax(-1)  # (V,)

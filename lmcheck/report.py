@@ -54,9 +54,13 @@ class Report:
         self.console.print(f"{mark} {escape(result.name)}{headroom}: {escape(result.explanation)}")
         return result
 
-    def summary(self) -> bool:
-        """Print the table of all recorded results; True when every one passed."""
+    def summary(self, *, table: bool = True) -> bool:
+        """Print the table of all recorded results, or with ``table=False`` only the count (for a
+        report whose results were each printed already); True when every one passed."""
         passed = sum(r.passed for r in self.results)
+        if not table:
+            self.console.print(f"[bold]{passed} of {len(self.results)} checks passed")
+            return passed == len(self.results)
         self.table(
             ("check", "result", "headroom", "explanation"),
             (

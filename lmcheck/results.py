@@ -1,7 +1,9 @@
 """The one result type that every probe returns.
 
 A probe never raises on a failed check: it returns ``Result(passed=False, ...)`` whose
-``explanation`` says what went wrong and where. A result is truthy when it passed, so the
+``explanation`` says what went wrong and where. A result cannot pass with a NaN in its metrics or
+headroom (NaN compares False with everything, so a ``difference > tolerance`` test would let it
+through): such a result is made a failure that names the NaN, and a NaN headroom becomes -inf. A result is truthy when it passed, so the
 idiom in tests and in user code is ``assert result, result.explanation``; outside tests,
 ``if not result: print(result.explanation)``.
 """
@@ -40,6 +42,23 @@ class Result:
     explanation: str = ""
     details: tuple[Mapping[str, Any], ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.headroom is not None and math.isnan(self.headroom):
+            object.__setattr__(self, "headroom", -math.inf)
+            if self.passed:
+                self._fail("the headroom is NaN")
+        if self.passed:
+            where = _first_nan(self.metrics, "metrics")
+            if where is not None:
+                self._fail(f"{where} is NaN")
+
+    def _fail(self, reason: str) -> None:
+        """Make this result a failure: NaN or Inf never passes (set only from __post_init__)."""
+        object.__setattr__(self, "passed", False)
+        object.__setattr__(self, "headroom", -math.inf)
+        object.__setattr__(self, "explanation", f"{reason}, so the check cannot pass: a NaN "
+                           f"compares False with every bound (the check said: {self.explanation})")
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -61,17 +80,41 @@ class Result:
 
 
 def headroom_below(value: float, threshold: float) -> float:
-    """Headroom of a value that must stay below ``threshold`` (1.0 = value is zero)."""
+    """Headroom of a value that must stay below ``threshold`` (1.0 = value is zero).
+
+    A NaN value or threshold has no headroom: -inf.
+    """
+    if math.isnan(value) or math.isnan(threshold):
+        return -math.inf
     if threshold == 0:
         return 0.0 if value <= 0 else -math.inf
     return (threshold - value) / abs(threshold)
 
 
 def headroom_above(value: float, threshold: float) -> float:
-    """Headroom of a value that must reach ``threshold`` or more."""
+    """Headroom of a value that must reach ``threshold`` or more (-inf for a NaN)."""
+    if math.isnan(value) or math.isnan(threshold):
+        return -math.inf
     if threshold == 0:
         return math.inf if value > 0 else 0.0
     return (value - threshold) / abs(threshold)
+
+
+def _first_nan(value: Any, path: str) -> str | None:
+    """The path of the first NaN among numbers, mappings and lists: ``metrics['loss']``."""
+    if isinstance(value, float):
+        return path if math.isnan(value) else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if (found := _first_nan(item, f"{path}[{key!r}]")) is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if (found := _first_nan(item, f"{path}[{index}]")) is not None:
+                return found
+    elif hasattr(value, "dtype") and hasattr(value, "isnan") and getattr(value, "numel", lambda: 0)() == 1:
+        return path if bool(value.isnan()) else None  # a 0-d tensor
+    return None
 
 
 def _jsonable(value: Any) -> Any:

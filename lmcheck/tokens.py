@@ -17,6 +17,7 @@ from typing import Any
 from transformers import AutoTokenizer, BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerBase
 
 from lmcheck import assets
+from lmcheck._finite import probe
 from lmcheck.errors import InputError, describe
 from lmcheck.results import Result
 
@@ -144,6 +145,7 @@ def inspect_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenTable:
     )
 
 
+@probe("round_trip")
 def round_trip(
     tokenizer: PreTrainedTokenizerBase, texts: str | Iterable[str], *, allow_unknown: bool = False,
     name: str = "round_trip",

@@ -19,8 +19,9 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmcheck._finite import in_context, locate, probe, require_finite, require_finite_number
 from lmcheck.decoding import eval_mode, greedy_decode, model_device
-from lmcheck.errors import InputError, ModelError, check_fraction, check_int, describe
+from lmcheck.errors import InputError, ModelError, check_fraction, check_int, check_number, describe
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -40,6 +41,7 @@ Rows = Sequence[Sequence[int]] | Sequence[str] | torch.Tensor | Any  # Any: a da
 # ---------------------------------------------------------------- probes that take a model
 
 
+@probe("loss_at_init")
 def loss_at_init(
     model: torch.nn.Module, input_ids: Rows, *, tolerance: float = 0.5, batch_size: int = 16,
 ) -> Result:
@@ -50,6 +52,7 @@ def loss_at_init(
     means the model is not at initialisation or sees the answers.
     """
     check_int(batch_size, "batch_size", 1)
+    check_number(tolerance, "tolerance", low=0)
     ids = _as_ids(input_ids, "input_ids")
     vocab = _output_size(model)
     low, high = int(ids.min()), int(ids.max())
@@ -60,7 +63,7 @@ def loss_at_init(
                          f"vocabulary of {vocab:,} (got id {bad} in row {row}); tokenize with the "
                          f"model's own tokenizer")
     expected = math.log(vocab)
-    loss = mean_loss(model, ids, batch_size=batch_size)
+    loss = mean_loss(model, ids, batch_size=batch_size)  # NonFiniteError names the batch
     difference = loss - expected
     passed = abs(difference) <= tolerance
     explanation = f"loss {loss:.3f} at init, ln({vocab:,}) = {expected:.3f}: off by {difference:+.3f} (allowed ±{tolerance})"
@@ -72,6 +75,7 @@ def loss_at_init(
                   tolerance, headroom_below(abs(difference), tolerance), explanation)
 
 
+@probe("memorizes")
 def memorizes(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, chunks: Rows, *,
     prefix_length: int = 32, continuation_length: int = 32, min_verbatim_rate: float = 1.0,
@@ -91,8 +95,11 @@ def memorizes(
     ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=prefix_length + continuation_length)
     ids = ids[:, : prefix_length + continuation_length].to(model_device(model))
     prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
-    got = torch.cat([_greedy(model, part, continuation_length)
-                     for part in prefix.split(batch_size)])  # (N, n)
+    parts = []
+    for start in range(0, prefix.shape[0], batch_size):
+        with in_context(f"chunks {start} to {min(start + batch_size, prefix.shape[0]) - 1} (row 0 = chunk {start})"):
+            parts.append(_greedy(model, prefix[start:start + batch_size], continuation_length))
+    got = torch.cat(parts)  # (N, n)
     matches = got == expected  # (N, n)
     verbatim = matches.all(dim=1)
     rate, token_rate = verbatim.float().mean().item(), matches.float().mean().item()
@@ -124,6 +131,7 @@ def memorizes(
                   min_verbatim_rate, headroom_above(rate, min_verbatim_rate), explanation, tuple(rows))
 
 
+@probe("gradient_flow")
 def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collection[str] = ()) -> Result:
     """One backward pass gives every trainable parameter a finite, non-zero gradient.
 
@@ -137,15 +145,15 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
     trainable = [(n, p) for n, p in names.items() if p.requires_grad]
     rows: list[dict[str, Any]] = []
     if trainable:
-        loss = _loss(model, batch)
+        loss = _loss(model, batch)  # NonFiniteError if the loss is NaN or Inf
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
         for (parameter_name, _), grad in zip(trainable, grads, strict=True):
             norm = None if grad is None else grad.float().norm().item()
             rows.append({"parameter": parameter_name, "grad_norm": norm})
             if grad is None:
                 problems.append(f"{parameter_name} gets no gradient (it is not in the loss's graph)")
-            elif not bool(torch.isfinite(grad).all()):
-                problems.append(f"{parameter_name} has a non-finite gradient")
+            elif (found := locate(grad, ("index",) * grad.dim())) is not None:
+                problems.append(f"{parameter_name} has a non-finite gradient: {found}")
             elif norm == 0.0:
                 problems.append(f"{parameter_name} has an all-zero gradient")
     passed = not problems
@@ -156,6 +164,7 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
                   None, None, explanation, tuple(rows))
 
 
+@probe("params_update")
 def params_update(
     model: torch.nn.Module, batch: Batch, *,
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
@@ -169,6 +178,7 @@ def params_update(
     """
     _parameters(model)
     _check_batch(batch)
+    check_number(lr, "lr", low=0)
     trial = copy.deepcopy(model)
     names = _parameters(trial)
     problems = _frozen_problems(names, expect_frozen)
@@ -177,11 +187,17 @@ def params_update(
     build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
     step = build(trial)
     step.zero_grad(set_to_none=True)
-    _loss(trial, batch).backward()
+    _loss(trial, batch).backward()  # NonFiniteError if the loss is NaN or Inf
+    for parameter_name, parameter in names.items():
+        if parameter.grad is not None:
+            require_finite(parameter.grad, f"the gradients of {parameter_name}", ("index",) * parameter.dim())
     step.step()
     rows = []
     unchanged = []
     for parameter_name, parameter in names.items():
+        # NaN differs from every number, so a parameter that became NaN "changed": refuse it first
+        require_finite(parameter.detach(), f"after one optimizer step, the values of {parameter_name}",
+                       ("index",) * parameter.dim())
         changed = not torch.equal(before[parameter_name], parameter.detach())
         rows.append({"parameter": parameter_name, "trainable": parameter.requires_grad, "changed": changed})
         if parameter.requires_grad and not changed:
@@ -199,6 +215,7 @@ def params_update(
                   None, None, explanation, tuple(rows))
 
 
+@probe("causal_batch")
 def causal_batch(
     batch: Mapping[str, torch.Tensor], *, ignore_index: int = -100, max_ignored_fraction: float = 0.1,
 ) -> Result:
@@ -233,6 +250,11 @@ def causal_batch(
         problems.append(f"{ignored_fraction:.1%} of real tokens have label {ignore_index} (allowed "
                         f"{max_ignored_fraction:.0%}): this looks like a masked-LM batch "
                         f"(DataCollatorForLanguageModeling needs mlm=False for a causal LM)")
+    if mask is not None and mask.is_floating_point() and bool((torch.isnan(mask) | (mask == math.inf)).any()):
+        dims = ("row", "head", "query position", "key position") if mask.dim() == 4 else ("row", "position")
+        found = locate(mask.masked_fill(mask == -math.inf, 0.0), dims)
+        problems.append(f"the attention_mask holds NaN or +inf ({found}); an additive mask may hold "
+                        f"only finite numbers and -inf, or every attention score it touches is NaN")
     if mask is not None and mask.dim() == 4:
         allowed = mask == 0 if mask.is_floating_point() else mask.bool()  # float: additive; else nonzero = attend
         future = torch.triu(torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device), diagonal=1)
@@ -260,7 +282,9 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: in
     with eval_mode(model):
         for part in input_ids.split(batch_size):
             part = part.to(device)
-            total += model(input_ids=part, labels=part).loss.float().item() * part.shape[0]
+            loss = model(input_ids=part, labels=part).loss.float().item()
+            require_finite_number(loss, f"the loss of rows {count} to {count + part.shape[0] - 1}")
+            total += loss * part.shape[0]
             count += part.shape[0]
     return total / max(count, 1)
 
@@ -331,7 +355,9 @@ def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         batch = {"input_ids": batch}
     inputs = {k: v.to(model_device(model)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     inputs.setdefault("labels", inputs["input_ids"])
-    return model(**inputs).loss
+    loss = model(**inputs).loss
+    require_finite(loss, "the loss of the batch", ())
+    return loss
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

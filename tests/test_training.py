@@ -247,10 +247,10 @@ def test_a_nan_mid_training_stops_the_run_and_names_the_step(gpt2_tokenizer, mod
     assert run.curve.steps == 4
     result = finite_loss(run.curve)
     assert not result
-    assert "not finite at step 4 and training stopped there" in result.explanation
+    assert "training loss at step 4 is nan (not finite) and training stopped there" in result.explanation
     decreases = loss_decreases(run.curve)
     assert not decreases
-    assert "training loss is not finite at step 4" in decreases.explanation
+    assert "training loss at step 4 is nan (not finite)" in decreases.explanation
 
 
 # ------------------------------------------------------------------ the other probes' controls
