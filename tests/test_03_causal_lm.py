@@ -25,6 +25,7 @@ from huggingface_hub import try_to_load_from_cache
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
+from lmcheck.comparison import LOGIT_ATOL
 from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError
@@ -101,9 +102,12 @@ def test_hand_loop_equals_generate(smollm2: SmolLM2) -> None:
     assert result.metrics["generation_config_overrides"] == ["eos_token_id=2"]
     assert result.threshold == 1e-5  # fp32 tie tolerance
     # the two paths' logits differ by far less than the closest decision's top-2 margin.
-    # Measured (SmolLM2, fp32, CPU): max_logit_diff 0.0, headroom 1.0; bounds: the fp32 tie
-    # tolerance, and logits that move by under a quarter of the closest decisive top-2 gap
-    assert result.metrics["max_logit_diff"] <= 1e-5
+    # Measured (SmolLM2, fp32, 2 CPU cores, torch 2.13): max_logit_diff 0.0 on one AVX-512
+    # machine and 2.9e-5 (deterministic, 4 of 4 runs) on another, headroom 0.9988. generate and the
+    # hand loop are two computations, so the bound is the fp32 logit tolerance that every
+    # two-path comparison uses (LOGIT_ATOL, 3e-4), not the tie tolerance (1e-5), which bounds a
+    # top-2 gap; the headroom bound says the logits moved by under a quarter of the closest gap
+    assert result.metrics["max_logit_diff"] <= LOGIT_ATOL[torch.float32]
     assert result.headroom is not None
     assert result.headroom > 0.5
 
