@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe, require_finite
+from lmcheck._validate import check_number, check_seed
 from lmcheck.comparison import (
     LOGIT_ATOL,
     TIE_ATOL,
@@ -39,10 +40,11 @@ from lmcheck.decoding import (
     encode_batch,
     eval_mode,
     greedy_decode,
+    input_vocabulary,
     model_device,
     model_forward,
 )
-from lmcheck.errors import InputError, ModelError, check_number
+from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -250,7 +252,8 @@ def causality(
     check_causal_lm(model)
     if atol is not None:
         check_number(atol, "atol", low=0)
-    ids = as_ids(input_ids, "input_ids").to(model_device(model))
+    check_seed(seed)
+    ids = as_ids(input_ids, "input_ids", vocab=input_vocabulary(model)).to(model_device(model))
     length = ids.shape[1]
     if length < 2:
         raise InputError(f"'input_ids' must hold at least 2 tokens to test causality (got {length})")

@@ -14,7 +14,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck._validate import check_seed, describe
+from lmcheck.errors import InputError, ModelError
 
 __all__ = ["ClozeCase", "cloze_cases"]
 
@@ -63,8 +64,9 @@ def cloze_cases(
     for argument, value, low in (("n", n, 1), ("min_words", min_words, 1), ("max_tokens", max_tokens, 3)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise InputError(f"'{argument}' must be an int >= {low} (got {describe(value)})")
-    if context not in ("sentence", "text"):
+    if not isinstance(context, str) or context not in ("sentence", "text"):
         raise InputError(f"'context' must be 'sentence' or 'text' (got {describe(context)})")
+    check_seed(seed)
     stops = _STOP_WORDS if stop_words is None else stop_words
     units = [unit for text in _document_texts(documents)
              for unit in (_sentences(text, min_words) if context == "sentence" else [text.strip()])

@@ -20,10 +20,12 @@ from typing import Any, NamedTuple
 
 import datasets
 import mwparserfromhell
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck import assets
-from lmcheck.errors import InputError, describe
+from lmcheck._validate import check_seed, check_tokenizer, describe
+from lmcheck.errors import InputError
 
 __all__ = [
     "ChunkStats",
@@ -187,6 +189,7 @@ def split_documents(
             raise InputError(f"'{argument}' must be an int >= 0 (got {describe(value)})")
     if n_train == 0:
         raise InputError("'n_train' must be at least 1 (got 0)")
+    check_seed(seed)
     if n_train + n_valid > len(documents):
         raise InputError(
             f"'n_train' + 'n_valid' must be at most the number of documents, {len(documents)} "
@@ -249,9 +252,12 @@ def chunk_documents(
     Raises:
         InputError: ``context_length`` is not a positive int; documents without text.
     """
+    check_tokenizer(tokenizer)
     if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length <= 0:
         raise InputError(f"'context_length' must be an int > 0 (got {describe(context_length)})")
     texts = _texts_of(documents)
+    if not texts:
+        raise InputError("'documents' must hold at least one document (got none)")
     encoded = tokenizer(
         texts,
         truncation=True,
@@ -290,7 +296,7 @@ def _texts_of(documents: datasets.Dataset | Sequence[str]) -> list[str]:
                 f"'documents' must have a 'text' column (found {documents.column_names})"
             )
         texts = list(documents["text"])
-    elif isinstance(documents, Iterable) and not isinstance(documents, (str, bytes, Mapping)):
+    elif isinstance(documents, Iterable) and not isinstance(documents, (str, bytes, Mapping, torch.Tensor)):
         texts = list(documents)  # lists, tuples, a datasets column, ...
     else:
         raise InputError(

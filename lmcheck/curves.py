@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lmcheck._finite import non_finite_result, probe
-from lmcheck.errors import InputError, check_int, check_number, describe
+from lmcheck._validate import check_int, check_number, describe
+from lmcheck.errors import InputError
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [

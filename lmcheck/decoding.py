@@ -23,7 +23,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcheck._finite import require_finite
-from lmcheck.errors import InputError, ModelError, describe
+from lmcheck._validate import as_ids, as_mask, check_bool, check_model, check_tokenizer, describe
+from lmcheck.errors import InputError, ModelError
 
 __all__ = [
     "GreedyOutput",
@@ -72,10 +73,12 @@ def next_token_logits(model: torch.nn.Module, inputs: Mapping[str, Any]) -> torc
     check_causal_lm(model)
     if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
         raise InputError(f"'inputs' must be a mapping with 'input_ids' (got {describe(inputs)})")
-    ids = as_ids(inputs["input_ids"], "inputs['input_ids']")
+    ids = as_ids(inputs["input_ids"], "inputs['input_ids']", vocab=input_vocabulary(model))
+    check_context(model, ids.shape[1], 0)
     mask = inputs.get("attention_mask")
+    mask = None if mask is None else as_mask(mask, ids, "inputs['attention_mask']")
     with eval_mode(model), torch.no_grad():
-        logits, _ = model_forward(model, ids, None if mask is None else torch.as_tensor(mask), None)
+        logits, _ = model_forward(model, ids.to(model_device(model)), mask, None)
     return logits[:, -1, :]
 
 
@@ -108,12 +111,13 @@ def greedy_decode(
         'Swimming at the beach is a great'
     """
     check_causal_lm(model)
-    ids = as_ids(input_ids, "input_ids")
+    ids = as_ids(input_ids, "input_ids", vocab=input_vocabulary(model))
     check_max_new_tokens(max_new_tokens)
+    check_bool(use_cache, "use_cache")
     check_context(model, ids.shape[1], max_new_tokens)
     device = model_device(model)
     ids = ids.to(device)
-    mask = torch.ones_like(ids) if attention_mask is None else _as_mask(attention_mask, ids)
+    mask = torch.ones_like(ids) if attention_mask is None else as_mask(attention_mask, ids)
     prompt_length = ids.shape[1]
     steps: list[torch.Tensor] = []
     past = None
@@ -184,6 +188,7 @@ def check_causal_lm(model: object) -> None:
     """Raise ModelError unless ``model`` is a torch module that decodes left to right."""
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"'model' must be a torch.nn.Module causal LM (got {describe(model)})")
+    check_model(model)
     if isinstance(model, PreTrainedModel) and not model.can_generate():
         raise ModelError(
             f"'model' must be a causal LM that decodes left to right (got a {type(model).__name__}, "
@@ -191,37 +196,20 @@ def check_causal_lm(model: object) -> None:
             "use lmcheck's masked-LM probes for it")
 
 
+def input_vocabulary(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding table (ids must lie below it); None if unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter: where its inputs must go."""
     return next(model.parameters()).device
-
-
-def as_ids(value: object, argument: str) -> torch.Tensor:
-    """``value`` as a (B, T) long tensor of token ids (a 1-D one gains B = 1), or InputError."""
-    ids = value if isinstance(value, torch.Tensor) else None
-    if ids is None:
-        try:
-            ids = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise InputError(f"'{argument}' must be a (B, T) tensor of token ids (got {describe(value)})") from None
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InputError(f"'{argument}' must be a (B, T) integer tensor (got {ids.dtype} of shape {tuple(ids.shape)})")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise InputError(f"'{argument}' must hold at least one token per row (got shape {tuple(ids.shape)}): "
-                         "an empty prompt gives the model nothing to continue")
-    return ids.long()
-
-
-def _as_mask(mask: object, ids: torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(mask).long()
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    if tuple(tensor.shape) != tuple(ids.shape):
-        raise InputError(f"'attention_mask' must have the shape of input_ids {tuple(ids.shape)} "
-                         f"(got {tuple(tensor.shape)})")
-    return tensor.to(ids.device)
 
 
 def check_max_new_tokens(value: object) -> None:
@@ -230,16 +218,30 @@ def check_max_new_tokens(value: object) -> None:
         raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
 
 
-def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int) -> None:
-    """Raise InputError if the prompt plus the new tokens exceed the model's context."""
+def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
+    """The model's context length and where it was read (``config.n_positions``); None if unknown."""
     config = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         context = getattr(config, key, None)
-        if isinstance(context, int) and prompt_length + max_new_tokens > context:
-            raise InputError(
-                f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} needs "
-                f"{prompt_length + max_new_tokens} positions, more than the model's context of "
-                f"{context} (config.{key}); shorten the prompt or ask for fewer tokens")
+        if isinstance(context, int):
+            return context, f"config.{key}"
+    return None
+
+
+def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *,
+                  pads: str = "") -> None:
+    """Raise InputError if the prompt plus the new tokens exceed the model's context.
+
+    ``pads`` names padding added by the caller (``"pad_tokens=8"``) so the message can name it.
+    """
+    found = model_context(model)
+    if found is not None and prompt_length + max_new_tokens > found[0]:
+        context, where = found
+        raise InputError(
+            f"a prompt of {prompt_length} tokens{f' (with {pads})' if pads else ''} plus "
+            f"max_new_tokens={max_new_tokens} needs {prompt_length + max_new_tokens} positions, more "
+            f"than the model's context of {context} ({where}); shorten the prompt or ask for fewer "
+            f"tokens")
 
 
 def prompt_list(prompts: object) -> list[str]:
@@ -267,6 +269,7 @@ def pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:
 
 def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts and pad them on the left by hand (whatever the tokenizer's padding_side)."""
+    check_tokenizer(tokenizer)
     items = prompt_list(prompts)
     encoded = [list(tokenizer(text)["input_ids"]) for text in items]
     width = max(map(len, encoded))

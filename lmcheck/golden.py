@@ -28,8 +28,9 @@ import torch
 import transformers
 
 from lmcheck._finite import probe
+from lmcheck._validate import check_int, check_number, check_path, check_str, describe
 from lmcheck.curves import LossCurve
-from lmcheck.errors import GoldenMissingError, InputError, check_number, describe
+from lmcheck.errors import GoldenMissingError, InputError
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -60,8 +61,15 @@ def device_key(device: str | torch.device | None = None) -> str:
     """Which golden entry applies here: the device (CPU instruction set or GPU name), torch and
     transformers (whose loss and initialisation code can change between minor releases)."""
     versions = f"torch-{_minor(torch.__version__)}/transformers-{_minor(transformers.__version__)}"
-    chosen = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise InputError(f"'device' must be a str or torch.device such as 'cpu' or 'cuda:0' "
+                         f"(got {describe(device)})")
+    try:
+        chosen = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as error:
+        raise InputError(f"'device' must name a torch device such as 'cpu' or 'cuda:0' "
+                         f"(got {describe(device)}: {error})") from None
     if chosen.type == "cuda":
         name = torch.cuda.get_device_name(chosen).replace(" ", "_")
         return f"cuda-{name}/{versions}"
@@ -103,8 +111,8 @@ def matches_golden(
     check_number(atol, "atol", low=0)
     if rtol is not None:
         check_number(rtol, "rtol", low=0)
-    target = Path(path)
-    key = key or device_key()
+    target = check_path(path, "path")
+    key = device_key() if key is None else check_str(key, "key")
     entry = _read(target)["entries"].get(key)
     if entry is None:
         raise GoldenMissingError(
@@ -153,23 +161,31 @@ def record_golden(
     With several curves (repeated runs), the stored ``rtol`` covers four times the largest
     relative spread between them, and never less than :data:`DEFAULT_RTOL`. Returns the entry.
     """
-    if not curves or not all(isinstance(c, LossCurve) for c in curves):
+    if not isinstance(curves, Sequence) or isinstance(curves, (str, bytes)) or not curves \
+            or not all(isinstance(c, LossCurve) for c in curves):
         raise InputError(f"'curves' must be a non-empty list of LossCurve (got {describe(curves)})")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise InputError(f"'steps' must be an int >= 1 (got {describe(steps)})")
+    check_int(steps, "steps", 1)
+    target = check_path(path, "path")
+    key = device_key() if key is None else check_str(key, "key")
     runs = [[loss for _, loss in c.train[:steps]] for c in curves]
-    if any(len(run) < steps or not all(map(math.isfinite, run)) for run in runs):
-        raise InputError(f"'curves' must each hold {steps} finite training losses")
+    short = next((i for i, run in enumerate(runs) if len(run) < steps), None)
+    if short is not None:
+        raise InputError(f"'curves' must each hold at least 'steps' = {steps} training losses "
+                         f"(curve {short} has {len(runs[short])})")
+    for index, run in enumerate(runs):
+        bad = next((s for s, loss in enumerate(run, start=1) if not math.isfinite(loss)), None)
+        if bad is not None:
+            raise InputError(f"'curves' must hold finite losses: curve {index} has {run[bad - 1]} at "
+                             f"step {bad}; a non-finite run cannot be a golden reference")
     reference = runs[0]
     spread = max((abs(v - r) / abs(r) for run in runs[1:] for v, r in zip(run, reference, strict=True)),
                  default=0.0)
     entry = {"train": reference, "rtol": max(DEFAULT_RTOL, 4 * spread), "measured_spread": spread,
              "runs": len(runs), "recorded": date.today().isoformat(), "torch": torch.__version__,
              "transformers": transformers.__version__}
-    target = Path(path)
     data = _read(target)
     data["recipe"] = recipe or data.get("recipe", "")
-    data["entries"][key or device_key()] = entry
+    data["entries"][key] = entry
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     partial.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe
+from lmcheck._validate import check_int, check_number, check_tokenizer
 from lmcheck.comparison import (
     LOGIT_ATOL,
     TIE_ATOL,
@@ -22,8 +23,17 @@ from lmcheck.comparison import (
     count_phrase,
     tolerance_for,
 )
-from lmcheck.decoding import GreedyOutput, encode_batch, greedy_decode, pad_id, prompt_list
-from lmcheck.errors import InputError, check_number, describe
+from lmcheck.decoding import (
+    GreedyOutput,
+    check_causal_lm,
+    check_context,
+    check_max_new_tokens,
+    encode_batch,
+    greedy_decode,
+    pad_id,
+    prompt_list,
+)
+from lmcheck.errors import InputError
 from lmcheck.results import Result, headroom_below
 
 __all__ = ["batch_invariance", "padding_invariance"]
@@ -41,15 +51,18 @@ def padding_invariance(
     and the tokens may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``,
     since logits that may each move by ``atol`` can flip two tokens that far apart.
     """
-    if not isinstance(pad_tokens, int) or isinstance(pad_tokens, bool) or pad_tokens < 1:
-        raise InputError(f"'pad_tokens' must be an int >= 1 (got {describe(pad_tokens)})")
+    check_causal_lm(model)
+    check_int(pad_tokens, "pad_tokens", 1)
+    check_max_new_tokens(max_new_tokens)
     if atol is not None:
         check_number(atol, "atol", low=0)
     items = prompt_list(prompts)
+    check_tokenizer(tokenizer)
     pad = pad_id(tokenizer, required_for=f"padding_invariance (pad_tokens={pad_tokens})")
     pairs = []
     for index, text in enumerate(items):
         ids, _ = encode_batch(tokenizer, [text])
+        check_context(model, ids.shape[1] + pad_tokens, max_new_tokens, pads=f"pad_tokens={pad_tokens}")
         padded = torch.cat([torch.full((1, pad_tokens), pad), ids], dim=1)
         mask = torch.cat([torch.zeros(1, pad_tokens, dtype=torch.long), torch.ones_like(ids)], dim=1)
         with in_context(f"prompt {index} alone"):
@@ -71,6 +84,8 @@ def batch_invariance(
     Logits must agree within ``atol`` (default :data:`LOGIT_ATOL` for the dtype) until the
     tokens part, and they may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``.
     """
+    check_causal_lm(model)
+    check_max_new_tokens(max_new_tokens)
     if atol is not None:
         check_number(atol, "atol", low=0)
     items = prompt_list(prompts)

@@ -27,9 +27,18 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lmcheck._finite import probe, require_finite
+from lmcheck._validate import (
+    check_fraction,
+    check_int,
+    check_model,
+    check_number,
+    check_seed,
+    check_tokenizer,
+    describe,
+)
 from lmcheck.cloze import ClozeCase
 from lmcheck.decoding import eval_mode, model_device
-from lmcheck.errors import InputError, ModelError, check_fraction, check_int, check_number, describe
+from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -80,7 +89,7 @@ def fill_mask(
     vocab = check_masked_lm(model, tokenizer)
     check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
     predictions = []
-    for index, position, probs in _mask_probabilities(model, tokenizer, texts, batch_size):
+    for index, position, probs in _mask_probabilities(model, tokenizer, texts, batch_size, "text_or_texts"):
         top = probs.topk(top_k)
         ids = tuple(int(i) for i in top.indices)
         predictions.append(MaskPrediction(
@@ -121,7 +130,8 @@ def mask_fill_accuracy(
     answer_ids = [_answer_ids(tokenizer, case, i) for i, case in enumerate(items)]
     rows: list[dict[str, Any]] = []
     seen: set[int] = set()
-    for index, position, probs in _mask_probabilities(model, tokenizer, [c.text for c in items], batch_size):
+    for index, position, probs in _mask_probabilities(model, tokenizer, [c.text for c in items], batch_size,
+                                                      "cases"):
         if index in seen:
             raise InputError(f"'cases' item {index} must hold exactly one mask token "
                              f"{tokenizer.mask_token!r} (got several in {_excerpt(items[index].text, tokenizer)!r})")
@@ -181,6 +191,7 @@ def masked_loss_at_init(
     check_int(batch_size, "batch_size", 1)
     check_number(tolerance, "tolerance", low=0)
     check_fraction(mlm_probability, "mlm_probability")
+    check_seed(seed)
     rows = example_ids(tokenizer, examples, model)
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
     device = model_device(model)
@@ -219,8 +230,7 @@ def masked_loss_at_init(
 # --- helpers -------------------------------------------------------------------------------
 
 def _check_tokenizer(tokenizer: object) -> None:
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise InputError(f"'tokenizer' must be a Hugging Face tokenizer (got {describe(tokenizer)})")
+    tokenizer = cast(PreTrainedTokenizerBase, check_tokenizer(tokenizer))
     if tokenizer.mask_token_id is None:
         raise ModelError(f"'tokenizer' must have a mask token for masked-LM probes "
                          f"({type(tokenizer).__name__} {tokenizer.name_or_path!r} has none)")
@@ -233,6 +243,7 @@ def check_masked_lm(model: object, tokenizer: object) -> int:
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise ModelError(f"'model' must be a Hugging Face masked LM such as BertForMaskedLM (got {describe(model)})")
+    check_model(model)
     cls = type(model).__name__
     if cls not in _MASKED_LM_CLASSES and not cls.endswith("ForMaskedLM"):
         what = "a causal LM" if cls in _CAUSAL_LM_CLASSES else "a model without a masked-LM head"
@@ -292,6 +303,7 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, case: ClozeCase, index: int)
 
 def _mask_probabilities(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
+    argument: str,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (text index, mask position, probabilities over the vocabulary (V,)) per mask."""
     check_int(batch_size, "batch_size", 1, None, "")
@@ -307,7 +319,7 @@ def _mask_probabilities(
             for row in range(ids.shape[0]):
                 index = start + row
                 if not bool((ids[row] == tokenizer.mask_token_id).any()):
-                    raise InputError(f"text {index} must contain the tokenizer's mask token "
+                    raise InputError(f"'{argument}' item {index} must contain the tokenizer's mask token "
                                      f"{tokenizer.mask_token!r} (got {_excerpt(texts[index], tokenizer)!r})")
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
@@ -328,15 +340,23 @@ def example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.
     """Training or scoring examples (texts, id rows or a dataset of chunks) as lists of ids."""
     column = examples["input_ids"] if hasattr(examples, "column_names") and \
         "input_ids" in examples.column_names else examples
-    rows = _sequence(list(column) if not isinstance(column, (list, tuple)) else column, "examples")
+    if not isinstance(column, (list, tuple)) and hasattr(column, "__iter__") \
+            and not isinstance(column, (str, bytes, Mapping, torch.Tensor)):
+        column = list(column)  # a datasets column
+    rows = _sequence(column, "examples")
     if all(isinstance(r, str) for r in rows):
         limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         return [list(ids) for ids in tokenizer(rows, truncation=True, max_length=limit)["input_ids"]]
+    vocab = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
     for index, row in enumerate(rows):
         if isinstance(row, str) or not isinstance(row, Sequence) or not row \
-                or not all(isinstance(i, int) for i in row):
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
             raise InputError(f"'examples' item {index} must be a non-empty list of token ids or a str "
                              f"(got {describe(row)})")
+        bad = next((i for i in row if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InputError(f"'examples' item {index} must hold token ids from 0 to {vocab - 1}, the "
+                             f"model's vocabulary (got id {bad}); tokenize with the model's tokenizer")
     return [list(r) for r in rows]
 
 

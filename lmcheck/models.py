@@ -28,7 +28,8 @@ from transformers import (
 )
 
 from lmcheck import assets
-from lmcheck.errors import InputError, describe
+from lmcheck._validate import check_int, check_seed, check_tokenizer, describe
+from lmcheck.errors import InputError
 
 __all__ = [
     "BERT_PRESETS",
@@ -40,6 +41,8 @@ __all__ = [
     "load_causal_lm",
     "load_smollm2",
 ]
+
+MAX_CONTEXT = 2**20  # positions; a longer context is a typo, and its table would not fit in memory
 
 GPT2_PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # the tutorial's 124M
@@ -71,14 +74,16 @@ def gpt2_config(
 
     ``context_length`` raises ``n_positions`` to at least that. ``overrides`` go to GPT2Config.
     """
+    check_tokenizer(tokenizer)
     settings = _preset(GPT2_PRESETS, preset)
     if context_length is not None:
+        check_int(context_length, "context_length", 1, MAX_CONTEXT, "2**20")
         settings["n_positions"] = max(settings.get("n_positions", 1024), context_length)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else len(tokenizer) - 1
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     settings.update(vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     settings.update(overrides)
-    return GPT2Config(**settings)
+    return _config(GPT2Config, settings)
 
 
 def gpt2_from_scratch(
@@ -92,6 +97,7 @@ def gpt2_from_scratch(
         >>> model.config.vocab_size
         50257
     """
+    check_seed(seed)
     config = gpt2_config(tokenizer, preset=preset, context_length=context_length, **overrides)
     set_seed(seed)
     model = GPT2LMHeadModel(config)
@@ -105,10 +111,20 @@ def bert_config(
     tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "bert-base", **overrides: Any,
 ) -> BertConfig:
     """A BERT configuration aligned with ``tokenizer``: vocabulary size and pad id."""
+    check_tokenizer(tokenizer)
     settings = _preset(BERT_PRESETS, preset)
     settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)
     settings.update(overrides)
-    return BertConfig(**settings)
+    return _config(BertConfig, settings)
+
+
+def _config(kind: type[Any], settings: dict[str, Any]) -> Any:
+    """``kind(**settings)``, with a bad preset or override named instead of a traceback."""
+    try:
+        return kind(**settings)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"'preset' and overrides must be valid {kind.__name__} settings "
+                         f"(got {describe(settings)}: {error})") from None
 
 
 def bert_from_scratch(
@@ -116,6 +132,7 @@ def bert_from_scratch(
     **overrides: Any,
 ) -> BertForMaskedLM:
     """A randomly initialised BertForMaskedLM (seeded) whose configuration fits ``tokenizer``."""
+    check_seed(seed)
     config = bert_config(tokenizer, preset=preset, **overrides)
     set_seed(seed)
     return BertForMaskedLM(config)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmcheck._validate import check_path, check_str, describe
+from lmcheck.errors import InputError
 from lmcheck.results import Result
 
 if TYPE_CHECKING:  # only for the annotation
@@ -103,7 +105,13 @@ def plot_loss_curve(curve: LossCurve, path: str | Path, *, title: str | None = N
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    target = Path(path)
+    from lmcheck.curves import LossCurve
+
+    if not isinstance(curve, LossCurve):
+        raise InputError(f"'curve' must be a LossCurve (got {describe(curve)})")
+    if title is not None:
+        check_str(title, "title")
+    target = check_path(path, "path")
     target.parent.mkdir(parents=True, exist_ok=True)
     figure = Figure(figsize=(7, 4.2), dpi=110)
     FigureCanvasAgg(figure)

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, BertTokenizer, GPT2Tokenizer, PreTrained
 
 from lmcheck import assets
 from lmcheck._finite import probe
-from lmcheck.errors import InputError, describe
+from lmcheck._validate import check_tokenizer, describe
+from lmcheck.errors import InputError
 from lmcheck.results import Result
 
 __all__ = ["TokenRow", "TokenTable", "inspect_tokens", "load_tokenizer", "round_trip"]
@@ -132,6 +133,7 @@ def inspect_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenTable:
         >>> table.input_ids
         [10462, 27428, 379, 262, 10481, 318]
     """
+    check_tokenizer(tokenizer)
     _check_text(text, "text")
     encoding = tokenizer(text)
     ids = list(encoding["input_ids"])
@@ -160,6 +162,9 @@ def round_trip(
     Args:
         allow_unknown: count unknown tokens (``metrics["unknown_tokens"]``) without failing.
     """
+    check_tokenizer(tokenizer)
+    if not isinstance(texts, str) and (not isinstance(texts, Sequence) or isinstance(texts, bytes)):
+        raise InputError(f"'texts' must be a str or a list of str (got {describe(texts)})")
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items:
         raise InputError("'texts' must hold at least one string (got an empty collection)")

@@ -31,11 +31,12 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
+from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
 from lmcheck.decoding import eval_mode, model_device
 from lmcheck.defaults import DEFAULTS
-from lmcheck.errors import InputError, ModelError, check_int, describe
+from lmcheck.errors import InputError, ModelError
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
 from lmcheck.training import causal_batch, check_memorization_lengths, memorized_fraction
@@ -145,6 +146,7 @@ def causal_lm_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForLan
     Labels are the inputs (the model shifts them), padding is labelled -100. A tokenizer without
     a pad token (GPT-2) gets a copy whose pad token is its eos token; ``tokenizer`` is unchanged.
     """
+    check_tokenizer(tokenizer)
     return DataCollatorForLanguageModeling(_with_pad_token(tokenizer), mlm=False)
 
 

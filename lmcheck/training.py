@@ -20,8 +20,26 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, locate, probe, require_finite, require_finite_number
-from lmcheck.decoding import eval_mode, greedy_decode, model_device
-from lmcheck.errors import InputError, ModelError, check_fraction, check_int, check_number, describe
+from lmcheck._validate import (
+    as_ids,
+    check_callable,
+    check_fraction,
+    check_int,
+    check_model,
+    check_names,
+    check_number,
+    check_tensor_data,
+    check_tokenizer,
+    describe,
+)
+from lmcheck.decoding import (
+    check_causal_lm,
+    eval_mode,
+    greedy_decode,
+    input_vocabulary,
+    model_device,
+)
+from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -53,15 +71,9 @@ def loss_at_init(
     """
     check_int(batch_size, "batch_size", 1)
     check_number(tolerance, "tolerance", low=0)
-    ids = _as_ids(input_ids, "input_ids")
+    check_model(model)
     vocab = _output_size(model)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        bad = low if low < 0 else high
-        row = int((ids == bad).any(dim=1).nonzero()[0])
-        raise InputError(f"'input_ids' must hold token ids from 0 to {vocab - 1}, the model's "
-                         f"vocabulary of {vocab:,} (got id {bad} in row {row}); tokenize with the "
-                         f"model's own tokenizer")
+    ids = _as_ids(input_ids, "input_ids", vocab=min(vocab, input_vocabulary(model) or vocab))
     expected = math.log(vocab)
     loss = mean_loss(model, ids, batch_size=batch_size)  # NonFiniteError names the batch
     difference = loss - expected
@@ -88,11 +100,16 @@ def memorizes(
     article). Reports the verbatim rate (share of chunks whose whole continuation matches) and
     the per-token match rate; passes when the verbatim rate reaches ``min_verbatim_rate``.
     """
+    check_causal_lm(model)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     check_int(prefix_length, "prefix_length", 1)
     check_int(continuation_length, "continuation_length", 1)
     check_int(batch_size, "batch_size", 1)
     check_fraction(min_verbatim_rate, "min_verbatim_rate")
-    ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=prefix_length + continuation_length)
+    ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=1, vocab=input_vocabulary(model),
+                  text_length=prefix_length + continuation_length)
+    check_memorization_lengths(prefix_length, continuation_length, ids.shape[1])
     ids = ids[:, : prefix_length + continuation_length].to(model_device(model))
     prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
     parts = []
@@ -140,8 +157,8 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
     model's ``.grad`` fields are left untouched (gradients come from ``torch.autograd.grad``).
     """
     names = _parameters(model)
-    _check_batch(batch)
-    problems = _frozen_problems(names, expect_frozen)
+    batch = _batch(batch, model)
+    problems = _frozen_problems(names, check_names(expect_frozen, "expect_frozen"))
     trainable = [(n, p) for n, p in names.items() if p.requires_grad]
     rows: list[dict[str, Any]] = []
     if trainable:
@@ -177,8 +194,11 @@ def params_update(
     their own: ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
     """
     _parameters(model)
-    _check_batch(batch)
-    check_number(lr, "lr", low=0)
+    batch = _batch(batch, model)
+    check_number(lr, "lr", low=0, high=1e6)
+    expect_frozen = check_names(expect_frozen, "expect_frozen")
+    if optimizer is not None:
+        check_callable(optimizer, "optimizer", "a function from the model to a torch.optim.Optimizer")
     trial = copy.deepcopy(model)
     names = _parameters(trial)
     problems = _frozen_problems(names, expect_frozen)
@@ -186,6 +206,8 @@ def params_update(
     before = {n: p.detach().clone() for n, p in names.items()}
     build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
     step = build(trial)
+    if not isinstance(step, torch.optim.Optimizer):
+        raise InputError(f"'optimizer' must return a torch.optim.Optimizer (got {describe(step)})")
     step.zero_grad(set_to_none=True)
     _loss(trial, batch).backward()  # NonFiniteError if the loss is NaN or Inf
     for parameter_name, parameter in names.items():
@@ -233,9 +255,21 @@ def causal_batch(
                          f"collator returns (got {describe(batch)})")
     for key in ("input_ids", "labels"):
         if key not in batch:
-            raise InputError(f"'batch' must have {key!r} (got keys {sorted(batch)})")
-    inputs, labels = batch["input_ids"], batch["labels"]  # (B, T) each
+            raise InputError(f"'batch' must have {key!r} (got keys {sorted(map(str, batch))})")
+    check_int(ignore_index, "ignore_index", -(2**63))
+    check_fraction(max_ignored_fraction, "max_ignored_fraction")
+    inputs = as_ids(batch["input_ids"], "batch['input_ids']")  # (B, T)
+    labels = as_ids(batch["labels"], "batch['labels']")  # (B, T)
+    if labels.shape != inputs.shape:
+        raise InputError(f"'batch['labels']' must have the shape of input_ids {tuple(inputs.shape)} "
+                         f"(got {tuple(labels.shape)})")
     mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4) \
+                or tuple(mask.shape[:1]) != tuple(inputs.shape[:1]) or mask.shape[-1] != inputs.shape[1]:
+            raise InputError(f"'batch['attention_mask']' must be a (B, T) or (B, 1, T, T) tensor for "
+                             f"input_ids of shape {tuple(inputs.shape)} (got {describe(mask)})")
+        check_tensor_data(mask, "batch['attention_mask']")
     problems: list[str] = []
     real = torch.ones_like(inputs, dtype=torch.bool) if mask is None or mask.dim() != 2 else mask.bool()
     ignored = (labels == ignore_index) & real
@@ -342,27 +376,37 @@ def _greedy(model: torch.nn.Module, prefix: torch.Tensor, new_tokens: int) -> to
     return greedy_decode(model, prefix, max_new_tokens=new_tokens).new_tokens.to(prefix.device)
 
 
-def _check_batch(batch: object) -> None:
-    """Raise InputError unless ``batch`` is a (B, T) tensor of ids or a mapping with ``input_ids``."""
+def _batch(batch: object, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` (a (B, T) tensor of ids, or a collator's mapping with ``input_ids``) as a mapping
+    of tensors: ids checked against the model's vocabulary, ``labels`` = ``input_ids`` if absent."""
     ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
     if not isinstance(ids, torch.Tensor):
         raise InputError(f"'batch' must be a (B, T) tensor of token ids or a mapping of tensors with "
                          f"'input_ids', as a collator returns (got {describe(batch)})")
+    argument = "batch['input_ids']" if isinstance(batch, Mapping) else "batch"
+    inputs = {"input_ids": as_ids(ids, argument, vocab=input_vocabulary(model), min_length=2)}
+    if isinstance(batch, Mapping):
+        for key, value in batch.items():
+            if key != "input_ids" and isinstance(value, torch.Tensor):
+                inputs[str(key)] = check_tensor_data(value, f"batch[{key!r}]")
+    labels = inputs.setdefault("labels", inputs["input_ids"])
+    if labels.shape != inputs["input_ids"].shape or labels.dtype.is_floating_point:
+        raise InputError(f"'batch['labels']' must be integer ids of the shape of input_ids "
+                         f"{tuple(inputs['input_ids'].shape)} (got {describe(labels)})")
+    inputs["labels"] = labels.long()
+    return inputs
 
 
-def _loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    inputs = {k: v.to(model_device(model)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    inputs.setdefault("labels", inputs["input_ids"])
-    loss = model(**inputs).loss
+def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss on a batch from :func:`_batch`; NonFiniteError if it is NaN or Inf."""
+    device = model_device(model)
+    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
     require_finite(loss, "the loss of the batch", ())
     return loss
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    if not isinstance(model, torch.nn.Module):
-        raise ModelError(f"'model' must be a torch.nn.Module (got {describe(model)})")
+    check_model(model)
     return dict(model.named_parameters())  # tied weights appear once, under their first name
 
 
@@ -381,32 +425,39 @@ def _output_size(model: torch.nn.Module) -> int:
     embeddings = getattr(model, "get_output_embeddings", lambda: None)()
     if embeddings is not None and hasattr(embeddings, "weight"):
         return int(embeddings.weight.shape[0])
-    config: Any = getattr(model, "config", None)
-    return int(config.vocab_size)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(size, int):
+        raise ModelError(f"'model' must tell its vocabulary size (an output embedding, or "
+                         f"config.vocab_size); a {type(model).__name__} has neither")
+    return size
 
 
 def _as_ids(
     rows: Rows, argument: str, *, tokenizer: PreTrainedTokenizerBase | None = None, min_length: int = 2,
+    vocab: int | None = None, text_length: int | None = None,
 ) -> torch.Tensor:
-    """Rows of token ids as a (N, T) tensor: from a tensor, lists of ids, texts or a dataset."""
+    """Rows of token ids as a (N, T) tensor: from a tensor, lists of ids, texts or a dataset.
+
+    Texts are tokenized to at most ``text_length`` tokens (default ``min_length``). Rows of
+    different lengths are cut to the shortest (at least ``min_length``); with ``vocab``, every
+    id must lie in [0, vocab).
+    """
     if hasattr(rows, "column_names"):  # a datasets.Dataset of chunks
         rows = cast(Any, rows)["input_ids"]
-    if isinstance(rows, torch.Tensor):
-        ids = rows if rows.dim() == 2 else rows.unsqueeze(0)
-    else:
-        if not isinstance(rows, Sequence) or isinstance(rows, str) or not rows:
+    if not isinstance(rows, torch.Tensor) and isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)):
+        if not rows:
             raise InputError(f"'{argument}' must be a non-empty list of token-id rows or texts (got {describe(rows)})")
         if all(isinstance(r, str) for r in rows):
             if tokenizer is None:
                 raise InputError(f"'{argument}' holds texts, so 'tokenizer' must be given (got None)")
-            rows = [tokenizer(r, truncation=True, max_length=min_length)["input_ids"] for r in rows]
-        lengths = {len(r) for r in rows}
-        if len(lengths) != 1:
-            shortest = min(lengths)
-            if shortest < min_length:
-                raise InputError(f"every row of '{argument}' must have at least {min_length} tokens (shortest has {shortest})")
-            rows = [list(r)[:shortest] for r in rows]
-        ids = torch.tensor([list(r) for r in rows], dtype=torch.long)
-    if ids.shape[1] < min_length:
-        raise InputError(f"every row of '{argument}' must have at least {min_length} tokens (got {ids.shape[1]})")
-    return ids
+            rows = [tokenizer(r, truncation=True, max_length=text_length or min_length)["input_ids"]
+                    for r in rows]
+        if all(isinstance(r, Sequence) and not isinstance(r, (str, bytes)) for r in rows):
+            lengths = {len(r) for r in rows}
+            if len(lengths) != 1:
+                shortest = min(lengths)
+                if shortest < min_length:
+                    raise InputError(f"every row of '{argument}' must have at least {min_length} tokens "
+                                     f"(shortest has {shortest})")
+                rows = [list(r)[:shortest] for r in rows]
+    return as_ids(rows, argument, vocab=vocab, min_length=min_length)

@@ -390,7 +390,7 @@ def test_greedy_decode_with_and_without_cache_agree(
         (lambda m, t: greedy_matches_generate(m, t, [""]), InputError, r"prompts\[0\]' must be a non-empty str"),
         (lambda m, t: greedy_matches_generate(m, t, []), InputError, r"'prompts' must be a str or a non-empty list"),
         (lambda m, t: greedy_decode(m, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3),
-         InputError, r"at least one token per row \(got shape \(1, 0\)\)"),
+         InputError, r"at least 1 token per row \(got shape \(1, 0\)\)"),
         (lambda m, t: greedy_decode(m, [[1, 2]], max_new_tokens=0), InputError, r"'max_new_tokens' must be an int >= 1 \(got 0"),
         (lambda m, t: greedy_matches_generate(m, t, PROMPT, max_new_tokens=-1), InputError, r"'max_new_tokens' must be an int >= 1"),
         (lambda m, t: greedy_decode(m, [[1] * 250], max_new_tokens=10), InputError,
