@@ -162,7 +162,10 @@ def round_trip(
     Args:
         allow_unknown: count unknown tokens (``metrics["unknown_tokens"]``) without failing.
     """
-    check_tokenizer(tokenizer)
+    if not callable(getattr(tokenizer, "encode", None)) or not callable(getattr(tokenizer, "decode", None)) \
+            or isinstance(tokenizer, (str, bytes)):
+        raise InputError(f"'tokenizer' must be a tokenizer with encode() and decode(), e.g. "
+                         f"lmcheck.load_tokenizer('gpt2') (got {describe(tokenizer)})")
     if not isinstance(texts, str) and (not isinstance(texts, Sequence) or isinstance(texts, bytes)):
         raise InputError(f"'texts' must be a str or a list of str (got {describe(texts)})")
     items = [texts] if isinstance(texts, str) else list(texts)

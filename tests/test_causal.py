@@ -395,7 +395,7 @@ def test_greedy_decode_with_and_without_cache_agree(
         (lambda m, t: greedy_matches_generate(m, t, PROMPT, max_new_tokens=-1), InputError, r"'max_new_tokens' must be an int >= 1"),
         (lambda m, t: greedy_decode(m, [[1] * 250], max_new_tokens=10), InputError,
          r"250 tokens plus max_new_tokens=10 needs 260 positions, more than the model's context of 256"),
-        (lambda m, t: greedy_decode(m, torch.ones(1, 3), max_new_tokens=2), InputError, r"integer tensor \(got torch.float32"),
+        (lambda m, t: greedy_decode(m, torch.ones(1, 3), max_new_tokens=2), InputError, r"integer tensor of token ids \(got torch.float32"),
         (lambda m, t: causality(m, [[5]]), InputError, r"at least 2 tokens"),
         (lambda m, t: padding_invariance(m, t, PROMPT, pad_tokens=0), InputError, r"'pad_tokens' must be an int >= 1"),
         (lambda m, t: batch_invariance(m, t, [PROMPT]), InputError, r"at least 2 prompts"),
