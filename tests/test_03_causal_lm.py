@@ -147,9 +147,12 @@ def test_no_position_sees_the_future(smollm2: SmolLM2) -> None:
 
 @pytest.fixture(scope="module")
 def gpt2_random() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
-    """GPT-2 124M from its configuration (seeded random weights) and its own tokenizer copy."""
+    """GPT-2 124M from its configuration (seeded random weights) and its own tokenizer copy,
+    whose pad token is eos (set here, once: no test changes a module-scoped object)."""
     tokenizer = load_tokenizer("gpt2")  # a copy: the session tokenizer keeps no pad token
-    return gpt2_from_scratch(tokenizer, preset="gpt2").eval(), tokenizer
+    model = gpt2_from_scratch(tokenizer, preset="gpt2").eval()
+    tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def test_gpt2_structure(gpt2_random: tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]) -> None:
@@ -163,11 +166,16 @@ def test_gpt2_structure(gpt2_random: tuple[GPT2LMHeadModel, PreTrainedTokenizerB
 def test_gpt2_needs_a_pad_token_to_pad(
     gpt2_random: tuple[GPT2LMHeadModel, PreTrainedTokenizerBase],
 ) -> None:
-    """GPT-2's tokenizer has no pad token; padding asks for one, and eos serves (masked out)."""
-    model, tokenizer = gpt2_random
+    """GPT-2's tokenizer has no pad token; padding asks for one, and eos serves (masked out).
+
+    A fresh tokenizer: this test once set the pad token on the module's shared copy, so the
+    probes below passed only when it ran first."""
+    model, _ = gpt2_random
+    tokenizer = load_tokenizer("gpt2")
     with pytest.raises(InputError, match=r"tokenizer.pad_token = tokenizer.eos_token"):
         batch_invariance(model, tokenizer, list(PROMPTS))
     tokenizer.pad_token = tokenizer.eos_token
+    assert batch_invariance(model, tokenizer, list(PROMPTS[:2]), max_new_tokens=1)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +195,6 @@ def test_gpt2_random_weights_pass_the_same_probes(
 ) -> None:
     """The probes hold for GPT-2's architecture too: they test the code, not the training."""
     model, tokenizer = gpt2_random
-    tokenizer.pad_token = tokenizer.eos_token
     result = probe(model, tokenizer)
     assert result, result.explanation
 
