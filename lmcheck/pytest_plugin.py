@@ -3,9 +3,11 @@
 Registered through the ``pytest11`` entry point, so installing lmcheck is enough:
 
 - markers ``gpu`` (needs a CUDA device), ``slow`` (minutes, not seconds) and ``pretrained``
-  (needs weights in the local Hugging Face cache), registered so ``--strict-markers`` works;
-- ``gpu`` tests are skipped, with the reason, where no CUDA device is visible; ``slow`` tests
-  run only with ``--lmcheck-slow``;
+  (needs weights in the local Hugging Face cache), registered so ``--strict-markers`` works, and
+  their arguments checked (a typo such as ``gpu(counts=2)`` is a usage error, not a silent 1);
+- ``gpu`` tests are skipped, with the reason, where no CUDA device is visible; ``pretrained``
+  tests where none of their repos is cached; ``slow`` tests run only with ``--lmcheck-slow`` or
+  a ``-m`` expression that selects them because they are slow;
 - the fixture ``lmcheck_results`` collects results and writes them to ``--lmcheck-json``;
 - ``--lmcheck-model`` names your causal LM for the ready-made checks in ``lmcheck.suite``
   (``pytest --pyargs lmcheck.suite --lmcheck-model ./my-model``), through the session fixtures
@@ -14,7 +16,7 @@ Registered through the ``pytest11`` entry point, so installing lmcheck is enough
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -24,9 +26,11 @@ from lmcheck.results import Result
 
 MARKERS = {
     "gpu": "gpu(count=1): needs that many CUDA devices; skipped with the reason otherwise",
-    "slow": "takes minutes; runs only with --lmcheck-slow or -m slow",
-    "pretrained": "needs pretrained weights in the local Hugging Face cache; skips otherwise",
+    "slow": "takes minutes; runs only with --lmcheck-slow or a -m expression that selects slow",
+    "pretrained": "pretrained(*repos, files=('config.json', 'model.safetensors')): needs one of "
+                  "the repos' files in the local Hugging Face cache; skipped with the reason otherwise",
 }
+PRETRAINED_FILES = ("config.json", "model.safetensors")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="causal LM for lmcheck.suite: a local folder, a name in the Hugging Face "
                          "cache, or 'smollm2' (offline)")
     group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
-                    help="prompt for lmcheck.suite (repeatable; default: three English prompts)")
+                    help="prompt for lmcheck.suite (repeatable; default: lmcheck.suite.DEFAULT_PROMPTS)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,21 +60,80 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cached_repo(repos: Sequence[str], files: Sequence[str] = PRETRAINED_FILES) -> str | None:
+    """The first of ``repos`` whose ``files`` are all in the local Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return next((repo for repo in repos
+                 if all(isinstance(try_to_load_from_cache(repo, name), str) for name in files)), None)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    markexpr = config.getoption("markexpr", "") or ""
-    run_slow = config.getoption("--lmcheck-slow") or "slow" in markexpr
+    slow = _slow_selector(config)
     found: int | None = None
     for item in items:
         gpu = item.get_closest_marker("gpu")
         if gpu is not None:
-            needed = int(gpu.kwargs.get("count", gpu.args[0] if gpu.args else 1))
+            needed = _gpu_count(gpu, item)
             if found is None:
                 found = cuda_device_count()
             if found < needed:
                 item.add_marker(pytest.mark.skip(
                     reason=f"needs {needed} CUDA device{'s' if needed > 1 else ''}, found {found}"))
-        if item.get_closest_marker("slow") is not None and not run_slow:
+        pretrained = item.get_closest_marker("pretrained")
+        if pretrained is not None:
+            repos, files = _pretrained_arguments(pretrained, item)
+            if cached_repo(repos, files) is None:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"{' or '.join(repos)} weights are not in the local Hugging Face cache "
+                           f"(needs {', '.join(files)})"))
+        if item.get_closest_marker("slow") is not None and not slow(item):
             item.add_marker(pytest.mark.skip(reason="slow test: run with --lmcheck-slow or -m slow"))
+
+
+def _gpu_count(marker: pytest.Mark, item: pytest.Item) -> int:
+    """``gpu``, ``gpu(2)`` or ``gpu(count=2)``; anything else is a usage error naming the test."""
+    unknown = set(marker.kwargs) - {"count"}
+    if unknown or len(marker.args) > 1 or (marker.args and "count" in marker.kwargs):
+        raise pytest.UsageError(f"{item.nodeid}: the gpu marker takes one count, as gpu(2) or "
+                                f"gpu(count=2) (got args {marker.args}, keywords {sorted(marker.kwargs)})")
+    count = marker.kwargs.get("count", marker.args[0] if marker.args else 1)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise pytest.UsageError(f"{item.nodeid}: gpu(count=...) must be an int >= 1 (got {count!r})")
+    return count
+
+
+def _pretrained_arguments(marker: pytest.Mark, item: pytest.Item) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The repos (one suffices) and the files each must have, from ``pretrained(*repos, files=...)``."""
+    repos, files = marker.args, marker.kwargs.get("files", PRETRAINED_FILES)
+    unknown = set(marker.kwargs) - {"files"}
+    if not repos or unknown or not all(isinstance(r, str) and r for r in repos) \
+            or isinstance(files, str) or not files or not all(isinstance(f, str) for f in files):
+        raise pytest.UsageError(f"{item.nodeid}: the pretrained marker names the repos it needs, as "
+                                f"pretrained('gpt2') or pretrained('gpt2', files=('config.json',)) "
+                                f"(got args {marker.args}, keywords {marker.kwargs})")
+    return tuple(repos), tuple(files)
+
+
+def _slow_selector(config: pytest.Config) -> Callable[[pytest.Item], bool]:
+    """Whether a slow test runs: with --lmcheck-slow, or when the -m expression selects it
+    because it is slow (``-m slow``, ``-m "gpu or slow"``), read as pytest reads it; ``-m "not
+    slow"`` or ``-m gpu`` never does."""
+    if config.getoption("--lmcheck-slow"):
+        return lambda item: True
+    markexpr = config.getoption("markexpr", "") or ""
+    if not markexpr:
+        return lambda item: False
+    from _pytest.mark.expression import Expression  # the parser behind -m
+
+    expression = Expression.compile(markexpr)
+
+    def selects(item: pytest.Item) -> bool:
+        marks = {mark.name for mark in item.iter_markers()}
+        return expression.evaluate(lambda name, **_: name in marks) and \
+            not expression.evaluate(lambda name, **_: name in marks - {"slow"})
+
+    return selects
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ import math
 
 import pytest
 import torch
-from huggingface_hub import try_to_load_from_cache
 from transformers import BertForMaskedLM
 
 from lmcheck.cloze import cloze_cases
@@ -36,6 +35,7 @@ from lmcheck.defaults import DEFAULTS
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
 from lmcheck.masked_training import MEMORIZATION_RUN
 from lmcheck.models import bert_from_scratch
+from lmcheck.pytest_plugin import cached_repo
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."
 RUN = MEMORIZATION_RUN
@@ -149,22 +149,13 @@ def test_held_out_chunks_are_not(memorized_bert, bert_tokenizer):
     assert result, result.explanation
 
 
-def _bert_base_uncased_cached() -> bool:
-    """True when bert-base-uncased's configuration and safetensors weights are cached locally."""
-    return any(
-        all(isinstance(try_to_load_from_cache(repo, name), str)
-            for name in ("config.json", "model.safetensors"))
-        for repo in ("bert-base-uncased", "google-bert/bert-base-uncased")
-    )
+BERT_REPOS = ("bert-base-uncased", "google-bert/bert-base-uncased")
 
 
-@pytest.mark.pretrained
-@pytest.mark.skipif(not _bert_base_uncased_cached(),
-                    reason="bert-base-uncased weights are not in the local Hugging Face cache")
+@pytest.mark.pretrained(*BERT_REPOS)
 def test_pretrained_bert_fills_the_tutorial_sentence(bert_tokenizer):
     """Pretrained bert-base-uncased: box bag bowl jar cup, with the tutorial's probabilities."""
-    repo = next(r for r in ("bert-base-uncased", "google-bert/bert-base-uncased")
-                if isinstance(try_to_load_from_cache(r, "model.safetensors"), str))
+    repo = cached_repo(BERT_REPOS)
     model = BertForMaskedLM.from_pretrained(repo, local_files_only=True, use_safetensors=True)
     (prediction,) = fill_mask(model, bert_tokenizer, SENTENCE, top_k=5)
     assert list(prediction.tokens) == ["box", "bag", "bowl", "jar", "cup"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from huggingface_hub import try_to_load_from_cache
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
@@ -199,15 +198,7 @@ def test_gpt2_random_weights_pass_the_same_probes(
     assert result, result.explanation
 
 
-def _gpt2_weights_cached() -> bool:
-    """True when gpt2's weights, configuration and tokenizer are all in the local HF cache."""
-    files = ("config.json", "model.safetensors", "tokenizer.json")
-    return all(isinstance(try_to_load_from_cache("gpt2", name), str) for name in files)
-
-
-@pytest.mark.pretrained
-@pytest.mark.skipif(not _gpt2_weights_cached(),
-                    reason="gpt2 weights are not in the local Hugging Face cache")
+@pytest.mark.pretrained("gpt2", files=("config.json", "model.safetensors", "tokenizer.json"))
 def test_pretrained_gpt2_continues_the_tutorial_sentence() -> None:
     """Pretrained GPT-2: next token 257 (" a"), then " great", then generate finishes the sentence."""
     model, _ = load_causal_lm("gpt2", local_files_only=True)

@@ -23,8 +23,13 @@ def test_on_many_gpus():
 def test_long():
     pass
 
-@pytest.mark.pretrained
+@pytest.mark.pretrained("lmcheck-test/not-a-cached-model")
 def test_weights():
+    pass
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_long_on_gpu():
     pass
 
 def test_records(lmcheck_results):
@@ -41,8 +46,9 @@ def user_project(pytester: pytest.Pytester) -> pytest.Pytester:
 def test_markers_are_registered_for_strict_markers(user_project):
     result = user_project.runpytest_subprocess("--strict-markers", "-rs")
     assert result.ret == 0
-    result.assert_outcomes(passed=2 if torch.cuda.device_count() == 0 else 3,
-                           skipped=3 if torch.cuda.device_count() == 0 else 2)
+    # no GPU: only test_records runs; the gpu, slow and pretrained tests skip with their reasons
+    result.assert_outcomes(passed=1 if torch.cuda.device_count() == 0 else 2,
+                           skipped=5 if torch.cuda.device_count() == 0 else 4)
 
 
 def test_gpu_tests_skip_with_the_reason(user_project):
@@ -54,10 +60,45 @@ def test_gpu_tests_skip_with_the_reason(user_project):
 
 
 def test_slow_tests_run_only_when_asked(user_project):
-    skipped = user_project.runpytest_subprocess("-rs", "-k", "long")
+    skipped = user_project.runpytest_subprocess("-rs", "-k", "long and not gpu")
     skipped.stdout.fnmatch_lines(["*slow test: run with --lmcheck-slow*"])
-    ran = user_project.runpytest_subprocess("--lmcheck-slow", "-k", "long")
+    ran = user_project.runpytest_subprocess("--lmcheck-slow", "-k", "long and not gpu")
     ran.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(("expression", "outcomes"), [
+    ("slow", {"passed": 1, "skipped": 1}),  # test_long runs; test_long_on_gpu skips for the GPU only
+    ("gpu or slow", {"passed": 1, "skipped": 3}),
+    ("not slow", {"passed": 1, "skipped": 3}),  # "slow" is in the text, yet slow is not selected
+    ("gpu", {"skipped": 3}),  # selected for the GPU, not because it is slow: still skipped
+])
+def test_slow_follows_the_mark_expression_as_pytest_reads_it(user_project, expression, outcomes):
+    if torch.cuda.device_count():
+        pytest.skip("the expected outcomes assume no CUDA device")
+    result = user_project.runpytest_subprocess("-rs", "-m", expression)
+    result.assert_outcomes(**outcomes)
+
+
+def test_pretrained_skips_with_the_repo_it_needs(user_project):
+    result = user_project.runpytest_subprocess("-rs", "-k", "weights")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*lmcheck-test/not-a-cached-model weights are not in the local "
+                                 "Hugging Face cache (needs config.json, model.safetensors)*"])
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ("gpu(counts=2)", "the gpu marker takes one count, as gpu(2) or gpu(count=2) (got args (), keywords ['counts'])"),
+    ("gpu(count=0)", "gpu(count=...) must be an int >= 1 (got 0)"),
+    ("gpu('two')", "gpu(count=...) must be an int >= 1 (got 'two')"),
+    ("pretrained", "the pretrained marker names the repos it needs"),
+    ("pretrained('gpt2', file='x')", "the pretrained marker names the repos it needs"),
+])
+def test_marker_arguments_are_checked(pytester, marker, message):
+    """A typo in a marker is a usage error naming the test, never a silent default."""
+    pytester.makepyfile(test_typo=f"import pytest\n\n@pytest.mark.{marker}\ndef test_it():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"test_typo.py::test_it: {message}" in result.stderr.str()
 
 
 def test_results_are_written_to_json(user_project):
