@@ -55,7 +55,8 @@ __all__ = [
 
 # generation_config fields that change what greedy decoding picks or when it stops, and the
 # value that makes them inert. generate fills every argument left at None from the model's own
-# generation_config (ASSETS.md: repetition_penalty=1.3 survives do_sample=False), so
+# generation_config (seen with SmolLM2: its repetition_penalty=1.3 survives do_sample=False, and
+# even generation_config=GenerationConfig(do_sample=False); only an explicit 1.0 removes it), so
 # greedy_matches_generate passes each of these explicitly.
 NEUTRAL_GENERATION: dict[str, Any] = {
     "do_sample": False, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,

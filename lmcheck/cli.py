@@ -106,6 +106,10 @@ def _golden(args: argparse.Namespace) -> int:
     steps = args.steps or golden.GOLDEN_STEPS
     if args.runs < 1:
         raise LmcheckError(f"'--runs' must be at least 1 (got {args.runs})")
+    if args.update and args.file is None and golden.installed_read_only():
+        raise LmcheckError(
+            f"'lmcheck golden --update' would write into the installed package ({path}); record "
+            f"into a file of your own with --file PATH, or run from a source checkout of lmcheck")
     if args.update:
         curves = [golden.default_recipe_curve(steps) for _ in range(args.runs)]
         entry = golden.record_golden(curves, path, steps=steps, recipe=golden.RECIPE)

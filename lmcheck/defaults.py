@@ -16,7 +16,7 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
         "causal_prompt": "Swimming at the beach is",
         # chapter 3: prompts of different lengths (a batch of them needs left padding), the first
         # being causal_prompt, and SmolLM2-135M-Instruct's greedy 20-token continuation of it
-        # (ASSETS.md, checked with generate)
+        # (checked with generate, every generation_config override neutralised)
         "causal_prompts": ("Swimming at the beach is", "The capital of France is", "def fibonacci(n):",
                            "Once upon a time, in a small village near the mountains, there lived"),
         "smollm2_continuation": " a great way to unwind and enjoy the beautiful scenery.\n\nThe beach is a great place",

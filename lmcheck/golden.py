@@ -77,6 +77,12 @@ def device_key(device: str | torch.device | None = None) -> str:
     return f"cpu-{platform.machine()}-{capability}/{versions}"
 
 
+def installed_read_only() -> bool:
+    """True when the shipped golden file lives in an installed package (site-packages), which
+    ``--update`` must not rewrite; False in a source checkout (an editable install)."""
+    return any(part in ("site-packages", "dist-packages") for part in DEFAULT_GOLDEN.resolve().parts)
+
+
 def _minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 

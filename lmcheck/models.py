@@ -24,7 +24,6 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    set_seed,
 )
 
 from lmcheck import assets
@@ -99,8 +98,9 @@ def gpt2_from_scratch(
     """
     check_seed(seed)
     config = gpt2_config(tokenizer, preset=preset, context_length=context_length, **overrides)
-    set_seed(seed)
-    model = GPT2LMHeadModel(config)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG state is kept
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
     # transformers maps GPT2LMHeadModel to no loss type and warns at every forward with labels;
     # it is a plain causal-LM loss (shifted labels).
     model.loss_type = "ForCausalLM"
@@ -134,8 +134,9 @@ def bert_from_scratch(
     """A randomly initialised BertForMaskedLM (seeded) whose configuration fits ``tokenizer``."""
     check_seed(seed)
     config = bert_config(tokenizer, preset=preset, **overrides)
-    set_seed(seed)
-    return BertForMaskedLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG state is kept
+        torch.manual_seed(seed)
+        return BertForMaskedLM(config)
 
 
 def parameter_count(model: torch.nn.Module, *, trainable_only: bool = False) -> int:

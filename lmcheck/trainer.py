@@ -319,8 +319,8 @@ def _train_lean(
     stop: StopAtMemorization, collator: Collator, *, lr: float, batch_size: int, max_steps: int,
     eval_every: int, bf16: bool, seed: int, eval_batch_size: int,
 ) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.nn.Module.to(model, device).train()
+    device = model_device(model)  # the model trains where its owner put it
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(seed)
     batches: list[torch.Tensor] = []
@@ -399,7 +399,8 @@ def pretrain_default(**overrides: Any) -> PretrainRun:
     preset, dropout, seed = settings.pop("preset"), settings.pop("dropout"), settings.get("seed", DEFAULTS["seed"])
     model = settings.pop("model", None) or gpt2_from_scratch(
         tokenizer, preset=preset, seed=seed,
-        **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)))
+        **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)),
+    ).to("cuda" if torch.cuda.is_available() else "cpu")  # the recipe's own model: the fastest device
     epochs = settings.pop("max_epochs", None)
     if epochs is not None:
         settings["max_steps"] = epochs * math.ceil(len(data.train) / settings["batch_size"])

@@ -35,7 +35,7 @@ from lmcheck.tokens import load_tokenizer
 PROMPT = DEFAULTS["causal_prompt"]  # "Swimming at the beach is"
 # several prompts of different lengths, so that batches need left padding
 PROMPTS: tuple[str, ...] = DEFAULTS["causal_prompts"]
-# SmolLM2-135M-Instruct's greedy continuation, 20 tokens (ASSETS.md, checked with generate)
+# SmolLM2-135M-Instruct's greedy continuation, 20 tokens (checked with generate)
 SMOLLM2_CONTINUATION: str = DEFAULTS["smollm2_continuation"]
 
 SmolLM2 = tuple[PreTrainedModel, PreTrainedTokenizerBase]

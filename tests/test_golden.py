@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,11 @@ def test_the_golden_command_records_then_compares(tmp_path, capsys):
     assert main(["golden", "--update", "--steps", "2", "--file", str(golden)]) == 0
     assert main(["golden", "--steps", "2", "--file", str(golden)]) == 0
     assert "[PASS] matches_golden" in capsys.readouterr().out
+
+
+def test_update_refuses_to_write_into_an_installed_package(monkeypatch, capsys):
+    """Without --file, --update would rewrite the shipped file inside site-packages: refused."""
+    monkeypatch.setattr("lmcheck.golden.DEFAULT_GOLDEN",
+                        Path("/usr/lib/python3/site-packages/lmcheck/golden/pretrain-cpu-default.json"))
+    assert main(["golden", "--update", "--steps", "2"]) == 2
+    assert "would write into the installed package" in capsys.readouterr().err

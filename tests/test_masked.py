@@ -57,7 +57,7 @@ def test_fill_mask_handles_several_masks_and_a_batch(tiny_bert, bert_tokenizer):
     alone = [p for text in texts for p in fill_mask(tiny_bert, bert_tokenizer, text, top_k=3)]
     for together, single in zip(batch, alone, strict=True):
         assert together.ids == single.ids
-        # rtol 1e-4: transformers' fp32 batching tolerance (ANCHORS.md); measured relative 2.7e-7
+        # rtol 1e-4: the fp32 rtol of transformers' batching tests; measured relative 2.7e-7
         # (absolute 2.2e-11). atol=0: its 1e-6 would be over 1% of these probabilities (~8e-5)
         torch.testing.assert_close(torch.tensor(together.probabilities),
                                    torch.tensor(single.probabilities), rtol=1e-4, atol=0.0)

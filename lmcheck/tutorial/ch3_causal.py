@@ -18,7 +18,7 @@ TITLE = "Chapter 3: causal language models"
 
 # prompts of different lengths, so that a batch of them needs left padding
 PROMPTS: tuple[str, ...] = DEFAULTS["causal_prompts"]
-# SmolLM2-135M-Instruct's greedy continuation of the seed prompt, 20 tokens (ASSETS.md)
+# SmolLM2-135M-Instruct's greedy continuation of the seed prompt, 20 tokens (checked with generate)
 SMOLLM2_CONTINUATION: str = DEFAULTS["smollm2_continuation"]
 
 
