@@ -119,8 +119,9 @@ def loss_decreases(
         return bad
     losses = [v for s, v in curve.train if steps is None or s <= steps]
     if len(losses) < 2 * window:
-        return Result(name, False, {"steps": len(losses)}, min_relative_drop, None,
-                      f"the curve has {len(losses)} training losses; {2 * window} are needed "
+        return Result(name=name, passed=False, metrics={"steps": len(losses)},
+                      threshold=min_relative_drop, headroom=None,
+                      explanation=f"the curve has {len(losses)} training losses; {2 * window} are needed "
                       f"to compare two windows of {window}")
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     drop = (first - last) / abs(first) if first else 0.0
@@ -130,9 +131,11 @@ def loss_decreases(
     if not passed:
         explanation += ("; the optimizer is not moving the model: check the learning rate, that "
                         "the optimizer holds the parameters, and that gradients reach them")
-    return Result(name, passed, {"first": first, "last": last, "relative_drop": drop,
+    return Result(name=name, passed=passed,
+                  metrics={"first": first, "last": last, "relative_drop": drop,
                                  "steps": len(losses)},
-                  min_relative_drop, headroom_above(drop, min_relative_drop), explanation)
+                  threshold=min_relative_drop, headroom=headroom_above(drop, min_relative_drop),
+                  explanation=explanation)
 
 
 @probe("overfits")
@@ -147,7 +150,8 @@ def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | Non
         return bad
     losses = [(s, v) for s, v in curve.train if within_steps is None or s <= within_steps]
     if not losses:
-        return Result(name, False, {}, max_loss, None, "the curve has no training losses")
+        return Result(name=name, passed=False, metrics={}, threshold=max_loss, headroom=None,
+                      explanation="the curve has no training losses")
     best_step, best = min(losses, key=lambda item: item[1])
     reached = next((s for s, v in losses if v <= max_loss), None)
     budget = f"within {within_steps} steps" if within_steps is not None else f"in {len(losses)} steps"
@@ -158,9 +162,10 @@ def overfits(curve: LossCurve, *, max_loss: float = 0.5, within_steps: int | Non
         explanation = (f"training loss never reached {max_loss} {budget}: lowest {best:.4f} at "
                        f"step {best_step}. A model that cannot overfit a few chunks has a bug "
                        f"(labels not aligned with inputs, learning rate, masking) or too little capacity")
-    return Result(name, reached is not None,
-                  {"lowest_loss": best, "lowest_step": best_step, "reached_at_step": reached},
-                  max_loss, headroom_below(best, max_loss), explanation)
+    return Result(name=name, passed=reached is not None,
+                  metrics={"lowest_loss": best, "lowest_step": best_step, "reached_at_step": reached},
+                  threshold=max_loss, headroom=headroom_below(best, max_loss),
+                  explanation=explanation)
 
 
 @probe("generalization_gap")
@@ -178,8 +183,8 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
     if (bad := _non_finite(name, curve)) is not None:
         return bad
     if not curve.valid or not curve.train:
-        return Result(name, False, {}, min_gap, None,
-                      "the curve needs at least one training and one validation loss")
+        return Result(name=name, passed=False, metrics={}, threshold=min_gap, headroom=None,
+                      explanation="the curve needs at least one training and one validation loss")
     step, valid = curve.valid[-1]
     recent = [v for s, v in curve.train if s <= step][-window:] or [curve.train[0][1]]
     train = sum(recent) / len(recent)
@@ -190,8 +195,9 @@ def generalization_gap(curve: LossCurve, *, min_gap: float = 1.0, window: int = 
     explanation += (": the model memorized its chunks without learning what transfers" if passed else
                     ": validation fell with training; check for validation documents in the "
                     "training data or an attention mask that lets positions see the future")
-    return Result(name, passed, {"step": step, "valid_loss": valid, "train_loss": train, "gap": gap},
-                  min_gap, headroom_above(gap, min_gap), explanation)
+    return Result(name=name, passed=passed,
+                  metrics={"step": step, "valid_loss": valid, "train_loss": train, "gap": gap},
+                  threshold=min_gap, headroom=headroom_above(gap, min_gap), explanation=explanation)
 
 
 @probe("finite_loss")
@@ -201,8 +207,9 @@ def finite_loss(curve: LossCurve) -> Result:
     bad = _non_finite("finite_loss", curve)
     if bad is not None:
         return bad
-    return Result("finite_loss", True, {"steps": curve.steps}, None, None,
-                  f"all {len(curve.train)} training and {len(curve.valid)} validation losses are finite")
+    return Result(name="finite_loss", passed=True, metrics={"steps": curve.steps}, threshold=None,
+                  headroom=None,
+                  explanation=f"all {len(curve.train)} training and {len(curve.valid)} validation losses are finite")
 
 
 @probe("reproducible")
@@ -224,8 +231,9 @@ def reproducible(
         if bad_curve is not None:
             return bad_curve
     if len(a) < steps or len(b) < steps:
-        return Result(name, False, {"lengths": [len(a), len(b)]}, atol, None,
-                      f"both curves need {steps} training losses (got {len(a)} and {len(b)})")
+        return Result(name=name, passed=False, metrics={"lengths": [len(a), len(b)]},
+                      threshold=atol, headroom=None,
+                      explanation=f"both curves need {steps} training losses (got {len(a)} and {len(b)})")
     differences = [abs(x - y) if math.isfinite(x) and math.isfinite(y) else math.inf
                    for (_, x), (_, y) in zip(a, b, strict=True)]
     worst = max(differences)
@@ -236,9 +244,10 @@ def reproducible(
         explanation = (f"step {a[bad][0]}: losses {a[bad][1]!r} and {b[bad][1]!r} differ by "
                        f"{differences[bad]:.3g} (allowed {atol}); something is not seeded "
                        f"(initialisation, data order, dropout) or a kernel is not deterministic")
-    return Result(name, bad is None, {"max_difference": worst, "first_bad_step": None if bad is None else a[bad][0]},
-                  atol, None, explanation,
-                  tuple({"step": s, "first": x, "second": y} for (s, x), (_, y) in zip(a, b, strict=True)))
+    return Result(name=name, passed=bad is None,
+                  metrics={"max_difference": worst, "first_bad_step": None if bad is None else a[bad][0]},
+                  threshold=atol, headroom=None, explanation=explanation,
+                  details=tuple({"step": s, "first": x, "second": y} for (s, x), (_, y) in zip(a, b, strict=True)))
 
 
 def _check_curve(curve: object, argument: str) -> None:

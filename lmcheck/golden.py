@@ -128,8 +128,10 @@ def matches_golden(
     tolerance = float(entry.get("rtol", DEFAULT_RTOL)) if rtol is None else rtol
     losses = [loss for _, loss in curve.train[: len(golden)]]
     if len(losses) < len(golden):
-        return Result("matches_golden", False, {"steps": len(losses), "golden_steps": len(golden)},
-                      tolerance, None, f"the curve has {len(losses)} training losses, the golden "
+        return Result(name="matches_golden", passed=False,
+                      metrics={"steps": len(losses), "golden_steps": len(golden)},
+                      threshold=tolerance, headroom=None,
+                      explanation=f"the curve has {len(losses)} training losses, the golden "
                       f"entry {len(golden)}: train at least that many steps")
     rows = []
     worst = 0.0  # largest |loss - golden| as a fraction of what was allowed at that step
@@ -152,10 +154,11 @@ def matches_golden(
                        f"for {key}, off by {abs(bad['loss'] - bad['golden']):.3g} (allowed "
                        f"{bad['allowed']:.3g}): the data, seed, model, optimizer or kernels changed; "
                        "if the change is intended, record new values with 'lmcheck golden --update'")
-    return Result("matches_golden", bad is None,
-                  {"key": key, "steps": len(golden), "rtol": tolerance, "atol": atol,
+    return Result(name="matches_golden", passed=bad is None,
+                  metrics={"key": key, "steps": len(golden), "rtol": tolerance, "atol": atol,
                    "max_used_fraction": worst},
-                  tolerance, headroom_below(worst, 1.0), explanation, tuple(rows))
+                  threshold=tolerance, headroom=headroom_below(worst, 1.0), explanation=explanation,
+                  details=tuple(rows))
 
 
 def record_golden(

@@ -115,6 +115,16 @@ def _pretrained_arguments(marker: pytest.Mark, item: pytest.Item) -> tuple[tuple
     return tuple(repos), tuple(files)
 
 
+class _Has:
+    """The matcher pytest's mark expressions call: is this marker among the item's?"""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def __call__(self, name: str, /, **kwargs: str | int | bool | None) -> bool:
+        return name in self.names
+
+
 def _slow_selector(config: pytest.Config) -> Callable[[pytest.Item], bool]:
     """Whether a slow test runs: with --lmcheck-slow, or when the -m expression selects it
     because it is slow (``-m slow``, ``-m "gpu or slow"``), read as pytest reads it; ``-m "not
@@ -130,8 +140,7 @@ def _slow_selector(config: pytest.Config) -> Callable[[pytest.Item], bool]:
 
     def selects(item: pytest.Item) -> bool:
         marks = {mark.name for mark in item.iter_markers()}
-        return expression.evaluate(lambda name, **_: name in marks) and \
-            not expression.evaluate(lambda name, **_: name in marks - {"slow"})
+        return expression.evaluate(_Has(marks)) and not expression.evaluate(_Has(marks - {"slow"}))
 
     return selects
 

@@ -18,9 +18,9 @@ from typing import Any
 __all__ = ["Result", "headroom_above", "headroom_below"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
-    """The outcome of one probe.
+    """The outcome of one probe, built by keyword: ``Result(name=..., passed=..., ...)``.
 
     Attributes:
         name: the probe's name, e.g. ``"greedy_matches_generate"``.

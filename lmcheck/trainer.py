@@ -397,10 +397,12 @@ def pretrain_default(**overrides: Any) -> PretrainRun:
         chunks_per_document=settings.pop("chunks_per_document"),
         n_train_chunks=settings.pop("n_train_chunks"), n_valid_chunks=settings.pop("n_valid_chunks"))
     preset, dropout, seed = settings.pop("preset"), settings.pop("dropout"), settings.get("seed", DEFAULTS["seed"])
-    model = settings.pop("model", None) or gpt2_from_scratch(
-        tokenizer, preset=preset, seed=seed,
-        **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)),
-    ).to("cuda" if torch.cuda.is_available() else "cpu")  # the recipe's own model: the fastest device
+    model = settings.pop("model", None)
+    if model is None:  # the recipe's own model, on the fastest device
+        model = gpt2_from_scratch(
+            tokenizer, preset=preset, seed=seed,
+            **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)))
+        torch.nn.Module.to(model, "cuda" if torch.cuda.is_available() else "cpu")
     epochs = settings.pop("max_epochs", None)
     if epochs is not None:
         settings["max_steps"] = epochs * math.ceil(len(data.train) / settings["batch_size"])

@@ -83,8 +83,10 @@ def loss_at_init(
         explanation += (": the initial logits are far from uniform; check the initialisation scale "
                         "and the output layer" if difference > 0 else
                         ": lower than chance; the model is not at init or sees the tokens it predicts")
-    return Result("loss_at_init", passed, {"loss": loss, "ln_vocab": expected, "difference": difference},
-                  tolerance, headroom_below(abs(difference), tolerance), explanation)
+    return Result(name="loss_at_init", passed=passed,
+                  metrics={"loss": loss, "ln_vocab": expected, "difference": difference},
+                  threshold=tolerance, headroom=headroom_below(abs(difference), tolerance),
+                  explanation=explanation)
 
 
 @probe("memorizes")
@@ -142,10 +144,11 @@ def memorizes(
             where += (f": expected {tokenizer.decode(expected[failure['chunk'], at]) if tokenizer else ''!r}, "
                       f"got {tokenizer.decode(got[failure['chunk'], at]) if tokenizer else ''!r}")
         explanation += where
-    return Result(name, passed,
-                  {"verbatim_rate": rate, "token_match_rate": token_rate, "chunks": len(rows),
+    return Result(name=name, passed=passed,
+                  metrics={"verbatim_rate": rate, "token_match_rate": token_rate, "chunks": len(rows),
                    "prefix_length": prefix_length, "continuation_length": continuation_length},
-                  min_verbatim_rate, headroom_above(rate, min_verbatim_rate), explanation, tuple(rows))
+                  threshold=min_verbatim_rate, headroom=headroom_above(rate, min_verbatim_rate),
+                  explanation=explanation, details=tuple(rows))
 
 
 @probe("gradient_flow")
@@ -177,8 +180,9 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
     explanation = (f"all {len(trainable)} trainable parameters get finite, non-zero gradients"
                    + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
                    if passed else f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
-    return Result("gradient_flow", passed, {"trainable": len(trainable), "problems": len(problems)},
-                  None, None, explanation, tuple(rows))
+    return Result(name="gradient_flow", passed=passed,
+                  metrics={"trainable": len(trainable), "problems": len(problems)}, threshold=None,
+                  headroom=None, explanation=explanation, details=tuple(rows))
 
 
 @probe("params_update")
@@ -233,8 +237,9 @@ def params_update(
     passed = not problems
     explanation = (f"all {len(trainable)} trainable parameters changed after one optimizer step"
                    if passed else "; ".join(problems[:5]))
-    return Result("params_update", passed, {"trainable": len(trainable), "unchanged": len(unchanged)},
-                  None, None, explanation, tuple(rows))
+    return Result(name="params_update", passed=passed,
+                  metrics={"trainable": len(trainable), "unchanged": len(unchanged)},
+                  threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
 
 
 @probe("causal_batch")
@@ -299,10 +304,10 @@ def causal_batch(
                             f"position {later} ({leaks.sum().item()} future links): the model can read "
                             f"the tokens it must predict")
     passed = not problems
-    return Result("causal_batch", passed,
-                  {"ignored_fraction": ignored_fraction, "label_mismatch_fraction": differ.float().mean().item()},
-                  max_ignored_fraction, None,
-                  "labels equal input_ids and no position sees the future" if passed else "; ".join(problems))
+    return Result(name="causal_batch", passed=passed,
+                  metrics={"ignored_fraction": ignored_fraction, "label_mismatch_fraction": differ.float().mean().item()},
+                  threshold=max_ignored_fraction, headroom=None,
+                  explanation="labels equal input_ids and no position sees the future" if passed else "; ".join(problems))
 
 
 # ---------------------------------------------------------------- helpers shared with the loops
