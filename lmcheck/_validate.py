@@ -1,5 +1,8 @@
 """The validators every public function uses on its arguments: one message format.
 
+Also the small helpers that turn validated prompts into a left-padded batch (:func:`encode_batch`)
+and count things in messages (:func:`count_phrase`).
+
 Each raises :class:`~lmcheck.errors.InputError` (a wrong value) or
 :class:`~lmcheck.errors.ModelError` (a model or tokenizer that does not fit) with the message
 ``'<argument>' must be <what was expected> (got <what came>)``, and returns the value in the form
@@ -10,13 +13,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmcheck.errors import InputError, ModelError
+
+if TYPE_CHECKING:  # only for annotations: transformers is imported where first needed
+    from transformers import PreTrainedTokenizerBase
 
 SEED_MAX = 2**32 - 1  # numpy's and transformers.set_seed's bound
 
@@ -200,3 +206,53 @@ def as_mask(value: object, ids: torch.Tensor, argument: str = "attention_mask") 
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError(f"'{argument}' must hold only 0 (pad) and 1 (token) (got other values)")
     return mask.long().to(ids.device)
+
+
+def check_max_new_tokens(value: object) -> None:
+    """Raise InputError unless ``max_new_tokens`` is an int >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
+
+
+def prompt_list(prompts: object) -> list[str]:
+    """``prompts`` (a str or a sequence of them) as a non-empty list of non-empty str."""
+    items = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(items, Sequence) or not items:
+        raise InputError(f"'prompts' must be a str or a non-empty list of str (got {describe(prompts)})")
+    for index, text in enumerate(items):
+        if not isinstance(text, str) or not text:
+            raise InputError(f"'prompts[{index}]' must be a non-empty str (got {describe(text)}): "
+                             "an empty prompt gives the model nothing to continue")
+    return list(items)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:
+    """The tokenizer's pad id; InputError, naming ``required_for``, if it has none."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise InputError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token, and "
+            f"{required_for} needs one to pad prompts on the left; set one first, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (the attention mask hides the pads)")
+    return pad
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode prompts and pad them on the left by hand (whatever the tokenizer's padding_side)."""
+    check_tokenizer(tokenizer)
+    items = prompt_list(prompts)
+    encoded = [list(tokenizer(text)["input_ids"]) for text in items]
+    width = max(map(len, encoded))
+    if any(len(ids) != width for ids in encoded):
+        lengths = sorted({len(ids) for ids in encoded})
+        pad = pad_id(tokenizer, required_for=f"a batch of prompts of {lengths} tokens")
+    else:
+        pad = 0
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # (B, T)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])  # (B, T)
+    return ids, mask
+
+
+def count_phrase(items: Sequence[Any], noun: str) -> str:
+    """``len(items)`` and ``noun``, plural unless there is one: ``"2 prompts"``, ``"1 row"``."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"

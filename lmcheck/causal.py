@@ -23,27 +23,26 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe, require_finite
-from lmcheck._validate import check_number, check_seed
-from lmcheck.comparison import (
-    LOGIT_ATOL,
-    TIE_ATOL,
-    compare_greedy_rows,
-    count_phrase,
-    parameter_dtype,
-    tolerance_for,
-)
-from lmcheck.decoding import (
-    as_ids,
+from lmcheck._greedy import compare_greedy_rows
+from lmcheck._model import (
     check_causal_lm,
     check_context,
-    check_max_new_tokens,
-    encode_batch,
     eval_mode,
-    greedy_decode,
     input_vocabulary,
     model_device,
     model_forward,
+    parameter_dtype,
 )
+from lmcheck._validate import (
+    as_ids,
+    check_max_new_tokens,
+    check_number,
+    check_seed,
+    count_phrase,
+    encode_batch,
+)
+from lmcheck.comparison import LOGIT_ATOL, TIE_ATOL, tolerance_for
+from lmcheck.decoding import greedy_decode
 from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_below
 

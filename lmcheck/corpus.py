@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck import assets
-from lmcheck._validate import check_seed, check_tokenizer, describe
+from lmcheck._validate import check_path, check_seed, check_tokenizer, describe
 from lmcheck.errors import InputError
 
 __all__ = [
@@ -112,7 +112,17 @@ def _wiki_sample_rows() -> list[dict[str, str]]:
 
 def parse_wiki_dump(path: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
     """Yield ``{"title", "text"}`` for each real article (namespace 0, not a redirect) of a
-    MediaWiki XML dump (``.xml`` or ``.xml.bz2``), with the markup stripped to plain text."""
+    MediaWiki XML dump (``.xml`` or ``.xml.bz2``), with the markup stripped to plain text.
+
+    The path is checked at once (InputError if it is not an existing file), not at the first item.
+    """
+    source = check_path(path, "path")
+    if not source.is_file():
+        raise InputError(f"'path' must be a MediaWiki XML dump file (got {str(source)!r}, which is not a file)")
+    return _parse_wiki_dump(source)
+
+
+def _parse_wiki_dump(path: Path) -> Iterator[dict[str, str]]:
     opener = bz2.open if str(path).endswith(".bz2") else open
     with opener(path, "rb") as handle:
         for _, element in ET.iterparse(handle, events=("end",)):

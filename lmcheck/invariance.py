@@ -15,24 +15,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe
-from lmcheck._validate import check_int, check_number, check_tokenizer
-from lmcheck.comparison import (
-    LOGIT_ATOL,
-    TIE_ATOL,
-    compare_greedy_rows,
-    count_phrase,
-    tolerance_for,
-)
-from lmcheck.decoding import (
-    GreedyOutput,
-    check_causal_lm,
-    check_context,
+from lmcheck._greedy import compare_greedy_rows
+from lmcheck._model import check_causal_lm, check_context
+from lmcheck._validate import (
+    check_int,
     check_max_new_tokens,
+    check_number,
+    check_tokenizer,
+    count_phrase,
     encode_batch,
-    greedy_decode,
     pad_id,
     prompt_list,
 )
+from lmcheck.comparison import LOGIT_ATOL, TIE_ATOL, tolerance_for
+from lmcheck.decoding import GreedyOutput, greedy_decode
 from lmcheck.errors import InputError
 from lmcheck.results import Result, headroom_below
 

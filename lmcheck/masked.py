@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lmcheck._finite import probe, require_finite
+from lmcheck._model import eval_mode, model_device
 from lmcheck._validate import (
     check_fraction,
     check_int,
@@ -37,7 +38,6 @@ from lmcheck._validate import (
     describe,
 )
 from lmcheck.cloze import ClozeCase
-from lmcheck.decoding import eval_mode, model_device
 from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_above, headroom_below
 

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple, cast
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from lmcheck._model import model_device
 from lmcheck._validate import check_int
 from lmcheck.corpus import chunk_documents
-from lmcheck.decoding import model_device
 from lmcheck.defaults import DEFAULTS
 from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -90,7 +91,13 @@ def _shorten(text: str, width: int) -> str:
 
 def write_results_json(results: Iterable[Result], path: str | Path) -> Path:
     """Write results as a JSON list; returns the path."""
-    target = Path(path)
+    if isinstance(results, (str, bytes, Result, torch.Tensor)) or not isinstance(results, Iterable):
+        raise InputError(f"'results' must be a list of Result (got {describe(results)})")
+    results = list(results)
+    bad = next((i for i, r in enumerate(results) if not isinstance(r, Result)), None)
+    if bad is not None:
+        raise InputError(f"'results' item {bad} must be a Result (got {describe(results[bad])})")
+    target = check_path(path, "path")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return target

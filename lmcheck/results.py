@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmcheck.errors import InputError
+
 __all__ = ["Result", "headroom_above", "headroom_below"]
 
 
@@ -84,6 +86,8 @@ def headroom_below(value: float, threshold: float) -> float:
 
     A NaN value or threshold has no headroom: -inf.
     """
+    _check_real(value, "value")
+    _check_real(threshold, "threshold")
     if math.isnan(value) or math.isnan(threshold):
         return -math.inf
     if threshold == 0:
@@ -93,11 +97,19 @@ def headroom_below(value: float, threshold: float) -> float:
 
 def headroom_above(value: float, threshold: float) -> float:
     """Headroom of a value that must reach ``threshold`` or more (-inf for a NaN)."""
+    _check_real(value, "value")
+    _check_real(threshold, "threshold")
     if math.isnan(value) or math.isnan(threshold):
         return -math.inf
     if threshold == 0:
         return math.inf if value > 0 else 0.0
     return (value - threshold) / abs(threshold)
+
+
+def _check_real(number: object, argument: str) -> None:
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        raise InputError(f"'{argument}' must be a real number (got {number!r} that is a "
+                         f"{type(number).__name__})")
 
 
 def _first_nan(value: Any, path: str) -> str | None:

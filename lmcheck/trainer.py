@@ -31,10 +31,10 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
+from lmcheck._model import eval_mode, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
-from lmcheck.decoding import eval_mode, model_device
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import gpt2_from_scratch, parameter_count
@@ -124,6 +124,8 @@ def pretraining_data(
 
 def check_model_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_length: int) -> None:
     """Raise ModelError if the model's vocabulary or positions do not fit the tokenizer and context."""
+    check_tokenizer(tokenizer)
+    check_int(context_length, "context_length", 1)
     config = getattr(model, "config", None)
     if config is None:
         raise ModelError(f"'model' must be a Hugging Face PreTrainedModel with a config (got {describe(model)})")

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, locate, probe, require_finite, require_finite_number
+from lmcheck._model import check_causal_lm, eval_mode, input_vocabulary, model_device, model_forward
 from lmcheck._validate import (
     as_ids,
     check_callable,
@@ -32,13 +33,7 @@ from lmcheck._validate import (
     check_tokenizer,
     describe,
 )
-from lmcheck.decoding import (
-    check_causal_lm,
-    eval_mode,
-    greedy_decode,
-    input_vocabulary,
-    model_device,
-)
+from lmcheck.decoding import greedy_decode
 from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_above, headroom_below
 
@@ -111,7 +106,7 @@ def memorizes(
     check_fraction(min_verbatim_rate, "min_verbatim_rate")
     ids = _as_ids(chunks, "chunks", tokenizer=tokenizer, min_length=1, vocab=input_vocabulary(model),
                   text_length=prefix_length + continuation_length)
-    check_memorization_lengths(prefix_length, continuation_length, ids.shape[1])
+    check_memorization_lengths(prefix_length, continuation_length, ids.shape[1], chunks="chunks")
     ids = ids[:, : prefix_length + continuation_length].to(model_device(model))
     prefix, expected = ids[:, :prefix_length], ids[:, prefix_length:]
     parts = []
@@ -343,9 +338,9 @@ def memorized_fraction(
         InputError: ``input_ids`` is not a (N, T) tensor, or ``prefix_length +
             continuation_length`` is more than the chunk length T.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise InputError(f"'input_ids' must be a (N, T) tensor of token ids (got {describe(input_ids)})")
-    check_memorization_lengths(prefix_length, continuation_length, input_ids.shape[1])
+    check_causal_lm(model)
+    input_ids = as_ids(input_ids, "input_ids", vocab=input_vocabulary(model))
+    check_memorization_lengths(prefix_length, continuation_length, input_ids.shape[1], chunks="input_ids")
     check_int(batch_size, "batch_size", 1)
     end = prefix_length + continuation_length
     hits = 0
@@ -353,27 +348,30 @@ def memorized_fraction(
     with eval_mode(model):
         for part in input_ids[:, :end].split(batch_size):
             part = part.to(device)
-            logits = model(input_ids=part).logits  # (B, k + n, V)
+            logits, _ = model_forward(model, part, None, None, use_cache=False)  # (B, k + n, V)
             predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
             hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
     return hits / max(1, input_ids.shape[0])
 
 
-def check_memorization_lengths(prefix_length: object, continuation_length: object, chunk_length: int) -> None:
+def check_memorization_lengths(prefix_length: object, continuation_length: object, chunk_length: int,
+                               *, chunks: str = "") -> None:
     """Raise InputError unless a ``prefix_length``-token prefix and a ``continuation_length``-token
-    continuation (ints >= 1) fit in a chunk of ``chunk_length`` tokens.
+    continuation (ints >= 1) fit in a chunk of ``chunk_length`` tokens (``chunks`` names the
+    argument that holds the chunks, for the message).
 
     Without this, a prefix as long as the chunk would leave nothing to compare, and an untrained
     model would count as having memorized every chunk.
     """
     check_int(prefix_length, "prefix_length", 1)
     check_int(continuation_length, "continuation_length", 1)
+    check_int(chunk_length, "chunk_length", 1)
     total = cast(int, prefix_length) + cast(int, continuation_length)
     if total > chunk_length:
         raise InputError(
             f"'prefix_length' {prefix_length} + 'continuation_length' {continuation_length} must be "
-            f"at most the chunk length, {chunk_length} tokens (got {total}); use a shorter prefix "
-            f"or continuation, or longer chunks")
+            f"at most the chunk length{f' of {chunks!r}' if chunks else ''}, {chunk_length} tokens "
+            f"(got {total}); use a shorter prefix or continuation, or longer chunks")
 
 
 def _greedy(model: torch.nn.Module, prefix: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -19,8 +19,9 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lmcheck._validate import encode_batch
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
-from lmcheck.decoding import encode_batch, greedy_decode, next_token_logits
+from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.errors import InputError, ModelError
 from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch

@@ -106,6 +106,7 @@ def world(tmp_path_factory) -> World:
     golden = folder / "golden.json"
     world = World(causal, masked, gpt2, bert, {"folder": folder, "golden": golden})
     lmcheck.record_golden([world.curve()], golden, steps=10, key="fuzz")
+    (folder / "dump.xml").write_text("<mediawiki></mediawiki>")
     return world
 
 
@@ -237,11 +238,38 @@ ENTRIES: dict[str, Entry] = {
     "causal_lm_collator": Entry(lmcheck.causal_lm_collator, lambda w: dict(tokenizer=w.gpt2),
                                 {"tokenizer": garbage}, returns=object),
     "device_key": Entry(lmcheck.device_key, lambda w: dict(device="cpu"), {"device": not_str}, returns=str),
+    "gpt2_config": Entry(lmcheck.gpt2_config, lambda w: dict(tokenizer=w.gpt2, preset="gpt2-tiny-cpu"),
+                         {"tokenizer": garbage, "preset": garbage, "context_length": garbage}, returns=object),
+    "bert_config": Entry(lmcheck.bert_config, lambda w: dict(tokenizer=w.bert, preset="bert-tiny-cpu"),
+                         {"tokenizer": garbage, "preset": garbage}, returns=object),
+    "check_model_fits": Entry(lmcheck.check_model_fits, lambda w: dict(
+        model=w.causal, tokenizer=w.gpt2, context_length=8),
+        {"model": garbage, "tokenizer": garbage, "context_length": garbage}, returns=type(None)),
+    "memorized_fraction": Entry(lmcheck.memorized_fraction, lambda w: dict(
+        model=w.causal, input_ids=w.ids(), prefix_length=2, continuation_length=2),
+        {"model": garbage, "input_ids": ids_like, "prefix_length": garbage, "continuation_length": garbage,
+         "batch_size": garbage}, returns=float),
+    "check_memorization_lengths": Entry(lmcheck.check_memorization_lengths, lambda w: dict(
+        prefix_length=2, continuation_length=2, chunk_length=8),
+        {"prefix_length": garbage, "continuation_length": garbage, "chunk_length": garbage},
+        returns=type(None)),
+    "tolerance_for": Entry(lmcheck.tolerance_for, lambda w: dict(table=lmcheck.LOGIT_ATOL, model=w.causal),
+                           {"table": garbage, "model": garbage}, returns=float),
+    "headroom_above": Entry(lmcheck.headroom_above, lambda w: dict(value=0.5, threshold=0.25),
+                            {"value": garbage, "threshold": garbage}, returns=float),
+    "headroom_below": Entry(lmcheck.headroom_below, lambda w: dict(value=0.5, threshold=0.25),
+                            {"value": garbage, "threshold": garbage}, returns=float),
+    "write_results_json": Entry(lmcheck.write_results_json, lambda w: dict(
+        results=[lmcheck.Result(name="a", passed=True)], path=w.extra["folder"] / "results.json"),
+        {"results": garbage, "path": not_str}, returns=object),
+    "parse_wiki_dump": Entry(lmcheck.parse_wiki_dump, lambda w: dict(path=w.extra["folder"] / "dump.xml"),
+                             {"path": not_str}, returns=object),
 }
 
 # public callables that are not fuzzed here, with the reason
 NOT_FUZZED = {
     "load_smollm2": "takes no arguments",
+    "default_recipe_curve": "runs chapter 4's recipe (a training run); its steps reach pretrain_default",
     "pretrain": "a training loop; its arguments are checked in tests/test_training.py",
     "pretrain_default": "a training loop; its arguments are checked in tests/test_training.py",
     "pretraining_data": "builds the pretraining split from the wiki sample (seconds per call)",

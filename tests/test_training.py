@@ -320,7 +320,7 @@ def test_context_longer_than_the_model_positions(gpt2_tokenizer) -> None:
 
 
 def test_memorizes_needs_rows_long_enough(model, batch) -> None:
-    with pytest.raises(InputError, match=r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length, 32 tokens"):
+    with pytest.raises(InputError, match=r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length of 'chunks', 32 tokens"):
         memorizes(model, None, batch)  # 32-token rows, 32 + 32 asked
 
 
@@ -335,8 +335,8 @@ def test_expect_frozen_must_name_parameters(model, batch) -> None:
 def test_a_prefix_and_continuation_longer_than_the_chunks_are_refused(model, batch, clean) -> None:
     """32 + 32 asked of 32-token chunks: nothing would be compared and an untrained model would
     count as memorized (the loop once stopped at step 5 with loss 10.25), so both refuse it."""
-    message = (r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length, "
-               r"32 tokens \(got 64\)")
+    message = (r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length"
+               r"( of 'input_ids')?, 32 tokens \(got 64\)")
     with pytest.raises(InputError, match=message):
         pretrain(model, clean.tokenizer, clean.data.train, clean.data.valid, max_steps=5)
     with pytest.raises(InputError, match=message):
