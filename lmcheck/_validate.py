@@ -214,16 +214,26 @@ def check_max_new_tokens(value: object) -> None:
         raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
 
 
-def prompt_list(prompts: object) -> list[str]:
-    """``prompts`` (a str or a sequence of them) as a non-empty list of non-empty str."""
-    items = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(items, Sequence) or not items:
-        raise InputError(f"'prompts' must be a str or a non-empty list of str (got {describe(prompts)})")
+def check_texts(value: object, argument: str, *, single: bool = True) -> list[str]:
+    """``value`` as a non-empty list of non-empty str (a lone str too, where ``single``)."""
+    items = [value] if single and isinstance(value, str) else value
+    if isinstance(items, (str, bytes, torch.Tensor)) or not isinstance(items, Sequence) or not items:
+        what = "a str or a non-empty list of str" if single else "a non-empty list of str"
+        raise InputError(f"'{argument}' must be {what} (got {describe(value)})")
     for index, text in enumerate(items):
         if not isinstance(text, str) or not text:
-            raise InputError(f"'prompts[{index}]' must be a non-empty str (got {describe(text)}): "
-                             "an empty prompt gives the model nothing to continue")
+            raise InputError(f"'{argument}[{index}]' must be a non-empty str (got {describe(text)})")
     return list(items)
+
+
+def prompt_list(prompts: object) -> list[str]:
+    """``prompts`` (a str or a sequence of them) as a non-empty list of non-empty str."""
+    try:
+        return check_texts(prompts, "prompts")
+    except InputError as error:
+        if not str(error).startswith("'prompts["):
+            raise
+        raise InputError(f"{error}: an empty prompt gives the model nothing to continue") from None
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck._validate import check_seed, describe
+from lmcheck._validate import check_int, check_seed, describe
 from lmcheck.errors import InputError, ModelError
 
 __all__ = ["ClozeCase", "cloze_cases"]
@@ -62,8 +62,7 @@ def cloze_cases(
     if tokenizer.mask_token is None:
         raise ModelError(f"'tokenizer' must have a mask token ({type(tokenizer).__name__} has none)")
     for argument, value, low in (("n", n, 1), ("min_words", min_words, 1), ("max_tokens", max_tokens, 3)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise InputError(f"'{argument}' must be an int >= {low} (got {describe(value)})")
+        check_int(value, argument, low)
     if not isinstance(context, str) or context not in ("sentence", "text"):
         raise InputError(f"'context' must be 'sentence' or 'text' (got {describe(context)})")
     check_seed(seed)
@@ -103,7 +102,7 @@ def _document_texts(documents: Any) -> list[str]:
         raise InputError(f"'documents' must be a non-empty list of str or a Dataset (got {describe(documents)})")
     for index, text in enumerate(documents):
         if not isinstance(text, str):
-            raise InputError(f"'documents' item {index} must be a str (got {describe(text)})")
+            raise InputError(f"'documents[{index}]' must be a str (got {describe(text)})")
     return list(documents)
 
 

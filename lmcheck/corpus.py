@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck import assets
-from lmcheck._validate import check_path, check_seed, check_tokenizer, describe
+from lmcheck._validate import check_int, check_path, check_seed, check_tokenizer, describe
 from lmcheck.errors import InputError
 
 __all__ = [
@@ -195,8 +195,7 @@ def split_documents(
     if not isinstance(documents, datasets.Dataset):
         raise InputError(f"'documents' must be a datasets.Dataset (got {describe(documents)})")
     for argument, value in (("n_train", n_train), ("n_valid", n_valid)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InputError(f"'{argument}' must be an int >= 0 (got {describe(value)})")
+        check_int(value, argument, 0)
     if n_train == 0:
         raise InputError("'n_train' must be at least 1 (got 0)")
     check_seed(seed)
@@ -263,8 +262,7 @@ def chunk_documents(
         InputError: ``context_length`` is not a positive int; documents without text.
     """
     check_tokenizer(tokenizer)
-    if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length <= 0:
-        raise InputError(f"'context_length' must be an int > 0 (got {describe(context_length)})")
+    check_int(context_length, "context_length", 1)
     texts = _texts_of(documents)
     if not texts:
         raise InputError("'documents' must hold at least one document (got none)")
@@ -314,5 +312,5 @@ def _texts_of(documents: datasets.Dataset | Sequence[str]) -> list[str]:
         )
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InputError(f"'documents' text {index} must be a str (got {describe(text)})")
+            raise InputError(f"'documents[{index}]' must be a str (got {describe(text)})")
     return texts

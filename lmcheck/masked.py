@@ -34,6 +34,7 @@ from lmcheck._validate import (
     check_model,
     check_number,
     check_seed,
+    check_texts,
     check_tokenizer,
     describe,
 )
@@ -85,7 +86,7 @@ def fill_mask(
         NonFiniteError: the logits are NaN or Inf; the message names the text, position and
             token id.
     """
-    texts = _texts_argument(text_or_texts, "text_or_texts")
+    texts = check_texts(text_or_texts, "text_or_texts")
     vocab = check_masked_lm(model, tokenizer)
     check_int(top_k, "top_k", 1, vocab, "the vocabulary size")
     predictions = []
@@ -133,7 +134,7 @@ def mask_fill_accuracy(
     for index, position, probs in _mask_probabilities(model, tokenizer, [c.text for c in items], batch_size,
                                                       "cases"):
         if index in seen:
-            raise InputError(f"'cases' item {index} must hold exactly one mask token "
+            raise InputError(f"'cases[{index}]' must hold exactly one mask token "
                              f"{tokenizer.mask_token!r} (got several in {_excerpt(items[index].text, tokenizer)!r})")
         seen.add(index)
         expected = max(answer_ids[index], key=lambda i: float(probs[i]))
@@ -267,21 +268,13 @@ def _sequence(value: object, argument: str) -> list[Any]:
     return list(value)
 
 
-def _texts_argument(value: object, argument: str) -> list[str]:
-    texts = [value] if isinstance(value, str) else _sequence(value, argument)
-    for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise InputError(f"'{argument}' item {index} must be a non-empty str (got {describe(text)})")
-    return texts
-
-
 def _cloze_case(case: object, index: int) -> ClozeCase:
     if isinstance(case, tuple) and len(case) == 2 and not isinstance(case, ClozeCase):
         text, answers = case
         case = ClozeCase(text, (answers,) if isinstance(answers, str) else tuple(answers))
     if not isinstance(case, ClozeCase) or not isinstance(case.text, str) or not case.answers \
             or not all(isinstance(a, str) and a.strip() for a in case.answers):
-        raise InputError(f"'cases' item {index} must be a ClozeCase(text, answers) with at least one "
+        raise InputError(f"'cases[{index}]' must be a ClozeCase(text, answers) with at least one "
                          f"non-empty answer, or a (text, answer) pair (got {describe(case)})")
     return case
 
@@ -296,7 +289,7 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, case: ClozeCase, index: int)
                 ids.add(encoded[0])
     if not ids:
         pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(case.answers[0], add_special_tokens=False))
-        raise InputError(f"'cases' item {index}: answer {case.answers[0]!r} must be one token of the "
+        raise InputError(f"'cases[{index}]': answer {case.answers[0]!r} must be one token of the "
                          f"vocabulary to fit one mask (it is {pieces})")
     return sorted(ids)
 
@@ -319,7 +312,7 @@ def _mask_probabilities(
             for row in range(ids.shape[0]):
                 index = start + row
                 if not bool((ids[row] == tokenizer.mask_token_id).any()):
-                    raise InputError(f"'{argument}' item {index} must contain the tokenizer's mask token "
+                    raise InputError(f"'{argument}[{index}]' must contain the tokenizer's mask token "
                                      f"{tokenizer.mask_token!r} (got {_excerpt(texts[index], tokenizer)!r})")
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
@@ -351,11 +344,11 @@ def example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.
     for index, row in enumerate(rows):
         if isinstance(row, str) or not isinstance(row, Sequence) or not row \
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):
-            raise InputError(f"'examples' item {index} must be a non-empty list of token ids or a str "
+            raise InputError(f"'examples[{index}]' must be a non-empty list of token ids or a str "
                              f"(got {describe(row)})")
         bad = next((i for i in row if not 0 <= i < vocab), None)
         if bad is not None:
-            raise InputError(f"'examples' item {index} must hold token ids from 0 to {vocab - 1}, the "
+            raise InputError(f"'examples[{index}]' must hold token ids from 0 to {vocab - 1}, the "
                              f"model's vocabulary (got id {bad}); tokenize with the model's tokenizer")
     return [list(r) for r in rows]
 

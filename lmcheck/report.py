@@ -96,7 +96,7 @@ def write_results_json(results: Iterable[Result], path: str | Path) -> Path:
     results = list(results)
     bad = next((i for i, r in enumerate(results) if not isinstance(r, Result)), None)
     if bad is not None:
-        raise InputError(f"'results' item {bad} must be a Result (got {describe(results[bad])})")
+        raise InputError(f"'results[{bad}]' must be a Result (got {describe(results[bad])})")
     target = check_path(path, "path")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([r.to_dict() for r in results], indent=2))

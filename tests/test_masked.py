@@ -84,7 +84,7 @@ def test_fill_mask_takes_the_mask_token_from_the_tokenizer():
 
 def test_text_without_the_mask_token_names_it(tiny_bert, bert_tokenizer):
     """A text with no [MASK] is an InputError that says which token was expected."""
-    with pytest.raises(InputError, match=re.escape("'text_or_texts' item 1 must contain the tokenizer's mask token '[MASK]'")):
+    with pytest.raises(InputError, match=re.escape("'text_or_texts[1]' must contain the tokenizer's mask token '[MASK]'")):
         fill_mask(tiny_bert, bert_tokenizer, [SENTENCE, "no mask here"])
 
 
@@ -125,9 +125,9 @@ def test_top_k_out_of_range_is_refused(tiny_bert, bert_tokenizer, top_k):
     [
         ([], "'cases' must be a non-empty list"),
         ([ClozeCase(SENTENCE, ("chocolates",))], "answer 'chocolates' must be one token"),
-        ([ClozeCase("a [MASK] and a [MASK] .", ("box",))], "'cases' item 0 must hold exactly one mask token"),
-        ([ClozeCase("no mask at all", ("box",))], "'cases' item 0 must contain the tokenizer's mask token '[MASK]'"),
-        (["just a string"], "'cases' item 0 must be a ClozeCase"),
+        ([ClozeCase("a [MASK] and a [MASK] .", ("box",))], "'cases[0]' must hold exactly one mask token"),
+        ([ClozeCase("no mask at all", ("box",))], "'cases[0]' must contain the tokenizer's mask token '[MASK]'"),
+        (["just a string"], "'cases[0]' must be a ClozeCase"),
     ],
     ids=["empty", "answer-of-two-tokens", "two-masks", "no-mask", "not-a-case"],
 )
