@@ -21,6 +21,7 @@ import pytest
 
 from lmcheck import chunk_documents, inspect_tokens, round_trip
 from lmcheck.defaults import DEFAULTS
+from lmcheck.tutorial import expected
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."
 PROMPT = DEFAULTS["causal_prompt"]  # "Swimming at the beach is"
@@ -29,7 +30,7 @@ PROMPT = DEFAULTS["causal_prompt"]  # "Swimming at the beach is"
 def test_bert_encodes_the_seed_sentence(bert_tokenizer):
     """BERT's tokenizer turns the seed sentence into 11 ids, [CLS] and [SEP] included."""
     encoding = bert_tokenizer(SENTENCE)
-    assert encoding["input_ids"] == [101, 2166, 2003, 2066, 1037, 103, 1997, 7967, 2015, 1012, 102]
+    assert encoding["input_ids"] == list(expected.BERT_SENTENCE_IDS)
     assert encoding["attention_mask"] == [1] * 11
 
 
@@ -43,14 +44,14 @@ def test_bert_splits_chocolates_into_a_stem_and_a_piece(bert_tokenizer):
 def test_gpt2_encodes_the_seed_prompt(gpt2_tokenizer):
     """GPT-2's tokenizer gives six ids for the prompt and a mask of ones."""
     encoding = gpt2_tokenizer(PROMPT)
-    assert encoding["input_ids"] == [10462, 27428, 379, 262, 10481, 318]
+    assert encoding["input_ids"] == list(expected.GPT2_PROMPT_IDS)
     assert encoding["attention_mask"] == [1] * 6
 
 
 def test_gpt2_ids_decode_with_their_leading_space(gpt2_tokenizer):
     """Id 257 is ' a': the space belongs to the token, so appending ids appends words."""
     assert gpt2_tokenizer.decode([257]) == " a"
-    assert gpt2_tokenizer.decode([10462, 27428, 379, 262, 10481, 318, 257]) == PROMPT + " a"
+    assert gpt2_tokenizer.decode([*expected.GPT2_PROMPT_IDS, 257]) == PROMPT + " a"
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_bert_adds_special_tokens_and_gpt2_does_not(bert_tokenizer, gpt2_tokeniz
 def test_the_token_table_reads_like_the_tutorial(gpt2_tokenizer):
     """inspect_tokens gives position, id, token, decoded piece, special flag and mask per token."""
     table = inspect_tokens(gpt2_tokenizer, PROMPT)
-    assert table.input_ids == [10462, 27428, 379, 262, 10481, 318]
+    assert table.input_ids == list(expected.GPT2_PROMPT_IDS)
     assert [row.piece for row in table] == ["Sw", "imming", " at", " the", " beach", " is"]
     printed = str(table).splitlines()
     assert printed[0].split() == ["pos", "id", "token", "decoded", "special", "mask"]

@@ -36,6 +36,7 @@ from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
 from lmcheck.masked_training import MEMORIZATION_RUN
 from lmcheck.models import bert_from_scratch
 from lmcheck.pytest_plugin import cached_repo
+from lmcheck.tutorial import expected
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."
 RUN = MEMORIZATION_RUN
@@ -59,7 +60,8 @@ def seed_logits(bert_base, bert_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 def test_the_mask_is_one_token_of_the_input(bert_tokenizer):
     """The tokenizer writes [MASK] as id 103, at index 5 of the 11 ids."""
     ids = bert_tokenizer(SENTENCE)["input_ids"]
-    assert ids == [101, 2166, 2003, 2066, 1037, 103, 1997, 7967, 2015, 1012, 102]
+    assert ids == list(expected.BERT_SENTENCE_IDS)
+    assert ids.index(103) == expected.BERT_MASK_INDEX
     assert bert_tokenizer.mask_token == "[MASK]"
     assert bert_tokenizer.mask_token_id == 103
 
@@ -67,10 +69,8 @@ def test_the_mask_is_one_token_of_the_input(bert_tokenizer):
 def test_structure_shows_embeddings_encoder_and_mlm_head(bert_base):
     """Printed, the model shows a 30522 x 768 embedding table, 12 layers and the MLM head."""
     printed = str(bert_base)
-    assert "(word_embeddings): Embedding(30522, 768" in printed
-    assert "(0-11): 12 x BertLayer" in printed
-    assert "(cls): BertOnlyMLMHead" in printed
-    assert "(decoder): Linear(in_features=768, out_features=30522" in printed
+    for line in expected.BERT_BASE_STRUCTURE:
+        assert line in printed
 
 
 def test_logits_have_one_score_per_position_and_word(seed_logits):
@@ -158,7 +158,7 @@ def test_pretrained_bert_fills_the_tutorial_sentence(bert_tokenizer):
     repo = cached_repo(BERT_REPOS)
     model = BertForMaskedLM.from_pretrained(repo, local_files_only=True, use_safetensors=True)
     (prediction,) = fill_mask(model, bert_tokenizer, SENTENCE, top_k=5)
-    assert list(prediction.tokens) == ["box", "bag", "bowl", "jar", "cup"]
+    assert prediction.tokens == expected.PRETRAINED_BERT_TOP5
     # the tutorial prints these to 4 decimals
-    expected = torch.tensor([0.1764, 0.1688, 0.0419, 0.0336, 0.0262])
-    torch.testing.assert_close(torch.tensor(prediction.probabilities), expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(prediction.probabilities),
+                               torch.tensor(expected.PRETRAINED_BERT_TOP5_PROBABILITIES), rtol=0, atol=1e-3)

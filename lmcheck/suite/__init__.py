@@ -22,33 +22,42 @@ from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import load_causal_lm
 from lmcheck.results import Result
 
-__all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "load_model_for_checks", "run_causal_checks"]
+__all__ = ["CAUSAL_CHECKS", "DEFAULT_PROMPTS", "GREEDY_STEPS", "load_model_for_checks", "run_causal_checks"]
 
 # prompts of different lengths (so a batch needs left padding), shared with chapter 3
 DEFAULT_PROMPTS: tuple[str, ...] = tuple(DEFAULTS["causal_prompts"])
 
-Check = Callable[[torch.nn.Module, PreTrainedTokenizerBase, Sequence[str]], Result]
+Check = Callable[[torch.nn.Module, PreTrainedTokenizerBase, Sequence[str], int], Result]
 
 
-def _first_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([tokenizer(prompts[0])["input_ids"]])  # (1, T)
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text)["input_ids"]])  # (1, T)
 
 
+def _longest(prompts: Sequence[str]) -> str:
+    return max(prompts, key=len)
+
+
+# The causal battery and its arguments: the one table that the ready pytest suite, `lmcheck check`,
+# chapter 3 of the tutorial and its tests all run. Each check gets the model, its tokenizer, the
+# prompts (of different lengths, so a batch of them needs left padding) and the greedy steps.
 CAUSAL_CHECKS: dict[str, Check] = {
-    "greedy_matches_generate": lambda m, t, p: greedy_matches_generate(m, t, list(p), max_new_tokens=20),
-    "kv_cache_matches_full": lambda m, t, p: kv_cache_matches_full(m, _first_prompt_ids(t, p)),
-    "padding_invariance": lambda m, t, p: padding_invariance(m, t, list(p)),
-    "batch_invariance": lambda m, t, p: batch_invariance(m, t, list(p)),
-    "causality": lambda m, t, p: causality(m, _first_prompt_ids(t, p)),
+    "greedy_matches_generate": lambda m, t, p, n: greedy_matches_generate(m, t, list(p), max_new_tokens=n),
+    # the longest prompt: the cache is read at the most positions
+    "kv_cache_matches_full": lambda m, t, p, n: kv_cache_matches_full(m, _ids(t, _longest(p))),
+    "padding_invariance": lambda m, t, p, n: padding_invariance(m, t, list(p)),
+    "batch_invariance": lambda m, t, p, n: batch_invariance(m, t, list(p)),
+    "causality": lambda m, t, p, n: causality(m, _ids(t, p[0])),
 }
+GREEDY_STEPS = 20  # tokens each greedy comparison decodes (chapter 3's quick mode: 10)
 
 
 def run_causal_checks(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    prompts: Sequence[str] = DEFAULT_PROMPTS, *, max_new_tokens: int = GREEDY_STEPS,
 ) -> list[Result]:
     """Every check of :data:`CAUSAL_CHECKS` on one model, in order."""
-    return [check(model, tokenizer, prompts) for check in CAUSAL_CHECKS.values()]
+    return [check(model, tokenizer, prompts, max_new_tokens) for check in CAUSAL_CHECKS.values()]
 
 
 def load_model_for_checks(name_or_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:

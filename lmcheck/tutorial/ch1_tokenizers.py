@@ -6,7 +6,7 @@ from lmcheck.corpus import chunk_documents, load_documents, split_documents
 from lmcheck.defaults import DEFAULTS
 from lmcheck.report import Report
 from lmcheck.tokens import inspect_tokens, load_tokenizer, round_trip
-from lmcheck.tutorial import expect_equal
+from lmcheck.tutorial import expect_equal, expected
 
 TITLE = "Chapter 1: tokenizers"
 
@@ -19,9 +19,9 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     )
     bert = load_tokenizer(DEFAULTS["masked_tokenizer"])
     gpt2 = load_tokenizer(DEFAULTS["causal_tokenizer"])
-    for tokenizer, text, expected in (
-        (bert, DEFAULTS["masked_sentence"], [101, 2166, 2003, 2066, 1037, 103, 1997, 7967, 2015, 1012, 102]),
-        (gpt2, DEFAULTS["causal_prompt"], [10462, 27428, 379, 262, 10481, 318]),
+    for tokenizer, text, ids in (
+        (bert, DEFAULTS["masked_sentence"], list(expected.BERT_SENTENCE_IDS)),
+        (gpt2, DEFAULTS["causal_prompt"], list(expected.GPT2_PROMPT_IDS)),
     ):
         table = inspect_tokens(tokenizer, text)
         report.table(
@@ -31,7 +31,7 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
             title=f"{tokenizer.name_or_path} ({len(tokenizer):,} tokens): {text!r}",
         )
         report.text(f"input_ids      = {table.input_ids}\nattention_mask = {table.attention_mask}")
-        report.result(expect_equal(f"{tokenizer.name_or_path}_input_ids", table.input_ids, expected))
+        report.result(expect_equal(f"{tokenizer.name_or_path}_input_ids", table.input_ids, ids))
     report.text(
         "BERT adds [CLS] at the start and [SEP] at the end and lower-cases ('chocolates' is\n"
         "'chocolate' + '##s'); GPT-2 adds nothing and keeps the leading space in each token."

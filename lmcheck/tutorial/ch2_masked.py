@@ -15,7 +15,7 @@ from lmcheck.masked_training import MEMORIZATION_RUN, memorize_chunks
 from lmcheck.models import bert_from_scratch
 from lmcheck.report import Report
 from lmcheck.tokens import inspect_tokens, load_tokenizer
-from lmcheck.tutorial import expect, expect_equal
+from lmcheck.tutorial import expect, expect_equal, expected
 
 TITLE = "Chapter 2: masked language models"
 
@@ -38,9 +38,7 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     structure = str(model)
     if not quick:
         report.text(structure)
-    report.result(expect("bert_base_structure", all(part in structure for part in (
-        "(word_embeddings): Embedding(30522, 768", "(0-11): 12 x BertLayer", "(cls): BertOnlyMLMHead",
-        "(decoder): Linear(in_features=768, out_features=30522")),
+    report.result(expect("bert_base_structure", all(part in structure for part in expected.BERT_BASE_STRUCTURE),
         "word embeddings 30522 x 768, 12 encoder layers, an MLM head back to 30522 scores"))
 
     inputs = tokenizer(sentence, return_tensors="pt")
@@ -48,9 +46,10 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         logits = model(**inputs).logits  # (1, 11, 30522)
     mask_index = torch.where(inputs["input_ids"] == tokenizer.mask_token_id)[1].tolist()
     probs = logits[0, mask_index[0]].softmax(-1)  # (30522,)
-    report.result(expect_equal("logits_shape", list(logits.shape), [1, 11, 30522]))
-    report.result(expect_equal("masked_index", mask_index, [5]))
-    report.result(expect_equal("mask_logits_shape", list(logits[0, 5].shape), [30522]))
+    length, vocab = len(expected.BERT_SENTENCE_IDS), expected.BERT_VOCAB
+    report.result(expect_equal("logits_shape", list(logits.shape), [1, length, vocab]))
+    report.result(expect_equal("masked_index", mask_index, [expected.BERT_MASK_INDEX]))
+    report.result(expect_equal("mask_logits_shape", list(logits[0, expected.BERT_MASK_INDEX].shape), [vocab]))
     report.result(expect("softmax_sums_to_one", abs(float(probs.sum()) - 1.0) <= 1e-5,
                          f"probabilities at index 5 sum to {float(probs.sum()):.6f} (tolerance 1e-5)"))
     (prediction,) = fill_mask(model, tokenizer, sentence, top_k=5)

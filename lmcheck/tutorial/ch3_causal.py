@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.decoding import greedy_decode
 from lmcheck.defaults import DEFAULTS
-from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import gpt2_from_scratch, load_smollm2
 from lmcheck.report import Report
 from lmcheck.results import Result
+from lmcheck.suite import GREEDY_STEPS, run_causal_checks
 from lmcheck.tokens import load_tokenizer
+from lmcheck.tutorial import expected
 
 TITLE = "Chapter 3: causal language models"
 
 # prompts of different lengths, so that a batch of them needs left padding
 PROMPTS: tuple[str, ...] = DEFAULTS["causal_prompts"]
-# SmolLM2-135M-Instruct's greedy continuation of the seed prompt, 20 tokens (checked with generate)
-SMOLLM2_CONTINUATION: str = DEFAULTS["smollm2_continuation"]
 
 
 def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
@@ -47,18 +42,18 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     )
     continuation = tokenizer.decode(decoded.new_tokens[0])
     report.result(Result(
-        name="smollm2_greedy_continuation", passed=continuation == SMOLLM2_CONTINUATION,
-        metrics={"got": continuation, "expected": SMOLLM2_CONTINUATION},
+        name="smollm2_greedy_continuation", passed=continuation == expected.SMOLLM2_CONTINUATION,
+        metrics={"got": continuation, "expected": expected.SMOLLM2_CONTINUATION},
         explanation=f"{prompt + continuation!r}"
-        + ("" if continuation == SMOLLM2_CONTINUATION else f", expected {SMOLLM2_CONTINUATION!r}")))
+        + ("" if continuation == expected.SMOLLM2_CONTINUATION else f", expected {expected.SMOLLM2_CONTINUATION!r}")))
 
     report.text(
         "\nThe probes: the hand loop must equal generate (with the model's generation_config\n"
         "overrides neutralised and named), the KV cache must equal full recomputation, left\n"
         "padding and batching must change nothing, and no position may see the future."
     )
-    new_tokens = 10 if quick else 20
-    for result in _probes(model, tokenizer, new_tokens):
+    new_tokens = GREEDY_STEPS // 2 if quick else GREEDY_STEPS
+    for result in run_causal_checks(model, tokenizer, PROMPTS, max_new_tokens=new_tokens):
         report.result(result)
 
     report.text(
@@ -75,20 +70,8 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         f"{gpt2.lm_head.weight is transformer.wte.weight})"
     )
     gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token  # GPT-2 has none; the mask hides pads
-    for result in _probes(gpt2, gpt2_tokenizer, new_tokens):
+    for result in run_causal_checks(gpt2, gpt2_tokenizer, PROMPTS, max_new_tokens=new_tokens):
         report.result(Result(name=f"gpt2_random_{result.name}", passed=result.passed,
                              metrics=result.metrics, threshold=result.threshold,
                              headroom=result.headroom, explanation=result.explanation,
                              details=result.details))
-
-
-def _probes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, new_tokens: int) -> list[Result]:
-    """The chapter's five probes on one model, as tests/test_03_causal_lm.py runs them."""
-    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-    return [
-        greedy_matches_generate(model, tokenizer, list(PROMPTS), max_new_tokens=new_tokens),
-        kv_cache_matches_full(model, tokenizer(PROMPTS[3], return_tensors="pt").input_ids),
-        padding_invariance(model, tokenizer, list(PROMPTS[:3])),
-        batch_invariance(model, tokenizer, list(PROMPTS)),
-        causality(model, ids),
-    ]
