@@ -27,6 +27,15 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tokenizer_with_pad() -> PreTrainedTokenizerBase:
+    """A separate copy of GPT-2's tokenizer whose pad token is eos (batches need one; the
+    attention mask hides the pads). No test changes it."""
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
 def bert_tokenizer() -> PreTrainedTokenizerBase:
     """bert-base-uncased's WordPiece tokenizer, built offline (30,522 tokens)."""
     return load_tokenizer("bert-base-uncased")

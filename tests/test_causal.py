@@ -25,18 +25,9 @@ from lmcheck.decoding import greedy_decode, next_token_logits
 from lmcheck.errors import InputError, ModelError
 from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.tokens import load_tokenizer
 
 SmolLM2 = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 PROMPT = "Swimming at the beach is"
-
-
-@pytest.fixture(scope="module")
-def gpt2_tokenizer_with_pad() -> PreTrainedTokenizerBase:
-    """A private copy of GPT-2's tokenizer with pad = eos (the session one has no pad token)."""
-    tokenizer = load_tokenizer("gpt2")
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result
-from lmcheck.tokens import load_tokenizer
 
 VOCAB = 50257
 PROMPTS = ["Hello there", "The capital of France is"]
@@ -95,10 +94,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    gpt2 = load_tokenizer("gpt2")
-    gpt2.pad_token = gpt2.eos_token
-    bert = load_tokenizer("bert-base-uncased")
+def world(tmp_path_factory, gpt2_tokenizer_with_pad, bert_tokenizer) -> World:
+    gpt2, bert = gpt2_tokenizer_with_pad, bert_tokenizer
     causal = gpt2_from_scratch(gpt2, preset=dict(n_layer=1, n_head=2, n_embd=16, n_positions=64)).eval()
     masked = bert_from_scratch(bert, preset=dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
                                                  intermediate_size=32, max_position_embeddings=64)).eval()

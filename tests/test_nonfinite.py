@@ -36,7 +36,6 @@ from lmcheck.errors import NonFiniteError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
 from lmcheck.suite import CAUSAL_CHECKS
-from lmcheck.tokens import load_tokenizer
 
 FAULTS = ("nan_weights", "inf_logit", "nan_later")
 INF_TOKEN = 7  # the vocabulary entry whose logit is +inf in the inf_logit model
@@ -50,13 +49,6 @@ NO_NUMBERS = {"round_trip": "compares token ids and texts only; nothing in it ca
 
 
 # --- the broken models -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gpt2_tokenizer_with_pad() -> PreTrainedTokenizerBase:
-    tokenizer = load_tokenizer("gpt2")
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
 
 @pytest.fixture(scope="module")
 def healthy_causal(gpt2_tokenizer_with_pad: PreTrainedTokenizerBase) -> torch.nn.Module:
