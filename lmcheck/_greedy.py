@@ -46,7 +46,6 @@ def compare_greedy_rows(tokens_a: torch.Tensor, logits_a: torch.Tensor, tokens_b
     return rows, max_diff
 
 
-
 def _stopped(tokens: list[int], step: int, eos_ids: Sequence[int], pad: int | None) -> bool:
     """Whether a row holds eos at or before ``step`` and only ``pad`` after that eos."""
     first = next((s for s in range(step + 1) if tokens[s] in eos_ids), None)

@@ -52,11 +52,9 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
     return logits, getattr(output, cache_name, None) if use_cache else None  # (B, t, V)
 
 
-
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     parameters = inspect.signature(model.forward).parameters
     return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
 
 
 @contextmanager
@@ -68,7 +66,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
 
 
 def check_causal_lm(model: object) -> None:
@@ -83,7 +80,6 @@ def check_causal_lm(model: object) -> None:
             "use lmcheck's masked-LM probes for it")
 
 
-
 def input_vocabulary(model: torch.nn.Module) -> int | None:
     """Rows of the model's input embedding table (ids must lie below it); None if unknown."""
     get = getattr(model, "get_input_embeddings", None)
@@ -95,11 +91,9 @@ def input_vocabulary(model: torch.nn.Module) -> int | None:
     return rows if isinstance(rows, int) else None
 
 
-
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter: where its inputs must go."""
     return next(model.parameters()).device
-
 
 
 def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
@@ -110,7 +104,6 @@ def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
         if isinstance(context, int):
             return context, f"config.{key}"
     return None
-
 
 
 def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *,
@@ -127,7 +120,6 @@ def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: in
             f"max_new_tokens={max_new_tokens} needs {prompt_length + max_new_tokens} positions, more "
             f"than the model's context of {context} ({where}); shorten the prompt or ask for fewer "
             f"tokens")
-
 
 
 def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
