@@ -71,5 +71,4 @@ def memorized_bert(bert_tokenizer: PreTrainedTokenizerBase, wiki_split: datasets
     """Chapter 2's tiny BERT, trained once per run until it has memorized 8 chunks (~20 s)."""
     from lmcheck.masked_training import memorize_chunks
 
-    return memorize_chunks(bert_tokenizer, wiki_split["train"], wiki_split["validation"],
-                           seed=DEFAULTS["seed"])
+    return memorize_chunks(bert_tokenizer, wiki_split["train"], wiki_split["validation"])

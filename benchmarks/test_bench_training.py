@@ -2,7 +2,7 @@
 
 The lean loop and Hugging Face's Trainer train the same tiny model on the same chunks in the same
 process; the ratio of their tokens/s is the Trainer's overhead. Time-to-memorization runs the
-embedded default (``DEFAULTS["pretrain"]``) to its stop. MFU compares 6·N flops per token with a
+embedded default (``lmcheck.defaults.PRETRAIN_CPU``) to its stop. MFU compares 6·N flops per token with a
 large matmul measured on this device (not a datasheet peak). Every clock is read after
 ``torch.cuda.synchronize()`` where there is a GPU (the loops do this around each step).
 """
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.trainer import PretrainRun, pretrain, pretrain_default, pretraining_data
 
@@ -39,26 +39,25 @@ def measured_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 
 @pytest.fixture(scope="module")
 def data(gpt2_tokenizer):
-    settings = DEFAULTS["pretrain"]
+    settings = PRETRAIN_CPU
     return pretraining_data(gpt2_tokenizer, context_length=DEFAULTS["context_length"],
-                            chunks_per_document=settings["chunks_per_document"],
-                            n_train_chunks=settings["n_train_chunks"], n_valid_chunks=2)
+                            chunks_per_document=settings.chunks_per_document,
+                            n_train_chunks=settings.n_train_chunks, n_valid_chunks=2)
 
 
 def _tokens_per_second(backend: str, tokenizer, data) -> tuple[float, int]:
     """End-to-end tokens/s of one ``pretrain`` call: set-up, data loading, logging, all of it."""
-    settings = DEFAULTS["pretrain"]
-    model = gpt2_from_scratch(tokenizer, preset=settings["preset"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    settings = PRETRAIN_CPU
+    model = gpt2_from_scratch(tokenizer, preset=settings.preset, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    curve = pretrain(model, tokenizer, data.train, data.valid, backend=backend, lr=settings["lr"],
-                     batch_size=settings["batch_size"], max_steps=STEPS, eval_every=STEPS,
-                     memorization_every=None)
+    curve = pretrain(model, tokenizer, data.train, data.valid, settings, backend=backend,
+                     max_steps=STEPS, eval_every=STEPS, memorization_every=None)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    tokens = curve.steps * settings["batch_size"] * DEFAULTS["context_length"]
+    tokens = curve.steps * settings.batch_size * DEFAULTS["context_length"]
     return tokens / seconds, parameter_count(model)
 
 

@@ -1,13 +1,34 @@
-"""The embedded default: the one place that names the data, split, tokenizer and presets that
+"""The embedded default: the one place that names the data, split, tokenizer and recipes that
 ``lmcheck tutorial``, the test suite and the benchmarks all use, so that they never drift apart.
+
+:data:`DEFAULTS` names the data; each recipe is a frozen, keyword-only dataclass whose presets
+are complete instances (:data:`PRETRAIN_CPU`, :data:`PRETRAIN_GPU`, :data:`MASKED_CPU`). A
+recipe checks every field when it is made, so a mistyped value or an unknown name
+(``PRETRAIN_CPU.replace(lrr=1e-3)``) fails at once, naming itself, before any data is read or
+any model built.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["DEFAULTS"]
+from lmcheck._validate import (
+    check_bool,
+    check_fraction,
+    check_int,
+    check_number,
+    check_seed,
+    check_str,
+)
+from lmcheck.errors import InputError
+
+__all__ = ["DEFAULTS", "MASKED_CPU", "PRETRAIN_CPU", "PRETRAIN_GPU", "MaskedRunConfig", "PretrainConfig"]
+
+R = TypeVar("R", bound="_Recipe")
 
 DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
     {
@@ -31,28 +52,152 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
         "masked_tokenizer": "bert-base-uncased",
         # seeds for model initialisation and training order
         "seed": 42,
-        # chapter 2, on a CPU: a 2-layer, 128-wide BERT (real uncased vocabulary) trained with the
-        # masked-LM collator on the first 8 chunks of 64 tokens until it fills 40 cloze cases
-        "masked_pretrain": MappingProxyType({
-            "preset": "bert-tiny-cpu", "dropout": 0.0, "chunks": 8, "context_length": 64,
-            "steps": 300, "lr": 3e-3, "batch_size": 8, "cases": 40, "case_seed": 0,
-            "memorized_min": 0.9, "heldout_max": 0.2,
-        }),
-        # chapter 4, on a CPU: a 2-layer, 128-wide GPT-2 (full 50,257 vocabulary) memorizes the
-        # first chunk of each of the first 4 training documents (about 45 AdamW steps at 2e-3; at 4e-3 it had not memorized in 80)
-        "pretrain": MappingProxyType({
-            "preset": "gpt2-tiny-cpu", "dropout": 0.0, "chunks_per_document": 1,
-            "n_train_chunks": 4, "n_valid_chunks": 16, "backend": "lean", "lr": 2e-3,
-            "batch_size": 4, "max_steps": 100, "eval_every": 10, "memorization_every": 5,
-            "prefix_length": 32, "continuation_length": 32, "bf16": False,
-        }),
-        # chapter 4 as the tutorial runs it (pytest -m gpu): GPT-2 124M, every training chunk,
-        # Trainer, bf16; stops at memorization, at most 100 epochs as in the tutorial
-        "pretrain_gpu": MappingProxyType({
-            "preset": "gpt2", "dropout": 0.0, "chunks_per_document": None, "n_train_chunks": None,
-            "n_valid_chunks": None, "backend": "trainer", "lr": 3e-4, "batch_size": 32,
-            "max_epochs": 100, "eval_every": 71, "memorization_every": 71, "bf16": True,
-            "eval_batch_size": 64,
-        }),
     }
+)
+
+
+class _Recipe:
+    """``replace`` that names an unknown field instead of a bare TypeError."""
+
+    def replace(self: R, **changes: Any) -> R:
+        """A copy with ``changes``; InputError for a field the recipe does not have."""
+        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise InputError(f"{unknown[0]!r} is not a setting of {type(self).__name__}; the settings "
+                             f"are {', '.join(names)}")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _preset(value: object) -> None:
+    if not (isinstance(value, str) and value) and not isinstance(value, Mapping):
+        raise InputError(f"'preset' must be a preset name or a mapping of model settings (got {value!r})")
+
+
+def _every(value: object, argument: str) -> None:
+    if value != "epoch":
+        check_int(value, argument, 1)
+
+
+def _optional_int(value: object, argument: str) -> None:
+    if value is not None:
+        check_int(value, argument, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(_Recipe):
+    """A causal-LM pretraining recipe: the data, the model and the loop (chapter 4)."""
+
+    # data: chunks of the split's training and validation documents
+    context_length: int  # tokens per chunk
+    chunks_per_document: int | None  # the first N chunks of each document; None: all
+    n_train_chunks: int | None  # then the first N of those; None: all
+    n_valid_chunks: int | None
+    # model: a GPT-2 built from a preset of lmcheck.models.GPT2_PRESETS (or a mapping of settings)
+    preset: str | Mapping[str, int]
+    dropout: float | None  # every dropout of the model; None: the preset's own
+    seed: int  # initialisation, data order and dropout
+    # loop: AdamW (no weight decay, constant learning rate), gradients clipped at 1.0
+    backend: str  # "lean" (a plain loop) or "trainer" (Hugging Face's Trainer)
+    lr: float
+    batch_size: int
+    max_steps: int | None  # exactly one of max_steps and max_epochs
+    max_epochs: int | None
+    eval_every: int | str  # steps between validation losses, or "epoch": once per epoch
+    memorization_every: int | str | None  # steps between memorization checks (stopping once every
+    #   training chunk is memorized), "epoch", or None: never
+    prefix_length: int  # memorization: this many tokens of a chunk ...
+    continuation_length: int  # ... continue this many verbatim, greedily
+    bf16: bool  # bf16 autocast (on a CPU only where it is fast: measure first)
+    eval_batch_size: int
+
+    def __post_init__(self) -> None:
+        check_int(self.context_length, "context_length", 1)
+        for name in ("chunks_per_document", "n_train_chunks", "n_valid_chunks", "max_steps", "max_epochs"):
+            _optional_int(getattr(self, name), name)
+        _every(self.eval_every, "eval_every")
+        if self.memorization_every is not None:
+            _every(self.memorization_every, "memorization_every")
+        _preset(self.preset)
+        if self.dropout is not None:
+            check_fraction(self.dropout, "dropout")
+        check_seed(self.seed)
+        check_str(self.backend, "backend", choices=("lean", "trainer"))
+        check_number(self.lr, "lr", low=0)
+        check_int(self.batch_size, "batch_size", 1)
+        if (self.max_steps is None) == (self.max_epochs is None):
+            raise InputError(f"exactly one of 'max_steps' and 'max_epochs' must be set (got "
+                             f"max_steps={self.max_steps!r}, max_epochs={self.max_epochs!r})")
+        check_int(self.prefix_length, "prefix_length", 1)
+        check_int(self.continuation_length, "continuation_length", 1)
+        check_bool(self.bf16, "bf16")
+        check_int(self.eval_batch_size, "eval_batch_size", 1)
+
+    def steps_for(self, train_chunks: int) -> int:
+        """Optimizer steps for ``train_chunks`` chunks: ``max_steps``, or epochs times batches."""
+        batches = -(-train_chunks // self.batch_size)
+        return self.max_steps if self.max_steps is not None else self.max_epochs * batches  # type: ignore[operator]
+
+    def every(self, setting: int | str | None, train_chunks: int) -> int | None:
+        """``eval_every`` or ``memorization_every`` in steps: "epoch" is one epoch of batches."""
+        return -(-train_chunks // self.batch_size) if setting == "epoch" else setting  # type: ignore[return-value]
+
+
+# Chapter 4 on a CPU: a 2-layer, 128-wide GPT-2 (the full 50,257 vocabulary) memorizes the first
+# chunk of each of the first 4 training documents: about 45 AdamW steps at 2e-3 (at 4e-3 it had
+# not memorized in 80).
+PRETRAIN_CPU = PretrainConfig(
+    context_length=128, chunks_per_document=1, n_train_chunks=4, n_valid_chunks=16,
+    preset="gpt2-tiny-cpu", dropout=0.0, seed=42,
+    backend="lean", lr=2e-3, batch_size=4, max_steps=100, max_epochs=None, eval_every=10,
+    memorization_every=5, prefix_length=32, continuation_length=32, bf16=False, eval_batch_size=32,
+)
+# Chapter 4 as the tutorial runs it (pytest -m gpu): GPT-2 124M on every chunk of the 50 training
+# documents, Trainer, bf16; at most 100 epochs as in the tutorial, evaluated and checked for
+# memorization once per epoch.
+PRETRAIN_GPU = PretrainConfig(
+    context_length=128, chunks_per_document=None, n_train_chunks=None, n_valid_chunks=None,
+    preset="gpt2", dropout=0.0, seed=42,
+    backend="trainer", lr=3e-4, batch_size=32, max_steps=None, max_epochs=100, eval_every="epoch",
+    memorization_every="epoch", prefix_length=32, continuation_length=32, bf16=True, eval_batch_size=64,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskedRunConfig(_Recipe):
+    """A masked-LM memorization run (chapter 2): data, model, loop and the cloze bars."""
+
+    chunks: int  # the first N chunks of the training (and held-out) documents
+    context_length: int  # tokens per chunk
+    preset: str | Mapping[str, int]  # a preset of lmcheck.models.BERT_PRESETS
+    dropout: float  # every dropout of the model
+    seed: int
+    steps: int  # AdamW steps (no weight decay, gradient norm clipped to 1.0)
+    lr: float
+    batch_size: int
+    mlm_probability: float  # share of tokens the collator picks to score
+    cases: int  # cloze cases on the training and on the held-out chunks
+    case_seed: int
+    memorized_min: float  # accuracy the training chunks' cases must reach
+    heldout_max: float  # accuracy the held-out chunks' cases must stay at or below
+
+    def __post_init__(self) -> None:
+        for name in ("chunks", "context_length", "steps", "batch_size", "cases"):
+            check_int(getattr(self, name), name, 1)
+        _preset(self.preset)
+        check_fraction(self.dropout, "dropout")
+        check_seed(self.seed)
+        check_seed(self.case_seed, "case_seed")
+        check_number(self.lr, "lr", low=0)
+        for name in ("mlm_probability", "memorized_min", "heldout_max"):
+            check_fraction(getattr(self, name), name)
+
+
+# Chapter 2 on a CPU: a 2-layer, 128-wide BERT (the real uncased vocabulary) trained with the
+# masked-LM collator on the first 8 chunks of 64 tokens. Measured on 2 shared CPU cores: 300 steps
+# take about 20 s and fill 40 of 40 cloze cases on those chunks (200 steps gave 37 of 40, too
+# close to 0.9).
+MASKED_CPU = MaskedRunConfig(
+    chunks=8, context_length=64, preset="bert-tiny-cpu", dropout=0.0, seed=42, steps=300, lr=3e-3,
+    batch_size=8, mlm_probability=0.15, cases=40, case_seed=0, memorized_min=0.9, heldout_max=0.2,
 )

@@ -46,7 +46,7 @@ __all__ = [
 DEFAULT_GOLDEN = Path(__file__).with_name("golden") / "pretrain-cpu-default.json"
 DEFAULT_RTOL = 1e-4  # torchtune's recipe tests use rtol 1e-4 on losses
 GOLDEN_STEPS = 10
-RECIPE = "the first steps of DEFAULTS['pretrain'] (chapter 4's CPU default), lean loop"
+RECIPE = "the first steps of PRETRAIN_CPU (chapter 4's CPU default), lean loop"
 
 
 def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:

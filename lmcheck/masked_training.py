@@ -19,9 +19,10 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from lmcheck._model import model_device
-from lmcheck._validate import check_int
+from lmcheck._validate import check_number, describe
 from lmcheck.corpus import chunk_documents
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import MASKED_CPU, MaskedRunConfig
+from lmcheck.errors import InputError
 from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
 
@@ -32,20 +33,17 @@ __all__ = [
     "train_masked_lm",
 ]
 
-# Chapter 2's from-scratch run, from the embedded default (tests, tutorial and benchmarks share
-# it): the first `chunks` chunks of `context_length` tokens of the training documents, memorized
-# by a tiny BERT with the real uncased vocabulary. Measured on 2 shared CPU cores: 300 steps take
-# about 20 s and reach 40 of 40 cloze cases on those chunks (200 steps gave 37 of 40, too close
-# to 0.9).
-MEMORIZATION_RUN: Mapping[str, Any] = DEFAULTS["masked_pretrain"]
+# Chapter 2's from-scratch run (tests, tutorial and benchmarks share it): the recipe itself is
+# lmcheck.defaults.MASKED_CPU, with its measurements.
+MEMORIZATION_RUN: MaskedRunConfig = MASKED_CPU
 
 _Batch = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
 
 
 def train_masked_lm(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any, *, steps: int = 300,
-    lr: float = 1e-3, batch_size: int = 8, mlm_probability: float = 0.15, seed: int = 42,
-    max_grad_norm: float = 1.0, collator: _Batch | None = None, only_masked_logits: bool = True,
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Any,
+    config: MaskedRunConfig = MASKED_CPU, *, max_grad_norm: float = 1.0, collator: _Batch | None = None,
+    only_masked_logits: bool = True, **overrides: Any,
 ) -> list[float]:
     """Train ``model`` in place with the masked-LM objective; returns one loss per step.
 
@@ -63,17 +61,24 @@ def train_masked_lm(
     Args:
         examples: a ``datasets.Dataset`` with ``input_ids`` (e.g. ``chunk_documents``' chunks),
             a list of id lists, or a list of str (tokenized, truncated to the model's positions).
-        steps: optimizer steps (AdamW, no weight decay, gradient norm clipped to
-            ``max_grad_norm``); examples are drawn in a seeded shuffled order, epoch by epoch.
+        config: the loop's settings (``steps``, ``lr``, ``batch_size``, ``mlm_probability``,
+            ``seed``), default :data:`~lmcheck.defaults.MASKED_CPU`, with ``overrides`` applied
+            (``steps=50``) and checked first. Steps are AdamW (no weight decay, gradient norm
+            clipped to ``max_grad_norm``); examples are drawn in a seeded shuffled order, epoch
+            by epoch.
         collator: replaces the default collator (e.g. whole-word masking, or a broken one for a
             negative control); it takes ``[{"input_ids": [...]}, ...]`` and returns tensors.
         only_masked_logits: compute the output layer only where ``labels != -100``; set False
             for a model whose ``get_output_embeddings()`` is not applied once to all positions.
     """
+    if not isinstance(config, MaskedRunConfig):
+        raise InputError(f"'config' must be a MaskedRunConfig such as MASKED_CPU (got {describe(config)})")
+    config = config.replace(**overrides)
+    steps, lr, batch_size = config.steps, config.lr, config.batch_size
+    mlm_probability, seed = config.mlm_probability, config.seed
+    check_number(max_grad_norm, "max_grad_norm", low=0)
     vocab = check_masked_lm(model, tokenizer)
     rows = example_ids(tokenizer, examples, model)
-    check_int(steps, "steps", 1, None, "")
-    check_int(batch_size, "batch_size", 1, None, "")
     collate = collator or DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -127,24 +132,28 @@ class MemorizationRun(NamedTuple):
 
 
 def memorize_chunks(
-    tokenizer: PreTrainedTokenizerBase, train_documents: Any, heldout_documents: Any, *,
-    run: Mapping[str, Any] = MEMORIZATION_RUN, seed: int = 42,
+    tokenizer: PreTrainedTokenizerBase, train_documents: Any, heldout_documents: Any,
+    config: MaskedRunConfig = MASKED_CPU, **overrides: Any,
 ) -> MemorizationRun:
     """Chapter 2's from-scratch run: a tiny BERT trained until it has memorized a few chunks.
 
-    Cuts both document sets into ``run["context_length"]``-token chunks with
-    :func:`~lmcheck.corpus.chunk_documents`, keeps the first ``run["chunks"]`` of each, and
-    trains ``bert_from_scratch(preset=run["preset"])`` on the training ones with
-    :func:`train_masked_lm`.
+    Cuts both document sets into ``config.context_length``-token chunks with
+    :func:`~lmcheck.corpus.chunk_documents`, keeps the first ``config.chunks`` of each, and
+    trains ``bert_from_scratch(preset=config.preset)`` on the training ones with
+    :func:`train_masked_lm`. ``overrides`` change the recipe's fields, checked first.
     """
+    if not isinstance(config, MaskedRunConfig):
+        raise InputError(f"'config' must be a MaskedRunConfig such as MASKED_CPU (got {describe(config)})")
+    config = config.replace(**overrides)
+
     def first_chunks(documents: Any) -> list[list[int]]:
-        chunks = chunk_documents(tokenizer, documents, run["context_length"]).dataset
-        return [list(ids) for ids in chunks.select(range(min(run["chunks"], len(chunks))))["input_ids"]]
+        chunks = chunk_documents(tokenizer, documents, config.context_length).dataset
+        return [list(ids) for ids in chunks.select(range(min(config.chunks, len(chunks))))["input_ids"]]
 
     train, heldout = first_chunks(train_documents), first_chunks(heldout_documents)
-    model = bert_from_scratch(tokenizer, preset=run["preset"], seed=seed,
-                              hidden_dropout_prob=run["dropout"], attention_probs_dropout_prob=run["dropout"])
-    losses = train_masked_lm(model, tokenizer, train, steps=run["steps"], lr=run["lr"],
-                             batch_size=run["batch_size"], seed=seed)
+    preset = config.preset if isinstance(config.preset, str) else dict(config.preset)
+    model = bert_from_scratch(tokenizer, preset=preset, seed=config.seed,
+                              hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    losses = train_masked_lm(model, tokenizer, train, config)
     decode = partial(tokenizer.batch_decode, skip_special_tokens=True)
     return MemorizationRun(model, losses, decode(train), decode(heldout))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -57,8 +58,8 @@ BERT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def _preset(presets: dict[str, dict[str, int]], preset: str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(preset, dict):
+def _preset(presets: dict[str, dict[str, int]], preset: str | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(preset, Mapping):
         return dict(preset)
     if not isinstance(preset, str) or preset not in presets:
         raise InputError(f"'preset' must be one of {', '.join(presets)} or a dict (got {describe(preset)})")
@@ -66,7 +67,7 @@ def _preset(presets: dict[str, dict[str, int]], preset: str | dict[str, Any]) ->
 
 
 def gpt2_config(
-    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "gpt2",
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | Mapping[str, Any] = "gpt2",
     context_length: int | None = None, **overrides: Any,
 ) -> GPT2Config:
     """A GPT-2 configuration aligned with ``tokenizer``: vocabulary size, bos/eos, pad = eos.
@@ -86,7 +87,7 @@ def gpt2_config(
 
 
 def gpt2_from_scratch(
-    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "gpt2", seed: int = 42,
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | Mapping[str, Any] = "gpt2", seed: int = 42,
     context_length: int | None = None, **overrides: Any,
 ) -> GPT2LMHeadModel:
     """A randomly initialised GPT2LMHeadModel (seeded) whose configuration fits ``tokenizer``.
@@ -108,7 +109,7 @@ def gpt2_from_scratch(
 
 
 def bert_config(
-    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "bert-base", **overrides: Any,
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | Mapping[str, Any] = "bert-base", **overrides: Any,
 ) -> BertConfig:
     """A BERT configuration aligned with ``tokenizer``: vocabulary size and pad id."""
     check_tokenizer(tokenizer)
@@ -128,7 +129,7 @@ def _config(kind: type[Any], settings: dict[str, Any]) -> Any:
 
 
 def bert_from_scratch(
-    tokenizer: PreTrainedTokenizerBase, *, preset: str | dict[str, Any] = "bert-base", seed: int = 42,
+    tokenizer: PreTrainedTokenizerBase, *, preset: str | Mapping[str, Any] = "bert-base", seed: int = 42,
     **overrides: Any,
 ) -> BertForMaskedLM:
     """A randomly initialised BertForMaskedLM (seeded) whose configuration fits ``tokenizer``."""

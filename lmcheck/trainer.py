@@ -3,20 +3,19 @@
 
 Both train on chunks from :func:`pretraining_data`, log the training loss every step and the
 validation loss every ``eval_every`` steps, stop at the first non-finite loss (naming the step),
-and can stop as soon as every training chunk is memorized. :func:`pretrain_default` runs the
-embedded default (``DEFAULTS["pretrain"]``) or any variation of it, such as the GPU test's full
-tutorial configuration.
+and can stop as soon as every training chunk is memorized. :func:`pretrain_default` runs a recipe
+(:class:`~lmcheck.defaults.PretrainConfig`): the embedded CPU default, the GPU test's full
+tutorial configuration, or any variation of either.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import datasets
 import torch
@@ -35,7 +34,7 @@ from lmcheck._model import eval_mode, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
@@ -161,47 +160,51 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 
 def pretrain(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
-    valid: datasets.Dataset, *, backend: str = "lean", lr: float = 3e-3, batch_size: int = 4,
-    max_steps: int = 100, eval_every: int = 10, memorization_every: int | None = 5,
-    prefix_length: int = 32, continuation_length: int = 32, collator: Collator | None = None,
-    bf16: bool = False, seed: int = 42, check_batch: bool = True, eval_batch_size: int = 32,
+    valid: datasets.Dataset, config: PretrainConfig = PRETRAIN_CPU, *, collator: Collator | None = None,
+    check_batch: bool = True, **overrides: Any,
 ) -> LossCurve:
     """Train ``model`` on ``train`` chunks and record a LossCurve; the model is trained in place.
 
+    The loop's settings come from ``config`` (default :data:`~lmcheck.defaults.PRETRAIN_CPU`)
+    with ``overrides`` applied (``pretrain(..., lr=1e-3)``), all checked before any work; the
+    data and model fields of the config are the caller's business here (see :func:`pretrain_default`).
+
     Args:
-        backend: ``"trainer"`` (Hugging Face Trainer) or ``"lean"`` (a plain loop). Both use
-            AdamW (weight decay 0, constant learning rate), gradient clipping at 1.0, ``collator``
-            (default :func:`causal_lm_collator`) and the same seed.
-        memorization_every: every this many steps, stop if every training chunk is memorized
-            (``prefix_length`` tokens continue ``continuation_length`` tokens verbatim); None: never.
-            The two lengths must fit in a chunk.
+        config: ``backend`` is ``"trainer"`` (Hugging Face Trainer) or ``"lean"`` (a plain loop);
+            both use AdamW (weight decay 0, constant learning rate), gradient clipping at 1.0,
+            ``collator`` (default :func:`causal_lm_collator`) and the same seed. Every
+            ``memorization_every`` steps, training stops if every training chunk is memorized
+            (``prefix_length`` tokens continue ``continuation_length`` tokens verbatim).
         check_batch: refuse a first batch that fails :func:`~lmcheck.training.causal_batch`
             (a masked-LM collator, labels not the inputs, a mask that shows the future).
 
     Raises:
-        InputError: unknown backend, empty ``train`` or ``valid``, a count below 1, a prefix
-            plus continuation longer than the chunks, or a first batch unfit for causal-LM training.
+        InputError: an unknown or mistyped setting, empty ``train`` or ``valid``, a prefix plus
+            continuation longer than the chunks, or a first batch unfit for causal-LM training.
         ModelError: model and tokenizer vocabularies differ; chunks longer than the model's positions.
     """
-    if backend not in ("trainer", "lean"):
-        raise InputError(f"'backend' must be 'trainer' or 'lean' (got {describe(backend)})")
+    if not isinstance(config, PretrainConfig):
+        raise InputError(f"'config' must be a PretrainConfig such as PRETRAIN_CPU (got {describe(config)})")
+    config = config.replace(**overrides)
     for argument, chunks in (("train", train), ("valid", valid)):
         if not isinstance(chunks, datasets.Dataset) or "input_ids" not in chunks.column_names or not len(chunks):
             raise InputError(f"'{argument}' must be a non-empty datasets.Dataset of chunks with an "
                              f"'input_ids' column, as pretraining_data makes (got {describe(chunks)})")
-    for argument, value in (("batch_size", batch_size), ("max_steps", max_steps), ("eval_every", eval_every),
-                            ("eval_batch_size", eval_batch_size)):
-        check_int(value, argument, 1)
     context_length = len(train[0]["input_ids"])
+    max_steps = config.steps_for(len(train))
+    eval_every = cast(int, config.every(config.eval_every, len(train)))
+    memorization_every = config.every(config.memorization_every, len(train))
     if memorization_every is not None:
-        check_int(memorization_every, "memorization_every", 1)
-        check_memorization_lengths(prefix_length, continuation_length, context_length)
+        check_memorization_lengths(config.prefix_length, config.continuation_length, context_length)
     check_model_fits(model, tokenizer, context_length)
     if getattr(model, "loss_type", "") is None and not getattr(model.config, "is_encoder_decoder", False):
         # GPT2LMHeadModel's class name maps to no loss type, so the Trainer counts tokens over the
         # unshifted labels and reports (and optimises) the loss times (T-1)/T (transformers 5.24);
         # naming the type makes it count the T-1 real targets, so both loops record the same loss.
         model.loss_type = "ForCausalLM"
+    backend, lr, batch_size, bf16, seed = config.backend, config.lr, config.batch_size, config.bf16, config.seed
+    prefix_length, continuation_length = config.prefix_length, config.continuation_length
+    eval_batch_size = config.eval_batch_size
     tokenizer = _with_pad_token(tokenizer)
     collator = collator or causal_lm_collator(tokenizer)
     first = collator([{"input_ids": row} for row in train[:batch_size]["input_ids"]])
@@ -373,42 +376,48 @@ def _synchronize() -> None:
 
 @dataclass
 class PretrainRun:
-    """What :func:`pretrain_default` made: the trained model, its tokenizer, data and curve."""
+    """What :func:`pretrain_default` made: the trained model, its tokenizer, data and curve, and
+    the recipe it ran."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     data: PretrainingData
     curve: LossCurve
-    settings: dict[str, Any]
+    config: PretrainConfig
 
 
-def pretrain_default(**overrides: Any) -> PretrainRun:
-    """Run the embedded default (``DEFAULTS["pretrain"]``), or a variation given as keyword overrides.
+def pretrain_default(
+    config: PretrainConfig = PRETRAIN_CPU, *, tokenizer: PreTrainedTokenizerBase | None = None,
+    documents: datasets.Dataset | None = None, model: PreTrainedModel | None = None,
+    collator: Collator | None = None, check_batch: bool = True, **overrides: Any,
+) -> PretrainRun:
+    """Run a recipe end to end: the data, the model and :func:`pretrain`.
 
-    Keys: the data (``n_train_chunks``, ``chunks_per_document``, ``n_valid_chunks``,
-    ``context_length``), the model (``preset``, ``dropout``) and everything :func:`pretrain` takes;
-    ``max_epochs`` turns into ``max_steps``; ``documents`` replaces the wiki sample;
-    ``tokenizer`` replaces the GPT-2 tokenizer; ``model`` replaces the model built from ``preset``.
+    ``config`` is the recipe (default :data:`~lmcheck.defaults.PRETRAIN_CPU`, chapter 4's CPU
+    default; :data:`~lmcheck.defaults.PRETRAIN_GPU` is the tutorial's own); ``overrides`` change
+    its fields (``pretrain_default(lr=1e-3, max_steps=20)``) and are checked before the documents
+    are read. ``documents`` replaces the wiki sample, ``tokenizer`` the GPT-2 tokenizer, ``model``
+    the model built from the recipe's ``preset``.
     """
-    settings = {**DEFAULTS["pretrain"], **overrides}
-    tokenizer = settings.pop("tokenizer", None) or load_tokenizer(DEFAULTS["causal_tokenizer"])
+    if not isinstance(config, PretrainConfig):
+        raise InputError(f"'config' must be a PretrainConfig such as PRETRAIN_CPU (got {describe(config)})")
+    config = config.replace(**overrides)
+    tokenizer = tokenizer or load_tokenizer(DEFAULTS["causal_tokenizer"])
     data = pretraining_data(
-        tokenizer, settings.pop("documents", None), n_train=settings.pop("n_train", DEFAULTS["n_train"]),
-        n_valid=settings.pop("n_valid", DEFAULTS["n_valid"]), split_seed=DEFAULTS["split_seed"],
-        context_length=settings.pop("context_length", DEFAULTS["context_length"]),
-        chunks_per_document=settings.pop("chunks_per_document"),
-        n_train_chunks=settings.pop("n_train_chunks"), n_valid_chunks=settings.pop("n_valid_chunks"))
-    preset, dropout, seed = settings.pop("preset"), settings.pop("dropout"), settings.get("seed", DEFAULTS["seed"])
-    model = settings.pop("model", None)
+        tokenizer, documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
+        split_seed=DEFAULTS["split_seed"], context_length=config.context_length,
+        chunks_per_document=config.chunks_per_document, n_train_chunks=config.n_train_chunks,
+        n_valid_chunks=config.n_valid_chunks)
     if model is None:  # the recipe's own model, on the fastest device
-        model = gpt2_from_scratch(
-            tokenizer, preset=preset, seed=seed,
-            **({} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)))
+        dropout: dict[str, Any] = {} if config.dropout is None else dict(
+            resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout)
+        model = gpt2_from_scratch(tokenizer, preset=_preset(config), seed=config.seed, **dropout)
         torch.nn.Module.to(model, "cuda" if torch.cuda.is_available() else "cpu")
-    epochs = settings.pop("max_epochs", None)
-    if epochs is not None:
-        settings["max_steps"] = epochs * math.ceil(len(data.train) / settings["batch_size"])
-    curve = pretrain(model, tokenizer, data.train, data.valid, **settings)
-    curve.metadata.update(preset=preset if isinstance(preset, str) else dict(preset), data=data.description)
-    return PretrainRun(model, tokenizer, data, curve, {**settings, "preset": preset, "dropout": dropout})
+    curve = pretrain(model, tokenizer, data.train, data.valid, config, collator=collator, check_batch=check_batch)
+    curve.metadata.update(preset=_preset(config), data=data.description)
+    return PretrainRun(model, tokenizer, data, curve, config)
+
+
+def _preset(config: PretrainConfig) -> str | dict[str, Any]:
+    return config.preset if isinstance(config.preset, str) else dict(config.preset)
 

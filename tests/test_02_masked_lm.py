@@ -117,7 +117,7 @@ def test_top_k_gives_5_ids_that_decode(seed_logits, bert_base, bert_tokenizer):
 
 def test_untrained_loss_is_ln_vocabulary(bert_tokenizer, memorized_bert):
     """Before training, the tiny BERT's masked-LM loss is within 10% of ln(30522) = 10.33."""
-    fresh = bert_from_scratch(bert_tokenizer, preset=RUN["preset"], seed=DEFAULTS["seed"])
+    fresh = bert_from_scratch(bert_tokenizer, preset=RUN.preset, seed=DEFAULTS["seed"])
     result = masked_loss_at_init(fresh, bert_tokenizer, memorized_bert.train_texts, tolerance=0.1)
     assert result, result.explanation
     assert result.metrics["ln_vocab"] == pytest.approx(math.log(30522))
@@ -126,26 +126,26 @@ def test_untrained_loss_is_ln_vocabulary(bert_tokenizer, memorized_bert):
 def test_training_loss_falls(memorized_bert):
     """Training drives the loss from about 10.3 to well under 1 (mean of the last 20 steps)."""
     losses = memorized_bert.losses
-    assert len(losses) == RUN["steps"]
+    assert len(losses) == RUN.steps
     assert losses[0] > 9.0
     assert sum(losses[-20:]) / 20 < 1.0
 
 
 def test_memorized_chunks_are_filled(memorized_bert, bert_tokenizer):
     """Masking one word of a training chunk, the model restores it: top-1 accuracy >= 0.9."""
-    cases = cloze_cases(bert_tokenizer, memorized_bert.train_texts, n=RUN["cases"],
-                        seed=RUN["case_seed"], context="text")
+    cases = cloze_cases(bert_tokenizer, memorized_bert.train_texts, n=RUN.cases,
+                        seed=RUN.case_seed, context="text")
     result = mask_fill_accuracy(memorized_bert.model, bert_tokenizer, cases,
-                                threshold=RUN["memorized_min"])
+                                threshold=RUN.memorized_min)
     assert result, result.explanation
 
 
 def test_held_out_chunks_are_not(memorized_bert, bert_tokenizer):
     """The same test on chunks it never saw stays at or below 0.2: it memorized, not learned."""
-    cases = cloze_cases(bert_tokenizer, memorized_bert.heldout_texts, n=RUN["cases"],
-                        seed=RUN["case_seed"], context="text")
+    cases = cloze_cases(bert_tokenizer, memorized_bert.heldout_texts, n=RUN.cases,
+                        seed=RUN.case_seed, context="text")
     result = mask_fill_accuracy(memorized_bert.model, bert_tokenizer, cases,
-                                threshold=RUN["heldout_max"], expect="at_most")
+                                threshold=RUN.heldout_max, expect="at_most")
     assert result, result.explanation
 
 

@@ -1,7 +1,7 @@
 """Chapter 4 at full size: the tutorial's own configuration, on one GPU (``pytest -m gpu``).
 
 GPT-2 124M from scratch, every 128-token chunk of the 50 training documents, Hugging Face's
-Trainer, bf16 where the GPU supports it (``DEFAULTS["pretrain_gpu"]``). It trains until every
+Trainer, bf16 where the GPU supports it (``lmcheck.defaults.PRETRAIN_GPU``). It trains until every
 training chunk is memorized (32-token prefix, 32 greedy tokens) or 100 epochs, writes the loss
 curve, and checks the chapter's probes. The same function runs on the CPU with a tiny preset
 (the last test), so the GPU path is not untested code.
@@ -18,24 +18,25 @@ import pytest
 import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.report import plot_loss_curve, write_results_json
 from lmcheck.results import Result
 from lmcheck.trainer import pretrain_default
 from lmcheck.training import memorizes
 
 
-def pretrain_and_check(settings: dict[str, Any], out: Path, *, max_loss: float, min_gap: float) -> list[Result]:
-    """Train with ``settings``, write the curve (PNG + JSON) and results to ``out``, check the probes."""
-    run = pretrain_default(**settings)
+def pretrain_and_check(config: PretrainConfig, out: Path, *, max_loss: float, min_gap: float,
+                       **options: Any) -> list[Result]:
+    """Train with ``config``, write the curve (PNG + JSON) and results to ``out``, check the probes."""
+    run = pretrain_default(config, **options)
     curve = run.curve
     plot_loss_curve(curve, out / "pretraining-loss.png")
     results = [
         loss_decreases(curve, min_relative_drop=0.5),
         overfits(curve, max_loss=max_loss),
         finite_loss(curve),
-        memorizes(run.model, run.tokenizer, run.data.train, prefix_length=run.settings["prefix_length"],
-                  continuation_length=run.settings["continuation_length"]),
+        memorizes(run.model, run.tokenizer, run.data.train, prefix_length=run.config.prefix_length,
+                  continuation_length=run.config.continuation_length),
         generalization_gap(curve, min_gap=min_gap),
     ]
     write_results_json(results, out / "pretraining-results.json")
@@ -50,19 +51,19 @@ def pretrain_and_check(settings: dict[str, Any], out: Path, *, max_loss: float, 
 @pytest.mark.gpu
 def test_the_tutorial_configuration_memorizes_on_a_gpu(tmp_path: Path) -> None:
     """GPT-2 124M memorizes all ~2,266 training chunks while validation loss stays high."""
-    settings = {**DEFAULTS["pretrain_gpu"], "bf16": torch.cuda.is_bf16_supported()}
+    config = PRETRAIN_GPU.replace(bf16=torch.cuda.is_bf16_supported())
     out = Path(os.environ.get("LMCHECK_GPU_OUT", tmp_path))  # set it to keep the plot and numbers
     out.mkdir(parents=True, exist_ok=True)
-    pretrain_and_check(settings, out, max_loss=1.0, min_gap=3.0)
+    pretrain_and_check(config, out, max_loss=1.0, min_gap=3.0)
 
 
 def test_the_same_path_runs_on_a_cpu_with_a_tiny_preset(gpt2_tokenizer, tmp_path: Path) -> None:
     """The GPU test's function and backend (Trainer), shrunk: 4 chunks of 32 tokens, 8 + 24."""
-    settings = {**DEFAULTS["pretrain_gpu"], "preset": "gpt2-tiny-cpu", "bf16": False, "tokenizer": gpt2_tokenizer,
-                "context_length": 32, "chunks_per_document": 1, "n_train_chunks": 4, "n_valid_chunks": 8,
-                "lr": DEFAULTS["pretrain"]["lr"], "batch_size": 4, "max_epochs": 60, "eval_every": 10,
-                "memorization_every": 5, "prefix_length": 8, "continuation_length": 24, "eval_batch_size": 8}
+    config = PRETRAIN_GPU.replace(
+        preset="gpt2-tiny-cpu", bf16=False, context_length=32, chunks_per_document=1, n_train_chunks=4,
+        n_valid_chunks=8, lr=PRETRAIN_CPU.lr, batch_size=4, max_epochs=60, eval_every=10,
+        memorization_every=5, prefix_length=8, continuation_length=24, eval_batch_size=8)
     # memorized at about step 25 with a mean loss near 1.7: in 32-token chunks the first tokens
     # have too little context to be predictable, so the loss bound is looser than on the GPU
-    pretrain_and_check(settings, tmp_path, max_loss=2.0, min_gap=3.0)
+    pretrain_and_check(config, tmp_path, max_loss=2.0, min_gap=3.0, tokenizer=gpt2_tokenizer)
     assert (tmp_path / "pretraining-loss.png").stat().st_size > 10_000

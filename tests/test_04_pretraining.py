@@ -6,7 +6,7 @@ checks memorization: given the start of a training article, greedy generation co
 verbatim. The point is a practice: before paying for a full run, overfit a tiny subset and check
 that the loss starts where it should, falls, reaches zero, and that every parameter learns.
 
-On a CPU the embedded default (``DEFAULTS["pretrain"]``) does this with a 2-layer, 128-wide GPT-2
+On a CPU the embedded default (``lmcheck.defaults.PRETRAIN_CPU``) does this with a 2-layer, 128-wide GPT-2
 that keeps GPT-2's full 50,257-token vocabulary, trained by a lean AdamW loop on the first chunk
 of each of the first 4 training documents (the openings of "Android (robot)", "Alaska",
 "Anthropology" and "Achilles"). It stops as soon as all 4 chunks are memorized (32-token prefix,
@@ -30,7 +30,7 @@ from lmcheck.curves import (
     overfits,
     reproducible,
 )
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
 from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import plot_loss_curve
 from lmcheck.trainer import PretrainRun, causal_lm_collator, pretrain, pretrain_default
@@ -42,7 +42,7 @@ from lmcheck.training import (
     params_update,
 )
 
-SETTINGS = DEFAULTS["pretrain"]
+SETTINGS = PRETRAIN_CPU
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def run(gpt2_tokenizer: PreTrainedTokenizerBase) -> PretrainRun:
 @pytest.fixture
 def fresh_model(gpt2_tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     """The same architecture and seed as the run, untrained."""
-    return gpt2_from_scratch(gpt2_tokenizer, preset=SETTINGS["preset"], seed=DEFAULTS["seed"],
+    return gpt2_from_scratch(gpt2_tokenizer, preset=SETTINGS.preset, seed=DEFAULTS["seed"],
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -74,7 +74,7 @@ def test_the_training_subset_is_the_opening_of_four_articles(run: PretrainRun) -
     assert train["document"] == [0, 1, 2, 3]
     opening = run.tokenizer.decode(train[0]["input_ids"])
     assert run.data.split["train"][0]["text"].startswith(opening[:100])
-    assert len(run.data.valid) == SETTINGS["n_valid_chunks"]
+    assert len(run.data.valid) == SETTINGS.n_valid_chunks
 
 
 def test_loss_at_init_is_ln_vocab(fresh_model, run: PretrainRun) -> None:
@@ -93,7 +93,7 @@ def test_gradients_reach_every_parameter(fresh_model, run: PretrainRun) -> None:
 
 def test_one_optimizer_step_changes_every_parameter(fresh_model, run: PretrainRun) -> None:
     """After one AdamW step every trainable tensor differs from its initial value."""
-    result = params_update(fresh_model, torch.tensor(run.data.train["input_ids"]), lr=SETTINGS["lr"])
+    result = params_update(fresh_model, torch.tensor(run.data.train["input_ids"]), lr=SETTINGS.lr)
     assert result, result.explanation
 
 
@@ -117,7 +117,7 @@ def test_the_training_loss_falls(run: PretrainRun) -> None:
 
 def test_the_model_overfits_its_chunks(run: PretrainRun) -> None:
     """Within the step budget the training loss reaches 1 nat or less."""
-    result = overfits(run.curve, max_loss=1.0, within_steps=SETTINGS["max_steps"])
+    result = overfits(run.curve, max_loss=1.0, within_steps=SETTINGS.max_steps)
     assert result, result.explanation
 
 
@@ -161,10 +161,10 @@ def test_the_trainer_and_the_lean_loop_record_the_same_losses(run: PretrainRun) 
     """Hugging Face's Trainer and the lean loop, same model, data and seed: same first 3 losses."""
     curves = []
     for backend in ("trainer", "lean"):
-        model = gpt2_from_scratch(run.tokenizer, preset=SETTINGS["preset"], seed=DEFAULTS["seed"],
+        model = gpt2_from_scratch(run.tokenizer, preset=SETTINGS.preset, seed=DEFAULTS["seed"],
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         curves.append(pretrain(model, run.tokenizer, run.data.train, run.data.valid.select(range(2)),
-                               backend=backend, lr=SETTINGS["lr"], batch_size=4, max_steps=3,
+                               backend=backend, lr=SETTINGS.lr, batch_size=4, max_steps=3,
                                eval_every=3, memorization_every=None))
     # each step sees all 4 chunks, in an order that differs between the two: sums agree to rounding.
     # Measured: largest difference 9.5e-7 (step 3, fp32, 2 CPU cores); 1e-4 leaves 100x for other CPUs

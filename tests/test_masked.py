@@ -43,8 +43,8 @@ def tiny_bert(bert_tokenizer) -> BertForMaskedLM:
 @pytest.fixture(scope="module")
 def memorized_cases(memorized_bert, bert_tokenizer) -> tuple[ClozeCase, ...]:
     """Chapter 2's cloze cases on the memorized training chunks."""
-    return cloze_cases(bert_tokenizer, memorized_bert.train_texts, n=RUN["cases"],
-                       seed=RUN["case_seed"], context="text")
+    return cloze_cases(bert_tokenizer, memorized_bert.train_texts, n=RUN.cases,
+                       seed=RUN.case_seed, context="text")
 
 
 # --- fill_mask ---------------------------------------------------------------------------
@@ -198,10 +198,10 @@ def test_labels_that_do_not_match_the_inputs_fail(memorized_bert, bert_tokenizer
         batch["labels"] = batch["labels"].roll(1, dims=1)  # position t scored on token t-1
         return batch
 
-    model = bert_from_scratch(bert_tokenizer, preset=RUN["preset"], seed=DEFAULTS["seed"],
+    model = bert_from_scratch(bert_tokenizer, preset=RUN.preset, seed=DEFAULTS["seed"],
                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    train_masked_lm(model, bert_tokenizer, memorized_bert.train_texts, steps=RUN["steps"],
-                    lr=RUN["lr"], batch_size=RUN["batch_size"], collator=shifted)
+    train_masked_lm(model, bert_tokenizer, memorized_bert.train_texts, steps=RUN.steps,
+                    lr=RUN.lr, batch_size=RUN.batch_size, collator=shifted)
     result = mask_fill_accuracy(model, bert_tokenizer, memorized_cases)
     assert not result.passed
     assert result.metrics["accuracy"] < 0.5

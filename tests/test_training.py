@@ -26,6 +26,7 @@ from lmcheck.curves import (
     overfits,
     reproducible,
 )
+from lmcheck.defaults import MASKED_CPU, PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.trainer import (
@@ -458,3 +459,37 @@ def test_misuse_names_the_argument_expected_and_got(misuse, call, message) -> No
     """Each misuse raises InputError naming the argument, what was expected and what came."""
     with pytest.raises(InputError, match=message):
         call(misuse)
+
+
+# ------------------------------------------------------------------ recipes are checked first
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"lrr": 1e-3}, r"'lrr' is not a setting of PretrainConfig; the settings are context_length, "),
+    ({"lr": "fast"}, r"'lr' must be a finite number >= 0 \(got 'fast' that is a str\)"),
+    ({"max_epochs": 3}, r"exactly one of 'max_steps' and 'max_epochs' must be set"),
+    ({"eval_every": "weekly"}, r"'eval_every' must be an int >= 1 \(got 'weekly'"),
+    ({"backend": "jax"}, r"'backend' must be one of 'lean', 'trainer' \(got 'jax'"),
+])
+def test_a_bad_setting_fails_before_any_work(overrides, message, monkeypatch) -> None:
+    """A misspelt or mistyped setting names itself before the documents are read or a model built."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the documents were read before the settings were checked")
+
+    monkeypatch.setattr("lmcheck.trainer.pretraining_data", no_work)
+    with pytest.raises(InputError, match=message):
+        pretrain_default(**overrides)
+
+
+def test_presets_are_complete_instances() -> None:
+    """The GPU preset inherits nothing from the CPU one: every field is its own, and it names
+    'once per epoch' instead of a hidden ceil(2266 / 32)."""
+    gpu = PRETRAIN_GPU
+    assert (gpu.preset, gpu.backend, gpu.max_steps, gpu.max_epochs) == ("gpt2", "trainer", None, 100)
+    assert gpu.every(gpu.eval_every, 2266) == 71 == gpu.every(gpu.memorization_every, 2266)
+    assert PRETRAIN_CPU.steps_for(4) == 100
+    with pytest.raises(TypeError, match="missing"):
+        PretrainConfig(lr=1e-3)  # a recipe is complete or it is not a recipe
+    assert MASKED_CPU.replace(steps=10).steps == 10
+    with pytest.raises(InputError, match="'stepz' is not a setting of MaskedRunConfig"):
+        MASKED_CPU.replace(stepz=10)

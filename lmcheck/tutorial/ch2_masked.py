@@ -66,16 +66,16 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
 def _from_scratch(report: Report, tokenizer: Any, *, rows: int) -> None:
     plan = MEMORIZATION_RUN
     report.text(
-        f"\nFrom scratch: a tiny BERT ({plan['preset']}) with the real 30,522-word uncased vocabulary\n"
+        f"\nFrom scratch: a tiny BERT ({plan.preset}) with the real 30,522-word uncased vocabulary\n"
         "(a vocabulary trained on the sample would be smaller and faster, but its predictions would\n"
         "not be the words a reader knows), trained with DataCollatorForLanguageModeling(mlm=True,\n"
-        f"mlm_probability=0.15) on the first {plan['chunks']} chunks of {plan['context_length']} tokens "
-        f"of the training documents for {plan['steps']} steps."
+        f"mlm_probability={plan.mlm_probability}) on the first {plan.chunks} chunks of "
+        f"{plan.context_length} tokens of the training documents for {plan.steps} steps."
     )
     split = split_documents(load_documents(DEFAULTS["documents"]), n_train=DEFAULTS["n_train"],
                             n_valid=DEFAULTS["n_valid"], seed=DEFAULTS["split_seed"])
-    fresh = bert_from_scratch(tokenizer, preset=plan["preset"], seed=DEFAULTS["seed"])
-    run = memorize_chunks(tokenizer, split["train"], split["validation"], seed=DEFAULTS["seed"])
+    fresh = bert_from_scratch(tokenizer, preset=plan.preset, seed=DEFAULTS["seed"])
+    run = memorize_chunks(tokenizer, split["train"], split["validation"], plan)
     report.result(masked_loss_at_init(fresh, tokenizer, run.train_texts))
     every = max(1, len(run.losses) // 6)
     shown = list(enumerate(run.losses))[::every] + [(len(run.losses) - 1, run.losses[-1])]
@@ -89,10 +89,10 @@ def _from_scratch(report: Report, tokenizer: Any, *, rows: int) -> None:
 
     results = []
     for texts, name, threshold, direction in (
-        (run.train_texts, "mask_fill_accuracy_memorized", plan["memorized_min"], "at_least"),
-        (run.heldout_texts, "mask_fill_accuracy_heldout", plan["heldout_max"], "at_most"),
+        (run.train_texts, "mask_fill_accuracy_memorized", plan.memorized_min, "at_least"),
+        (run.heldout_texts, "mask_fill_accuracy_heldout", plan.heldout_max, "at_most"),
     ):
-        cases = cloze_cases(tokenizer, texts, n=plan["cases"], seed=plan["case_seed"], context="text")
+        cases = cloze_cases(tokenizer, texts, n=plan.cases, seed=plan.case_seed, context="text")
         results.append(report.result(mask_fill_accuracy(
             run.model, tokenizer, cases, threshold=threshold, expect=direction, name=name)))
     memorized, heldout = (r.details for r in results)

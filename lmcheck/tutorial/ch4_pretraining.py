@@ -7,7 +7,7 @@ import os
 import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
-from lmcheck.defaults import DEFAULTS
+from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
 from lmcheck.errors import GoldenMissingError
 from lmcheck.golden import matches_golden
 from lmcheck.models import gpt2_from_scratch
@@ -20,47 +20,47 @@ TITLE = "Chapter 4: pretraining from scratch"
 
 
 def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> None:
-    settings = DEFAULTS["pretrain"]
+    settings = PRETRAIN_CPU
     report.title(TITLE)
     report.text(
         "Before paying for a full run, overfit a tiny subset: the loss must start at ln(V), fall,\n"
         "reach near zero, and the model must then continue its training text verbatim while the\n"
-        f"validation loss stays high. On this CPU: GPT-2 '{settings['preset']}' (2 layers, 128 wide,\n"
+        f"validation loss stays high. On this CPU: GPT-2 '{settings.preset}' (2 layers, 128 wide,\n"
         "the full 50,257-token vocabulary), AdamW, stopping once every chunk is memorized."
     )
-    run_ = pretrain_default(n_valid_chunks=4 if quick else settings["n_valid_chunks"])
+    run_ = pretrain_default(n_valid_chunks=4 if quick else settings.n_valid_chunks)
     data, curve, model, tokenizer = run_.data, run_.curve, run_.model, run_.tokenizer
     report.text(f"data: {data.description}\ntraining documents: {data.train_stats}")
 
-    fresh = gpt2_from_scratch(tokenizer, preset=settings["preset"], seed=DEFAULTS["seed"],
+    fresh = gpt2_from_scratch(tokenizer, preset=settings.preset, seed=DEFAULTS["seed"],
                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     batch = torch.tensor(data.train["input_ids"])  # (4, 128)
     report.text("\nBefore training:")
     report.result(loss_at_init(fresh, batch))
     report.result(gradient_flow(fresh, batch))
-    report.result(params_update(fresh, batch, lr=settings["lr"]))
+    report.result(params_update(fresh, batch, lr=settings.lr))
 
     report.result(causal_batch(causal_lm_collator(tokenizer)(
         [{"input_ids": ids} for ids in data.train["input_ids"]])))
 
-    report.text(f"\nTraining ({curve.metadata['backend']} loop, lr {settings['lr']}, batch "
-                f"{settings['batch_size']}): stopped at step {curve.steps} ({curve.stop_reason}), "
+    report.text(f"\nTraining ({curve.metadata['backend']} loop, lr {settings.lr}, batch "
+                f"{settings.batch_size}): stopped at step {curve.steps} ({curve.stop_reason}), "
                 f"{curve.metadata['tokens_per_s']:.0f} tokens/s")
     valid = dict(curve.valid)
     report.table(("step", "training loss", "validation loss"),
                  ((s, v, valid.get(s)) for s, v in curve.train if s % 5 == 0 or s == 1 or s == curve.steps))
     report.result(expect("stopped_at_memorization", curve.stop_reason == "memorized",
-                         f"stopped at step {curve.steps} of at most {settings['max_steps']}: "
+                         f"stopped at step {curve.steps} of at most {settings.max_steps}: "
                          f"{curve.stop_reason}"))
     try:
         report.result(matches_golden(curve))
     except GoldenMissingError as missing:
         report.text(f"(golden losses: {missing})")
     report.result(loss_decreases(curve))
-    report.result(overfits(curve, max_loss=1.0, within_steps=settings["max_steps"]))
+    report.result(overfits(curve, max_loss=1.0, within_steps=settings.max_steps))
     report.result(finite_loss(curve))
-    report.result(memorizes(model, tokenizer, data.train, prefix_length=settings["prefix_length"],
-                            continuation_length=settings["continuation_length"]))
+    report.result(memorizes(model, tokenizer, data.train, prefix_length=settings.prefix_length,
+                            continuation_length=settings.continuation_length))
     report.result(generalization_gap(curve, min_gap=3.0))
 
     article = data.split["train"][0]
