@@ -69,6 +69,6 @@ def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 @pytest.fixture(scope="session")
 def memorized_bert(bert_tokenizer: PreTrainedTokenizerBase, wiki_split: datasets.DatasetDict) -> object:
     """Chapter 2's tiny BERT, trained once per run until it has memorized 8 chunks (~20 s)."""
-    from lmcheck.masked_training import memorize_chunks
+    from lmcheck.loops.masked import memorize_chunks
 
     return memorize_chunks(bert_tokenizer, wiki_split["train"], wiki_split["validation"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
+from lmcheck.loops.pretraining import PretrainRun, pretrain, pretrain_default, pretraining_data
 from lmcheck.models import gpt2_from_scratch, parameter_count
-from lmcheck.trainer import PretrainRun, pretrain, pretrain_default, pretraining_data
 
 STEPS = 12
 

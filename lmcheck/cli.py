@@ -101,6 +101,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _golden(args: argparse.Namespace) -> int:
     from lmcheck import golden
+    from lmcheck.loops.pretraining import default_recipe_curve
 
     path = args.file or golden.DEFAULT_GOLDEN
     steps = args.steps or golden.GOLDEN_STEPS
@@ -111,12 +112,12 @@ def _golden(args: argparse.Namespace) -> int:
             f"'lmcheck golden --update' would write into the installed package ({path}); record "
             f"into a file of your own with --file PATH, or run from a source checkout of lmcheck")
     if args.update:
-        curves = [golden.default_recipe_curve(steps) for _ in range(args.runs)]
+        curves = [default_recipe_curve(steps) for _ in range(args.runs)]
         entry = golden.record_golden(curves, path, steps=steps, recipe=golden.RECIPE)
         print(f"recorded {steps} losses for {golden.device_key()} in {path} "
               f"(rtol {entry['rtol']:g}, measured spread {entry['measured_spread']:.3g} over {args.runs} runs)")
         return 0
-    result = golden.matches_golden(golden.default_recipe_curve(steps), path)
+    result = golden.matches_golden(default_recipe_curve(steps), path)
     print(result)
     return 0 if result else 1
 

@@ -1,7 +1,7 @@
 """The loss curve of a training run, and the probes that judge a run from its curve alone.
 
 A :class:`LossCurve` holds the training loss per optimizer step and the validation loss per
-evaluation. lmcheck's loops record one (``lmcheck.trainer``); a user can fill one from any loop
+evaluation. lmcheck's loops record one (``lmcheck.loops.pretraining``); a user can fill one from any loop
 with ``curve.record_train(step, loss)``. The probes here read only the curve: does the loss fall
 (:func:`loss_decreases`), can the model overfit (:func:`overfits`), does validation stay above
 training (:func:`generalization_gap`), is every loss finite (:func:`finite_loss`), do two seeded

@@ -37,7 +37,6 @@ __all__ = [
     "DEFAULT_GOLDEN",
     "DEFAULT_RTOL",
     "GOLDEN_STEPS",
-    "default_recipe_curve",
     "device_key",
     "matches_golden",
     "record_golden",
@@ -47,14 +46,6 @@ DEFAULT_GOLDEN = Path(__file__).with_name("golden") / "pretrain-cpu-default.json
 DEFAULT_RTOL = 1e-4  # torchtune's recipe tests use rtol 1e-4 on losses
 GOLDEN_STEPS = 10
 RECIPE = "the first steps of PRETRAIN_CPU (chapter 4's CPU default), lean loop"
-
-
-def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
-    """The recipe the shipped golden file records: chapter 4's CPU default, first ``steps`` steps."""
-    from lmcheck.trainer import pretrain_default  # the loops sit beside, not below, this module
-
-    return pretrain_default(max_steps=steps, eval_every=steps, memorization_every=None,
-                            n_valid_chunks=1).curve
 
 
 def device_key(device: str | torch.device | None = None) -> str:

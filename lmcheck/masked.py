@@ -3,7 +3,7 @@
 The probes work on any Hugging Face masked LM (a ``*ForMaskedLM`` model) with its tokenizer:
 the mask token always comes from ``tokenizer.mask_token_id`` ([MASK] for BERT, <mask> for
 RoBERTa), never from a literal. The validation helpers at the end are shared with
-``lmcheck.masked_training``, which trains a masked LM from scratch.
+``lmcheck.loops.masked``, which trains a masked LM from scratch.
 
 Example:
     >>> predictions = fill_mask(model, tokenizer, "Life is like a [MASK] of chocolates.")
@@ -185,7 +185,7 @@ def masked_loss_at_init(
     layer); far below means the model already knows something, or the labels leak the answer.
 
     Args:
-        examples: as for :func:`~lmcheck.masked_training.train_masked_lm`; masked with a seeded collator.
+        examples: as for :func:`~lmcheck.loops.masked.train_masked_lm`; masked with a seeded collator.
         tolerance: allowed relative distance from ln(V) (default 0.1, i.e. 10%).
     """
     vocab = check_masked_lm(model, tokenizer)

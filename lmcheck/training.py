@@ -4,7 +4,7 @@ training, can the model continue the chunks it was trained on verbatim.
 
 The practice behind them (Karpathy, "A Recipe for Training Neural Networks"): before paying for a
 full run, convince yourself that the setup works by overfitting a few chunks. Probes that judge a
-run from its recorded loss alone live in ``lmcheck.curves``. The loops in ``lmcheck.trainer``
+run from its recorded loss alone live in ``lmcheck.curves``. The loops in ``lmcheck.loops.pretraining``
 use :func:`memorized_fraction` to stop early. None of them prints, asserts or raises on a failed
 check.
 """

@@ -32,8 +32,8 @@ from transformers import BertForMaskedLM
 
 from lmcheck.cloze import cloze_cases
 from lmcheck.defaults import DEFAULTS
+from lmcheck.loops.masked import MEMORIZATION_RUN
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
-from lmcheck.masked_training import MEMORIZATION_RUN
 from lmcheck.models import bert_from_scratch
 from lmcheck.pytest_plugin import cached_repo
 from lmcheck.tutorial import expected

@@ -19,9 +19,9 @@ import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
 from lmcheck.defaults import PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
+from lmcheck.loops.pretraining import pretrain_default
 from lmcheck.report import plot_loss_curve, write_results_json
 from lmcheck.results import Result
-from lmcheck.trainer import pretrain_default
 from lmcheck.training import memorizes
 
 

@@ -31,9 +31,9 @@ from lmcheck.curves import (
     reproducible,
 )
 from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
+from lmcheck.loops.pretraining import PretrainRun, causal_lm_collator, pretrain, pretrain_default
 from lmcheck.models import gpt2_from_scratch
 from lmcheck.report import plot_loss_curve
-from lmcheck.trainer import PretrainRun, causal_lm_collator, pretrain, pretrain_default
 from lmcheck.training import (
     causal_batch,
     gradient_flow,

@@ -9,9 +9,10 @@ import lmcheck
 
 # modules users import directly: each __all__ lists what users call; plumbing lives in _modules
 PUBLIC_MODULES = sorted(
-    info.name for info in pkgutil.iter_modules(lmcheck.__path__)
-    if not info.name.startswith("_") and not info.ispkg
-    and info.name not in {"assets", "cli", "pytest_plugin"}  # a command's and pytest's own surfaces
+    info.name.removeprefix("lmcheck.") for info in pkgutil.walk_packages(lmcheck.__path__, "lmcheck.")
+    if not info.name.split(".")[-1].startswith("_") and not info.ispkg
+    and info.name.split(".")[1] not in {"assets", "cli", "pytest_plugin", "suite", "tutorial"}
+    # the assets command's, pytest's, the ready suite's and the tutorial's own surfaces
 )
 
 
@@ -31,3 +32,25 @@ def test_every_public_name_resolves_to_a_public_module():
         home = getattr(value, "__module__", None)
         if isinstance(home, str) and home.startswith("lmcheck."):
             assert not home.split(".")[1].startswith("_"), f"{name} comes from the private {home}"
+
+
+ABOVE_THE_PROBES = ("lmcheck.loops", "lmcheck.cli", "lmcheck.pytest_plugin", "lmcheck.suite", "lmcheck.tutorial")
+
+
+def test_no_probe_imports_a_loop_or_a_front_end():
+    """The layering: probes and plumbing never import the loops, the CLI, the plugin, the ready
+    suite or the tutorial (the loops may import probes, never the reverse)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(lmcheck.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        module = "lmcheck." + ".".join(path.relative_to(root).with_suffix("").parts)
+        if module.startswith(ABOVE_THE_PROBES) or module == "lmcheck.__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{module} imports {name}" for name in names if name.startswith(ABOVE_THE_PROBES)]
+    assert offenders == []

@@ -11,13 +11,8 @@ import torch
 from lmcheck.cli import main
 from lmcheck.curves import LossCurve
 from lmcheck.errors import GoldenMissingError
-from lmcheck.golden import (
-    DEFAULT_GOLDEN,
-    default_recipe_curve,
-    device_key,
-    matches_golden,
-    record_golden,
-)
+from lmcheck.golden import DEFAULT_GOLDEN, device_key, matches_golden, record_golden
+from lmcheck.loops.pretraining import default_recipe_curve
 
 
 def _curve(losses: list[float]) -> LossCurve:

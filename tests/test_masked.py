@@ -1,4 +1,4 @@
-"""Library tests of lmcheck.masked and lmcheck.masked_training: any masked LM, bad input, and
+"""Library tests of lmcheck.masked and lmcheck.loops.masked: any masked LM, bad input, and
 the negative controls."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from transformers import (
 from lmcheck.cloze import ClozeCase, cloze_cases
 from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError, ModelError
+from lmcheck.loops.masked import MEMORIZATION_RUN, train_masked_lm
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
-from lmcheck.masked_training import MEMORIZATION_RUN, train_masked_lm
 from lmcheck.models import bert_from_scratch
 from lmcheck.tokens import tokenizer_folder
 

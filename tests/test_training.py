@@ -28,14 +28,14 @@ from lmcheck.curves import (
 )
 from lmcheck.defaults import MASKED_CPU, PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
-from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.trainer import (
+from lmcheck.loops.pretraining import (
     PretrainRun,
     check_model_fits,
     pretrain,
     pretrain_default,
     pretraining_data,
 )
+from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.training import (
     causal_batch,
     gradient_flow,
@@ -476,7 +476,7 @@ def test_a_bad_setting_fails_before_any_work(overrides, message, monkeypatch) ->
     def no_work(*args, **kwargs):
         raise AssertionError("the documents were read before the settings were checked")
 
-    monkeypatch.setattr("lmcheck.trainer.pretraining_data", no_work)
+    monkeypatch.setattr("lmcheck.loops.pretraining.pretraining_data", no_work)
     with pytest.raises(InputError, match=message):
         pretrain_default(**overrides)
 

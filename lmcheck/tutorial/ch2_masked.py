@@ -10,8 +10,8 @@ import torch
 from lmcheck.cloze import cloze_cases
 from lmcheck.corpus import load_documents, split_documents
 from lmcheck.defaults import DEFAULTS
+from lmcheck.loops.masked import MEMORIZATION_RUN, memorize_chunks
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
-from lmcheck.masked_training import MEMORIZATION_RUN, memorize_chunks
 from lmcheck.models import bert_from_scratch
 from lmcheck.report import Report
 from lmcheck.tokens import inspect_tokens, load_tokenizer

@@ -10,7 +10,6 @@ are in ``lmcheck.masked``.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple, cast
@@ -23,6 +22,7 @@ from lmcheck._validate import check_number, describe
 from lmcheck.corpus import chunk_documents
 from lmcheck.defaults import MASKED_CPU, MaskedRunConfig
 from lmcheck.errors import InputError
+from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
 from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
 
@@ -64,7 +64,7 @@ def train_masked_lm(
         config: the loop's settings (``steps``, ``lr``, ``batch_size``, ``mlm_probability``,
             ``seed``), default :data:`~lmcheck.defaults.MASKED_CPU`, with ``overrides`` applied
             (``steps=50``) and checked first. Steps are AdamW (no weight decay, gradient norm
-            clipped to ``max_grad_norm``); examples are drawn in a seeded shuffled order, epoch
+            clipped to ``max_grad_norm``); examples are drawn in a seeded shuffled order (a fresh one each epoch), epoch
             by epoch.
         collator: replaces the default collator (e.g. whole-word masking, or a broken one for a
             negative control); it takes ``[{"input_ids": [...]}, ...]`` and returns tensors.
@@ -81,9 +81,9 @@ def train_masked_lm(
     rows = example_ids(tokenizer, examples, model)
     collate = collator or DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = adamw(model, lr)
     device = model_device(model)
-    rng = random.Random(seed)
+    order = seeded_batches(len(rows), batch_size, seed)
     selected: dict[str, torch.Tensor] = {}
     hook = None
     if only_masked_logits:
@@ -92,15 +92,10 @@ def train_masked_lm(
         hook = output_layer.register_forward_pre_hook(
             lambda _module, args: (args[0][selected["rows"]],))
     losses: list[float] = []
-    order: list[int] = []
     model.train()
     try:
         for _ in range(steps):
-            if len(order) < batch_size:
-                epoch = list(range(len(rows)))
-                rng.shuffle(epoch)
-                order.extend(epoch)
-            picked, order = order[:batch_size], order[batch_size:]
+            picked = next(order).tolist()
             batch = {k: v.to(device) for k, v in collate([{"input_ids": rows[i]} for i in picked]).items()}
             labels = batch.pop("labels")  # (B, T), -100 where not scored
             selected["rows"] = labels != -100
@@ -110,10 +105,7 @@ def train_masked_lm(
             logits = model(**batch).logits  # (M, V) with the hook, else (B, T, V)
             targets = labels[selected["rows"]] if only_masked_logits else labels
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, loss, optimizer, max_grad_norm=max_grad_norm)
             losses.append(loss.item())
     finally:
         if hook is not None:

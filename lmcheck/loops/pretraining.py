@@ -36,6 +36,8 @@ from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_do
 from lmcheck.curves import LossCurve
 from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
+from lmcheck.golden import GOLDEN_STEPS
+from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
 from lmcheck.training import causal_batch, check_memorization_lengths, memorized_fraction
@@ -47,6 +49,7 @@ __all__ = [
     "StopAtMemorization",
     "causal_lm_collator",
     "check_model_fits",
+    "default_recipe_curve",
     "pretrain",
     "pretrain_default",
     "pretraining_data",
@@ -326,14 +329,11 @@ def _train_lean(
 ) -> None:
     device = model_device(model)  # the model trains where its owner put it
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    order = torch.Generator().manual_seed(seed)
-    batches: list[torch.Tensor] = []
+    optimizer = adamw(model, lr)
+    order = seeded_batches(len(train_ids), batch_size, seed)
     seconds = 0.0
     for step in range(1, max_steps + 1):
-        if not batches:  # a new epoch: a fresh seeded order of the training chunks
-            batches = list(train_ids[torch.randperm(len(train_ids), generator=order)].split(batch_size))
-        batch = collator([{"input_ids": row.tolist()} for row in batches.pop(0)])
+        batch = collator([{"input_ids": row.tolist()} for row in train_ids[next(order)]])
         batch = {k: v.to(device) for k, v in batch.items()}
         _synchronize()
         began = time.perf_counter()
@@ -342,10 +342,7 @@ def _train_lean(
         if not curve.record_train(step, loss.item()):
             curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
             break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, loss, optimizer)
         _synchronize()
         seconds += time.perf_counter() - began
         memorized = stop.memorized(model, step)
@@ -421,3 +418,10 @@ def pretrain_default(
 def _preset(config: PretrainConfig) -> str | dict[str, Any]:
     return config.preset if isinstance(config.preset, str) else dict(config.preset)
 
+
+def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
+    """The recipe the shipped golden file records: chapter 4's CPU default, first ``steps`` steps
+    (compared with :func:`~lmcheck.golden.matches_golden`)."""
+    check_int(steps, "steps", 1)
+    return pretrain_default(max_steps=steps, eval_every=steps, memorization_every=None,
+                            n_valid_chunks=1).curve
