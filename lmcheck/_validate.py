@@ -214,26 +214,23 @@ def check_max_new_tokens(value: object) -> None:
         raise InputError(f"'max_new_tokens' must be an int >= 1 (got {describe(value)})")
 
 
-def check_texts(value: object, argument: str, *, single: bool = True) -> list[str]:
-    """``value`` as a non-empty list of non-empty str (a lone str too, where ``single``)."""
+def check_texts(value: object, argument: str, *, single: bool = True, item_hint: str = "") -> list[str]:
+    """``value`` as a non-empty list of non-empty str (a lone str too, where ``single``);
+    ``item_hint`` ends the message about a bad item (why it must not be empty)."""
     items = [value] if single and isinstance(value, str) else value
     if isinstance(items, (str, bytes, torch.Tensor)) or not isinstance(items, Sequence) or not items:
         what = "a str or a non-empty list of str" if single else "a non-empty list of str"
         raise InputError(f"'{argument}' must be {what} (got {describe(value)})")
     for index, text in enumerate(items):
         if not isinstance(text, str) or not text:
-            raise InputError(f"'{argument}[{index}]' must be a non-empty str (got {describe(text)})")
+            raise InputError(f"'{argument}[{index}]' must be a non-empty str (got {describe(text)})"
+                             + (f": {item_hint}" if item_hint else ""))
     return list(items)
 
 
 def prompt_list(prompts: object) -> list[str]:
     """``prompts`` (a str or a sequence of them) as a non-empty list of non-empty str."""
-    try:
-        return check_texts(prompts, "prompts")
-    except InputError as error:
-        if not str(error).startswith("'prompts["):
-            raise
-        raise InputError(f"{error}: an empty prompt gives the model nothing to continue") from None
+    return check_texts(prompts, "prompts", item_hint="an empty prompt gives the model nothing to continue")
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase, *, required_for: str) -> int:

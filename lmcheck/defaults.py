@@ -23,6 +23,7 @@ from lmcheck._validate import (
     check_number,
     check_seed,
     check_str,
+    describe,
 )
 from lmcheck.errors import InputError
 
@@ -58,6 +59,13 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
 
 class _Recipe:
     """``replace`` that names an unknown field instead of a bare TypeError."""
+
+    @classmethod
+    def given(cls: type[R], config: object, overrides: Mapping[str, Any]) -> R:
+        """``config`` (which must be a recipe of this kind) with ``overrides``, all checked."""
+        if not isinstance(config, cls):
+            raise InputError(f"'config' must be a {cls.__name__} (got {describe(config)})")
+        return config.replace(**overrides)
 
     def replace(self: R, **changes: Any) -> R:
         """A copy with ``changes``; InputError for a field the recipe does not have."""

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BertTokenizer, GPT2Tokenizer, PreTrained
 
 from lmcheck import assets
 from lmcheck._finite import probe
-from lmcheck._validate import check_tokenizer, describe
+from lmcheck._validate import check_texts, check_tokenizer, describe
 from lmcheck.errors import InputError
 from lmcheck.results import Result
 
@@ -166,17 +166,12 @@ def round_trip(
             or isinstance(tokenizer, (str, bytes)):
         raise InputError(f"'tokenizer' must be a tokenizer with encode() and decode(), e.g. "
                          f"lmcheck.load_tokenizer('gpt2') (got {describe(tokenizer)})")
-    if not isinstance(texts, str) and (not isinstance(texts, Sequence) or isinstance(texts, bytes)):
-        raise InputError(f"'texts' must be a str or a list of str (got {describe(texts)})")
-    items = [texts] if isinstance(texts, str) else list(texts)
-    if not items:
-        raise InputError("'texts' must hold at least one string (got an empty collection)")
+    items = check_texts(texts, "texts")
     byte_level = _is_byte_level(tokenizer)
     unk_id = getattr(tokenizer, "unk_token_id", None)
     failures: list[dict[str, Any]] = []
     unknown_total = 0
     for index, text in enumerate(items):
-        _check_text(text, f"texts[{index}]")
         # verbose=False: long documents are expected here, not a mistake worth a warning
         ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
         decoded = tokenizer.decode(ids)

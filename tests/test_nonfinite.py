@@ -331,9 +331,9 @@ def test_the_pytest_suite_fails_on_each_broken_model(pytester, fault):
             model = gpt2_from_scratch(tokenizer, preset=dict(n_layer=2, n_head=2, n_embd=32, n_positions=64))
             return broken(model.eval(), {fault!r}), tokenizer
     """)
-    pytester.makepyfile(tests_nonfinite_faults=inspect.getsource(broken).join(
-        ["import copy, math\nfrom typing import Any\nimport torch\n"
-         f"INF_TOKEN = {INF_TOKEN}\nNAN_FROM = {NAN_FROM}\n\n", ""]))
+    header = ("import copy, math\nfrom typing import Any\nimport torch\n"
+              f"INF_TOKEN = {INF_TOKEN}\nNAN_FROM = {NAN_FROM}\n\n")
+    pytester.makepyfile(tests_nonfinite_faults=header + inspect.getsource(broken))
     pytester.makepyfile(test_ready="from lmcheck.suite.test_causal_lm import test_causal_lm  # noqa: F401\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ready.py")
     result.assert_outcomes(failed=len(CAUSAL_CHECKS))

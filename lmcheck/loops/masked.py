@@ -18,10 +18,9 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 from lmcheck._model import model_device
-from lmcheck._validate import check_number, describe
+from lmcheck._validate import check_number
 from lmcheck.corpus import chunk_documents
 from lmcheck.defaults import MASKED_CPU, MaskedRunConfig
-from lmcheck.errors import InputError
 from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
 from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
@@ -71,9 +70,7 @@ def train_masked_lm(
         only_masked_logits: compute the output layer only where ``labels != -100``; set False
             for a model whose ``get_output_embeddings()`` is not applied once to all positions.
     """
-    if not isinstance(config, MaskedRunConfig):
-        raise InputError(f"'config' must be a MaskedRunConfig such as MASKED_CPU (got {describe(config)})")
-    config = config.replace(**overrides)
+    config = MaskedRunConfig.given(config, overrides)
     steps, lr, batch_size = config.steps, config.lr, config.batch_size
     mlm_probability, seed = config.mlm_probability, config.seed
     check_number(max_grad_norm, "max_grad_norm", low=0)
@@ -134,17 +131,14 @@ def memorize_chunks(
     trains ``bert_from_scratch(preset=config.preset)`` on the training ones with
     :func:`train_masked_lm`. ``overrides`` change the recipe's fields, checked first.
     """
-    if not isinstance(config, MaskedRunConfig):
-        raise InputError(f"'config' must be a MaskedRunConfig such as MASKED_CPU (got {describe(config)})")
-    config = config.replace(**overrides)
+    config = MaskedRunConfig.given(config, overrides)
 
     def first_chunks(documents: Any) -> list[list[int]]:
         chunks = chunk_documents(tokenizer, documents, config.context_length).dataset
         return [list(ids) for ids in chunks.select(range(min(config.chunks, len(chunks))))["input_ids"]]
 
     train, heldout = first_chunks(train_documents), first_chunks(heldout_documents)
-    preset = config.preset if isinstance(config.preset, str) else dict(config.preset)
-    model = bert_from_scratch(tokenizer, preset=preset, seed=config.seed,
+    model = bert_from_scratch(tokenizer, preset=config.preset, seed=config.seed,
                               hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     losses = train_masked_lm(model, tokenizer, train, config)
     decode = partial(tokenizer.batch_decode, skip_special_tokens=True)

@@ -186,9 +186,7 @@ def pretrain(
             continuation longer than the chunks, or a first batch unfit for causal-LM training.
         ModelError: model and tokenizer vocabularies differ; chunks longer than the model's positions.
     """
-    if not isinstance(config, PretrainConfig):
-        raise InputError(f"'config' must be a PretrainConfig such as PRETRAIN_CPU (got {describe(config)})")
-    config = config.replace(**overrides)
+    config = PretrainConfig.given(config, overrides)
     for argument, chunks in (("train", train), ("valid", valid)):
         if not isinstance(chunks, datasets.Dataset) or "input_ids" not in chunks.column_names or not len(chunks):
             raise InputError(f"'{argument}' must be a non-empty datasets.Dataset of chunks with an "
@@ -396,9 +394,7 @@ def pretrain_default(
     are read. ``documents`` replaces the wiki sample, ``tokenizer`` the GPT-2 tokenizer, ``model``
     the model built from the recipe's ``preset``.
     """
-    if not isinstance(config, PretrainConfig):
-        raise InputError(f"'config' must be a PretrainConfig such as PRETRAIN_CPU (got {describe(config)})")
-    config = config.replace(**overrides)
+    config = PretrainConfig.given(config, overrides)
     tokenizer = tokenizer or load_tokenizer(DEFAULTS["causal_tokenizer"])
     data = pretraining_data(
         tokenizer, documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
@@ -408,15 +404,12 @@ def pretrain_default(
     if model is None:  # the recipe's own model, on the fastest device
         dropout: dict[str, Any] = {} if config.dropout is None else dict(
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout)
-        model = gpt2_from_scratch(tokenizer, preset=_preset(config), seed=config.seed, **dropout)
+        model = gpt2_from_scratch(tokenizer, preset=config.preset, seed=config.seed, **dropout)
         torch.nn.Module.to(model, "cuda" if torch.cuda.is_available() else "cpu")
     curve = pretrain(model, tokenizer, data.train, data.valid, config, collator=collator, check_batch=check_batch)
-    curve.metadata.update(preset=_preset(config), data=data.description)
+    preset = config.preset if isinstance(config.preset, str) else dict(config.preset)  # JSON-ready
+    curve.metadata.update(preset=preset, data=data.description)
     return PretrainRun(model, tokenizer, data, curve, config)
-
-
-def _preset(config: PretrainConfig) -> str | dict[str, Any]:
-    return config.preset if isinstance(config.preset, str) else dict(config.preset)
 
 
 def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
