@@ -11,6 +11,7 @@ tutorial configuration, or any variation of either.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,8 @@ from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
 from lmcheck.training import causal_batch, check_memorization_lengths, memorized_fraction
+
+_log = logging.getLogger(__name__)  # progress, one line per memorization check (INFO)
 
 __all__ = [
     "LossCurveCallback",
@@ -283,6 +286,8 @@ class StopAtMemorization(TrainerCallback):
         fraction = memorized_fraction(model, self.train_ids, prefix_length=self.prefix_length,
                                       continuation_length=self.continuation_length)
         self.curve.metadata.setdefault("memorized_fraction", []).append([step, fraction])
+        _log.info("step %d: %.1f%% of %d training chunks memorized, training loss %.4f", step,
+                  100 * fraction, len(self.train_ids), self.curve.train[-1][1] if self.curve.train else float("nan"))
         if fraction >= 1.0:
             self.curve.stop_reason = "memorized"
             return True
