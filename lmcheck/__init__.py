@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it: every name in a public module's __all__, and no other
 # (assets has its own surface: lmcheck.assets and the `lmcheck assets` command)
 _EXPORTS: dict[str, str] = {
+    "adapt": "lmcheck.adapters",
+    "AdaptedLM": "lmcheck.adapters",
     "AssetError": "lmcheck.errors",
     "batch_invariance": "lmcheck.invariance",
     "bert_config": "lmcheck.models",
@@ -66,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "LOGIT_ATOL": "lmcheck.comparison",
     "loss_at_init": "lmcheck.training",
     "loss_decreases": "lmcheck.curves",
+    "loss_matches_reference": "lmcheck.training",
     "LossCurve": "lmcheck.curves",
     "LossCurveCallback": "lmcheck.loops.pretraining",
     "mask_fill_accuracy": "lmcheck.masked",
@@ -82,6 +85,7 @@ _EXPORTS: dict[str, str] = {
     "ModelError": "lmcheck.errors",
     "next_token_logits": "lmcheck.decoding",
     "NonFiniteError": "lmcheck.errors",
+    "NotApplicableError": "lmcheck.errors",
     "overfits": "lmcheck.curves",
     "padding_invariance": "lmcheck.invariance",
     "params_update": "lmcheck.training",

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lmcheck.errors import NonFiniteError
+from lmcheck.errors import NonFiniteError, NotApplicableError
 from lmcheck.results import Result
 
 F = TypeVar("F", bound=Callable[..., Result])
@@ -126,7 +126,8 @@ def probe(name: str) -> Callable[[F], F]:
 
     Before the probe runs, a ``model`` argument holding NaN or Inf weights fails it, naming the
     parameters. While it runs, a :class:`NonFiniteError` from any model output it reads becomes
-    a failed Result with the error's message. Misuse (``InputError``, ``ModelError``) still raises.
+    a failed Result with the error's message, and a :class:`NotApplicableError` (the model lacks
+    what the check needs) a not-applicable Result with the reason. Misuse (``InputError``, ``ModelError``) still raises.
     """
     def wrap(function: F) -> F:
         signature = inspect.signature(function)
@@ -150,6 +151,8 @@ def probe(name: str) -> Callable[[F], F]:
                 return function(*args, **kwargs)
             except NonFiniteError as error:
                 return non_finite_result(result_name, str(error))
+            except NotApplicableError as error:
+                return Result.not_applicable(result_name, str(error))
 
         run.__lmcheck_probe__ = name  # type: ignore[attr-defined]
         return run  # type: ignore[return-value]

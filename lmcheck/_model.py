@@ -1,71 +1,87 @@
-"""The model-call layer: the one place that calls a model and reads what it is.
+"""The model-call layer: the only place that calls a model and reads what it is.
 
-One model call with positions that skip left pads and the cache under either name transformers
-uses (:func:`model_forward`, which also refuses non-finite logits), the model's device, dtype,
-input vocabulary and context length, eval mode that restores the caller's mode, and the check
-that a model decodes left to right. The probes and the greedy loop import these rather than
-repeat them.
+Three kinds of model come in (see :mod:`lmcheck.adapters`): a Hugging Face model, a plain
+``torch.nn.Module`` from ids to logits, and one wrapped by :func:`lmcheck.adapt`. Here they all
+become the same few operations: logits from ids (with an attention mask, positions that skip
+left pads, and the KV cache where the model has one), the model's own loss and the reference
+loss, the model's device, dtype, vocabulary and context length, and eval mode that restores the
+caller's mode. Every output a probe reads is checked for NaN and Inf on its way out.
+
+A model that cannot be called as its kind promises gets one :class:`ModelError` that says what
+was tried, what came back and the :func:`lmcheck.adapt` call to write, never a traceback from
+inside the user's forward for a calling-convention mismatch. A check that needs what the model
+lacks (a mask argument, a cache, ``generate``) gets :class:`NotApplicableError`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lmcheck._finite import require_finite
 from lmcheck._validate import check_model, describe
-from lmcheck.errors import InputError, ModelError
+from lmcheck.adapters import AdaptedLM
+from lmcheck.errors import InputError, LmcheckError, ModelError, NotApplicableError
+
+IGNORE_INDEX = -100  # labels that are not supervised (Hugging Face's and PyTorch's convention)
+
+ADAPT_HINT = ("wrap it once: lmcheck.adapt(model, logits=lambda ids, mask: <(B, T, V) logits>, "
+              "loss=lambda batch: <its training loss>)")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len",
+                 "max_seq_length", "context_length", "seq_len")
 
 
-def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
-                  *, use_cache: bool = True, what: str = "the model's logits") -> tuple[torch.Tensor, Any]:
-    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
+# ---------------------------------------------------------------- what the model is
 
-    Raises NonFiniteError, naming ``what`` and the row, position and token id, where the logits
-    at an unmasked position hold NaN or Inf (a pad's logits may be anything).
-    """
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache}
-    if mask is not None:
-        mask = mask.to(ids.device)
-        kwargs["attention_mask"] = mask
-        if _accepts(model, "position_ids"):
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not count
-            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
-    # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
-    # releases know only past_key_values
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    if past is not None:
-        kwargs[cache_name] = past
-    output = model(**kwargs)
-    logits = getattr(output, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise ModelError(f"'model' must return an output with .logits (got {describe(output)})")
-    fed = ids.shape[1]
-    require_finite(logits, what, ("row", "position", "token id"),
-                   valid=None if mask is None else mask[:, -fed:].bool(),
-                   offsets=(0, 0 if mask is None else mask.shape[1] - fed))
-    return logits, getattr(output, cache_name, None) if use_cache else None  # (B, t, V)
+
+def kind(model: torch.nn.Module) -> str:
+    """``"transformers"``, ``"adapted"`` (made by :func:`lmcheck.adapt`) or ``"plain"``."""
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    return "adapted" if isinstance(model, AdaptedLM) else "plain"
+
+
+def takes_mask(model: torch.nn.Module) -> bool:
+    """Whether the model can be given an attention mask (so pads can be skipped)."""
+    if isinstance(model, AdaptedLM):
+        return model.takes_mask
+    return kind(model) == "transformers" or _names(model, "attention_mask")
+
+
+def has_cache(model: torch.nn.Module) -> bool:
+    """Whether lmcheck can drive the model's KV cache (Hugging Face models only)."""
+    return kind(model) == "transformers"
+
+
+def can_generate(model: torch.nn.Module) -> bool:
+    """Whether the model has Hugging Face's ``generate`` to compare a greedy loop with."""
+    return isinstance(model, PreTrainedModel) and model.can_generate()
+
+
+def has_own_loss(model: torch.nn.Module) -> bool:
+    """Whether the model computes its own training loss (``labels=`` or an adapted loss)."""
+    if isinstance(model, AdaptedLM):
+        return model.loss_function is not None
+    return kind(model) == "transformers"
+
+
+def _names(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` names the keyword ``name`` (``**kwargs`` is not enough)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     parameters = inspect.signature(model.forward).parameters
     return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while probing; the model's own mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def check_causal_lm(model: object) -> None:
@@ -80,15 +96,38 @@ def check_causal_lm(model: object) -> None:
             "use lmcheck's masked-LM probes for it")
 
 
-def input_vocabulary(model: torch.nn.Module) -> int | None:
-    """Rows of the model's input embedding table (ids must lie below it); None if unknown."""
+def token_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that turns token ids into vectors: ``get_input_embeddings()`` where the model
+    has it, else its largest ``nn.Embedding`` (a position table is smaller than the vocabulary)."""
     get = getattr(model, "get_input_embeddings", None)
     try:
-        embedding = get() if callable(get) else None
+        found = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
-        embedding = None
-    rows = getattr(embedding, "num_embeddings", None)
+        found = None
+    if isinstance(found, torch.nn.Module):
+        return found
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    return max(tables, key=lambda m: m.num_embeddings) if tables else None
+
+
+def input_vocabulary(model: torch.nn.Module) -> int | None:
+    """Rows of the model's token embedding table (ids must lie below it); None if unknown."""
+    rows = getattr(token_embedding(model), "num_embeddings", None)
     return rows if isinstance(rows, int) else None
+
+
+def output_size(model: torch.nn.Module) -> int:
+    """The number of logits per position (the output vocabulary V)."""
+    embeddings = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(getattr(embeddings, "weight", None), torch.Tensor):
+        return int(embeddings.weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and kind(model) == "transformers":
+        return size
+    with eval_mode(model), torch.no_grad():  # ask the model: one forward pass of two tokens
+        logits, _ = model_forward(model, torch.zeros(1, 2, dtype=torch.long, device=model_device(model)),
+                                  None, None, use_cache=False)
+    return int(logits.shape[-1])
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -96,12 +135,26 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's (first) parameters, which picks its tolerances."""
+    return next(model.parameters()).dtype
+
+
 def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
-    """The model's context length and where it was read (``config.n_positions``); None if unknown."""
+    """The model's context length and where it was read (``config.n_positions``); None if unknown.
+
+    Read from ``config`` (Hugging Face's names, nanoGPT's and litgpt's ``block_size``, ...), from
+    :func:`lmcheck.adapt`'s ``context_length``, or from the wrapped module's ``config``.
+    """
+    if isinstance(model, AdaptedLM):
+        if model.context_length is not None:
+            return model.context_length, "adapt(context_length=...)"
+        found = model_context(model.module)
+        return None if found is None else (found[0], f"module.{found[1]}")
     config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
+    for key in _CONTEXT_KEYS:
         context = getattr(config, key, None)
-        if isinstance(context, int):
+        if isinstance(context, int) and not isinstance(context, bool):
             return context, f"config.{key}"
     return None
 
@@ -122,6 +175,195 @@ def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: in
             f"tokens")
 
 
-def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the model's (first) parameters, which picks its tolerances."""
-    return next(model.parameters()).dtype
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while probing; the model's own mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- calling it
+
+
+def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
+                  *, use_cache: bool = True, what: str = "the model's logits") -> tuple[torch.Tensor, Any]:
+    """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
+
+    Returns the logits (B, t, V) and the cache (None for a model without one: the caller then
+    feeds the whole sequence again).
+
+    Raises:
+        NonFiniteError: the logits at an unmasked position hold NaN or Inf (a pad's logits may be
+            anything); the message names ``what`` and the row, position and token id.
+        NotApplicableError: ``mask`` has pads but the model takes no attention mask.
+        ModelError: the model cannot be called with ids, or returns no (B, t, V) logits.
+    """
+    if mask is not None:
+        mask = mask.to(ids.device)
+    if kind(model) == "transformers":
+        output = _call_transformers(model, ids, mask, past, use_cache)
+        cache = _cache_of(model, output) if use_cache else None
+    else:
+        output = _call_plain(model, ids, _mask_for(model, mask))
+        cache = None
+    logits = _logits_of(output, model, ids)
+    fed = ids.shape[1]
+    require_finite(logits, what, ("row", "position", "token id"),
+                   valid=None if mask is None else mask[:, -fed:].bool(),
+                   offsets=(0, 0 if mask is None else mask.shape[1] - fed))
+    return logits, cache
+
+
+def _call_transformers(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
+                       use_cache: bool, **extra: Any) -> Any:
+    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache, **extra}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+        if _accepts(model, "position_ids"):
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not count
+            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
+    if past is not None:
+        kwargs[_cache_name(model)] = past
+    return model(**kwargs)
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
+    # releases know only past_key_values
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(model: torch.nn.Module, output: Any) -> Any:
+    return getattr(output, _cache_name(model), None)
+
+
+def _mask_for(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to give a plain or adapted model: None where it has no pads, or it takes none."""
+    if mask is None or takes_mask(model):
+        return mask
+    if bool((mask == 0).any()):
+        raise NotApplicableError(
+            f"the model's forward takes no attention mask, so it cannot skip the pads of a "
+            f"left-padded batch (a plain module needs an 'attention_mask' keyword; an adapted one a "
+            f"logits function of (ids, mask)); a {type(model).__name__} has neither")
+    return None  # all ones: nothing to skip, nothing lost
+
+
+def _call_plain(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Any:
+    """``model(ids)`` (with ``attention_mask=`` where given); a convention mismatch as ModelError."""
+    by_name = _ids_by_keyword(model)
+    kwargs: dict[str, Any] = {} if mask is None else {"attention_mask": mask}
+    tried = ("model(input_ids=ids" if by_name else "model(ids") + (", attention_mask=mask)" if kwargs else ")")
+    if isinstance(model, AdaptedLM):
+        tried = "the adapted logits function"
+    try:
+        return model(input_ids=ids, **kwargs) if by_name else model(ids, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, KeyError) as error:
+        if isinstance(error, LmcheckError):
+            raise
+        hint = ("fix the function given to adapt()" if isinstance(model, AdaptedLM) else ADAPT_HINT)
+        raise ModelError(
+            f"lmcheck called {tried} with a (B, T) = {tuple(ids.shape)} LongTensor of token ids on "
+            f"{ids.device}, as it calls a plain PyTorch LM, and the call raised "
+            f"{type(error).__name__}: {error}. If your model is called another way, {hint}") from error
+
+
+def _ids_by_keyword(model: torch.nn.Module) -> bool:
+    """Whether the ids go in as ``input_ids=``: forward names it, or takes keywords only."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    named = any(p.name == "input_ids" and p.kind is not p.POSITIONAL_ONLY for p in parameters)
+    return named or (not positional and any(p.kind is p.VAR_KEYWORD for p in parameters))
+
+
+def _logits_of(output: Any, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The (B, t, V) logits in ``output``: a tensor, the first element of a tuple or list, a
+    mapping's or an object's ``logits``; ModelError naming what came back otherwise."""
+    logits = output
+    if isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    elif isinstance(output, Mapping) and "logits" in output:
+        logits = output["logits"]
+    elif not isinstance(output, torch.Tensor):
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ModelError(
+            f"lmcheck reads a model's logits from a tensor, the first element of a tuple or list, or "
+            f".logits, and the {type(model).__name__} returned {describe(output)}; {ADAPT_HINT}")
+    batch, length = ids.shape
+    if logits.dim() != 3 or logits.shape[0] != batch or logits.shape[1] != length:
+        last_only = logits.dim() == 3 and logits.shape[:2] == (batch, 1) and length > 1
+        reason = (" (the last position's only, as nanoGPT's GPT returns them when called without "
+                  "targets)" if last_only else "")
+        raise ModelError(
+            f"the {type(model).__name__} returned logits of shape {tuple(logits.shape)} for input ids "
+            f"of shape {(batch, length)}{reason}; every probe needs (B, T, V) = ({batch}, {length}, V), "
+            f"one row of logits per position. {ADAPT_HINT[0].upper()}{ADAPT_HINT[1:]}"
+            + ("; for a nanoGPT-style forward(idx, targets), logits=lambda ids: model(ids, ids)[0] "
+               "gives every position" if last_only else ""))
+    return logits
+
+
+# ---------------------------------------------------------------- losses
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored; the mean is
+    over the supervised tokens (computed in float32)."""
+    targets = labels[:, 1:].to(logits.device)
+    supervised = int((targets != IGNORE_INDEX).sum())
+    if supervised == 0:
+        raise InputError("the batch's 'labels' supervise no token after the first position (all "
+                         "are -100), so there is no loss to compute")
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / supervised
+
+
+def own_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own loss on ``batch`` (``input_ids``, ``labels``, optional ``attention_mask``,
+    on the model's device) and, where the same call gave them, its logits.
+
+    Raises NotApplicableError for a model with no loss of its own.
+    """
+    if isinstance(model, AdaptedLM) and model.loss_function is not None:
+        loss = model.own_loss(dict(batch))
+        logits = None
+    elif kind(model) == "transformers":
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        output = _call_transformers(model, batch["input_ids"], batch.get("attention_mask"), None, False, **extra)
+        loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
+    else:
+        raise NotApplicableError(f"a {type(model).__name__} computes no loss of its own (a plain module "
+                                 f"is called with ids only; give adapt() a loss function)")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ModelError(f"the model's own loss must be a scalar tensor (got {describe(loss)})")
+    return loss.reshape(()), logits
+
+
+def loss_of(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The loss the model trains with: its own where it has one, else the reference loss over
+    its logits (which must be finite at unmasked positions). The loss itself is not checked: a
+    training loop records a NaN step before it stops."""
+    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+    if has_own_loss(model):
+        return own_loss(model, batch)[0]
+    logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
+                              use_cache=False, what="the logits behind the loss")
+    return reference_loss(logits, batch["labels"])
+
+
+def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
+                  what: str = "the loss of the batch") -> torch.Tensor:
+    """:func:`loss_of`, refused with NonFiniteError (naming ``what``) if it is NaN or Inf."""
+    loss = loss_of(model, batch)
+    require_finite(loss, what, ())
+    return loss

@@ -25,13 +25,16 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from lmcheck._finite import in_context, probe, require_finite
 from lmcheck._greedy import compare_greedy_rows
 from lmcheck._model import (
+    can_generate,
     check_causal_lm,
     check_context,
     eval_mode,
+    has_cache,
     input_vocabulary,
     model_device,
     model_forward,
     parameter_dtype,
+    token_embedding,
 )
 from lmcheck._validate import (
     as_ids,
@@ -43,7 +46,7 @@ from lmcheck._validate import (
 )
 from lmcheck.comparison import LOGIT_ATOL, TIE_ATOL, tolerance_for
 from lmcheck.decoding import greedy_decode
-from lmcheck.errors import InputError, ModelError
+from lmcheck.errors import InputError, ModelError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -89,9 +92,10 @@ def greedy_matches_generate(
             :data:`TIE_ATOL` for the logits' dtype.
     """
     check_causal_lm(model)
-    generate: Callable[..., Any] | None = getattr(model, "generate", None)
-    if not callable(generate):
-        raise ModelError(f"'model' must have a generate() method (got a {type(model).__name__})")
+    if not can_generate(model):
+        raise NotApplicableError(f"the check compares the greedy loop with Hugging Face's generate(), "
+                                 f"and a {type(model).__name__} has no generate()")
+    generate: Callable[..., Any] = model.generate  # type: ignore[assignment]
     if tie_atol is not None:
         check_number(tie_atol, "tie_atol", low=0)
     ids, mask = encode_batch(tokenizer, prompts)
@@ -191,8 +195,12 @@ def kv_cache_matches_full(
     A model that returns no cache fails: the loop would re-feed the whole sequence, and the two
     sides would be one computation.
     """
+    check_causal_lm(model)
     if atol is not None:
         check_number(atol, "atol", low=0)
+    if not has_cache(model):
+        raise NotApplicableError(f"lmcheck drives a KV cache through Hugging Face's interface "
+                                 f"(past_key_values or cache), and a {type(model).__name__} has none")
     with in_context("the loop with the cache"):
         cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
                                attention_mask=attention_mask, use_cache=True)
@@ -257,7 +265,7 @@ def causality(
     length = ids.shape[1]
     if length < 2:
         raise InputError(f"'input_ids' must hold at least 2 tokens to test causality (got {length})")
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    vocab = input_vocabulary(model) or 0
     generator = torch.Generator().manual_seed(seed)
     with eval_mode(model):
         with torch.no_grad():
@@ -272,10 +280,7 @@ def causality(
                 logits, _ = model_forward(model, perturbed, None, None, use_cache=False,
                                           what=f"the logits with the tokens after position {t} changed")
                 change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
-        embedding: Callable[[torch.Tensor], torch.Tensor] = model.get_input_embeddings()  # type: ignore[operator]
-        embeds = embedding(ids).detach().requires_grad_(True)  # (B, T, D)
-        logits = model(inputs_embeds=embeds, use_cache=False).logits  # (B, T, V)
-        require_finite(logits, "the logits from input embeddings", ("row", "position", "token id"))
+        logits, embeds = _logits_from_leaf_embeddings(model, ids)  # (B, T, V), (B, T, D)
         projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
         ratios = []
         for t in range(length - 1):
@@ -312,6 +317,34 @@ def causality(
         threshold=tol, headroom=min(headroom_below(worst, tol), headroom_below(max_ratio, grad_tol)),
         explanation=explanation, details=rows)
 
+
+
+def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``ids`` computed from token embeddings that are a leaf requiring grad, so
+    the gradient of an output with respect to each input position can be read. A forward hook on
+    the token embedding swaps in the leaf: the same path for every kind of model."""
+    table = token_embedding(model)
+    if table is None:
+        raise NotApplicableError(f"the gradient criterion needs the token embedding, and a "
+                                 f"{type(model).__name__} has no get_input_embeddings() and no nn.Embedding")
+    leaves: list[torch.Tensor] = []
+
+    def swap(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if leaves or not (inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].shape == ids.shape):
+            return None  # another call of the table (a tied output head, ...) is left alone
+        leaves.append(output.detach().requires_grad_(True))
+        return leaves[0]
+
+    handle = table.register_forward_hook(swap)
+    try:
+        logits, _ = model_forward(model, ids, None, None, use_cache=False,
+                                  what="the logits from input embeddings")
+    finally:
+        handle.remove()
+    if not leaves:
+        raise ModelError(f"the token embedding ({type(table).__name__}) was not called with the "
+                         f"input ids, so the gradient with respect to each position cannot be read")
+    return logits, leaves[0]
 
 
 # --- helpers of greedy_matches_generate ------------------------------------------------------

@@ -14,6 +14,7 @@ __all__ = [
     "LmcheckError",
     "ModelError",
     "NonFiniteError",
+    "NotApplicableError",
 ]
 
 
@@ -36,6 +37,15 @@ class NonFiniteError(ModelError):
     A probe never lets it escape: it returns a failed :class:`~lmcheck.results.Result` with that
     message. Functions that return data rather than a verdict (``greedy_decode``, ``fill_mask``)
     raise it, since tokens or probabilities read from NaN logits mean nothing.
+    """
+
+
+class NotApplicableError(ModelError):
+    """The model lacks what a check needs (an attention-mask argument, a KV cache, ``generate``).
+
+    A probe never lets it escape: it returns a not-applicable :class:`~lmcheck.results.Result`
+    (neither a pass nor a failure) that keeps the reason. Functions that return data
+    (``greedy_decode`` on a left-padded batch for a model that takes no mask) raise it.
     """
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe
 from lmcheck._greedy import compare_greedy_rows
-from lmcheck._model import check_causal_lm, check_context
+from lmcheck._model import check_causal_lm, check_context, takes_mask
 from lmcheck._validate import (
     check_int,
     check_max_new_tokens,
@@ -29,7 +29,7 @@ from lmcheck._validate import (
 )
 from lmcheck.comparison import LOGIT_ATOL, TIE_ATOL, tolerance_for
 from lmcheck.decoding import GreedyOutput, greedy_decode
-from lmcheck.errors import InputError
+from lmcheck.errors import InputError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
 __all__ = ["batch_invariance", "padding_invariance"]
@@ -48,6 +48,7 @@ def padding_invariance(
     since logits that may each move by ``atol`` can flip two tokens that far apart.
     """
     check_causal_lm(model)
+    _require_mask(model, "padding_invariance compares each prompt alone with the prompt behind left pads")
     check_int(pad_tokens, "pad_tokens", 1)
     check_max_new_tokens(max_new_tokens)
     if atol is not None:
@@ -81,6 +82,7 @@ def batch_invariance(
     tokens part, and they may part only at a tie: a top-2 gap within ``max(TIE_ATOL, 2 * atol)``.
     """
     check_causal_lm(model)
+    _require_mask(model, "batch_invariance runs prompts of different lengths as one left-padded batch")
     check_max_new_tokens(max_new_tokens)
     if atol is not None:
         check_number(atol, "atol", low=0)
@@ -98,6 +100,12 @@ def batch_invariance(
         pairs.append((alone, batched, row))
     return _invariance("batch_invariance", f"in a left-padded batch of {len(items)}", "batched",
                        pairs, model, tokenizer, atol)
+
+
+def _require_mask(model: torch.nn.Module, what: str) -> None:
+    if not takes_mask(model):
+        raise NotApplicableError(f"{what}, which needs a model that takes an attention mask; the "
+                                 f"forward of a {type(model).__name__} names no 'attention_mask'")
 
 
 def _invariance(name: str, condition: str, side: str,

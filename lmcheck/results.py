@@ -3,9 +3,14 @@
 A probe never raises on a failed check: it returns ``Result(passed=False, ...)`` whose
 ``explanation`` says what went wrong and where. A result cannot pass with a NaN in its metrics or
 headroom (NaN compares False with everything, so a ``difference > tolerance`` test would let it
-through): such a result is made a failure that names the NaN, and a NaN headroom becomes -inf. A result is truthy when it passed, so the
-idiom in tests and in user code is ``assert result, result.explanation``; outside tests,
-``if not result: print(result.explanation)``.
+through): such a result is made a failure that names the NaN, and a NaN headroom becomes -inf. A
+result is truthy when it passed, so the idiom in tests and in user code is
+``assert result, result.explanation``; outside tests, ``if not result: print(result.explanation)``.
+
+A probe that needs something the model lacks (an attention-mask argument, a KV cache,
+``generate``) returns a *not-applicable* result (:meth:`Result.not_applicable`): ``status`` is
+``"n/a"``, ``passed`` is False (it never counts as a pass) and ``skip_reason`` says why. The
+pytest plugin shows it as a skip, ``lmcheck check`` as "n/a".
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Result:
             check is exact (equal or not).
         explanation: one or two sentences a person can act on.
         details: per-item rows (per case, per step, per parameter) for reports.
+        skip_reason: why the check did not apply to this model; empty when it ran.
     """
 
     name: str
@@ -43,8 +49,23 @@ class Result:
     headroom: float | None = None
     explanation: str = ""
     details: tuple[Mapping[str, Any], ...] = ()
+    skip_reason: str = ""
+
+    @classmethod
+    def not_applicable(cls, name: str, reason: str) -> Result:
+        """The outcome of a check that did not apply: neither a pass nor a failure."""
+        if not (isinstance(reason, str) and reason):
+            raise InputError(f"'reason' must say why the check does not apply (got {reason!r})")
+        return cls(name=name, passed=False, explanation=f"not applicable: {reason}", skip_reason=reason)
+
+    @property
+    def status(self) -> str:
+        """``"pass"``, ``"fail"`` or ``"n/a"``."""
+        return "n/a" if self.skip_reason else "pass" if self.passed else "fail"
 
     def __post_init__(self) -> None:
+        if self.skip_reason and self.passed:
+            raise InputError(f"a not-applicable result cannot pass ({self.name!r}: {self.skip_reason})")
         if self.headroom is not None and math.isnan(self.headroom):
             object.__setattr__(self, "headroom", -math.inf)
             if self.passed:
@@ -69,16 +90,17 @@ class Result:
         return {
             "name": self.name,
             "passed": self.passed,
+            "status": self.status,
             "metrics": _jsonable(dict(self.metrics)),
             "threshold": _jsonable(self.threshold),
             "headroom": _jsonable(self.headroom),
             "explanation": self.explanation,
             "details": _jsonable([dict(row) for row in self.details]),
+            "skip_reason": self.skip_reason,
         }
 
     def __str__(self) -> str:
-        status = "PASS" if self.passed else "FAIL"
-        return f"[{status}] {self.name}: {self.explanation}"
+        return f"[{self.status.upper()}] {self.name}: {self.explanation}"
 
 
 def headroom_below(value: float, threshold: float) -> float:

@@ -17,10 +17,23 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, locate, probe, require_finite, require_finite_number
-from lmcheck._model import check_causal_lm, eval_mode, input_vocabulary, model_device, model_forward
+from lmcheck._model import (
+    IGNORE_INDEX,
+    check_causal_lm,
+    eval_mode,
+    has_own_loss,
+    input_vocabulary,
+    model_device,
+    model_forward,
+    output_size,
+    own_loss,
+    reference_loss,
+    training_loss,
+)
 from lmcheck._validate import (
     as_ids,
     check_callable,
@@ -34,7 +47,7 @@ from lmcheck._validate import (
     describe,
 )
 from lmcheck.decoding import greedy_decode
-from lmcheck.errors import InputError, ModelError
+from lmcheck.errors import InputError, NotApplicableError
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
@@ -42,6 +55,7 @@ __all__ = [
     "check_memorization_lengths",
     "gradient_flow",
     "loss_at_init",
+    "loss_matches_reference",
     "memorized_fraction",
     "memorizes",
     "params_update",
@@ -67,7 +81,7 @@ def loss_at_init(
     check_int(batch_size, "batch_size", 1)
     check_number(tolerance, "tolerance", low=0)
     check_model(model)
-    vocab = _output_size(model)
+    vocab = output_size(model)
     ids = _as_ids(input_ids, "input_ids", vocab=min(vocab, input_vocabulary(model) or vocab))
     expected = math.log(vocab)
     loss = mean_loss(model, ids, batch_size=batch_size)  # NonFiniteError names the batch
@@ -237,6 +251,93 @@ def params_update(
                   threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
 
 
+@probe("loss_matches_reference")
+def loss_matches_reference(
+    model: torch.nn.Module, batch: Batch, *, rtol: float = 1e-3, atol: float = 1e-4,
+) -> Result:
+    """The model's own loss equals shifted cross-entropy over its own logits.
+
+    The reference: position t predicts ``labels[t + 1]``, labels -100 are ignored, the mean is
+    over the supervised tokens. The explanation names the likely cause of a mismatch by also
+    computing the loss without the shift (transformers #27517), with the labels shifted twice
+    (#47395), and summed over the supervised tokens but divided by another count (#46204). Runs
+    in eval mode (dropout off), so the two sides see the same network. Not applicable to a model
+    with no loss of its own.
+    """
+    check_model(model)
+    check_number(rtol, "rtol", low=0)
+    check_number(atol, "atol", low=0)
+    batch = _batch(batch, model)
+    if not has_own_loss(model):
+        raise NotApplicableError(f"a {type(model).__name__} computes no loss of its own to compare (the "
+                                 f"training probes use the reference loss for it)")
+    device = model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with eval_mode(model), torch.no_grad():
+        loss, logits = own_loss(model, batch)
+        if logits is None:
+            logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
+                                      use_cache=False, what="the logits of the batch")
+        require_finite(loss, "the model's own loss", ())
+        require_finite(logits, "the logits of the batch", ("row", "position", "token id"))
+        labels = batch["labels"]
+        reference = float(reference_loss(logits, labels))
+        own = float(loss)
+        variants = _loss_variants(logits, labels)
+    difference = abs(own - reference)
+    tol = atol + rtol * abs(reference)
+    passed = difference <= tol
+    metrics: dict[str, Any] = {"own_loss": own, "reference_loss": reference, "difference": difference,
+                               "supervised_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
+    metrics.update({f"loss_{k}": v for k, v in variants.items()})
+    if passed:
+        explanation = (f"the model's own loss {own:.5f} equals shifted cross-entropy over its logits "
+                       f"({reference:.5f}; difference {difference:.2g}, allowed {tol:.2g})")
+    else:
+        closest = min(variants, key=lambda k: abs(variants[k] - own))
+        causes = {
+            "unshifted": "the loss compares position t with label t, without the shift (transformers #27517)",
+            "shifted_twice": "the labels are shifted twice, once by the collator and once by the model "
+                             "(transformers #47395)",
+            "all_tokens_count": "the sum is divided by every label position, -100s included, not by the "
+                                "supervised tokens (transformers #46204)",
+            "unshifted_count": "the sum is divided by the supervised labels before the shift, not after "
+                               "it (transformers #46204)",
+        }
+        match = abs(variants[closest] - own) <= atol + rtol * abs(variants[closest])
+        explanation = (f"the model's own loss {own:.5f} differs from shifted cross-entropy over its "
+                       f"logits ({reference:.5f}) by {difference:.3g}, above {tol:.2g}"
+                       + (f"; it equals the loss when {causes[closest]}" if match else
+                          "; it matches none of the usual mistakes (no shift, a double shift, a wrong "
+                          "token count)"))
+    return Result(name="loss_matches_reference", passed=passed, metrics=metrics, threshold=tol,
+                  headroom=headroom_below(difference, tol), explanation=explanation)
+
+
+def _loss_variants(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The loss as the documented bugs compute it, to name the one a wrong loss matches."""
+    flat = logits.float()
+    vocab = flat.shape[-1]
+    labels = labels.to(flat.device)
+
+    def summed(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores.reshape(-1, vocab), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def mean(total: torch.Tensor, count: int) -> float:
+        return float(total) / count if count else float("inf")
+
+    shifted = summed(flat[:, :-1], labels[:, 1:])
+    variants = {
+        "unshifted": mean(summed(flat, labels), int((labels != IGNORE_INDEX).sum())),
+        "all_tokens_count": mean(shifted, labels[:, 1:].numel()),
+        "unshifted_count": mean(shifted, int((labels != IGNORE_INDEX).sum())),
+    }
+    if labels.shape[1] > 2:
+        variants["shifted_twice"] = mean(summed(flat[:, :-2], labels[:, 2:]), int((labels[:, 2:] != IGNORE_INDEX).sum()))
+    return variants
+
+
 @probe("causal_batch")
 def causal_batch(
     batch: Mapping[str, torch.Tensor], *, ignore_index: int = -100, max_ignored_fraction: float = 0.1,
@@ -316,8 +417,9 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: in
     with eval_mode(model):
         for part in input_ids.split(batch_size):
             part = part.to(device)
-            loss = model(input_ids=part, labels=part).loss.float().item()
-            require_finite_number(loss, f"the loss of rows {count} to {count + part.shape[0] - 1}")
+            what = f"the loss of rows {count} to {count + part.shape[0] - 1}"
+            loss = training_loss(model, {"input_ids": part, "labels": part}, what=what).float().item()
+            require_finite_number(loss, what)
             total += loss * part.shape[0]
             count += part.shape[0]
     return total / max(count, 1)
@@ -401,11 +503,9 @@ def _batch(batch: object, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss on a batch from :func:`_batch`; NonFiniteError if it is NaN or Inf."""
-    device = model_device(model)
-    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-    require_finite(loss, "the loss of the batch", ())
-    return loss
+    """The loss the model trains with (its own, else the reference) on a batch from
+    :func:`_batch`; NonFiniteError if it is NaN or Inf."""
+    return training_loss(model, batch)
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -422,17 +522,6 @@ def _frozen_problems(names: Mapping[str, torch.nn.Parameter], expect_frozen: Col
             for n, p in names.items() if not p.requires_grad and n not in expect_frozen] + [
             f"{n} should be frozen but has requires_grad=True"
             for n in expect_frozen if names[n].requires_grad]
-
-
-def _output_size(model: torch.nn.Module) -> int:
-    embeddings = getattr(model, "get_output_embeddings", lambda: None)()
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return int(embeddings.weight.shape[0])
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(size, int):
-        raise ModelError(f"'model' must tell its vocabulary size (an output embedding, or "
-                         f"config.vocab_size); a {type(model).__name__} has neither")
-    return size
 
 
 def _as_ids(

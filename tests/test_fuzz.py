@@ -162,6 +162,11 @@ ENTRIES: dict[str, Entry] = {
     "params_update": Entry(lmcheck.params_update, lambda w: dict(model=w.causal, batch=w.ids()),
                            {"model": garbage, "batch": ids_like, "lr": garbage, "expect_frozen": garbage,
                             "optimizer": garbage}),
+    "loss_matches_reference": Entry(lmcheck.loss_matches_reference, lambda w: dict(model=w.causal, batch=w.ids()),
+                                    {"model": garbage, "batch": ids_like, "rtol": garbage, "atol": garbage}),
+    "adapt": Entry(lmcheck.adapt, lambda w: dict(module=w.causal, logits=lambda ids: w.causal(ids).logits),
+                   {"module": garbage, "logits": garbage, "loss": garbage, "context_length": garbage},
+                   returns=lmcheck.AdaptedLM),
     "memorizes": Entry(lmcheck.memorizes, lambda w: dict(
         model=w.causal, tokenizer=None, chunks=w.ids(), prefix_length=2, continuation_length=2),
         {"model": garbage, "tokenizer": garbage, "chunks": ids_like, "prefix_length": garbage,

@@ -156,6 +156,7 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "loss_at_init": lambda c, _: lmcheck.loss_at_init(c.causal, c.ids()),
     "gradient_flow": lambda c, _: lmcheck.gradient_flow(c.causal, c.ids()),
     "params_update": lambda c, _: lmcheck.params_update(c.causal, c.ids()),
+    "loss_matches_reference": lambda c, _: lmcheck.loss_matches_reference(c.causal, c.ids()),
     "memorizes": lambda c, _: lmcheck.memorizes(c.causal, None, c.ids(), prefix_length=2,
                                                 continuation_length=4, min_verbatim_rate=0.0),
     "causal_batch": lambda c, _: lmcheck.causal_batch(_additive_mask(c)),

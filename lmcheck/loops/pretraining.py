@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from lmcheck._model import eval_mode, model_device
+from lmcheck._model import eval_mode, loss_of, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
@@ -341,7 +341,7 @@ def _train_lean(
         _synchronize()
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
+            loss = loss_of(model, batch)
         if not curve.record_train(step, loss.item()):
             curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
             break
@@ -360,12 +360,11 @@ def _train_lean(
 @torch.no_grad()
 def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int) -> float:
     """Mean loss over validation chunks, batched by the training collator as the Trainer does."""
-    device = model_device(model)
     total = 0.0
     with eval_mode(model):
         for part in valid_ids.split(batch_size):
             batch = collator([{"input_ids": row.tolist()} for row in part])
-            total += model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item() * len(part)
+            total += loss_of(model, batch).float().item() * len(part)
     return total / len(valid_ids)
 
 
