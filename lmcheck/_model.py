@@ -119,8 +119,9 @@ def input_vocabulary(model: torch.nn.Module) -> int | None:
 def output_size(model: torch.nn.Module) -> int:
     """The number of logits per position (the output vocabulary V)."""
     embeddings = getattr(model, "get_output_embeddings", lambda: None)()
-    if isinstance(getattr(embeddings, "weight", None), torch.Tensor):
-        return int(embeddings.weight.shape[0])
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(size, int) and kind(model) == "transformers":
         return size
