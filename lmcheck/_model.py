@@ -314,6 +314,22 @@ def _logits_of(output: Any, model: torch.nn.Module, ids: torch.Tensor) -> torch.
     return logits
 
 
+def encoder_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The (B, T, V) logits of a masked LM for a tokenizer's ``inputs`` (ids, mask, token types
+    where the model takes them), on the model's device; not checked for NaN (the caller names
+    its texts)."""
+    device = model_device(model)
+    ids = inputs["input_ids"].to(device)
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask.to(device)
+    if kind(model) == "transformers":
+        accepted = inspect.signature(model.forward).parameters
+        output = model(**{k: v.to(device) for k, v in inputs.items() if k in accepted})
+    else:
+        output = _call_plain(model, ids, _mask_for(model, mask))
+    return _logits_of(output, model, ids)
+
+
 # ---------------------------------------------------------------- losses
 
 

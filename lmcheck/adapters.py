@@ -26,9 +26,7 @@ token is supervised.)
 
 from __future__ import annotations
 
-import copy
 import inspect
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,7 +46,8 @@ class AdaptedLM(torch.nn.Module):
 
     The wrapped module is a submodule (``.module``), so parameters, ``train()``/``eval()`` and
     ``to(device)`` reach it; the functions are called with the tensors already on the model's
-    device. A deep copy copies the module and rebinds the functions' closures to the copy.
+    device. The functions keep calling the module they were written for, so a deep copy of an
+    adapted model still calls the original: adapt the copy instead.
 
     Attributes:
         module: the user's model.
@@ -74,19 +73,6 @@ class AdaptedLM(torch.nn.Module):
     def own_loss(self, batch: Mapping[str, torch.Tensor]) -> Any:
         """The loss function's output for ``batch``; None where no loss function was given."""
         return None if self.loss_function is None else self.loss_function(batch)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> AdaptedLM:
-        """A copy whose functions call the copied module: the module is copied first, then each
-        function is rebuilt with its closure's contents copied through the same ``memo``, so a
-        ``lambda ids: model(ids)`` of the original becomes one of the copy (``params_update``
-        steps a copy and must see the copy's gradients)."""
-        module = copy.deepcopy(self.module, memo)
-        copied = AdaptedLM(module, _rebound(self.logits_function, memo),
-                           None if self.loss_function is None else _rebound(self.loss_function, memo),
-                           self.context_length)
-        copied.train(self.training)
-        memo[id(self)] = copied
-        return copied
 
     def extra_repr(self) -> str:
         return f"takes_mask={self.takes_mask}, own_loss={self.loss_function is not None}"
@@ -124,18 +110,6 @@ def adapt(module: torch.nn.Module, *, logits: LogitsFunction, loss: LossFunction
     if context_length is not None:
         check_int(context_length, "context_length", 1)
     return AdaptedLM(module, logits, loss, context_length)
-
-
-def _rebound(function: Any, memo: dict[int, Any]) -> Any:
-    """``function`` with the contents of its closure (and of the functions in it) deep-copied
-    through ``memo``; bound methods are copied with their object; other callables as deepcopy does."""
-    if not isinstance(function, types.FunctionType) or not function.__closure__:
-        return copy.deepcopy(function, memo)
-    cells = tuple(types.CellType(_rebound(cell.cell_contents, memo)) for cell in function.__closure__)
-    rebuilt = types.FunctionType(function.__code__, function.__globals__, function.__name__,
-                                 function.__defaults__, cells)
-    rebuilt.__kwdefaults__ = function.__kwdefaults__
-    return rebuilt
 
 
 def _positional_arguments(function: Callable[..., Any]) -> int:

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lmcheck._finite import probe, require_finite
-from lmcheck._model import eval_mode, model_device
+from lmcheck._model import encoder_logits, eval_mode, model_device
 from lmcheck._validate import (
     check_fraction,
     check_int,
@@ -39,11 +38,14 @@ from lmcheck._validate import (
     describe,
 )
 from lmcheck.cloze import ClozeCase
+from lmcheck.comparison import LOGIT_ATOL, tolerance_for
 from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result, headroom_above, headroom_below
 
 __all__ = [
     "MaskPrediction",
+    "bidirectionality",
+    "encoder_padding_invariance",
     "fill_mask",
     "mask_fill_accuracy",
     "masked_loss_at_init",
@@ -202,7 +204,7 @@ def masked_loss_at_init(
             batch = {k: v.to(device) for k, v in
                      collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
             labels = batch.pop("labels")  # (B, T)
-            logits = model(**batch).logits.float()  # (B, T, V)
+            logits = encoder_logits(model, batch).float()  # (B, T, V)
             valid = batch["attention_mask"] if "attention_mask" in batch else None
             require_finite(logits, f"the logits of examples {start} to {start + len(labels) - 1}",
                            ("example", "position", "token id"), valid=valid, offsets=(start,))
@@ -226,6 +228,122 @@ def masked_loss_at_init(
         metrics={"loss": loss, "ln_vocab": expected, "relative_distance": distance, "scored_tokens": count},
         threshold=tolerance, headroom=headroom_below(distance, tolerance), explanation=explanation,
     )
+
+
+@probe("bidirectionality")
+def bidirectionality(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+    text: str = "Life is like a [MASK] of chocolates, you never know what you are going to get.", *,
+    trials: int = 3, atol: float | None = None, seed: int = 0,
+) -> Result:
+    """The prediction at a mask changes when only the tokens to its right change.
+
+    A masked LM fills a blank from both sides; one that attends causally by mistake (a decoder
+    config, a causal mask left in the attention) predicts from the left alone, so changing the
+    right context moves nothing. The tokens after the first mask (special tokens aside) are
+    replaced by random ones ``trials`` times; the largest change of the logits at the mask must
+    exceed ``atol`` (default :data:`~lmcheck.comparison.LOGIT_ATOL` for the model's dtype).
+    ``[MASK]`` in ``text`` stands for the tokenizer's own mask token.
+    """
+    check_masked_lm(model, tokenizer)
+    check_int(trials, "trials", 1)
+    check_seed(seed)
+    if atol is not None:
+        check_number(atol, "atol", low=0)
+    check_texts(text, "text")
+    encoded = tokenizer(text.replace("[MASK]", tokenizer.mask_token), return_tensors="pt")
+    ids = encoded["input_ids"]  # (1, T)
+    masks = (ids[0] == tokenizer.mask_token_id).nonzero()
+    if not len(masks):
+        raise InputError(f"'text' must contain [MASK] or the tokenizer's mask token {tokenizer.mask_token!r} "
+                         f"(got {_excerpt(text, tokenizer)!r})")
+    position = int(masks[0])
+    special = set(tokenizer.all_special_ids)
+    right = [t for t in range(position + 1, ids.shape[1]) if int(ids[0, t]) not in special]
+    if not right:
+        raise InputError(f"'text' must have words after its mask to change (got {_excerpt(text, tokenizer)!r})")
+    tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
+    generator = torch.Generator().manual_seed(seed)
+    ordinary = torch.tensor([i for i in range(min(len(tokenizer), 30000)) if i not in special])
+    changes = []
+    with eval_mode(model), torch.no_grad():
+        base = encoder_logits(model, encoded)[0, position].float()  # (V,)
+        require_finite(base, "the logits at the mask", ("token id",))
+        for trial in range(trials):
+            changed = {k: v.clone() for k, v in encoded.items()}
+            picks = torch.randint(len(ordinary), (len(right),), generator=generator)
+            changed["input_ids"][0, right] = ordinary[picks]
+            logits = encoder_logits(model, changed)[0, position].float()
+            require_finite(logits, f"the logits at the mask with the right context changed (trial {trial})",
+                           ("token id",))
+            changes.append(float((logits - base).abs().max()))
+    largest = max(changes)
+    passed = largest > tol
+    words = f"{len(right)} token{'s' if len(right) > 1 else ''} to its right"
+    explanation = (f"the logits at the mask (position {position}) move by up to {largest:.3g} when the "
+                   f"{words} change ({trials} trials; more than {tol:g}): the model reads both sides"
+                   if passed else
+                   f"the logits at the mask (position {position}) move by at most {largest:.3g} (tolerance "
+                   f"{tol:g}) when the {words} change: the model does not read the right context; it "
+                   f"attends causally (a decoder config or a causal attention mask), so it cannot fill a "
+                   f"blank from both sides")
+    return Result(name="bidirectionality", passed=passed,
+                  metrics={"max_logit_change": largest, "mask_position": position, "changed_tokens": len(right),
+                           "trials": trials},
+                  threshold=tol, headroom=headroom_above(largest, tol) if tol > 0 else (1.0 if passed else -1.0),
+                  explanation=explanation, details=tuple({"trial": i, "max_logit_change": c}
+                                                         for i, c in enumerate(changes)))
+
+
+@probe("encoder_padding_invariance")
+def encoder_padding_invariance(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *,
+    atol: float | None = None,
+) -> Result:
+    """Each text's logits alone equal its logits in a padded batch of texts of other lengths.
+
+    The encoder's padding and batch invariance: the tokenizer pads the batch on its own side
+    (right for BERT) and the attention mask must hide the pads from every real token. Logits at
+    the real positions must agree within ``atol`` (default :data:`~lmcheck.comparison.LOGIT_ATOL`).
+    """
+    check_masked_lm(model, tokenizer)
+    items = check_texts(texts, "texts", single=False)
+    if len(items) < 2:
+        raise InputError(f"'texts' must hold at least 2 texts to batch (got {len(items)})")
+    if tokenizer.pad_token_id is None:
+        raise InputError("'tokenizer' must have a pad token to batch texts of different lengths")
+    if atol is not None:
+        check_number(atol, "atol", low=0)
+    tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
+    rows = []
+    with eval_mode(model), torch.no_grad():
+        batch = tokenizer(items, padding=True, return_tensors="pt")
+        batched = encoder_logits(model, batch).float().cpu()  # (B, T, V)
+        real = batch["attention_mask"].bool()
+        require_finite(batched, "the logits of the padded batch", ("text", "position", "token id"), valid=real)
+        for index, text in enumerate(items):
+            alone_inputs = tokenizer([text], return_tensors="pt")
+            alone = encoder_logits(model, alone_inputs).float().cpu()[0]  # (t, V)
+            require_finite(alone, f"the logits of text {index} alone", ("position", "token id"))
+            in_batch = batched[index][real[index]]  # (t, V)
+            diff = (alone - in_batch).abs()
+            rows.append({"text": index, "tokens": alone.shape[0], "pads": int((~real[index]).sum()),
+                         "max_logit_diff": float(diff.max()), "position": int(diff.amax(-1).argmax())})
+    worst = max(rows, key=lambda r: r["max_logit_diff"])
+    bad = [r for r in rows if r["max_logit_diff"] > tol]
+    if bad:
+        first = bad[0]
+        explanation = (f"text {first['text']} in a padded batch of {len(items)} ({first['pads']} pads): its "
+                       f"logits differ from the text alone by {first['max_logit_diff']:.3g} at position "
+                       f"{first['position']}, above {tol:g}: the pads reach the real tokens (check the "
+                       f"attention mask)")
+    else:
+        explanation = (f"{len(items)} texts in a padded batch: logits within {tol:g} of each text alone "
+                       f"(largest {worst['max_logit_diff']:.3g})")
+    return Result(name="encoder_padding_invariance", passed=not bad,
+                  metrics={"texts": len(items), "max_logit_diff": worst["max_logit_diff"]}, threshold=tol,
+                  headroom=headroom_below(worst["max_logit_diff"], tol), explanation=explanation,
+                  details=tuple(rows))
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -303,8 +421,6 @@ def _mask_probabilities(
     if tokenizer.pad_token_id is None:
         batch_size = 1  # nothing to pad with: one text per forward pass
     limit = getattr(model.config, "max_position_embeddings", None)
-    accepted = inspect.signature(model.forward).parameters
-    device = model_device(model)
     with eval_mode(model):  # dropout off: predictions must not be random
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
@@ -317,9 +433,8 @@ def _mask_probabilities(
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
                                  f"more than the model's {limit} positions")
-            inputs = {k: v.to(device) for k, v in encoded.items() if k in accepted}
             with torch.inference_mode():
-                logits = model(**inputs).logits  # (B, T, V)
+                logits = encoder_logits(model, encoded)  # (B, T, V)
             require_finite(logits, f"the logits of texts {start} to {start + len(ids) - 1}",
                            ("text", "position", "token id"), valid=encoded["attention_mask"].bool(),
                            offsets=(start,))

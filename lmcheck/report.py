@@ -52,27 +52,30 @@ class Report:
     def result(self, result: Result) -> Result:
         """Record a result and print its one-line verdict."""
         self.results.append(result)
-        mark = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
+        mark = {"pass": "[green]PASS[/green]", "fail": "[red]FAIL[/red]", "n/a": "[yellow]n/a[/yellow]"}[result.status]
         headroom = "" if result.headroom is None else f" (headroom {_cell(result.headroom)})"
         self.console.print(f"{mark} {escape(result.name)}{headroom}: {escape(result.explanation)}")
         return result
 
     def summary(self, *, table: bool = True) -> bool:
         """Print the table of all recorded results, or with ``table=False`` only the count (for a
-        report whose results were each printed already); True when every one passed."""
-        passed = sum(r.passed for r in self.results)
+        report whose results were each printed already). True when none failed and at least one
+        passed: a not-applicable check is neither, and never counts as a pass."""
+        passed = sum(r.status == "pass" for r in self.results)
+        failed = sum(r.status == "fail" for r in self.results)
+        skipped = len(self.results) - passed - failed
+        count = f"{passed} of {len(self.results)} checks passed" + (f", {skipped} not applicable" if skipped else "")
+        ok = failed == 0 and passed > 0
         if not table:
-            self.console.print(f"[bold]{passed} of {len(self.results)} checks passed")
-            return passed == len(self.results)
+            self.console.print(f"[bold]{count}")
+            return ok
         self.table(
             ("check", "result", "headroom", "explanation"),
-            (
-                (r.name, "PASS" if r.passed else "FAIL", r.headroom, _shorten(r.explanation, 90))
-                for r in self.results
-            ),
-            title=f"{passed} of {len(self.results)} checks passed",
+            ((r.name, r.status.upper() if r.status != "n/a" else "n/a", r.headroom, _shorten(r.explanation, 90))
+             for r in self.results),
+            title=count,
         )
-        return passed == len(self.results)
+        return ok
 
 
 def _cell(value: Any) -> str:

@@ -11,9 +11,9 @@ check.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -202,9 +202,12 @@ def params_update(
 ) -> Result:
     """One optimizer step changes every trainable parameter (and no frozen one).
 
-    Runs on a deep copy, so ``model`` is unchanged. ``optimizer`` builds the optimizer from that
-    copy (default ``AdamW(trainable parameters, lr=lr, weight_decay=0)``), so a user can pass
-    their own: ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
+    The step runs on ``model`` itself, and its parameters, buffers and ``.grad`` fields are put
+    back afterwards, so ``model`` is left as it was. (A deep copy would not do: the functions of
+    a model wrapped by :func:`lmcheck.adapt` may call the original module.) ``optimizer`` builds
+    the optimizer from the model (default ``AdamW(trainable parameters, lr=lr,
+    weight_decay=0)``), so a user can pass their own:
+    ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
     """
     _parameters(model)
     batch = _batch(batch, model)
@@ -212,28 +215,29 @@ def params_update(
     expect_frozen = check_names(expect_frozen, "expect_frozen")
     if optimizer is not None:
         check_callable(optimizer, "optimizer", "a function from the model to a torch.optim.Optimizer")
-    trial = copy.deepcopy(model)
-    names = _parameters(trial)
+    names = _parameters(model)
     problems = _frozen_problems(names, expect_frozen)
     trainable = [p for p in names.values() if p.requires_grad]
-    before = {n: p.detach().clone() for n, p in names.items()}
-    build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
-    step = build(trial)
-    if not isinstance(step, torch.optim.Optimizer):
-        raise InputError(f"'optimizer' must return a torch.optim.Optimizer (got {describe(step)})")
-    step.zero_grad(set_to_none=True)
-    _loss(trial, batch).backward()  # NonFiniteError if the loss is NaN or Inf
-    for parameter_name, parameter in names.items():
-        if parameter.grad is not None:
-            require_finite(parameter.grad, f"the gradients of {parameter_name}", ("index",) * parameter.dim())
-    step.step()
+    with _restored(model):
+        before = {n: p.detach().clone() for n, p in names.items()}
+        build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+        step = build(model)
+        if not isinstance(step, torch.optim.Optimizer):
+            raise InputError(f"'optimizer' must return a torch.optim.Optimizer (got {describe(step)})")
+        step.zero_grad(set_to_none=True)
+        _loss(model, batch).backward()  # NonFiniteError if the loss is NaN or Inf
+        for parameter_name, parameter in names.items():
+            if parameter.grad is not None:
+                require_finite(parameter.grad, f"the gradients of {parameter_name}", ("index",) * parameter.dim())
+        step.step()
+        after = {n: p.detach().clone() for n, p in names.items()}
     rows = []
     unchanged = []
     for parameter_name, parameter in names.items():
         # NaN differs from every number, so a parameter that became NaN "changed": refuse it first
-        require_finite(parameter.detach(), f"after one optimizer step, the values of {parameter_name}",
+        require_finite(after[parameter_name], f"after one optimizer step, the values of {parameter_name}",
                        ("index",) * parameter.dim())
-        changed = not torch.equal(before[parameter_name], parameter.detach())
+        changed = not torch.equal(before[parameter_name], after[parameter_name])
         rows.append({"parameter": parameter_name, "trainable": parameter.requires_grad, "changed": changed})
         if parameter.requires_grad and not changed:
             unchanged.append(parameter_name)
@@ -506,6 +510,21 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     """The loss the model trains with (its own, else the reference) on a batch from
     :func:`_batch`; NonFiniteError if it is NaN or Inf."""
     return training_loss(model, batch)
+
+
+@contextmanager
+def _restored(model: torch.nn.Module) -> Iterator[None]:
+    """Put the model's parameters, buffers and ``.grad`` fields back as they were on exit."""
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, value in model.state_dict(keep_vars=True).items():
+                value.copy_(state[key])
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

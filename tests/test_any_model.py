@@ -235,3 +235,20 @@ def test_training_probes_use_the_models_own_loss(batch):
     unshifted = adapted_nanogpt(shift=0)
     assert lmcheck.gradient_flow(unshifted, batch)
     assert not lmcheck.loss_matches_reference(unshifted, batch)
+
+
+GLOBAL_GPT = NanoGPT(seed=1).eval()
+# written at the top level, as in a script or a notebook: the lambdas reach GLOBAL_GPT as a global
+GLOBAL_ADAPTED = lmcheck.adapt(GLOBAL_GPT, logits=lambda ids: GLOBAL_GPT(ids, ids)[0],
+                               loss=lambda batch: GLOBAL_GPT(batch["input_ids"][:, :-1],
+                                                             batch["labels"][:, 1:])[1])
+
+
+def test_params_update_steps_the_model_itself_and_puts_it_back(batch):
+    """The step must move the parameters the functions actually use, then restore them all."""
+    before = {n: p.detach().clone() for n, p in GLOBAL_GPT.named_parameters()}
+    result = lmcheck.params_update(GLOBAL_ADAPTED, batch)
+    assert result, result.explanation
+    for name, parameter in GLOBAL_GPT.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+        assert parameter.grad is None, name

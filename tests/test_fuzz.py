@@ -188,6 +188,12 @@ ENTRIES: dict[str, Entry] = {
         model=w.masked, tokenizer=w.bert, examples=["paris is the capital of france."]),
         {"model": garbage, "tokenizer": garbage, "examples": garbage, "tolerance": garbage,
          "mlm_probability": garbage, "seed": garbage, "batch_size": garbage}),
+    "bidirectionality": Entry(lmcheck.bidirectionality, lambda w: dict(model=w.masked, tokenizer=w.bert),
+                              {"model": garbage, "tokenizer": garbage, "text": garbage, "trials": garbage,
+                               "atol": garbage, "seed": garbage}),
+    "encoder_padding_invariance": Entry(lmcheck.encoder_padding_invariance, lambda w: dict(
+        model=w.masked, tokenizer=w.bert, texts=["paris is the capital of france.", "a city."]),
+        {"model": garbage, "tokenizer": garbage, "texts": garbage, "atol": garbage}),
     "cloze_cases": Entry(lmcheck.cloze_cases, lambda w: dict(tokenizer=w.bert, documents=_documents(), n=2),
                          {"tokenizer": garbage, "documents": garbage, "n": garbage, "seed": garbage,
                           "context": garbage}, returns=(list, tuple)),

@@ -163,6 +163,9 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "mask_fill_accuracy": lambda c, _: lmcheck.mask_fill_accuracy(
         c.masked, c.bert, [("paris is the capital of [MASK] and its largest city.", "france")],
         threshold=0.0),
+    "bidirectionality": lambda c, _: lmcheck.bidirectionality(c.masked, c.bert),
+    "encoder_padding_invariance": lambda c, _: lmcheck.encoder_padding_invariance(
+        c.masked, c.bert, ["paris is the capital of france.", "a short one."]),
     "masked_loss_at_init": lambda c, _: lmcheck.masked_loss_at_init(
         c.masked, c.bert, ["paris is the capital of france and its largest city by far."],
         mlm_probability=0.5),
