@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "kv_cache_matches_full": "lmcheck.causal",
     "LmcheckError": "lmcheck.errors",
     "load_causal_lm": "lmcheck.models",
+    "load_language_model": "lmcheck.models",
     "load_documents": "lmcheck.corpus",
     "load_smollm2": "lmcheck.models",
     "load_tokenizer": "lmcheck.tokens",

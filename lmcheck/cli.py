@@ -1,4 +1,8 @@
-"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck check MODEL``, ``lmcheck assets ...``."""
+"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck check MODEL``, ``lmcheck assets ...``.
+
+Exit status: 0 when every check passed (not-applicable ones aside, and at least one passed), 1
+when a check failed, 2 on bad arguments or a model that cannot be loaded.
+"""
 
 from __future__ import annotations
 
@@ -40,8 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     tutorial.add_argument("--out", default="lmcheck-out", help="folder for plots and JSON (default: %(default)s)")
     tutorial.set_defaults(handler=_tutorial)
 
-    check = commands.add_parser("check", help="run the causal-LM checks on your own model")
-    check.add_argument("model", help="a local folder, a name in the Hugging Face cache, or 'smollm2'")
+    check = commands.add_parser("check", help="run the causal- or masked-LM checks on your own model")
+    check.add_argument("model", help="a local folder, a name in the Hugging Face cache, 'smollm2', or "
+                                     "package.module:function returning a model or (model, tokenizer)")
+    check.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                       help="the tokenizer, where a factory returns none (default: gpt2, offline)")
+    check.add_argument("--cloze-threshold", type=float, default=None, metavar="ACCURACY",
+                       help="masked LMs: a trained model's top-5 cloze accuracy on the wiki sample must "
+                            "reach this (default: the model is untrained; its loss at init is checked)")
     check.add_argument("--prompt", action="append", metavar="TEXT",
                        help="prompt to check with (repeatable; default: three English prompts)")
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -86,12 +96,13 @@ def _tutorial(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from lmcheck.report import Report, write_results_json
-    from lmcheck.suite import DEFAULT_PROMPTS, load_model_for_checks, run_causal_checks
+    from lmcheck.suite import DEFAULT_PROMPTS, load_model_for_checks, model_family, run_checks
 
-    model, tokenizer = load_model_for_checks(args.model)
+    model, tokenizer = load_model_for_checks(args.model, args.tokenizer)
     report = Report()
-    report.title(f"lmcheck check {args.model}")
-    for result in run_causal_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS):
+    report.title(f"lmcheck check {args.model} ({model_family(model)} LM)")
+    for result in run_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS,
+                             cloze_threshold=args.cloze_threshold):
         report.result(result)
     ok = report.summary(table=False)  # each result was printed once, as its line
     if args.json:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
@@ -39,6 +41,7 @@ __all__ = [
     "gpt2_config",
     "gpt2_from_scratch",
     "load_causal_lm",
+    "load_language_model",
     "load_smollm2",
 ]
 
@@ -206,6 +209,28 @@ def load_causal_lm(
     Raises:
         InputError: the name is not a string or path, or nothing loadable is found under it.
     """
+    return _load(name_or_path, AutoModelForCausalLM, "causal LM", dtype, local_files_only)
+
+
+def load_language_model(
+    name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+    local_files_only: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal or a masked LM, as its config's ``architectures`` names it (``BertForMaskedLM``
+    loads as a masked LM, anything else as :func:`load_causal_lm` does)."""
+    if isinstance(name_or_path, (str, os.PathLike)) and str(name_or_path) and str(name_or_path) != "smollm2":
+        try:
+            config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False,
+                                                local_files_only=local_files_only)
+        except (OSError, ValueError):
+            config = None  # load_causal_lm says what is missing
+        if any(str(a).endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or ()):
+            return _load(name_or_path, AutoModelForMaskedLM, "masked LM", dtype, local_files_only)
+    return load_causal_lm(name_or_path, dtype=dtype, local_files_only=local_files_only)
+
+
+def _load(name_or_path: str | os.PathLike[str], auto: Any, what: str, dtype: torch.dtype,
+          local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise InputError(
             f"'name_or_path' must be a model name or folder (got {describe(name_or_path)})"
@@ -213,7 +238,7 @@ def load_causal_lm(
     if str(name_or_path) == "smollm2":
         return load_smollm2()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
             local_files_only=local_files_only,
         )
@@ -222,7 +247,7 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise InputError(
-            f"causal LM {str(name_or_path)!r} is neither a local folder with safetensors weights "
+            f"{what} {str(name_or_path)!r} is neither a local folder with safetensors weights "
             f"nor in the Hugging Face cache ({str(error).splitlines()[0]})"
         ) from None
     return model.eval(), tokenizer

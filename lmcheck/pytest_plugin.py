@@ -9,9 +9,12 @@ Registered through the ``pytest11`` entry point, so installing lmcheck is enough
   tests where none of their repos is cached; ``slow`` tests run only with ``--lmcheck-slow`` or
   a ``-m`` expression that selects them because they are slow;
 - the fixture ``lmcheck_results`` collects results and writes them to ``--lmcheck-json``;
-- ``--lmcheck-model`` names your causal LM for the ready-made checks in ``lmcheck.suite``
-  (``pytest --pyargs lmcheck.suite --lmcheck-model ./my-model``), through the session fixtures
-  ``lmcheck_causal_lm`` and ``lmcheck_prompts``.
+- ``--lmcheck-model`` names your model for the ready-made checks in ``lmcheck.suite``: a folder,
+  a cached name, or your own factory ``package.module:function`` (``pytest --pyargs lmcheck.suite
+  --lmcheck-model ./my-model``), through the session fixtures ``lmcheck_model`` and
+  ``lmcheck_prompts``; a conftest of yours may define ``lmcheck_model`` instead;
+- :func:`expect_pass` turns a result into a test outcome: a pass passes, a failure fails with the
+  explanation, and a not-applicable result is a skip with its reason.
 """
 
 from __future__ import annotations
@@ -40,8 +43,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lmcheck-json", default=None, metavar="PATH",
                     help="write every result recorded through the lmcheck_results fixture to PATH")
     group.addoption("--lmcheck-model", default=None, metavar="NAME_OR_PATH",
-                    help="causal LM for lmcheck.suite: a local folder, a name in the Hugging Face "
-                         "cache, or 'smollm2' (offline)")
+                    help="model for lmcheck.suite: a local folder, a name in the Hugging Face cache, "
+                         "'smollm2' (offline), or package.module:function returning a model or "
+                         "(model, tokenizer)")
+    group.addoption("--lmcheck-tokenizer", default=None, metavar="NAME_OR_PATH",
+                    help="tokenizer for a --lmcheck-model factory that returns none (default: gpt2, "
+                         "offline)")
+    group.addoption("--lmcheck-cloze-threshold", default=None, type=float, metavar="ACCURACY",
+                    help="masked LMs: a trained model's top-5 cloze accuracy on the wiki sample must "
+                         "reach this (default: none, the model is untrained and its loss at init is "
+                         "checked)")
     group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
                     help="prompt for lmcheck.suite (repeatable; default: lmcheck.suite.DEFAULT_PROMPTS)")
 
@@ -154,14 +165,34 @@ def lmcheck_results(request: pytest.FixtureRequest) -> Iterator[list[Result]]:
 
 
 @pytest.fixture(scope="session")
-def lmcheck_causal_lm(pytestconfig: pytest.Config) -> Any:
+def lmcheck_model(pytestconfig: pytest.Config) -> Any:
     """``(model, tokenizer)`` named by ``--lmcheck-model``; skips when none is given."""
     name = pytestconfig.getoption("--lmcheck-model")
     if not name:
-        pytest.skip("no model given: pass --lmcheck-model NAME_OR_PATH")
+        pytest.skip("no model given: pass --lmcheck-model NAME_OR_PATH or package.module:function")
+    from lmcheck.errors import LmcheckError
     from lmcheck.suite import load_model_for_checks
 
-    return load_model_for_checks(name)
+    try:
+        return load_model_for_checks(name, pytestconfig.getoption("--lmcheck-tokenizer"))
+    except LmcheckError as error:
+        pytest.fail(f"--lmcheck-model: {error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def lmcheck_cloze_threshold(pytestconfig: pytest.Config) -> float | None:
+    """``--lmcheck-cloze-threshold``: None for an untrained masked LM."""
+    return pytestconfig.getoption("--lmcheck-cloze-threshold")
+
+
+def expect_pass(result: Result) -> None:
+    """Pass on a passed result, fail with its explanation, skip a not-applicable one with its reason."""
+    if not isinstance(result, Result):
+        raise TypeError(f"expect_pass takes a lmcheck Result (got {type(result).__name__})")
+    if result.status == "n/a":
+        pytest.skip(f"{result.name}: {result.explanation}")
+    if not result.passed:
+        pytest.fail(f"{result.name}: {result.explanation}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -243,6 +243,8 @@ ENTRIES: dict[str, Entry] = {
         {"tokenizer": garbage, "preset": garbage, "seed": garbage}, returns=torch.nn.Module),
     "load_causal_lm": Entry(lmcheck.load_causal_lm, lambda w: dict(name_or_path=w.extra["folder"] / "none"),
                             {"name_or_path": not_str}, returns=object),
+    "load_language_model": Entry(lmcheck.load_language_model, lambda w: dict(
+        name_or_path=w.extra["folder"] / "none"), {"name_or_path": not_str}, returns=object),
     "causal_lm_collator": Entry(lmcheck.causal_lm_collator, lambda w: dict(tokenizer=w.gpt2),
                                 {"tokenizer": garbage}, returns=object),
     "device_key": Entry(lmcheck.device_key, lambda w: dict(device="cpu"), {"device": not_str}, returns=str),

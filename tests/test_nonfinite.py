@@ -303,7 +303,7 @@ def test_check_command_exits_1_on_a_saved_nan_model(nan_model_folder, capsys):
 def test_check_command_exits_1_on_each_broken_model(fault, healthy_causal, gpt2_tokenizer_with_pad,
                                                    monkeypatch, capsys):
     model = broken(healthy_causal, fault)
-    monkeypatch.setattr("lmcheck.suite.load_model_for_checks", lambda _: (model, gpt2_tokenizer_with_pad))
+    monkeypatch.setattr("lmcheck.suite.load_model_for_checks", lambda *_: (model, gpt2_tokenizer_with_pad))
     # the long prompt first: causality runs on the first, and nan_later is finite on 2 tokens
     assert main(["check", "broken", "--prompt", PROMPTS[1], "--prompt", PROMPTS[0]]) == 1
     out = capsys.readouterr().out
@@ -329,7 +329,7 @@ def test_the_pytest_suite_fails_on_each_broken_model(pytester, fault):
         from tests_nonfinite_faults import broken
 
         @pytest.fixture(scope="session")
-        def lmcheck_causal_lm():
+        def lmcheck_model():
             tokenizer = load_tokenizer("gpt2")
             tokenizer.pad_token = tokenizer.eos_token
             model = gpt2_from_scratch(tokenizer, preset=dict(n_layer=2, n_head=2, n_embd=32, n_positions=64))

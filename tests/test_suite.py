@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import lmcheck
 from lmcheck.cli import main
-from lmcheck.models import gpt2_from_scratch
-from lmcheck.suite import CAUSAL_CHECKS
+from lmcheck.models import bert_from_scratch, gpt2_from_scratch
+from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS, run_checks
+
+PLAIN_MODELS = Path(__file__).with_name("plain_models.py")
+# a user's module of factories, next to a copy of the plain models (tests/plain_models.py)
+FACTORIES = """
+from plain_models import NanoGPT, RotaryLM
+
+def rotary():
+    return RotaryLM()
+
+def leaky():
+    return RotaryLM(fault="future_leak")
+
+def nanogpt():
+    return NanoGPT()  # not adapted: its forward gives the last position only
+
+def broken():
+    raise RuntimeError("weights not found")
+
+def not_a_model():
+    return "model.pt"
+"""
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +65,134 @@ def test_check_command_names_a_missing_model(tmp_path, capsys):
 def test_the_pytest_suite_runs_against_a_users_model(pytester, user_model_folder):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={user_model_folder}")
-    result.assert_outcomes(passed=len(CAUSAL_CHECKS))
+    result.assert_outcomes(passed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS))  # not a masked LM
 
 
 def test_the_pytest_suite_skips_without_a_model(pytester):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-rs", "-p", "no:cacheprovider")
-    result.assert_outcomes(skipped=len(CAUSAL_CHECKS))
+    result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
     result.stdout.fnmatch_lines(["*no model given: pass --lmcheck-model NAME_OR_PATH*"])
+
+
+# ---------------------------------------------------------------- users' own code: factories
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "plain_models.py").write_text(PLAIN_MODELS.read_text())
+    (tmp_path / "my_lm.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_the_pytest_suite_runs_a_plain_model_from_a_factory(pytester):
+    """A plain module from the user's factory: what it lacks is skipped with the reason, never passed."""
+    pytester.makepyfile(plain_models=PLAIN_MODELS.read_text(), my_lm=FACTORIES)
+    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-rs",
+                                           "--lmcheck-model=my_lm:rotary", "--lmcheck-tokenizer=gpt2")
+    result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS))
+    result.stdout.fnmatch_lines(["*greedy_matches_generate: not applicable: *has no generate()*",
+                                 "*kv_cache_matches_full: not applicable: lmcheck drives a KV cache*"])
+    leaky = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+                                          "--lmcheck-model=my_lm:leaky")
+    leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS))
+    leaky.stdout.fnmatch_lines(["*causality: position 0 of * sees the future*"])
+
+
+def test_the_check_command_runs_a_factory_and_counts_not_applicable_apart(factories, capsys):
+    assert main(["check", "my_lm:rotary", "--prompt", "Hello there", "--prompt", "The capital of France is"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 5 checks passed, 2 not applicable" in out
+    assert out.count("n/a") == 2
+    assert main(["check", "my_lm:leaky", "--prompt", "Hello there", "--prompt", "The capital of France is"]) == 1
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("my_lm:nothing", "my_lm has no function 'nothing'"),
+    ("my_lm:broken", "model factory 'my_lm:broken' raised RuntimeError: weights not found"),
+    ("my_lm:not_a_model", "must return a torch.nn.Module or (model, tokenizer) (got 'model.pt'"),
+    ("no_such_module:build", "importing 'no_such_module' failed with ModuleNotFoundError"),
+])
+def test_a_factory_that_fails_gets_one_line_naming_it(factory, message, factories, capsys):
+    assert main(["check", factory]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_a_nanogpt_factory_gets_the_adapt_advice(factories, capsys):
+    """Not a traceback from inside the model: lmcheck's one error, with the adapt call to write."""
+    assert main(["check", "my_lm:nanogpt"]) == 2
+    err = capsys.readouterr().err
+    assert "the last position's only" in err
+    assert "lmcheck.adapt" in err
+
+
+# ---------------------------------------------------------------- masked LMs in the ready suite
+
+
+def _causal_by_mistake(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA attention with a causal mask added: an encoder that cannot see to the right."""
+    length = query.shape[-2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    mask = causal if attention_mask is None else (attention_mask if attention_mask.dtype == torch.bool
+                                                  else attention_mask == 0) & causal
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+AttentionInterface.register("lmcheck_causal_by_mistake", _causal_by_mistake)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(bert_tokenizer):
+    return bert_from_scratch(bert_tokenizer, preset=dict(num_hidden_layers=2, num_attention_heads=2,
+                                                         hidden_size=32, intermediate_size=64)).eval()
+
+
+def test_a_masked_lm_gets_the_masked_battery(tiny_bert, bert_tokenizer, tmp_path, capsys):
+    results = run_checks(tiny_bert, bert_tokenizer)
+    assert [r.name for r in results] == ["fill_mask", "bidirectionality", "encoder_padding_invariance",
+                                         "masked_loss_at_init"]
+    for result in results:
+        assert result, result.explanation
+    folder = tmp_path / "my-bert"
+    tiny_bert.save_pretrained(folder)
+    bert_tokenizer.save_pretrained(folder)
+    assert main(["check", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "(masked LM)" in out
+    assert f"{len(MASKED_CHECKS)} of {len(MASKED_CHECKS)} checks passed" in out
+
+
+def test_a_masked_lm_that_attends_causally_fails_bidirectionality(tiny_bert, bert_tokenizer):
+    tiny_bert.set_attn_implementation("lmcheck_causal_by_mistake")
+    try:
+        result = lmcheck.bidirectionality(tiny_bert, bert_tokenizer)
+    finally:
+        tiny_bert.set_attn_implementation("sdpa")
+    assert not result
+    assert "does not read the right context; it attends causally" in result.explanation
+    assert lmcheck.bidirectionality(tiny_bert, bert_tokenizer)  # mended: the control
+
+
+def test_an_encoder_that_attends_to_pads_fails_padding_invariance(tiny_bert, bert_tokenizer):
+    handle = tiny_bert.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}), with_kwargs=True)
+    try:
+        result = lmcheck.encoder_padding_invariance(
+            tiny_bert, bert_tokenizer, ["paris is the capital of france.", "a short one."])
+    finally:
+        handle.remove()
+    assert not result
+    assert result.explanation.startswith("text 1 in a padded batch of 2")
+
+
+def test_a_trained_masked_lm_is_held_to_a_cloze_threshold(tiny_bert, bert_tokenizer):
+    """With a threshold the model counts as trained: an untrained one fails the cloze accuracy."""
+    (cloze,) = [r for r in run_checks(tiny_bert, bert_tokenizer, cloze_threshold=0.5)
+                if r.name == "cloze_accuracy"]
+    assert not cloze
+    assert cloze.threshold == 0.5

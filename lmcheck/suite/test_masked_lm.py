@@ -1,0 +1,23 @@
+"""The masked-LM checks, run against the model named by ``--lmcheck-model``.
+
+    pytest --pyargs lmcheck.suite --lmcheck-model ./my-bert [--lmcheck-cloze-threshold 0.5]
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcheck.pytest_plugin import expect_pass
+from lmcheck.suite import MASKED_CHECKS, model_family
+
+
+@pytest.mark.parametrize("check", list(MASKED_CHECKS), ids=list(MASKED_CHECKS))
+def test_masked_lm(check, lmcheck_model, lmcheck_cloze_threshold, lmcheck_results):
+    """The masked LM fills a mask, reads both sides, ignores pads, and has a sane loss at init
+    (or, given a threshold, the cloze accuracy of a trained model)."""
+    model, tokenizer = lmcheck_model
+    if model_family(model) != "masked":
+        pytest.skip("a causal LM: the causal battery runs instead")
+    result = MASKED_CHECKS[check](model, tokenizer, lmcheck_cloze_threshold)
+    lmcheck_results.append(result)
+    expect_pass(result)
