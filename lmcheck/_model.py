@@ -250,7 +250,7 @@ def _mask_for(model: torch.nn.Module, mask: torch.Tensor | None) -> torch.Tensor
         raise NotApplicableError(
             f"the model's forward takes no attention mask, so it cannot skip the pads of a "
             f"left-padded batch (a plain module needs an 'attention_mask' keyword; an adapted one a "
-            f"logits function of (ids, mask)); a {type(model).__name__} has neither")
+            f"logits function of (ids, mask)); the {type(model).__name__} has neither")
     return None  # all ones: nothing to skip, nothing lost
 
 
@@ -359,7 +359,7 @@ def own_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
         output = _call_transformers(model, batch["input_ids"], batch.get("attention_mask"), None, False, **extra)
         loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
     else:
-        raise NotApplicableError(f"a {type(model).__name__} computes no loss of its own (a plain module "
+        raise NotApplicableError(f"the {type(model).__name__} computes no loss of its own (a plain module "
                                  f"is called with ids only; give adapt() a loss function)")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ModelError(f"the model's own loss must be a scalar tensor (got {describe(loss)})")

@@ -17,7 +17,7 @@ the last position's logits only when ``targets`` is None and the loss over pre-s
     model = lmcheck.adapt(
         gpt,
         logits=lambda ids: gpt(ids, ids)[0],  # with targets, every position's logits
-        loss=lambda batch: gpt(batch["input_ids"][:, :-1], batch["labels"][:, 1:])[1],
+        loss=lambda batch: gpt(batch["input_ids"][:, :-1], batch["labels"][:, 1:].contiguous())[1],
     )
 
 (nanoGPT's loss ignores the target -1, not -100, so this loss function suits batches where every

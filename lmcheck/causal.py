@@ -94,7 +94,7 @@ def greedy_matches_generate(
     check_causal_lm(model)
     if not can_generate(model):
         raise NotApplicableError(f"the check compares the greedy loop with Hugging Face's generate(), "
-                                 f"and a {type(model).__name__} has no generate()")
+                                 f"and the {type(model).__name__} has no generate()")
     generate: Callable[..., Any] = model.generate  # type: ignore[assignment]
     if tie_atol is not None:
         check_number(tie_atol, "tie_atol", low=0)
@@ -200,7 +200,7 @@ def kv_cache_matches_full(
         check_number(atol, "atol", low=0)
     if not has_cache(model):
         raise NotApplicableError(f"lmcheck drives a KV cache through Hugging Face's interface "
-                                 f"(past_key_values or cache), and a {type(model).__name__} has none")
+                                 f"(past_key_values or cache), and the {type(model).__name__} has none")
     with in_context("the loop with the cache"):
         cached = greedy_decode(model, input_ids, max_new_tokens=max_new_tokens,
                                attention_mask=attention_mask, use_cache=True)

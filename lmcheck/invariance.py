@@ -105,7 +105,7 @@ def batch_invariance(
 def _require_mask(model: torch.nn.Module, what: str) -> None:
     if not takes_mask(model):
         raise NotApplicableError(f"{what}, which needs a model that takes an attention mask; the "
-                                 f"forward of a {type(model).__name__} names no 'attention_mask'")
+                                 f"forward of the {type(model).__name__} names no 'attention_mask'")
 
 
 def _invariance(name: str, condition: str, side: str,

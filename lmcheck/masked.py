@@ -246,7 +246,7 @@ def bidirectionality(
     ``[MASK]`` in ``text`` stands for the tokenizer's own mask token.
     """
     check_masked_lm(model, tokenizer)
-    check_int(trials, "trials", 1)
+    check_int(trials, "trials", 1, 100, "100 trials (each is one forward pass)")
     check_seed(seed)
     if atol is not None:
         check_number(atol, "atol", low=0)

@@ -273,7 +273,7 @@ def loss_matches_reference(
     check_number(atol, "atol", low=0)
     batch = _batch(batch, model)
     if not has_own_loss(model):
-        raise NotApplicableError(f"a {type(model).__name__} computes no loss of its own to compare (the "
+        raise NotApplicableError(f"the {type(model).__name__} computes no loss of its own to compare (the "
                                  f"training probes use the reference loss for it)")
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}

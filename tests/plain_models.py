@@ -127,7 +127,7 @@ class NanoGPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             return logits, loss
         return self.lm_head(x[:, [-1], :]), None  # inference: the last position only
 
@@ -171,7 +171,7 @@ def nanogpt_loss(model: NanoGPT, *, shift: int = 1):
     def loss(batch):
         ids, labels = batch["input_ids"], batch["labels"].masked_fill(batch["labels"] == -100, -1)
         length = ids.shape[1]
-        return model(ids[:, : length - shift] if shift else ids, labels[:, shift:])[1]
+        return model(ids[:, : length - shift] if shift else ids, labels[:, shift:].contiguous())[1]
     return loss
 
 
@@ -184,6 +184,17 @@ def mean_over_every_label(model: nn.Module):
         total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=-100, reduction="sum")
         return total / labels.numel()
+    return loss
+
+
+def mean_over_unshifted_count(model: nn.Module):
+    """A ``loss`` for ``lmcheck.adapt`` that counts the supervised labels before the shift, label
+    position 0 included, so every loss is scaled by about (T-1)/T (transformers #46204)."""
+    def loss(batch):
+        logits, labels = model(batch["input_ids"]), batch["labels"]
+        total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="sum")
+        return total / (labels != -100).sum()
     return loss
 
 

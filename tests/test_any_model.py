@@ -20,6 +20,7 @@ from tests.plain_models import (
     NanoGPT,
     RotaryLM,
     mean_over_every_label,
+    mean_over_unshifted_count,
     nanogpt_logits,
     nanogpt_loss,
     reference_loss_by_hand,
@@ -228,6 +229,15 @@ def test_a_loss_over_the_wrong_token_count_fails_loss_matches_reference(rotary, 
     assert lmcheck.loss_matches_reference(right, data)
 
 
+def test_a_token_count_taken_before_the_shift_fails_loss_matches_reference(rotary, batch):
+    """Counting label position 0, which the shift drops, scales every loss by (T-1)/T (#46204)."""
+    wrong = lmcheck.adapt(rotary, logits=lambda i: rotary(i), loss=mean_over_unshifted_count(rotary))
+    result = lmcheck.loss_matches_reference(wrong, batch)
+    assert not result
+    assert "divided by the supervised labels before the shift" in result.explanation
+    assert result.metrics["own_loss"] == pytest.approx(result.metrics["reference_loss"] * 4 / 5, rel=1e-5)
+
+
 def test_training_probes_use_the_models_own_loss(batch):
     """What the user trains with is what gradient_flow differentiates: an unshifted own loss (which
     a model can minimise by copying its input) still gives every parameter a gradient, so only
@@ -241,7 +251,7 @@ GLOBAL_GPT = NanoGPT(seed=1).eval()
 # written at the top level, as in a script or a notebook: the lambdas reach GLOBAL_GPT as a global
 GLOBAL_ADAPTED = lmcheck.adapt(GLOBAL_GPT, logits=lambda ids: GLOBAL_GPT(ids, ids)[0],
                                loss=lambda batch: GLOBAL_GPT(batch["input_ids"][:, :-1],
-                                                             batch["labels"][:, 1:])[1])
+                                                             batch["labels"][:, 1:].contiguous())[1])
 
 
 def test_params_update_steps_the_model_itself_and_puts_it_back(batch):

@@ -288,7 +288,7 @@ def test_kv_cache_check_is_not_applicable_without_a_cache(
     result = kv_cache_matches_full(wrapped, ids, max_new_tokens=3)
     assert not result
     assert result.status == "n/a"
-    assert "a _NoCache has none" in result.skip_reason
+    assert "the _NoCache has none" in result.skip_reason
 
 
 def test_kv_cache_check_catches_a_corrupted_cache(smollm2: SmolLM2) -> None:

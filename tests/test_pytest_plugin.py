@@ -106,10 +106,32 @@ def test_results_are_written_to_json(user_project):
     result = user_project.runpytest_subprocess("-k", "records", f"--lmcheck-json={target}")
     result.assert_outcomes(passed=1)
     written = json.loads(target.read_text())
-    assert written == [{"name": "probe", "passed": True, "metrics": {}, "threshold": None,
-                        "headroom": None, "explanation": "fine", "details": []}]
+    assert written == [{"name": "probe", "passed": True, "status": "pass", "metrics": {}, "threshold": None,
+                        "headroom": None, "explanation": "fine", "details": [], "skip_reason": ""}]
 
 
 def test_options_are_documented_in_help(user_project):
     result = user_project.runpytest_subprocess("--help")
     result.stdout.fnmatch_lines(["*language-model checks*", "*--lmcheck-slow*", "*--lmcheck-json=PATH*"])
+
+
+def test_expect_pass_makes_not_applicable_a_skip_and_a_failure_a_failure(pytester):
+    """A user's own test turns each outcome into its pytest outcome; n/a never passes."""
+    pytester.makepyfile(test_outcomes="""
+        from lmcheck.pytest_plugin import expect_pass
+        from lmcheck.results import Result
+
+        def test_pass():
+            expect_pass(Result(name="probe", passed=True, explanation="fine"))
+
+        def test_not_applicable():
+            expect_pass(Result.not_applicable("kv_cache_matches_full", "the model has no cache"))
+
+        def test_failure():
+            expect_pass(Result(name="causality", passed=False, explanation="position 3 sees the future"))
+    """)
+    result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1, failed=1)
+    result.stdout.fnmatch_lines(["*causality: position 3 sees the future*",
+                                 "*kv_cache_matches_full: not applicable: the model has no cache*"])
+    result.stdout.no_fnmatch_line("*Traceback*")

@@ -52,9 +52,6 @@ def with_mask(model: torch.nn.Module, *, positions_from_mask: bool = False) -> l
     are no pads); x-transformers takes a bool ``mask=``. With ``positions_from_mask`` the
     absolute positions are counted over the real tokens only (``pos=``: a left pad takes no
     position), as lmcheck does with a Hugging Face model's ``position_ids``.
-
-    The function refers to ``model`` through its closure, so the deep copy that
-    ``params_update`` steps is rebound to a copy of the module.
     """
 
     def logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

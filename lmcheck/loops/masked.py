@@ -99,6 +99,8 @@ def train_masked_lm(
             if not bool(selected["rows"].any()):
                 losses.append(math.nan)  # the collator scored no token in this batch: no step
                 continue
+            # lmcheck's own BERT, called directly: with the hook its logits are (M, V), which the
+            # model-call layer (one row of logits per position) rightly refuses
             logits = model(**batch).logits  # (M, V) with the hook, else (B, T, V)
             targets = labels[selected["rows"]] if only_masked_logits else labels
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
