@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "AdaptedLM": "lmcheck.adapters",
     "AssetError": "lmcheck.errors",
     "batch_invariance": "lmcheck.invariance",
+    "batch_supervision": "lmcheck.training",
     "bert_config": "lmcheck.models",
     "bidirectionality": "lmcheck.masked",
     "bert_from_scratch": "lmcheck.models",

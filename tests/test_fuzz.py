@@ -174,6 +174,9 @@ ENTRIES: dict[str, Entry] = {
     "causal_batch": Entry(lmcheck.causal_batch, lambda w: dict(
         batch={"input_ids": w.ids(), "labels": w.ids(), "attention_mask": torch.ones_like(w.ids())}),
         {"batch": garbage, "ignore_index": garbage, "max_ignored_fraction": garbage}),
+    "batch_supervision": Entry(lmcheck.batch_supervision, lambda w: dict(
+        batch={"input_ids": w.ids(), "labels": w.ids().clone(), "attention_mask": torch.ones_like(w.ids())},
+        tokenizer=w.gpt2), {"batch": garbage, "tokenizer": garbage, "min_supervised_fraction": garbage}),
     # masked LMs
     "fill_mask": Entry(lmcheck.fill_mask, lambda w: dict(
         model=w.masked, tokenizer=w.bert, text_or_texts="paris is the [MASK] of france."),

@@ -45,7 +45,8 @@ PROMPTS = ["Hello there", "The capital of France is a city"]
 NAMES_IT = re.compile(r"\b(nan|inf|NaN|Inf)\b.*not finite|not finite.*\b(nan|inf)\b|non-finite", re.S)
 
 # probes that read no number a model computes, with the reason
-NO_NUMBERS = {"round_trip": "compares token ids and texts only; nothing in it can be NaN"}
+NO_NUMBERS = {"round_trip": "compares token ids and texts only; nothing in it can be NaN",
+              "batch_supervision": "reads integer ids, labels and masks only; nothing in it can be NaN"}
 
 
 # --- the broken models -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+import lmcheck
 from lmcheck.curves import (
     LossCurve,
     finite_loss,
@@ -493,3 +494,56 @@ def test_presets_are_complete_instances() -> None:
     assert MASKED_CPU.replace(steps=10).steps == 10
     with pytest.raises(InputError, match="'stepz' is not a setting of MaskedRunConfig"):
         MASKED_CPU.replace(stepz=10)
+
+
+# ---------------------------------------------------------------- what a batch supervises
+
+
+@pytest.fixture(scope="module")
+def tokenizer_with_own_pad(gpt2_tokenizer):
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def _examples(tokenizer) -> list[dict[str, list[int]]]:
+    """Documents of different lengths, each ending with eos, as a pretraining dataset holds them."""
+    texts = ["The capital of France is Paris.", "Swimming at the beach is a great way to relax in summer.",
+             "Hello."]
+    return [{"input_ids": tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]} for t in texts]
+
+
+def test_a_healthy_collator_supervises_every_real_token(tokenizer_with_own_pad):
+    collate = DataCollatorForLanguageModeling(tokenizer_with_own_pad, mlm=False)
+    result = lmcheck.batch_supervision(collate(_examples(tokenizer_with_own_pad)), tokenizer_with_own_pad)
+    assert result, result.explanation
+    assert result.metrics["supervised_fraction"] == 1.0
+
+
+def test_padding_with_eos_hides_the_real_eos(gpt2_tokenizer_with_pad):
+    """transformers #23530: pad = eos, so the collator labels every eos -100, the real ones too."""
+    collate = DataCollatorForLanguageModeling(gpt2_tokenizer_with_pad, mlm=False)
+    result = lmcheck.batch_supervision(collate(_examples(gpt2_tokenizer_with_pad)), gpt2_tokenizer_with_pad)
+    assert not result
+    assert "3 real end-of-sequence token(s) are not supervised (first: row 0, position 7)" in result.explanation
+
+
+def test_a_row_with_nothing_supervised_is_named(tokenizer_with_own_pad):
+    """trl #598: a completion-only collator that never finds its template labels a row all -100."""
+    batch = DataCollatorForLanguageModeling(tokenizer_with_own_pad, mlm=False)(_examples(tokenizer_with_own_pad))
+    batch["labels"][2] = -100
+    result = lmcheck.batch_supervision(batch, tokenizer_with_own_pad)
+    assert not result
+    assert "1 of 3 rows supervise no token (first: row 2)" in result.explanation
+
+
+def test_supervised_pads_a_doubled_bos_and_aliased_labels_are_named(tokenizer_with_own_pad):
+    tokenizer = tokenizer_with_own_pad
+    ids = torch.tensor([[tokenizer.bos_token_id, tokenizer.bos_token_id, 464, 3139],
+                        [tokenizer.pad_token_id, 464, 3139, 318]])
+    mask = (ids != tokenizer.pad_token_id).long()
+    result = lmcheck.batch_supervision({"input_ids": ids, "labels": ids, "attention_mask": mask}, tokenizer)
+    assert not result
+    assert "labels share memory with input_ids" in result.explanation
+    assert "1 pad position(s) are supervised (first: row 1, position 0)" in result.explanation
+    assert "1 row(s) start with two BOS tokens (first: row 0)" in result.explanation
