@@ -325,7 +325,7 @@ def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> t
     the token embedding swaps in the leaf: the same path for every kind of model."""
     table = token_embedding(model)
     if table is None:
-        raise NotApplicableError(f"the gradient criterion needs the token embedding, and a "
+        raise NotApplicableError(f"the gradient criterion needs the token embedding, and the "
                                  f"{type(model).__name__} has no get_input_embeddings() and no nn.Embedding")
     leaves: list[torch.Tensor] = []
 

@@ -52,7 +52,7 @@ class Report:
     def result(self, result: Result) -> Result:
         """Record a result and print its one-line verdict."""
         self.results.append(result)
-        mark = {"pass": "[green]PASS[/green]", "fail": "[red]FAIL[/red]", "n/a": "[yellow]n/a[/yellow]"}[result.status]
+        mark = f"[{_COLOURS[result.status]}]{_LABELS[result.status]}[/{_COLOURS[result.status]}]"
         headroom = "" if result.headroom is None else f" (headroom {_cell(result.headroom)})"
         self.console.print(f"{mark} {escape(result.name)}{headroom}: {escape(result.explanation)}")
         return result
@@ -71,11 +71,15 @@ class Report:
             return ok
         self.table(
             ("check", "result", "headroom", "explanation"),
-            ((r.name, r.status.upper() if r.status != "n/a" else "n/a", r.headroom, _shorten(r.explanation, 90))
+            ((r.name, _LABELS[r.status], r.headroom, _shorten(r.explanation, 90))
              for r in self.results),
             title=count,
         )
         return ok
+
+
+_LABELS = {"pass": "PASS", "fail": "FAIL", "n/a": "n/a"}  # a Result's status as the report shows it
+_COLOURS = {"pass": "green", "fail": "red", "n/a": "yellow"}
 
 
 def _cell(value: Any) -> str:

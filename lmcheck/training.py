@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck._finite import in_context, locate, probe, require_finite, require_finite_number
+from lmcheck._finite import in_context, locate, probe, require_finite
 from lmcheck._model import (
     IGNORE_INDEX,
     check_causal_lm,
@@ -220,8 +220,8 @@ def params_update(
     names = _parameters(model)
     problems = _frozen_problems(names, expect_frozen)
     trainable = [p for p in names.values() if p.requires_grad]
-    with _restored(model):
-        before = {n: p.detach().clone() for n, p in names.items()}
+    with _restored(model) as saved:
+        before = {n: saved[n] for n in names}
         build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
         step = build(model)
         if not isinstance(step, torch.optim.Optimizer):
@@ -289,7 +289,7 @@ def loss_matches_reference(
         labels = batch["labels"]
         reference = float(reference_loss(logits, labels))
         own = float(loss)
-        variants = _loss_variants(logits, labels)
+        variants = _loss_variants(logits, labels, reference)
     difference = abs(own - reference)
     tol = atol + rtol * abs(reference)
     passed = difference <= tol
@@ -320,27 +320,27 @@ def loss_matches_reference(
                   headroom=headroom_below(difference, tol), explanation=explanation)
 
 
-def _loss_variants(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The loss as the documented bugs compute it, to name the one a wrong loss matches."""
+def _loss_variants(logits: torch.Tensor, labels: torch.Tensor, reference: float) -> dict[str, float]:
+    """The loss as the documented bugs compute it, to name the one a wrong loss matches.
+    ``reference`` is the right loss: the miscounted variants rescale it, only the misshifted
+    ones need a cross-entropy of their own."""
     flat = logits.float()
-    vocab = flat.shape[-1]
     labels = labels.to(flat.device)
 
-    def summed(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(scores.reshape(-1, vocab), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-
-    def mean(total: torch.Tensor, count: int) -> float:
+    def mean_over(scores: torch.Tensor, targets: torch.Tensor) -> float:
+        count = int((targets != IGNORE_INDEX).sum())
+        total = F.cross_entropy(scores.reshape(-1, flat.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
         return float(total) / count if count else float("inf")
 
-    shifted = summed(flat[:, :-1], labels[:, 1:])
+    shifted_sum = reference * int((labels[:, 1:] != IGNORE_INDEX).sum())
     variants = {
-        "unshifted": mean(summed(flat, labels), int((labels != IGNORE_INDEX).sum())),
-        "all_tokens_count": mean(shifted, labels[:, 1:].numel()),
-        "unshifted_count": mean(shifted, int((labels != IGNORE_INDEX).sum())),
+        "unshifted": mean_over(flat, labels),
+        "all_tokens_count": shifted_sum / labels[:, 1:].numel(),
+        "unshifted_count": shifted_sum / max(1, int((labels != IGNORE_INDEX).sum())),
     }
     if labels.shape[1] > 2:
-        variants["shifted_twice"] = mean(summed(flat[:, :-2], labels[:, 2:]), int((labels[:, 2:] != IGNORE_INDEX).sum()))
+        variants["shifted_twice"] = mean_over(flat[:, :-2], labels[:, 2:])
     return variants
 
 
@@ -509,7 +509,6 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: in
             part = part.to(device)
             what = f"the loss of rows {count} to {count + part.shape[0] - 1}"
             loss = training_loss(model, {"input_ids": part, "labels": part}, what=what).float().item()
-            require_finite_number(loss, what)
             total += loss * part.shape[0]
             count += part.shape[0]
     return total / max(count, 1)
@@ -599,12 +598,13 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
 
 
 @contextmanager
-def _restored(model: torch.nn.Module) -> Iterator[None]:
-    """Put the model's parameters, buffers and ``.grad`` fields back as they were on exit."""
+def _restored(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Put the model's parameters, buffers and ``.grad`` fields back as they were on exit; yields
+    the saved copy of the state (read-only to the caller)."""
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     grads = {n: p.grad for n, p in model.named_parameters()}
     try:
-        yield
+        yield state
     finally:
         with torch.no_grad():
             for key, value in model.state_dict(keep_vars=True).items():
