@@ -187,6 +187,28 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def no_dropout(model: torch.nn.Module) -> Iterator[int]:
+    """Every dropout in the model set to 0 (``nn.Dropout`` modules and the float ``*dropout*``
+    attributes attention layers pass to ``scaled_dot_product_attention``), whatever mode the
+    model is put in meanwhile; yields how many were set, and puts them back on exit."""
+    saved: list[tuple[object, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            saved.append((module, "p", module.p))
+            continue
+        for name, value in vars(module).items():
+            if "dropout" in name.lower() and isinstance(value, float) and not isinstance(value, bool):
+                saved.append((module, name, value))
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, 0.0)
+        yield sum(value > 0 for _, _, value in saved)
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 # ---------------------------------------------------------------- calling it
 
 

@@ -37,6 +37,7 @@ from lmcheck._model import (
 from lmcheck._validate import (
     as_ids,
     as_mask,
+    check_bool,
     check_callable,
     check_fraction,
     check_int,
@@ -414,8 +415,8 @@ def causal_batch(
 
 @probe("batch_supervision")
 def batch_supervision(
-    batch: Mapping[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase, *,
-    min_supervised_fraction: float = 0.0,
+    batch: Mapping[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase | None, *,
+    min_supervised_fraction: float = 0.0, expect_eos: bool = False,
 ) -> Result:
     """A causal-LM training batch supervises what it should: the silent collator bugs.
 
@@ -431,13 +432,19 @@ def batch_supervision(
       adds another: sglang #888);
     - ``labels`` does not share memory with ``input_ids`` (a loss mask written in place into
       labels that alias the inputs corrupts the inputs too);
-    - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``.
+    - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``;
+    - with ``expect_eos=True`` (rows that are whole examples, not packed chunks), every row ends
+      with a supervised eos (a tokenizer that adds BOS but no EOS: transformers #22794).
+
+    Without a tokenizer (``None``) the eos and BOS checks are skipped, and the explanation says so.
     """
     if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
         raise InputError(f"'batch' must be a mapping of tensors with 'input_ids' and 'labels', as a "
                          f"collator returns (got {describe(batch)})")
-    check_tokenizer(tokenizer)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     check_fraction(min_supervised_fraction, "min_supervised_fraction")
+    check_bool(expect_eos, "expect_eos")
     inputs = as_ids(batch["input_ids"], "batch['input_ids']")  # (B, T)
     labels = as_ids(batch["labels"], "batch['labels']")
     if labels.shape != inputs.shape:
@@ -453,7 +460,7 @@ def batch_supervision(
             raw_inputs.untyped_storage().data_ptr() == raw_labels.untyped_storage().data_ptr():
         problems.append("labels share memory with input_ids: a loss mask written into the labels in "
                         "place (labels[...] = -100) overwrites the inputs too; clone the labels")
-    eos = tokenizer.eos_token_id
+    eos = None if tokenizer is None else tokenizer.eos_token_id
     if eos is not None:
         hidden = (inputs == eos) & real & ~supervised
         hidden[:, 0] = False  # position 0 is never a target, whatever its label
@@ -463,6 +470,20 @@ def batch_supervision(
                             f"row {row}, position {column}); the model never learns to stop. A collator "
                             f"that pads with eos and labels every pad -100 does this: give the "
                             f"tokenizer a pad token of its own")
+    if expect_eos and eos is not None:
+        last = (real.long().cumsum(dim=1).argmax(dim=1))  # (B,) the last real position of each row
+        ends = inputs.gather(1, last[:, None]).squeeze(1)
+        ends_supervised = supervised.gather(1, last[:, None]).squeeze(1)
+        missing = (ends != eos).nonzero()
+        if len(missing):
+            row = int(missing[0])
+            problems.append(f"{len(missing)} of {inputs.shape[0]} rows do not end with eos (first: row "
+                            f"{row} ends with token {int(ends[row])} at position {int(last[row])}); the "
+                            f"model never learns to stop: append eos when tokenizing (a tokenizer "
+                            f"that adds BOS but no EOS does this: transformers #22794)")
+        elif not bool(ends_supervised.all()):
+            row = int((~ends_supervised).nonzero()[0])
+            problems.append(f"row {row} ends with eos at position {int(last[row])} but its label is -100")
     empty = [row for row in range(inputs.shape[0]) if not bool(supervised[row, 1:].any())]
     if empty:
         problems.append(f"{len(empty)} of {inputs.shape[0]} rows supervise no token (first: row {empty[0]}): "
@@ -473,7 +494,7 @@ def batch_supervision(
         row, column = (int(i) for i in padded.nonzero()[0])
         problems.append(f"{int(padded.sum())} pad position(s) are supervised (first: row {row}, position "
                         f"{column}): label padding -100")
-    bos = tokenizer.bos_token_id
+    bos = None if tokenizer is None else tokenizer.bos_token_id
     if bos is not None and inputs.shape[1] > 1:
         first_real = real.float().argmax(dim=1)  # (B,) the first real position (left padding aside)
         starts = inputs.gather(1, first_real[:, None]).squeeze(1)
@@ -491,8 +512,13 @@ def batch_supervision(
                   metrics={"supervised_fraction": fraction, "rows": int(inputs.shape[0]),
                            "unsupervised_rows": len(empty)},
                   threshold=min_supervised_fraction, headroom=None,
-                  explanation=(f"{fraction:.1%} of real tokens supervised; every real eos supervised, no "
-                               f"empty row, pads ignored, one BOS at most, labels a tensor of their own"
+                  explanation=(f"{fraction:.1%} of real tokens supervised; "
+                               + ("every real eos supervised, " if eos is not None else "")
+                               + ("every row ends with a supervised eos, " if expect_eos and eos is not None else "")
+                               + "no empty row, pads ignored, "
+                               + ("one BOS at most, " if bos is not None else "")
+                               + "labels a tensor of their own"
+                               + ("" if tokenizer is not None else " (no tokenizer: eos and BOS not checked)")
                                if passed else "; ".join(problems)))
 
 

@@ -1,0 +1,145 @@
+"""Watching a user's training run from outside: what each optimizer step saw, and putting every
+object back as it was.
+
+The setup checks run the user's own step function or Trainer, never a copy of lmcheck's loop. To
+see inside it without changing it they hook two places that every PyTorch loop passes through:
+
+- every optimizer's ``step`` (``torch.optim.optimizer.register_optimizer_step_pre_hook``): the
+  gradients and learning rates at the moment the update is applied, after accumulation, the
+  loss scaler's unscaling and clipping, and how many micro-batches went into it;
+- the model's state, the optimizers' and schedulers' state and the random generators, saved
+  before a run and put back after it, so a check leaves the user's objects as it found them.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+__all__ = ["OptimizerStep", "Recorder", "Snapshot"]
+
+
+@dataclass
+class OptimizerStep:
+    """One optimizer step of the user's loop, as the hook saw it."""
+
+    index: int  # 1-based
+    micro_batches: int  # train_step calls (or training forwards) since the previous step
+    lrs: tuple[float, ...]  # the learning rate of each parameter group, as used by this step
+    grads: dict[str, torch.Tensor | None] | None = None  # at the step, for the first steps only
+
+
+@dataclass
+class Recorder:
+    """Records every step of an optimizer that updates ``model``'s parameters while active.
+
+    ``calls`` is advanced by the driver once per micro-batch; ``grad_steps`` is how many of the
+    first steps keep a copy of the gradients. ``on_first_sight`` is called with each optimizer
+    the first time it steps (before the step), so its state can be saved.
+    """
+
+    model: torch.nn.Module
+    grad_steps: int = 1
+    on_first_sight: Callable[[torch.optim.Optimizer], None] | None = None
+    steps: list[OptimizerStep] = field(default_factory=list)
+    calls: int = 0
+    _calls_at_last_step: int = 0
+    _primary: int | None = None
+    _seen: set[int] = field(default_factory=set)
+
+    @contextmanager
+    def active(self) -> Iterator[Recorder]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if not any(id(p) in names for group in optimizer.param_groups for p in group["params"]):
+                return  # an optimizer of something else
+            if id(optimizer) not in self._seen:
+                self._seen.add(id(optimizer))
+                if self.on_first_sight is not None:
+                    self.on_first_sight(optimizer)
+            if self._primary is None:
+                self._primary = id(optimizer)
+            if id(optimizer) != self._primary:
+                return  # a second optimizer of the same model: its state is saved, its steps not counted
+            grads = None
+            if len(self.steps) < self.grad_steps:
+                grads = {n: None if p.grad is None else p.grad.detach().clone()
+                         for n, p in self.model.named_parameters()}
+            self.steps.append(OptimizerStep(
+                index=len(self.steps) + 1, micro_batches=self.calls - self._calls_at_last_step,
+                lrs=tuple(float(group["lr"]) for group in optimizer.param_groups), grads=grads))
+            self._calls_at_last_step = self.calls
+
+        handle = register_optimizer_step_pre_hook(before_step)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+class Snapshot:
+    """The state of a model, the optimizers and schedulers added to it, and every random
+    generator; :meth:`restore` puts all of it back (as often as needed)."""
+
+    def __init__(self, model: torch.nn.Module, stateful: tuple[Any, ...] = ()) -> None:
+        self.model = model
+        self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+        self.training = model.training
+        self.objects: dict[int, tuple[Any, Any]] = {}
+        for item in stateful:
+            self.add(item)
+        self.rng = _rng_state()
+
+    def add(self, item: Any) -> None:
+        """Save an optimizer's or a scheduler's state now, unless it is saved already."""
+        if item is not None and id(item) not in self.objects:
+            self.objects[id(item)] = (item, copy.deepcopy(item.state_dict()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            value.copy_(self.state[key])
+        for name, parameter in self.model.named_parameters():
+            saved = self.grads[name]
+            parameter.grad = None if saved is None else saved.clone()
+        self.model.train(self.training)
+        for item, state in self.objects.values():
+            item.load_state_dict(copy.deepcopy(state))
+        _set_rng_state(self.rng)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The saved values of the named parameters (tied ones once)."""
+        return {n: self.state[n] for n, _ in self.model.named_parameters() if n in self.state}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:  # numpy is optional
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])

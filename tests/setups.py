@@ -1,0 +1,143 @@
+"""Tiny training setups for the setup checks: a word-level tokenizer, a GPT-2 of a few thousand
+parameters, short examples of unequal length, and a healthy plain loop and Trainer built the way
+users build them. Each negative control in ``test_setup_checks.py`` changes one thing here.
+
+Everything is built in well under a second on a CPU; the vocabulary has 40 words, so a model
+memorizes a handful of batches in tens of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    DataCollatorForLanguageModeling,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+WORDS = ("the a cat dog sat ran on under mat log big small red blue saw ate fish bird tree sun "
+         "moon rain came went home fast slow old new and then it was day night here there up down").split()
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+def texts(count: int = 16, seed: int = 0) -> list[str]:
+    """Sentences of 4 to 14 words: unequal lengths, so batches need padding."""
+    pick = random.Random(seed)
+    return [" ".join(pick.choice(WORDS) for _ in range(pick.randint(4, 14))) for _ in range(count)]
+
+
+def examples(tok: PreTrainedTokenizerFast, count: int = 16) -> list[dict[str, list[int]]]:
+    """Tokenized examples, each ending with eos (as a tokenizer set to add it would)."""
+    return [{"input_ids": tok(t)["input_ids"] + [tok.eos_token_id]} for t in texts(count)]
+
+
+def model(tok: PreTrainedTokenizerFast, *, seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+def collator(tok: PreTrainedTokenizerFast) -> DataCollatorForLanguageModeling:
+    return DataCollatorForLanguageModeling(tok, mlm=False)
+
+
+def loader(tok: PreTrainedTokenizerFast, *, batch_size: int = 4, seed: int = 0, shuffle: bool = True,
+           collate: Callable[[Any], Any] | None = None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(examples(tok), batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate or collator(tok),
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def warmup(optimizer: torch.optim.Optimizer, steps: int = 10) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
+
+
+class Loop:
+    """A healthy plain loop with gradient accumulation, clipping and a warmup schedule, written as
+    users write it; the ``fault`` names one documented bug to put in it instead."""
+
+    def __init__(self, net: torch.nn.Module, *, accumulate: int = 2, lr: float = 1e-2,
+                 max_grad_norm: float = 1.0, fault: str | None = None) -> None:
+        self.model, self.accumulate, self.max_grad_norm, self.fault = net, accumulate, max_grad_norm, fault
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        self.scheduler = warmup(self.optimizer)
+        self.calls = 0
+        self.pending: list[dict[str, torch.Tensor]] = []
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch. The right normalisation over k micro-batches of unequal length is the
+        summed loss divided by the step's total token count, so the step keeps the micro-batches
+        until the k-th and then runs them, as the Trainer's num_items_in_batch does."""
+        self.model.train()
+        self.calls += 1
+        if self.fault == "scheduler_per_micro_batch":
+            self.scheduler.step()
+        self.pending.append(batch)
+        if len(self.pending) < self.accumulate:
+            return torch.tensor(0.0)
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self.pending)
+        total = 0.0
+        for micro in self.pending:
+            output = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"])
+            logits = output.logits[:, :-1]
+            targets = micro["labels"][:, 1:]
+            summed = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            count = int((targets != -100).sum())
+            if self.fault == "mean_per_micro_batch":  # transformers #34191
+                loss = summed / count / self.accumulate
+            elif self.fault == "no_division_by_k":
+                loss = summed / count
+            else:
+                loss = summed / tokens
+            loss.backward()
+            total += float(loss.detach())
+        self.pending.clear()
+        if self.fault != "no_clip":
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        if self.fault != "scheduler_per_micro_batch" and self.fault != "no_scheduler_step":
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.tensor(total)
+
+
+def trainer(tok: PreTrainedTokenizerFast, output_dir: str, *, seed: int = 0, accumulate: int = 2,
+            trainer_class: type[Trainer] = Trainer, dropout: float = 0.0, net: torch.nn.Module | None = None,
+            **arguments: Any) -> Trainer:
+    """A healthy Trainer over the tiny examples: warmup, clipping, accumulation."""
+    import datasets
+
+    settings = dict(output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
+                    learning_rate=1e-2, warmup_steps=5, lr_scheduler_type="linear", max_steps=400,
+                    max_grad_norm=1.0, weight_decay=0.0, seed=seed, report_to="none", save_strategy="steps",
+                    save_steps=1, use_cpu=True, disable_tqdm=True, logging_steps=1)
+    settings.update(arguments)
+    return trainer_class(model=net if net is not None else model(tok, seed=seed, dropout=dropout),
+                         args=TrainingArguments(**settings),
+                         train_dataset=datasets.Dataset.from_list(examples(tok)),
+                         eval_dataset=datasets.Dataset.from_list(examples(tok, 8)),
+                         data_collator=collator(tok), processing_class=tok)
+
+
+def ln(vocab: int) -> float:
+    return math.log(vocab)
