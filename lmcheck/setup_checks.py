@@ -45,6 +45,7 @@ step or parameter at fault:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
@@ -394,20 +395,25 @@ class _TrainerDriver:
     def _arguments(self, output_dir: str, **changes: Any) -> Iterator[None]:
         from transformers.trainer_callback import DefaultFlowCallback
 
+        from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
         original = self.trainer.args
         fields = {f.name for f in dataclasses.fields(original)}
-        updates = {"output_dir": output_dir, "save_strategy": "no", "eval_strategy": "no",
-                   "report_to": [], "disable_tqdm": True, "load_best_model_at_end": False,
-                   "push_to_hub": False, "logging_strategy": "no", "dataloader_num_workers": 0,
+        updates = {"output_dir": output_dir, "logging_dir": os.path.join(output_dir, "logs"),
+                   "save_strategy": SaveStrategy.NO, "eval_strategy": IntervalStrategy.NO,
+                   "logging_strategy": IntervalStrategy.NO, "report_to": [], "disable_tqdm": True,
+                   "load_best_model_at_end": False, "push_to_hub": False, "dataloader_num_workers": 0,
                    "dataloader_persistent_workers": False, **changes}
         handler = self.trainer.callback_handler
         kept = [c for c in handler.callbacks
                 if not type(c).__module__.startswith("transformers.integrations")
                 and type(c).__name__ not in ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")]
         try:
-            with _quiet():
-                self.trainer.args = dataclasses.replace(
-                    original, **{k: v for k, v in updates.items() if k in fields})
+            changed = copy.copy(original)  # dataclasses.replace would rerun __post_init__, which resets accelerate
+            for key, value in updates.items():
+                if key in fields:
+                    setattr(changed, key, value)
+            self.trainer.args = changed
             handler.callbacks[:] = kept if any(isinstance(c, DefaultFlowCallback) for c in kept) \
                 else [DefaultFlowCallback(), *kept]
             yield
