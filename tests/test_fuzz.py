@@ -288,6 +288,8 @@ NOT_FUZZED = {
     "pretraining_data": "builds the pretraining split from the wiki sample (seconds per call)",
     "train_masked_lm": "a training loop; its arguments are checked in tests/test_masked.py",
     "memorize_chunks": "a training loop; its arguments are checked in tests/test_masked.py",
+    "check_loop": "runs the user's training loop; its arguments are checked in tests/test_setup_checks.py",
+    "check_trainer": "runs the user's Trainer; its arguments are checked in tests/test_setup_checks.py",
 }
 
 
