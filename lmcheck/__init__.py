@@ -21,6 +21,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it: every name in a public module's __all__, and no other
 # (assets has its own surface: lmcheck.assets and the `lmcheck assets` command)
 _EXPORTS: dict[str, str] = {
+    "same_init": "lmcheck.distributed",
+    "rank_randomness": "lmcheck.distributed",
+    "grads_synchronized": "lmcheck.distributed",
+    "ddp_matches_single": "lmcheck.distributed",
+    "data_sharding": "lmcheck.distributed",
     "adapt": "lmcheck.adapters",
     "AdaptedLM": "lmcheck.adapters",
     "AssetError": "lmcheck.errors",

@@ -21,7 +21,8 @@ import inspect
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,10 @@ NAMES_IT = re.compile(r"\b(nan|inf|NaN|Inf)\b.*not finite|not finite.*\b(nan|inf
 
 # probes that read no number a model computes, with the reason
 NO_NUMBERS = {"round_trip": "compares token ids and texts only; nothing in it can be NaN",
-              "batch_supervision": "reads integer ids, labels and masks only; nothing in it can be NaN"}
+              "batch_supervision": "reads integer ids, labels and masks only; nothing in it can be NaN",
+              "data_sharding": "compares the token ids each rank sees; nothing in it can be NaN",
+              "same_init": "compares weights bit for bit and computes nothing; non-finite weights are "
+                           "refused by the probe wrapper before it runs"}
 
 
 # --- the broken models -------------------------------------------------------------------------
@@ -147,7 +151,42 @@ def _additive_mask(case: Case) -> dict[str, torch.Tensor]:
 
 # How each public probe is called on a case. A new public probe fails
 # test_every_public_probe_has_a_row until it gets a row here.
+@contextmanager
+def one_rank(folder: Any) -> Iterator[None]:
+    """A process group of one gloo rank: the distributed probes run as on rank 0 of many."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _sgd_step(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the shared model is left as it was
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _on_one_rank(call: Callable[[Case], Result]) -> Callable[[Case, Any], Result]:
+    def run(case: Case, folder: Any) -> Result:
+        with one_rank(folder):
+            return call(case)
+    return run
+
+
 CALLS: dict[str, Callable[[Case, Any], Result]] = {
+    "grads_synchronized": _on_one_rank(lambda c: lmcheck.grads_synchronized(
+        c.causal, _sgd_step(c.causal), [c.ids()], steps=1)),
+    "ddp_matches_single": _on_one_rank(lambda c: lmcheck.ddp_matches_single(
+        c.causal, _sgd_step(c.causal), [c.ids()])),
+    "rank_randomness": _on_one_rank(lambda c: lmcheck.rank_randomness(c.causal, c.ids())),
     "greedy_matches_generate": lambda c, _: lmcheck.greedy_matches_generate(
         c.causal, c.gpt2, PROMPTS, max_new_tokens=4),
     "kv_cache_matches_full": lambda c, _: lmcheck.kv_cache_matches_full(c.causal, c.ids(2), max_new_tokens=4),

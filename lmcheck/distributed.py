@@ -1,0 +1,448 @@
+"""Probes of a data-parallel training setup: what no single-process check can see.
+
+Each probe is called on every rank of an initialized ``torch.distributed`` process group (launched
+by ``torchrun``, ``accelerate launch`` or ``torch.multiprocessing``), gathers what it needs from
+all ranks, and returns the same :class:`~lmcheck.results.Result` on every rank: a check that fails
+on one rank fails everywhere, and its explanation names the rank and the step.
+
+==========================  ====================================================================
+``same_init``               every rank holds the same weights (per-rank seeds before building
+                            the model: transformers #37932)
+``data_sharding``           in each epoch the ranks see disjoint examples that together cover
+                            the data, in a new order each epoch (``set_epoch`` never called:
+                            pytorch #31771; samplers seeded by rank: LongLive #71)
+``grads_synchronized``      at each optimizer step the gradients, and after it the parameters,
+                            are identical on every rank (an inverted ``no_sync``: FunASR #3472,
+                            build-nanogpt #30)
+``ddp_matches_single``      the synchronized gradient of the first step equals one process's
+                            gradient of the mean loss over every rank's tokens (the loss scaled
+                            by the world size: sparseml #135)
+``rank_randomness``         dropout masks differ across ranks while the weights do not (one
+                            constant seed on every rank: transformers #31412)
+==========================  ====================================================================
+
+The user's step and batches are run as they are, under the optimizer-step hook of
+``lmcheck._recording``; weights, optimizer state and random generators are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmcheck._finite import probe, require_finite
+from lmcheck._model import model_device, model_forward, no_dropout, parameter_dtype
+from lmcheck._recording import Recorder, Snapshot
+from lmcheck._validate import check_callable, check_int, check_model
+from lmcheck.errors import InputError, LmcheckError, NotApplicableError
+from lmcheck.results import Result, headroom_below
+
+__all__ = ["data_sharding", "ddp_matches_single", "grads_synchronized", "rank_randomness", "same_init"]
+
+# Relative L2 error allowed between DDP's synchronized gradient and one process's, by dtype.
+# Gloo's all-reduce sums in another order than one backward does: on a 2-core x86 CPU the two
+# differed by below 1e-6 in float32. A world-size factor or a per-rank normalisation moves the
+# gradient by 10% or more.
+DDP_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def _world() -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InputError("the distributed probes must be called on every rank of an initialized "
+                         "torch.distributed process group (launch with torchrun or accelerate launch, "
+                         "then call torch.distributed.init_process_group)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (on every rank)."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def _digest(tensor: torch.Tensor | None) -> str:
+    if tensor is None:
+        return "none"
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or another ``.module`` wrapper)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _differences(prints: list[dict[str, str]], what: str) -> list[str]:
+    """One line per rank whose fingerprints differ from rank 0's."""
+    lines = []
+    for rank in range(1, len(prints)):
+        differ = [n for n in prints[0] if prints[rank].get(n) != prints[0][n]]
+        if differ:
+            lines.append(f"rank {rank}'s {what} differ from rank 0's for {len(differ)} of {len(prints[0])} "
+                         f"parameters (first: {differ[0]})")
+    return lines
+
+
+@probe("same_init")
+def same_init(model: torch.nn.Module) -> Result:
+    """Every rank holds the same parameters and buffers, bit for bit.
+
+    Call it where the weights are first made, before DistributedDataParallel wraps the model:
+    DDP broadcasts rank 0's weights when it wraps, which hides different initial weights from
+    this probe but not from FSDP, hand-written all-reduce or the data each rank saw before.
+    """
+    check_model(model)
+    _, world = _world()
+    inner = _unwrap(model)
+    prints = _gather({n: _digest(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()]})
+    problems = _differences(prints, "weights")
+    passed = not problems
+    return Result(name="same_init", passed=passed, metrics={"world_size": world, "ranks_differing": len(problems)},
+                  explanation=(f"all {world} ranks hold the same {len(prints[0])} tensors" if passed else
+                               "; ".join(problems) + ": each rank initialised with its own seed (transformers "
+                               "#37932); seed identically before building the model"))
+
+
+@probe("data_sharding")
+def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: int = 2,
+                  as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
+                  max_rows: int = 4096) -> Result:
+    """In each epoch the ranks see disjoint examples that together cover the data, and each rank
+    sees a new order each epoch.
+
+    ``batches_of_epoch(epoch)`` is what the user's loop does at the start of an epoch and the
+    batches it then iterates, e.g. ``lambda e: (sampler.set_epoch(e), loader)[1]``: a loop that
+    forgets ``set_epoch`` gives ``lambda e: loader``, and this probe sees the same order twice.
+    Rows are told apart by their token ids; at most ``max_rows`` rows per rank and epoch are read.
+    A ``DistributedSampler`` pads the last round with repeated rows: up to world size - 1 rows on
+    two ranks are allowed.
+    """
+    from lmcheck.setup_checks import _converter
+
+    check_callable(batches_of_epoch, "batches_of_epoch", "a function from the epoch number to its batches")
+    check_int(epochs, "epochs", 2, 100)
+    check_int(max_rows, "max_rows", 1)
+    _, world = _world()
+    convert = _converter(as_batch)
+    orders = []
+    for epoch in range(epochs):
+        try:
+            batches = batches_of_epoch(epoch)
+        except LmcheckError:
+            raise
+        except Exception as error:  # the user's code
+            raise InputError(f"'batches_of_epoch({epoch})' raised {type(error).__name__}: {error}") from error
+        orders.append(_row_keys(batches, convert, max_rows))
+    everyone = _gather(orders)  # [rank][epoch] -> keys
+    problems = []
+    for epoch in range(epochs):
+        owners: dict[str, list[int]] = {}
+        for r in range(world):
+            for key in set(everyone[r][epoch]):
+                owners.setdefault(key, []).append(r)
+        shared = [k for k, rs in owners.items() if len(rs) > 1]
+        if len(shared) > world - 1:
+            ranks = owners[shared[0]]
+            problems.append(f"in epoch {epoch} {len(shared)} examples are seen by more than one rank (first: "
+                            f"on ranks {ranks[0]} and {ranks[1]}): the ranks' samplers do not share one seed "
+                            f"(a DistributedSampler seeded by rank: LongLive #71), so examples overlap and "
+                            f"others are skipped")
+            break
+    for r in range(world):
+        repeats = [e + 1 for e in range(1, epochs) if everyone[r][e] == everyone[r][0]]
+        if repeats:
+            problems.append(f"rank {r} sees the same {len(everyone[r][0])} rows in the same order in epochs 0 and "
+                            f"{repeats[0] - 1}: the sampler is not reshuffled each epoch "
+                            f"(DistributedSampler.set_epoch never called: pytorch #31771)")
+            break
+    sizes = [len(set().union(*(set(everyone[r][e]) for r in range(world)))) for e in range(epochs)]
+    if len(set(sizes)) > 1:
+        problems.append(f"the ranks together see {sizes[0]} examples in epoch 0 but {sizes[1]} in epoch 1: "
+                        f"some are skipped")
+    passed = not problems
+    rows = [len(everyone[r][0]) for r in range(world)]
+    return Result(name="data_sharding", passed=passed,
+                  metrics={"world_size": world, "rows_per_rank": rows, "examples": sizes[0]},
+                  explanation=(f"{world} ranks see disjoint shares ({', '.join(map(str, rows))} rows) of "
+                               f"{sizes[0]} examples, in a new order each of {epochs} epochs"
+                               if passed else "; ".join(problems)))
+
+
+def _row_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]], limit: int) -> list[str]:
+    """One fingerprint per row (its unpadded token ids), in order, for at most ``limit`` rows."""
+    keys: list[str] = []
+    for index, batch in enumerate(batches):
+        lm = convert(batch, index)
+        ids, mask = lm["input_ids"], lm.get("attention_mask")
+        for row in range(ids.shape[0]):
+            keys.append(_digest(ids[row] if mask is None else ids[row][mask[row].bool()]))
+            if len(keys) >= limit:
+                return keys
+    return keys
+
+
+def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Sequence[Any], steps: int,
+               on_step: Callable[[torch.optim.Optimizer], None] | None = None,
+               grad_steps: int = 0) -> tuple[Recorder, Snapshot]:
+    """Call the user's step on the batches (cycling) until ``steps`` optimizer steps; the state
+    is restored afterwards by the caller through the returned snapshot."""
+    from lmcheck.setup_checks import _loss_value
+
+    inner = _unwrap(model)  # names without DDP's "module." prefix
+    snapshot = Snapshot(inner)
+    recorder = Recorder(inner, grad_steps=grad_steps, on_first_sight=snapshot.add)
+    handle = None
+    if on_step is not None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        names = {id(p) for p in model.parameters()}
+
+        def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
+                on_step(optimizer)
+
+        handle = register_optimizer_step_post_hook(after)
+    calls = 0
+    try:
+        with recorder.active():
+            while len(recorder.steps) < steps:
+                if calls >= 64 * steps:
+                    raise InputError(f"'train_step' took {calls} calls without {steps} optimizer steps")
+                recorder.calls += 1
+                try:
+                    loss = train_step(batches[calls % len(batches)])
+                except LmcheckError:
+                    raise
+                except Exception as error:  # the user's code, with the traceback chained
+                    raise InputError(f"'train_step' raised {type(error).__name__} on batch "
+                                     f"{calls % len(batches)}: {error}") from error
+                _loss_value(loss, f"'train_step' on batch {calls % len(batches)}")
+                calls += 1
+    finally:
+        if handle is not None:
+            handle.remove()
+    return recorder, snapshot
+
+
+def _batches(batches: Iterable[Any], count: int) -> list[Any]:
+    from lmcheck.setup_checks import _take
+
+    return _take(batches, count, "batches")
+
+
+@probe("grads_synchronized")
+def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Iterable[Any], *,
+                       steps: int = 3) -> Result:
+    """Over ``steps`` optimizer steps of the user's loop, the gradients at each step and the
+    parameters after it are identical on every rank. The model is put back afterwards."""
+    check_model(model)
+    check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
+    check_int(steps, "steps", 1, 1000)
+    _, world = _world()
+    taken = _batches(batches, 64 * steps)
+    inner = _unwrap(model)
+    problems: list[str] = []
+    pending: list[dict[str, str]] = []
+
+    def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for name, parameter in inner.named_parameters():
+            if parameter.grad is not None:  # equal NaNs on every rank are no synchronisation
+                require_finite(parameter.grad, f"at optimizer step {len(pending) + 1}, the gradient of {name}",
+                               ("index",) * parameter.dim())
+        pending.append({n: _digest(p.grad) for n, p in inner.named_parameters()})
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    names = {id(p) for p in model.parameters()}
+
+    def gated(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
+            before(optimizer, args, kwargs)
+
+    def after(optimizer: torch.optim.Optimizer) -> None:
+        step = len(pending)
+        grads = _differences(_gather(pending[-1]), "gradients")
+        weights = _differences(_gather({n: _digest(p) for n, p in inner.named_parameters()}), "parameters")
+        if grads and not problems:
+            problems.append(f"at optimizer step {step}, {grads[0]}: gradients stayed rank-local, so each rank "
+                            f"trains its own model (an inverted no_sync condition, or the sync flag set after "
+                            f"the forward: FunASR #3472, build-nanogpt #30)")
+        elif weights and not problems:
+            problems.append(f"after optimizer step {step}, {weights[0]}")
+
+    handle = register_optimizer_step_pre_hook(gated)
+    try:
+        recorder, snapshot = _run_steps(model, train_step, taken, steps, on_step=after)
+    finally:
+        handle.remove()
+    snapshot.restore()
+    passed = not problems
+    return Result(name="grads_synchronized", passed=passed,
+                  metrics={"world_size": world, "steps": len(recorder.steps)},
+                  explanation=(f"at each of {len(recorder.steps)} optimizer steps the gradients and then the "
+                               f"parameters are identical on all {world} ranks" if passed else problems[0]))
+
+
+@probe("ddp_matches_single")
+def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Iterable[Any], *,
+                       as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None) -> Result:
+    """The gradient DDP applies at the user's first optimizer step equals one process's gradient
+    of the mean loss over every supervised token of every rank's micro-batches of that step.
+
+    Every rank's micro-batches are gathered; the reference runs on each rank with the module
+    inside DDP, its weights as before the step, and dropout off (the user's step runs with dropout
+    off too, so both sides see the same network). The model is put back afterwards.
+    """
+    from lmcheck.setup_checks import _converter, _token_loss_sum
+
+    check_model(model)
+    check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
+    _, world = _world()
+    taken = _batches(batches, 64)
+    inner = _unwrap(model)
+    convert = _converter(as_batch)
+    with no_dropout(inner):
+        recorder, snapshot = _run_steps(model, train_step, taken, 1, grad_steps=1)
+    step = recorder.steps[0]
+    local = [{k: v.cpu() for k, v in convert(taken[i % len(taken)], i).items()} for i in range(step.micro_batches)]
+    everyone = _gather(local)
+    snapshot.restore()
+    names = [n for n, p in inner.named_parameters() if p.requires_grad]
+    parameters = [p for n, p in inner.named_parameters() if p.requires_grad]
+    device = model_device(inner)
+    total = None
+    tokens = 0
+    per_rank_tokens = []
+    rank_sums: list[torch.Tensor] = []
+    with no_dropout(inner):
+        inner.train()
+        for rank_batches in everyone:
+            rank_total = None
+            rank_tokens = 0
+            for batch in rank_batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits, _ = model_forward(inner, batch["input_ids"], batch.get("attention_mask"), None,
+                                          use_cache=False, what="the logits of a gathered micro-batch")
+                summed, count, _ = _token_loss_sum(logits, batch)
+                require_finite(summed.detach(), "the reference loss of a gathered micro-batch", ())
+                grads = torch.autograd.grad(summed, parameters, allow_unused=True)
+                flat = torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1)
+                                  for p, g in zip(parameters, grads, strict=True)])
+                rank_total = flat if rank_total is None else rank_total + flat
+                rank_tokens += count
+            if rank_total is None:
+                raise NotApplicableError("a rank took its first optimizer step before any micro-batch")
+            rank_sums.append(rank_total)
+            per_rank_tokens.append(rank_tokens)
+            total = rank_total if total is None else total + rank_total
+            tokens += rank_tokens
+    snapshot.restore()
+    if total is None or tokens == 0:
+        raise NotApplicableError("the first step's micro-batches supervise no token")
+    reference = total / tokens
+    grads_at_step = step.grads or {}
+    user = torch.cat([_or_zeros(grads_at_step.get(n), p) for n, p in zip(names, parameters, strict=True)])
+    require_finite(user, "the synchronized gradient at the first optimizer step", ("index",))
+    tol = DDP_RTOL.get(parameter_dtype(inner), DDP_RTOL[torch.float32])
+    error = float((user - reference).norm() / max(float(reference.norm()), 1e-30))
+    scale = float(user @ reference) / max(float(reference.norm()) ** 2, 1e-30)
+    residual = float((user - scale * reference).norm()) / max(float(user.norm()), 1e-30)
+    metrics = {"world_size": world, "relative_error": error, "scale": scale, "tokens_per_rank": per_rank_tokens}
+    counted = f"{world} ranks supervising {', '.join(map(str, per_rank_tokens))} tokens"
+    if error <= tol:
+        explanation = (f"the synchronized gradient over {counted} equals one process's gradient of the mean loss "
+                       f"over all of them (relative error {error:.1e}, allowed {tol:g})")
+    elif residual <= tol and abs(scale - world) <= 1e-2 * world:
+        explanation = (f"the synchronized gradient over {counted} is {scale:.3g} times one process's: the loss is "
+                       f"multiplied by the world size while DDP already averages the gradients (sparseml #135)")
+    elif residual <= tol:
+        explanation = (f"the synchronized gradient over {counted} points the right way but is {scale:.3g} times "
+                       f"one process's gradient")
+    else:
+        per_rank = torch.stack([g / max(c, 1) for g, c in zip(rank_sums, per_rank_tokens, strict=True)]).mean(0)
+        fitted = float((user - per_rank).norm() / max(float(per_rank.norm()), 1e-30))
+        explanation = (f"the synchronized gradient over {counted} differs from one process's by {error:.3g} "
+                       f"(relative, allowed {tol:g})"
+                       + (": each rank normalises by its own token count and DDP averages the ranks, so a "
+                          "rank with few tokens weighs as much as one with many; divide the summed loss by the "
+                          "global token count times the world size" if fitted <= tol else ""))
+    return Result(name="ddp_matches_single", passed=error <= tol, metrics=metrics, threshold=tol,
+                  headroom=headroom_below(error, tol), explanation=explanation)
+
+
+def _or_zeros(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor:
+    """A gradient flattened in float32; zeros for a parameter that got none."""
+    return (torch.zeros_like(parameter) if grad is None else grad).float().reshape(-1)
+
+
+@probe("rank_randomness")
+def rank_randomness(model: torch.nn.Module, batch: Any, *,
+                    as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
+                    sample: Callable[[], Any] | None = None) -> Result:
+    """Dropout masks (and, with ``sample``, the data-side randomness it draws) differ across
+    ranks, while the weights are the same on every rank.
+
+    Each rank runs one forward in training mode on rank 0's batch with its own random state as
+    the user's seeding left it; the random state is put back afterwards. Not applicable to a model
+    with no dropout and no ``sample`` given.
+    """
+    from lmcheck._recording import _rng_state, _set_rng_state
+    from lmcheck.setup_checks import _converter
+
+    check_model(model)
+    if sample is not None:
+        check_callable(sample, "sample", "a function that draws the data-side randomness")
+    _, world = _world()
+    inner = _unwrap(model)
+    weights = _differences(_gather({n: _digest(p) for n, p in inner.named_parameters()}), "weights")
+    shared = _gather(_converter(as_batch)(batch, 0) if dist.get_rank() == 0 else None)[0]
+    with no_dropout(inner) as dropouts:
+        pass
+    state = _rng_state()
+    problems = list(weights)
+    draws: list[str] = []
+    try:
+        if dropouts:
+            was = inner.training
+            inner.train()
+            with torch.no_grad():
+                device = model_device(inner)
+                logits, _ = model_forward(inner, shared["input_ids"].to(device), None, None, use_cache=False,
+                                          what="the logits with dropout on")
+            inner.train(was)
+            require_finite(logits, "the logits with dropout on", ("row", "position", "token id"))
+            masks = _gather(_digest(logits))
+            if len(set(masks)) < world:
+                same = [r for r in range(1, world) if masks[r] == masks[0]]
+                problems.append(f"rank {same[0]} draws the same dropout masks as rank 0: every rank was seeded with "
+                                f"one constant (set_seed(42) on each rank: transformers #31412); seed each rank "
+                                f"with seed + rank after the model is built")
+            draws.append("dropout masks")
+        if sample is not None:
+            try:
+                drawn = torch.as_tensor(sample())
+            except LmcheckError:
+                raise
+            except Exception as error:  # the user's code
+                raise InputError(f"'sample' must return numbers or a tensor (it raised "
+                                 f"{type(error).__name__}: {error})") from error
+            values = _gather(_digest(drawn))
+            if len(set(values)) < world:
+                problems.append("sample() draws the same values on two ranks: the data-side randomness "
+                                "(augmentation, worker seeds) ignores the rank (transformers #37932)")
+            draws.append("data-side draws")
+    finally:
+        _set_rng_state(state)
+    if not draws:
+        raise NotApplicableError("the model has no dropout and no sample() was given: nothing random to compare")
+    passed = not problems
+    return Result(name="rank_randomness", passed=passed, metrics={"world_size": world},
+                  explanation=(f"{' and '.join(draws)} differ across {world} ranks; the weights are the same"
+                               if passed else "; ".join(problems)))
+

@@ -1,0 +1,117 @@
+"""Healthy data-parallel setups and their documented bugs, each checked by its distributed probe.
+
+Run on every rank by ``torchrun --standalone --nproc_per_node 2 tests/distributed_scenarios.py
+OUT`` (gloo, CPU): each rank writes ``OUT/rank-N.json``, one result per scenario, which
+``tests/test_distributed.py`` reads. All scenarios share one launch, so the test pays the start
+of two processes once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import setups  # noqa: E402
+
+from lmcheck import distributed  # noqa: E402
+
+
+def packed(count: int = 32, length: int = 12, seed: int = 0, vocab: int = 40) -> list[dict[str, torch.Tensor]]:
+    """Equal-length rows of random words: every rank's batch holds the same number of tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, vocab, (length,), generator=generator)} for _ in range(count)]
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class DDPLoop:
+    """A plain DDP loop: accumulation 2 with no_sync on every micro-batch but the last."""
+
+    def __init__(self, net: torch.nn.Module, *, fault: str | None = None, accumulate: int = 2) -> None:
+        self.model = DistributedDataParallel(net)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.fault, self.accumulate, self.calls = fault, accumulate, 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.calls += 1
+        last = self.calls % self.accumulate == 0
+        sync = not last if self.fault == "inverted_no_sync" else last  # FunASR #3472
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            loss = self.model(**batch).loss / self.accumulate
+            if self.fault == "loss_times_world":  # sparseml #135
+                loss = loss * dist.get_world_size()
+            loss.backward()
+        if last:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def scenarios(rank: int, world: int) -> dict[str, dict]:
+    tok = setups.tokenizer()
+    results = {}
+
+    results["same_init"] = distributed.same_init(setups.model(tok, seed=0))
+    results["same_init/seed_per_rank"] = distributed.same_init(setups.model(tok, seed=rank))
+
+    data = packed()
+
+    def sharded(seed: int, set_epoch: bool):
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        loader = DataLoader(data, batch_size=4, sampler=sampler, collate_fn=collate)
+
+        def batches_of_epoch(epoch: int):
+            if set_epoch:
+                sampler.set_epoch(epoch)
+            return loader
+
+        return batches_of_epoch
+
+    results["data_sharding"] = distributed.data_sharding(sharded(0, True))
+    results["data_sharding/no_set_epoch"] = distributed.data_sharding(sharded(0, False))
+    results["data_sharding/seed_per_rank"] = distributed.data_sharding(sharded(rank, True))
+
+    mine = [collate(data[i:i + 4]) for i in range(rank * 4, len(data), 4 * world)]
+    for fault in (None, "inverted_no_sync"):
+        loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
+        key = "grads_synchronized" + (f"/{fault}" if fault else "")
+        results[key] = distributed.grads_synchronized(loop.model, loop.step, mine)
+    for fault in (None, "loss_times_world"):
+        loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
+        key = "ddp_matches_single" + (f"/{fault}" if fault else "")
+        results[key] = distributed.ddp_matches_single(loop.model, loop.step, mine)
+
+    net = setups.model(tok, seed=0, dropout=0.1)
+    torch.manual_seed(1000 + rank)  # after the model: the same weights, each rank its own masks
+    results["rank_randomness"] = distributed.rank_randomness(net, mine[0])
+    torch.manual_seed(42)  # one constant seed on every rank: transformers #31412
+    results["rank_randomness/constant_seed"] = distributed.rank_randomness(net, mine[0])
+    return {k: v.to_dict() for k, v in results.items()}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        found = scenarios(rank, world)
+        (out / f"rank-{rank}.json").write_text(json.dumps(found, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The distributed probes under ``torchrun`` with 2 gloo processes on the CPU.
+
+One launch of ``tests/distributed_scenarios.py`` runs every healthy setup and every documented bug
+on both ranks; each test reads one scenario's result from both ranks' reports. ``--standalone``
+lets torchrun pick a free port, so parallel test workers never collide, and a timeout ends both
+processes if one hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lmcheck
+from lmcheck import distributed
+from lmcheck.errors import InputError
+
+HERE = Path(__file__).parent
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> list[dict[str, dict]]:
+    out = tmp_path_factory.mktemp("ranks")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "distributed_scenarios.py"), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def outcome(reports: list[dict[str, dict]], scenario: str) -> dict:
+    """The scenario's result, the same on both ranks (a failure on one rank fails everywhere)."""
+    first, second = (report[scenario] for report in reports)
+    assert first["status"] == second["status"], (first, second)
+    return first
+
+
+@pytest.mark.parametrize("scenario", ["same_init", "data_sharding", "grads_synchronized",
+                                      "ddp_matches_single", "rank_randomness"])
+def test_a_healthy_ddp_setup_passes(reports, scenario):
+    """One seed before the model, a DistributedSampler with set_epoch, no_sync on every micro-batch
+    but the last, the loss as DDP expects it, and each rank reseeded after the model is built."""
+    result = outcome(reports, scenario)
+    assert result["status"] == "pass", result["explanation"]
+
+
+@pytest.mark.parametrize(("scenario", "names"), [
+    # each rank seeds with its rank before building the model (transformers #37932)
+    ("same_init/seed_per_rank", ["rank 1", "#37932"]),
+    # the loop never calls DistributedSampler.set_epoch (pytorch #31771)
+    ("data_sharding/no_set_epoch", ["same order", "#31771"]),
+    # each rank's sampler seeded with its rank (LongLive #71)
+    ("data_sharding/seed_per_rank", ["more than one rank", "LongLive #71"]),
+    # no_sync on the last micro-batch instead of the others (FunASR #3472, build-nanogpt #30)
+    ("grads_synchronized/inverted_no_sync", ["step 1", "rank 1", "#3472"]),
+    # the loss multiplied by the world size while DDP averages (sparseml #135)
+    ("ddp_matches_single/loss_times_world", ["2 times", "sparseml #135"]),
+    # set_seed(42) on every rank: the same dropout masks everywhere (transformers #31412)
+    ("rank_randomness/constant_seed", ["rank 1", "#31412"]),
+])
+def test_each_documented_ddp_bug_is_caught_by_its_probe(reports, scenario, names):
+    result = outcome(reports, scenario)
+    assert result["status"] == "fail"
+    for name in names:
+        assert name in result["explanation"], result["explanation"]
+
+
+def test_the_probes_refuse_to_run_outside_a_process_group():
+    model = lmcheck.gpt2_from_scratch(lmcheck.load_tokenizer("gpt2"), preset=dict(n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(InputError, match="init_process_group"):
+        distributed.same_init(model)
