@@ -81,7 +81,7 @@ from lmcheck._validate import (
     describe,
 )
 from lmcheck.curves import LossCurve
-from lmcheck.errors import InputError, LmcheckError
+from lmcheck.errors import InputError, LmcheckError, NonFiniteError
 from lmcheck.results import Result, headroom_below
 from lmcheck.training import batch_supervision, causal_batch, loss_at_init, loss_matches_reference
 
@@ -196,7 +196,9 @@ def check_loop(
             the learning rate at each optimizer step is compared with its value for that step.
         schedule: the expected learning rate at optimizer step i (0-based), instead of replaying
             ``scheduler``.
-        max_grad_norm: the clipping norm of ``train_step``, to check the clipped update.
+        max_grad_norm: the clipping norm of ``train_step``, to check the clipped update; 0 when it
+            does not clip (then an update shrunk as a whole is a fault). Left None, an update
+            shrunk as a whole passes as clipped.
         pretrained: skip ``loss_at_init``; default: a Hugging Face model loaded from a checkpoint.
         evaluate: the user's evaluation, returning a loss; default: lmcheck's, in eval mode.
         rebuild: ``rebuild(seed)`` builds the setup afresh (model, train_step, batches, like the
@@ -231,12 +233,13 @@ def check_loop(
         results = _battery(loop, lm_batches, tokenizer=tokenizer, schedule=schedule,
                            max_grad_norm=max_grad_norm, pretrained=pretrained, evaluate=evaluate,
                            expect_eos=expect_eos, steps=steps, overfit_batches=overfit_batches,
-                           overfit_steps=overfit_steps, check_every=check_every, setup=setup)
+                           overfit_steps=overfit_steps, check_every=check_every, setup=setup,
+                           collated=loop.collating(batches))
         results.append(_data_order_of_loop(batches, convert))
         results.append(_reproducible_loop(rebuild, seed, as_batch, steps) if rebuild is not None else
                        Result.not_applicable("reproducible", "no rebuild(seed) was given, so the setup "
                                              "cannot be built again with another seed"))
-        results.append(_eval_twice(model, lm_batches, evaluate))
+        results.append(_finite_or_fail("eval_deterministic", lambda: _eval_twice(model, lm_batches, evaluate)))
     finally:
         loop.snapshot.restore()
     return SetupReport(results=_ordered(results), curve=loop.curve, setup=setup)
@@ -285,9 +288,10 @@ class _Loop:
                 losses.append(loss)
                 used.append(index)
                 after = _ids_copy(batch)
-                if before is not None and after is not None and not torch.equal(before, after) \
-                        and not self.changed_inputs:
-                    self.changed_inputs.append(_first_difference(before, after, f"batch {index}"))
+                if before is not None and after is not None and not torch.equal(before, after):
+                    if not self.changed_inputs:
+                        self.changed_inputs.append(_first_difference(before, after, f"batch {index}"))
+                    _put_ids_back(batch, before)  # the next call of this batch sees the user's ids
                 if len(recorder.steps) > done:
                     if self.progress is not None:
                         self.progress(phase, len(recorder.steps), optimizer_steps)
@@ -310,6 +314,15 @@ class _Loop:
     def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
         return [self.convert(b, i) for i, b in enumerate(self.batches[:count])]
 
+    def collating(self, batches: Any) -> tuple[list[str], int, int]:
+        """The first examples of a DataLoader's dataset against what its ``collate_fn`` makes of
+        them: (problems, examples compared, with labels); nothing to compare without a map-style dataset."""
+        dataset, collate = getattr(batches, "dataset", None), getattr(batches, "collate_fn", None)
+        if getattr(batches, "batch_size", None) is None or not callable(collate) \
+                or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            return [], 0, 0
+        return _collating_problems(dataset, collate, lambda examples: examples)
+
 
 # ---------------------------------------------------------------- the Trainer
 
@@ -326,7 +339,9 @@ def check_trainer(
     outputs sent to a temporary folder, no checkpoint and no reporting integrations; the model,
     the Trainer's attributes, its optimizer and scheduler and the random generators are put
     back afterwards. ``rebuild(seed)``, where given, builds the Trainer afresh for the
-    reproducibility check (otherwise the check reruns this Trainer with ``args.seed`` changed).
+    reproducibility check (otherwise the check reruns this Trainer with ``args.seed`` changed and
+    the random generators seeded with it, as the Trainer's constructor does: that reaches the data
+    order and dropout, not the initialisation of the model, which is built already).
     The other arguments are :func:`check_loop`'s.
     """
     from transformers import Trainer
@@ -339,13 +354,14 @@ def check_trainer(
     for argument, value in (("rebuild", rebuild), ("progress", progress)):
         if value is not None:
             check_callable(value, argument, "a function")
+    model = check_model(trainer.model, "trainer.model")
     driver = _TrainerDriver(trainer, progress)
     args = trainer.args
     loader_batches = driver.first_batches(max(overfit_batches, 8))
     lm_batches = [_converter(None)(b, i) for i, b in enumerate(loader_batches)]
     setup: dict[str, Any] = {
-        "kind": f"transformers {type(trainer).__name__}", "model": type(trainer.model).__name__,
-        "dtype": str(parameter_dtype(trainer.model)).replace("torch.", ""),
+        "kind": f"transformers {type(trainer).__name__}", "model": type(model).__name__,
+        "dtype": str(parameter_dtype(model)).replace("torch.", ""),
         "per-device batch": args.per_device_train_batch_size,
         "gradient accumulation": args.gradient_accumulation_steps, "learning rate": args.learning_rate,
         "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
@@ -353,13 +369,13 @@ def check_trainer(
     }
     try:
         results = _battery(driver, lm_batches, tokenizer=trainer.processing_class, schedule=None,
-                           max_grad_norm=args.max_grad_norm or None, pretrained=pretrained,
+                           max_grad_norm=float(args.max_grad_norm or 0.0), pretrained=pretrained,
                            evaluate=None, expect_eos=expect_eos, steps=steps,
                            overfit_batches=overfit_batches, overfit_steps=overfit_steps,
-                           check_every=check_every, setup=setup)
+                           check_every=check_every, setup=setup, collated=driver.collating())
         results.append(driver.data_order())
         results.append(driver.reproducible(rebuild, steps))
-        results.append(driver.eval_twice(lm_batches))
+        results.append(_finite_or_fail("eval_deterministic", lambda: driver.eval_twice(lm_batches)))
     finally:
         driver.restore()
     return SetupReport(results=_ordered(results), curve=driver.curve, setup=setup)
@@ -394,7 +410,6 @@ class _TrainerDriver:
     @contextlib.contextmanager
     def _arguments(self, output_dir: str, **changes: Any) -> Iterator[None]:
         from transformers.trainer_callback import DefaultFlowCallback
-
         from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
         original = self.trainer.args
@@ -451,7 +466,12 @@ class _TrainerDriver:
             recorder.calls += 1
             if len(seen) < 64:
                 seen.append({k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+            before = _ids_copy(inputs)
             loss = original_step(model, inputs, *rest, **kwargs)
+            after = _ids_copy(inputs)
+            if before is not None and after is not None and not torch.equal(before, after) \
+                    and not driver.changed_inputs:
+                driver.changed_inputs.append(_first_difference(before, after, f"micro-batch {recorder.calls}"))
             losses.append(_loss_value(loss, f"the Trainer's training step {recorder.calls}"))
             return loss
 
@@ -470,6 +490,10 @@ class _TrainerDriver:
                 trainer.train_dataset = _subset(dataset, len(batches) * trainer.args.per_device_train_batch_size)
             if unequal:
                 trainer.data_collator = _unequal_lengths(collator)
+            if seed is not None:
+                from transformers.trainer_utils import set_seed
+
+                set_seed(seed)  # what the Trainer's constructor does with args.seed (the model is built already)
             try:
                 with _quiet():
                     trainer.train()
@@ -503,6 +527,27 @@ class _TrainerDriver:
     def memorized(self, lm_batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
         return _memorized_rows(self.model, lm_batches)
 
+    def collating(self) -> tuple[list[str], int, int]:
+        """The train set's first examples against what ``trainer.data_collator`` makes of them,
+        after the Trainer's own removal of the columns the model's forward does not take:
+        (problems, examples compared, examples with labels compared)."""
+        trainer = self.trainer
+        dataset = trainer.train_dataset
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or trainer.data_collator is None:
+            return [], 0, 0
+        keep: set[str] | None = None
+        if trainer.args.remove_unused_columns and hasattr(trainer, "_set_signature_columns_if_needed"):
+            trainer._set_signature_columns_if_needed()
+            keep = set(getattr(trainer, "_signature_columns", None) or ()) or None
+
+        def columns(examples: list[Any]) -> list[Any]:
+            if keep is None:
+                return examples
+            return [{k: v for k, v in e.items() if k in keep} if isinstance(e, Mapping) else e for e in examples]
+
+        with _quiet():
+            return _collating_problems(dataset, trainer.data_collator, columns)
+
     def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
         """The batches the overfitting run trains on: the first ``count`` batches' worth of
         examples, collated by the Trainer's own dataloader."""
@@ -519,7 +564,7 @@ class _TrainerDriver:
         with _quiet():
             loader = self.trainer.get_train_dataloader()
         dataset = self.trainer.train_dataset
-        keys = None
+        keys: list[str] | None = None
         if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and len(dataset) <= _ORDER_ROWS:
             keys = []
             for i in range(len(dataset)):
@@ -532,8 +577,9 @@ class _TrainerDriver:
         epochs = []
         for epoch in range(2):
             for target in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-                if hasattr(target, "set_epoch"):
-                    target.set_epoch(epoch)  # as Trainer.train() does at each epoch
+                set_epoch = getattr(target, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(epoch)  # as Trainer.train() does at each epoch
             epochs.append(_epoch_keys(loader, _converter(None)))
         return _data_order(epochs, keys)
 
@@ -590,6 +636,7 @@ def _battery(
     driver: Any, lm_batches: list[dict[str, torch.Tensor]], *, tokenizer: Any, schedule: Any,
     max_grad_norm: float | None, pretrained: bool | None, evaluate: Any, expect_eos: bool | None,
     steps: int, overfit_batches: int, overfit_steps: int, check_every: int, setup: dict[str, Any],
+    collated: tuple[list[str], int, int],
 ) -> list[Result]:
     """The checks both entry points share: batches, loss, a short run (gradients, updates,
     accumulation, schedule) and an overfitting run."""
@@ -612,12 +659,23 @@ def _battery(
                     else [driver.convert(driver.batches[i], i) for i in used[: first.micro_batches]])
     results.append(_gradient_flow(model, first))
     results.append(_params_update(model, driver.snapshot, after, len(recorder.steps)))
-    results.append(_accumulation(model, driver.snapshot, step_batches, first, max_grad_norm))
+    results.append(_finite_or_fail("accumulation", lambda: _accumulation(model, driver.snapshot, step_batches,
+                                                                         first, max_grad_norm)))
     results.append(_lr_schedule(recorder.steps, driver, schedule))
-    results.append(_inputs_unchanged(driver.changed_inputs))
     # the overfitting run: a handful of batches, the user's settings, until memorized or budget
     results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every))
+    # after both runs (the first run's collator, made to give unequal lengths, copies the labels)
+    results.append(_inputs_unchanged(driver.changed_inputs, collated))
     return results
+
+
+def _finite_or_fail(name: str, check: Callable[[], Result]) -> Result:
+    """The check's result, or its failure where a model output it reads is NaN or Inf (the
+    message says which output and where)."""
+    try:
+        return check()
+    except NonFiniteError as error:
+        return non_finite_result(name, str(error))
 
 
 def _check_options(steps: object, overfit_batches: object, overfit_steps: object, check_every: object,
@@ -724,11 +782,101 @@ def _first_difference(before: torch.Tensor, after: torch.Tensor, where: str) -> 
             f"that alias input_ids does this (Fast-LLM #253): clone the labels")
 
 
-def _inputs_unchanged(problems: list[str]) -> Result:
+def _put_ids_back(batch: Any, saved: torch.Tensor) -> None:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(ids, torch.Tensor) and ids.shape == saved.shape:
+        with torch.no_grad():
+            ids.copy_(saved)
+
+
+_COLLATED_EXAMPLES = 8  # examples of the dataset compared with their collated rows
+
+
+def _collating_problems(dataset: Any, collate: Callable[[Any], Any],
+                        columns: Callable[[list[Any]], list[Any]]) -> tuple[list[str], int, int]:
+    """Collate the dataset's first examples as the loader would and compare: at each example's
+    real positions (attention_mask 1) the collated ``input_ids`` must be the example's, and every
+    position after the first that the example's own ``labels`` set to -100 must still be -100.
+    Returns (problems, examples compared, examples with labels compared). What cannot be
+    compared position by position is skipped: a collator that raises on these examples, rows
+    packed, truncated or given extra tokens, and, without an attention_mask, rows longer than
+    their example."""
+    try:
+        examples = [dataset[i] for i in range(min(_COLLATED_EXAMPLES, len(dataset)))]
+    except Exception:  # a dataset that cannot be indexed like this: nothing to compare
+        return [], 0, 0
+    if not examples or not all(isinstance(e, Mapping) and "input_ids" in e for e in examples):
+        return [], 0, 0
+    wanted = [(_id_list(e["input_ids"]), _id_list(e["labels"]) if "labels" in e else None) for e in examples]
+    try:
+        batch = collate(columns([dict(e) for e in examples]))
+    except Exception:  # the user's collator, called outside their loader: not comparable
+        return [], 0, 0
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != len(examples):
+        return [], 0, 0
+    labels = batch.get("labels")
+    labels = labels if isinstance(labels, torch.Tensor) and labels.shape == ids.shape else None
+    mask = batch.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else None
+    problems: list[str] = []
+    compared = labelled = 0
+    changed_ids = dropped_labels = None
+    for row, (example_ids, example_labels) in enumerate(wanted):
+        if example_ids is None:
+            continue
+        # the real positions: attention_mask 1; without a mask only rows as long as their example
+        positions = mask[row].nonzero().flatten().tolist() if mask is not None else list(range(ids.shape[1]))
+        if len(positions) != len(example_ids):
+            continue  # truncated, packed or tokens added: not comparable position by position
+        compared += 1
+        got = ids[row, positions].tolist()
+        if got != example_ids and changed_ids is None:
+            at = next(i for i, (a, b) in enumerate(zip(example_ids, got, strict=True)) if a != b)
+            changed_ids = (f"collating changed the input_ids of example {row} (position {at}: {example_ids[at]} "
+                           f"became {got[at]}); a loss mask written in place into labels that alias "
+                           f"input_ids does this (Fast-LLM #253): clone the labels")
+        if labels is not None and example_labels is not None and len(example_labels) == len(example_ids):
+            labelled += 1
+            collated = labels[row, positions].tolist()
+            lost = [i for i, (a, b) in enumerate(zip(example_labels, collated, strict=True))
+                    if i > 0 and a == IGNORE_INDEX and b != IGNORE_INDEX]  # the first is never a target
+            if lost and dropped_labels is None:
+                masked = sum(v == IGNORE_INDEX for v in example_labels[1:])
+                dropped_labels = (f"the collator supervises {len(lost)} of the {masked} positions that example "
+                                  f"{row}'s own labels ignore with -100 (first: its token {lost[0]}, now "
+                                  f"labelled {collated[lost[0]]}): it rebuilds labels from input_ids and drops the "
+                                  f"user's (transformers #26357); use a collator that keeps the labels "
+                                  f"(DataCollatorForSeq2Seq pads them with -100)")
+    problems += [p for p in (changed_ids, dropped_labels) if p is not None]
+    return problems, compared, labelled
+
+
+def _id_list(value: Any) -> list[int] | None:
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if tensor.dim() != 1 or tensor.dtype.is_floating_point:
+        return None
+    return [int(v) for v in tensor.tolist()]
+
+
+def _inputs_unchanged(problems: list[str], collated: tuple[list[str], int, int]) -> Result:
+    collating, compared, labelled = collated
+    problems = [*collating, *problems]
     passed = not problems
-    return Result(name="inputs_unchanged", passed=passed, metrics={"problems": len(problems)},
-                  explanation=("input_ids are the same after collating and after each step; the user's -100 "
-                               "labels survive collating" if passed else "; ".join(problems)))
+    if compared:
+        checked = (f"collating {compared} examples keeps their input_ids"
+                   + (f" and every -100 of the labels {labelled} of them bring" if labelled else
+                      " (they bring no labels of their own)")
+                   + "; input_ids are the same after each step")
+    else:
+        checked = ("input_ids are the same after each step; collating was not compared with the examples (the "
+                   "batches do not come from a DataLoader over a dataset of examples with input_ids)")
+    return Result(name="inputs_unchanged", passed=passed,
+                  metrics={"problems": len(problems), "examples_compared": compared, "examples_labelled": labelled},
+                  explanation=checked if passed else "; ".join(problems))
 
 
 def _unequal_lengths(collator: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -785,28 +933,38 @@ def _loss_at_init(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], pre
 
 
 def _gradient_flow(model: torch.nn.Module, step: OptimizerStep) -> Result:
-    problems: list[str] = []
+    missing: list[str] = []  # no gradient or an all-zero one
+    non_finite: list[str] = []
     grads = step.grads or {}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, _ in trainable:
         grad = grads.get(name)
         if grad is None:
-            problems.append(f"{name} gets no gradient")
+            missing.append(f"{name} gets no gradient")
         elif (found := locate(grad, ("index",) * grad.dim())) is not None:
-            problems.append(f"{name} has a non-finite gradient: {found}")
+            non_finite.append(f"{name} has a non-finite gradient: {found}")
         elif not bool(grad.any()):
-            problems.append(f"{name} has an all-zero gradient")
+            missing.append(f"{name} has an all-zero gradient")
+    problems = non_finite + missing
     passed = not problems
     if passed:
         explanation = (f"at the first optimizer step all {len(trainable)} trainable parameters have finite, "
                        f"non-zero gradients")
     else:
         explanation = (f"at the first optimizer step {len(problems)} of {len(trainable)} trainable parameters "
-                       f"are not trained: " + "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
-                       + ". Reentrant gradient checkpointing with frozen embeddings does this "
-                       "(transformers #21381): use use_reentrant=False or enable_input_require_grads()")
-    return Result(name="gradient_flow", passed=passed,
-                  metrics={"trainable": len(trainable), "problems": len(problems)}, explanation=explanation)
+                       f"are not trained: " + "; ".join(problems[:4])
+                       + (f"; {len(problems) - 4} more" if len(problems) > 4 else ""))
+        if non_finite:
+            explanation += (". A NaN or Inf gradient comes from a non-finite loss or weight, or an overflow in "
+                            "half precision")
+        if missing:
+            explanation += (". Reentrant gradient checkpointing with frozen embeddings leaves the checkpointed "
+                            "blocks without gradients (transformers #21381): use use_reentrant=False or "
+                            "model.enable_input_require_grads()")
+    metrics: dict[str, Any] = {"trainable": len(trainable), "problems": len(problems)}
+    if non_finite:
+        return non_finite_result("gradient_flow", explanation, **metrics)
+    return Result(name="gradient_flow", passed=passed, metrics=metrics, explanation=explanation)
 
 
 def _params_update(model: torch.nn.Module, snapshot: Snapshot, after: Mapping[str, torch.Tensor],
@@ -883,11 +1041,16 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     if sum(counts) == 0:
         return Result.not_applicable(name, "the first step's micro-batches supervise no token")
     flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in grads_each]
-    correct = sum(flat) / sum(counts)
-    per_micro = sum(g / max(c, 1) for g, c in zip(flat, counts, strict=True))  # the sum of the micro-batch means
+    correct = torch.stack(flat).sum(dim=0) / sum(counts)
+    # the sum of the micro-batch means
+    per_micro = torch.stack([g / max(c, 1) for g, c in zip(flat, counts, strict=True)]).sum(dim=0)
     user_grads = step.grads or {}
-    user = torch.cat([(user_grads.get(n) if user_grads.get(n) is not None else torch.zeros_like(p)).float().reshape(-1)
-                      for n, p in zip(names, parameters, strict=True)])
+
+    def user_grad(name: str, parameter: torch.Tensor) -> torch.Tensor:
+        grad = user_grads.get(name)
+        return (grad if grad is not None else torch.zeros_like(parameter)).float().reshape(-1)
+
+    user = torch.cat([user_grad(n, p) for n, p in zip(names, parameters, strict=True)])
     tol = GRADIENT_RTOL.get(parameter_dtype(model), GRADIENT_RTOL[torch.float32])
     if (found := locate(user, ("index",))) is not None:
         return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: {found}")
@@ -908,40 +1071,49 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     metrics.update(scale=scale, residual=residual)
     error = float((user - correct).norm() / max(float(correct.norm()), 1e-30))
     metrics["relative_error"] = error
-    clip = None if max_grad_norm is None else min(1.0, max_grad_norm / max(float(correct.norm()), 1e-30))
+    # max_grad_norm: None = not said (the step may clip), 0 = the step does not clip
+    clipping = max_grad_norm is None or max_grad_norm > 0
+    clip = min(1.0, max_grad_norm / max(float(correct.norm()), 1e-30)) if max_grad_norm else None
     if residual <= tol and abs(scale - 1) <= tol:
         return Result(name=name, passed=True, metrics=metrics, threshold=tol, headroom=headroom_below(error, tol),
                       explanation=f"the user's update over {counted} equals the gradient of the mean loss over "
                                   f"all their tokens (relative error {error:.1e}, allowed {tol:g})"
                                   + ("" if unequal or k == 1 else "; the counts are equal, so a per-micro-batch "
                                      "mean could not be told apart: give batches of unequal length"))
-    if residual <= tol and scale < 1 and (clip is None or abs(scale - clip) <= tol):
-        return Result(name=name, passed=True, metrics=metrics, threshold=tol, headroom=headroom_below(residual, tol),
-                      explanation=f"the user's update over {counted} is the mean-loss gradient clipped by "
-                                  f"{scale:.3g} to norm {float(user.norm()):.3g}"
-                                  + ("" if clip is not None else " (pass max_grad_norm to check the norm)"))
     if residual <= tol:
         causes = []
         if k > 1 and abs(scale - k) <= 10 * tol * k:
             causes.append(f"the loss is not divided by the {k} accumulation steps")
         ratio = sum(counts) / max(1, sum(unshifted))
         if abs(scale - ratio) <= tol and ratio != 1:
-            causes.append("the loss is divided by the labels counted before the shift, not after it "
-                          "(transformers #46204)")
-        if clip is not None and scale < clip:
+            causes.append(f"the loss is divided by the labels counted before the shift ({sum(unshifted)}), not "
+                          f"after it ({sum(counts)}) (transformers #46204)")
+        if clip is not None and scale < clip * (1 - tol):
             causes.append(f"it is smaller than clipping to max_grad_norm={max_grad_norm} makes it: the "
                           f"gradients were clipped while still scaled by the AMP loss scaler, before "
                           f"unscale_ (Lightning #9330)")
+        if not causes and scale < 1 and clipping and (clip is None or abs(scale - clip) <= tol):
+            return Result(name=name, passed=True, metrics=metrics, threshold=tol,
+                          headroom=headroom_below(residual, tol),
+                          explanation=f"the user's update over {counted} is the mean-loss gradient clipped by "
+                                      f"{scale:.3g} to norm {float(user.norm()):.3g}"
+                                      + ("" if clip is not None else " (pass max_grad_norm to check the norm)"))
         explanation = (f"the user's update over {counted} points the right way but is {scale:.4g} times the "
-                       f"gradient of the mean loss" + (f": {'; '.join(causes)}" if causes else ""))
+                       f"gradient of the mean loss" + (f": {'; '.join(causes)}" if causes else
+                                                       " (and the step does not clip)" if not clipping else ""))
     else:
         micro_scale, micro_residual = fit(per_micro)
         if micro_residual <= tol and unequal:
-            explanation = (f"the user's update over {counted} is {micro_scale:.3g} times the sum of the "
-                           f"micro-batches' mean losses, not the mean over all their tokens: each micro-batch "
-                           f"is normalised by its own token count, so short ones weigh as much as long ones "
-                           f"(transformers #34191, torchtune #1875); divide the summed loss by the step's "
-                           f"total token count")
+            # the sum of the means itself (scale 1, not 1/k): the k micro-batches' losses are not
+            # divided by k either (clipping that shrinks the update by exactly 1/k is unlikely)
+            undivided = k > 1 and abs(micro_scale - 1) <= 10 * tol
+            explanation = (f"the user's update over {counted} is "
+                           + ("the" if undivided else f"{micro_scale:.3g} times the")
+                           + " sum of the micro-batches' mean losses, not the mean over all their tokens: each micro-batch "
+                           "is normalised by its own token count, so short ones weigh as much as long ones "
+                           "(transformers #34191, torchtune #1875)"
+                           + (f", and the sum is not divided by the {k} accumulation steps either" if undivided else "")
+                           + "; divide the summed loss by the step's total token count")
         else:
             worst = _worst_parameter(user, correct, names, parameters)
             explanation = (f"the user's update over {counted} differs from the gradient of the mean loss by "
@@ -951,8 +1123,8 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
                   explanation=explanation)
 
 
-def _worst_parameter(user: torch.Tensor, reference: torch.Tensor, names: list[str],
-                     parameters: list[torch.Tensor]) -> str:
+def _worst_parameter(user: torch.Tensor, reference: torch.Tensor, names: Sequence[str],
+                     parameters: Sequence[torch.Tensor]) -> str:
     offset, worst, where = 0, -1.0, ""
     for name, parameter in zip(names, parameters, strict=True):
         size = parameter.numel()
@@ -1064,12 +1236,16 @@ def _prefix_hashes(ids: torch.Tensor) -> torch.Tensor:
 
 def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int, check_every: int) -> Result:
     name = "overfits"
-    state = {"memorized": (0, 1), "at": None}
+    state: dict[str, Any] = {"memorized": (0, 1), "at": None, "non_finite": None}
 
     def after_step(step: int) -> bool:
         if step % check_every and step != budget:
             return False
-        state["memorized"] = driver.memorized(lm_batches)
+        try:
+            state["memorized"] = driver.memorized(lm_batches)
+        except NonFiniteError as error:
+            state["non_finite"] = f"after optimizer step {step} of the overfitting run, {error}"
+            return True
         hits, rows = state["memorized"]
         if hits == rows:
             state["at"] = step
@@ -1093,6 +1269,8 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
     if curve.non_finite_step is not None:
         return non_finite_result(name, f"the training loss is not finite at optimizer step {curve.non_finite_step} "
                                        f"of the overfitting run", **metrics)
+    if state["non_finite"] is not None:
+        return non_finite_result(name, state["non_finite"], **metrics)
     first, last = (curve.train[0][1], curve.train[-1][1]) if curve.train else (math.nan, math.nan)
     metrics.update(first_loss=first, last_loss=last)
     lrs = [s.lrs[0] for s in recorder.steps]
@@ -1166,7 +1344,7 @@ def _data_order(epochs: list[tuple[list[str], bool]], dataset: list[str] | None)
 
 
 def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]]) -> Result:
-    if iter(batches) is batches:  # type: ignore[comparison-overlap]
+    if iter(batches) is batches:
         return Result.not_applicable("data_order", "'batches' is a one-shot iterator, so it has no second "
                                      "epoch to compare; pass the DataLoader itself")
     dataset = None
@@ -1201,6 +1379,9 @@ def _reproducible_loop(rebuild: Callable[[int], Any], seed: int, as_batch: Any, 
 
     def first_losses(value: int) -> list[float]:
         built = _call_rebuild(rebuild, value)
+        model: Any
+        step: Any
+        batches: Any
         if isinstance(built, Mapping):
             model, step, batches = built.get("model"), built.get("train_step"), built.get("batches")
         elif isinstance(built, (tuple, list)) and len(built) >= 3:
@@ -1219,7 +1400,11 @@ def _reproducible_loop(rebuild: Callable[[int], Any], seed: int, as_batch: Any, 
 def _reproducible(runs: list[list[float]], seed: int, how: str) -> Result:
     name = "reproducible"
     first, again, other = runs
-    metrics = {"seed": seed, "losses": first, "same_seed": again, "other_seed": other}
+    metrics: dict[str, Any] = {"seed": seed, "losses": first, "same_seed": again, "other_seed": other}
+    for label, losses in ((f"{seed}", first), (f"{seed} again", again), (f"{seed + 1}", other)):
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:  # NaN != NaN: the comparisons below would blame the seed
+            return non_finite_result(name, f"{how} {label}: the loss is {losses[bad]} at call {bad}", **metrics)
     problems = []
     if first != again:
         i = next(i for i, (a, b) in enumerate(zip(first, again, strict=False)) if a != b) if len(first) == len(again) else 0

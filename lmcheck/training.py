@@ -459,8 +459,10 @@ def batch_supervision(
     if isinstance(raw_inputs, torch.Tensor) and isinstance(raw_labels, torch.Tensor) and \
             raw_inputs.untyped_storage().data_ptr() == raw_labels.untyped_storage().data_ptr():
         problems.append("labels share memory with input_ids: a loss mask written into the labels in "
-                        "place (labels[...] = -100) overwrites the inputs too; clone the labels")
+                        "place (labels[...] = -100) overwrites the inputs too (Fast-LLM #253); clone the "
+                        "labels")
     eos = None if tokenizer is None else tokenizer.eos_token_id
+    hidden_reported = False
     if eos is not None:
         hidden = (inputs == eos) & real & ~supervised
         hidden[:, 0] = False  # position 0 is never a target, whatever its label
@@ -468,8 +470,9 @@ def batch_supervision(
             row, column = (int(i) for i in hidden.nonzero()[0])
             problems.append(f"{int(hidden.sum())} real end-of-sequence token(s) are not supervised (first: "
                             f"row {row}, position {column}); the model never learns to stop. A collator "
-                            f"that pads with eos and labels every pad -100 does this: give the "
-                            f"tokenizer a pad token of its own")
+                            f"that pads with eos and labels every pad -100 does this (transformers "
+                            f"#23530): give the tokenizer a pad token of its own")
+            hidden_reported = True
     if expect_eos and eos is not None:
         last = (real.long().cumsum(dim=1).argmax(dim=1))  # (B,) the last real position of each row
         ends = inputs.gather(1, last[:, None]).squeeze(1)
@@ -481,14 +484,14 @@ def batch_supervision(
                             f"{row} ends with token {int(ends[row])} at position {int(last[row])}); the "
                             f"model never learns to stop: append eos when tokenizing (a tokenizer "
                             f"that adds BOS but no EOS does this: transformers #22794)")
-        elif not bool(ends_supervised.all()):
+        elif not bool(ends_supervised.all()) and not hidden_reported:
             row = int((~ends_supervised).nonzero()[0])
             problems.append(f"row {row} ends with eos at position {int(last[row])} but its label is -100")
     empty = [row for row in range(inputs.shape[0]) if not bool(supervised[row, 1:].any())]
     if empty:
         problems.append(f"{len(empty)} of {inputs.shape[0]} rows supervise no token (first: row {empty[0]}): "
                         f"they add nothing to the loss; a completion-only collator that never found its "
-                        f"response template does this")
+                        f"response template does this (trl #598)")
     padded = ~real & supervised
     if padded.any():
         row, column = (int(i) for i in padded.nonzero()[0])
@@ -503,7 +506,7 @@ def batch_supervision(
         if len(doubled):
             problems.append(f"{len(doubled)} row(s) start with two BOS tokens (first: row {int(doubled[0])}): "
                             f"a chat template wrote one and the tokenizer added another "
-                            f"(add_special_tokens=False after apply_chat_template)")
+                            f"(sglang #888): pass add_special_tokens=False after apply_chat_template")
     fraction = float((supervised[:, 1:] & real[:, 1:]).sum()) / max(1, int(real[:, 1:].sum()))
     if fraction < min_supervised_fraction:
         problems.append(f"{fraction:.1%} of real tokens are supervised, below {min_supervised_fraction:.0%}")

@@ -61,8 +61,11 @@ def collator(tok: PreTrainedTokenizerFast) -> DataCollatorForLanguageModeling:
 
 
 def loader(tok: PreTrainedTokenizerFast, *, batch_size: int = 4, seed: int = 0, shuffle: bool = True,
-           collate: Callable[[Any], Any] | None = None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(examples(tok), batch_size=batch_size, shuffle=shuffle,
+           collate: Callable[[Any], Any] | None = None, data: list[Any] | None = None) -> torch.utils.data.DataLoader:
+    """The examples (or ``data``) in shuffled batches, collated by ``collate`` (default: the
+    causal-LM collator)."""
+    return torch.utils.data.DataLoader(data if data is not None else examples(tok), batch_size=batch_size,
+                                       shuffle=shuffle,
                                        collate_fn=collate or collator(tok),
                                        generator=torch.Generator().manual_seed(seed))
 
@@ -73,10 +76,11 @@ def warmup(optimizer: torch.optim.Optimizer, steps: int = 10) -> torch.optim.lr_
 
 class Loop:
     """A healthy plain loop with gradient accumulation, clipping and a warmup schedule, written as
-    users write it; the ``fault`` names one documented bug to put in it instead."""
+    users write it; the ``fault`` names one documented bug to put in it instead, and
+    ``max_grad_norm=None`` turns clipping off (clipping hides the scale of an update)."""
 
     def __init__(self, net: torch.nn.Module, *, accumulate: int = 2, lr: float = 1e-2,
-                 max_grad_norm: float = 1.0, fault: str | None = None) -> None:
+                 max_grad_norm: float | None = 1.0, fault: str | None = None) -> None:
         self.model, self.accumulate, self.max_grad_norm, self.fault = net, accumulate, max_grad_norm, fault
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
         self.scheduler = warmup(self.optimizer)
@@ -112,7 +116,7 @@ class Loop:
             loss.backward()
             total += float(loss.detach())
         self.pending.clear()
-        if self.fault != "no_clip":
+        if self.fault != "no_clip" and self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         if self.fault != "scheduler_per_micro_batch" and self.fault != "no_scheduler_step":
@@ -123,8 +127,10 @@ class Loop:
 
 def trainer(tok: PreTrainedTokenizerFast, output_dir: str, *, seed: int = 0, accumulate: int = 2,
             trainer_class: type[Trainer] = Trainer, dropout: float = 0.0, net: torch.nn.Module | None = None,
+            data: list[Any] | None = None, collate: Callable[[Any], Any] | None = None,
             **arguments: Any) -> Trainer:
-    """A healthy Trainer over the tiny examples: warmup, clipping, accumulation."""
+    """A healthy Trainer over the tiny examples (or ``data``, collated by ``collate``): warmup,
+    clipping, accumulation; ``arguments`` override the TrainingArguments."""
     import datasets
 
     settings = dict(output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=accumulate,
@@ -134,9 +140,9 @@ def trainer(tok: PreTrainedTokenizerFast, output_dir: str, *, seed: int = 0, acc
     settings.update(arguments)
     return trainer_class(model=net if net is not None else model(tok, seed=seed, dropout=dropout),
                          args=TrainingArguments(**settings),
-                         train_dataset=datasets.Dataset.from_list(examples(tok)),
-                         eval_dataset=datasets.Dataset.from_list(examples(tok, 8)),
-                         data_collator=collator(tok), processing_class=tok)
+                         train_dataset=datasets.Dataset.from_list(data if data is not None else examples(tok)),
+                         eval_dataset=datasets.Dataset.from_list(data[:8] if data is not None else examples(tok, 8)),
+                         data_collator=collate or collator(tok), processing_class=tok)
 
 
 def ln(vocab: int) -> float:
