@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it: every name in a public module's __all__, and no other
 # (assets has its own surface: lmcheck.assets and the `lmcheck assets` command)
 _EXPORTS: dict[str, str] = {
+    "DISTRIBUTED_CHECKS": "lmcheck.setup_checks",
     "same_init": "lmcheck.distributed",
     "rank_randomness": "lmcheck.distributed",
     "grads_synchronized": "lmcheck.distributed",

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmcheck._finite import locate, non_finite_result
@@ -85,9 +86,11 @@ from lmcheck.errors import InputError, LmcheckError, NonFiniteError
 from lmcheck.results import Result, headroom_below
 from lmcheck.training import batch_supervision, causal_batch, loss_at_init, loss_matches_reference
 
-__all__ = ["SETUP_CHECKS", "SetupReport", "check_loop", "check_trainer"]
+__all__ = ["DISTRIBUTED_CHECKS", "SETUP_CHECKS", "SetupReport", "check_loop", "check_trainer"]
 
 # The battery, in report order; every report holds one result of each name.
+# Added by check_loop and check_trainer under torchrun (lmcheck.distributed).
+DISTRIBUTED_CHECKS = ("grads_synchronized", "data_sharding", "rank_randomness")
 SETUP_CHECKS = ("batch_supervision", "causal_batch", "inputs_unchanged", "loss_at_init",
                 "loss_matches_reference", "gradient_flow", "params_update", "accumulation",
                 "lr_schedule", "overfits", "data_order", "reproducible", "eval_deterministic")
@@ -167,8 +170,9 @@ def _md(value: object) -> str:
 
 
 def check_loop(
-    model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Iterable[Any], *,
-    tokenizer: Any = None, as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
+    model: torch.nn.Module, train_step: Callable[[Any], Any],
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]], *, tokenizer: Any = None,
+    as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
     scheduler: Any = None, schedule: Callable[[int], float] | None = None,
     max_grad_norm: float | None = None, pretrained: bool | None = None,
     evaluate: Callable[[], float] | None = None,
@@ -184,10 +188,12 @@ def check_loop(
         train_step: the user's own step, called once per micro-batch as ``train_step(batch)``:
             forward, backward and, every k-th call where it accumulates, clipping, the
             optimizer's and scheduler's steps; it returns the loss (a tensor or a float).
-        batches: the user's batches, as their loop gets them (a DataLoader, a list). Each is a
-            mapping with ``input_ids`` (``labels`` and ``attention_mask`` optional), a (B, T)
-            tensor of ids, or an ``(x, y)`` pair of inputs and next-token targets (nanoGPT);
-            otherwise give ``as_batch``.
+        batches: the user's batches, as their loop gets them (a DataLoader, a list), or a
+            function from the epoch number to that epoch's batches, doing what the loop does at
+            the start of an epoch (``lambda e: (sampler.set_epoch(e), loader)[1]``). Each batch
+            is a mapping with ``input_ids`` (``labels`` and ``attention_mask`` optional), a
+            (B, T) tensor of ids, or an ``(x, y)`` pair of inputs and next-token targets
+            (nanoGPT); otherwise give ``as_batch``.
         tokenizer: for the eos and BOS checks of the batches (optional).
         as_batch: turns one of the user's batches into a mapping with ``input_ids`` and either
             ``labels`` (unshifted, -100 ignored) or ``targets`` (next-token targets, as nanoGPT's
@@ -211,8 +217,19 @@ def check_loop(
         expect_eos: every row must end with a supervised eos; default: when rows are padded
             (whole examples, not packed chunks).
         progress: called as ``progress(phase, done, total)`` while the runs go.
+
+    Under ``torchrun`` (an initialized process group of more than one rank), call it on every
+    rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
+    micro-batches, the overfitting run stops on all ranks together, the distributed probes
+    (:data:`DISTRIBUTED_CHECKS`) are added, and every rank returns the same report, a failure
+    on one rank naming it.
     """
     check_model(model)
+    user_model, model = model, _unwrap_parallel(model)
+    batches_of_epoch = None
+    if callable(batches) and not isinstance(batches, Iterable):
+        batches_of_epoch = batches
+        batches = _epoch_batches(batches_of_epoch, 0)
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
     _check_options(steps, overfit_batches, overfit_steps, check_every, max_grad_norm)
     for argument, value in (("as_batch", as_batch), ("schedule", schedule), ("evaluate", evaluate),
@@ -235,14 +252,83 @@ def check_loop(
                            expect_eos=expect_eos, steps=steps, overfit_batches=overfit_batches,
                            overfit_steps=overfit_steps, check_every=check_every, setup=setup,
                            collated=loop.collating(batches))
-        results.append(_data_order_of_loop(batches, convert))
+        results.append(_data_order_of_loop(batches, convert, batches_of_epoch))
         results.append(_reproducible_loop(rebuild, seed, as_batch, steps) if rebuild is not None else
                        Result.not_applicable("reproducible", "no rebuild(seed) was given, so the setup "
                                              "cannot be built again with another seed"))
         results.append(_finite_or_fail("eval_deterministic", lambda: _eval_twice(model, lm_batches, evaluate)))
+        if _world_size() > 1:
+            setup["world size"] = _world_size()
+            results += _distributed_checks(user_model, train_step, first, batches_of_epoch, as_batch)
     finally:
         loop.snapshot.restore()
-    return SetupReport(results=_ordered(results), curve=loop.curve, setup=setup)
+    return SetupReport(results=_agree(_ordered(results)), curve=loop.curve, setup=setup)
+
+
+def _epoch_batches(batches_of_epoch: Callable[[int], Iterable[Any]], epoch: int) -> Iterable[Any]:
+    try:
+        made = batches_of_epoch(epoch)
+    except LmcheckError:
+        raise
+    except Exception as error:  # the user's code, traceback chained
+        raise InputError(f"'batches({epoch})' raised {type(error).__name__}: {error}") from error
+    if made is None:
+        raise InputError(f"'batches' as a function must return the batches of the epoch (got None for epoch {epoch})")
+    return made
+
+
+# ---------------------------------------------------------------- under torchrun
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel or DataParallel: lmcheck's own forwards, the
+    snapshot and the recorder use it, the user's step keeps the wrapper."""
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, parallel) else model
+
+
+def _gathered(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order; ``[value]`` in one process."""
+    if _world_size() == 1:
+        return [value]
+    everyone: list[Any] = [None] * _world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def _agree(results: list[Result]) -> list[Result]:
+    """The same results on every rank: for each check, the first failing rank's result (its
+    explanation prefixed with the rank), else this rank's."""
+    if _world_size() == 1:
+        return results
+    everyone = _gathered([r.to_dict() for r in results])
+    agreed = []
+    for index, result in enumerate(results):
+        failing = next((rank for rank, rows in enumerate(everyone) if rows[index]["status"] == "fail"), None)
+        if failing is None:
+            agreed.append(result)
+        else:
+            row = everyone[failing][index]
+            agreed.append(Result(name=result.name, passed=False, metrics={**row["metrics"], "rank": failing},
+                                 explanation=f"on rank {failing}: {row['explanation']}"))
+    return agreed
+
+
+def _distributed_checks(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: list[Any],
+                        batches_of_epoch: Callable[[int], Iterable[Any]] | None, as_batch: Any) -> list[Result]:
+    from lmcheck import distributed
+
+    results = [distributed.grads_synchronized(model, train_step, batches)]
+    results.append(distributed.data_sharding(batches_of_epoch, as_batch=as_batch) if batches_of_epoch is not None
+                   else Result.not_applicable("data_sharding", "'batches' is not a function of the epoch, so the "
+                                              "ranks' epochs cannot be compared; pass lambda e: "
+                                              "(sampler.set_epoch(e), loader)[1]"))
+    results.append(distributed.rank_randomness(model, batches[0], as_batch=as_batch))
+    return results
 
 
 class _Loop:
@@ -689,7 +775,7 @@ def _check_options(steps: object, overfit_batches: object, overfit_steps: object
 
 
 def _ordered(results: list[Result]) -> list[Result]:
-    rank = {name: i for i, name in enumerate(SETUP_CHECKS)}
+    rank = {name: i for i, name in enumerate(SETUP_CHECKS + DISTRIBUTED_CHECKS)}
     return sorted(results, key=lambda r: rank.get(r.name, len(rank)))
 
 
@@ -1016,6 +1102,10 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     name = "accumulation"
     if not micro_batches:
         return Result.not_applicable(name, "no micro-batch of the first step was seen")
+    world = _world_size()
+    if world > 1:  # DDP averages the ranks' gradients: the reference covers every rank's tokens
+        local = [{k: v.detach().cpu() for k, v in b.items()} for b in micro_batches]
+        micro_batches = [b for rank_batches in _gathered(local) for b in rank_batches]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     parameters = [p for n, p in model.named_parameters() if p.requires_grad]
     snapshot.restore()
@@ -1057,7 +1147,8 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     metrics: dict[str, Any] = {"micro_batches": k, "supervised_tokens": counts,
                                "reference_norm": float(correct.norm()), "user_norm": float(user.norm())}
     unequal = len(set(counts)) > 1
-    counted = f"{k} micro-batch{'es' if k > 1 else ''} supervising {', '.join(map(str, counts))} tokens"
+    counted = (f"{k} micro-batch{'es' if k > 1 else ''}" + (f" of {world} ranks" if world > 1 else "")
+               + f" supervising {', '.join(map(str, counts))} tokens")
 
     def fit(direction: torch.Tensor) -> tuple[float, float]:
         """(scale c, residual) of the user's gradient as c * direction."""
@@ -1221,6 +1312,8 @@ def _memorized_rows(model: torch.nn.Module, lm_batches: Sequence[Mapping[str, to
     keys = torch.cat([pad(t, 0) for t in keys_of])
     supervised = targets != IGNORE_INDEX
     pairs = torch.stack([keys[supervised], targets[supervised]], dim=1).unique(dim=0)
+    if _world_size() > 1:  # one model for every rank's rows: a prefix shared across ranks is ambiguous too
+        pairs = torch.cat(_gathered(pairs)).unique(dim=0)
     prefixes, counts = pairs[:, 0].unique(return_counts=True)
     ambiguous_keys = prefixes[counts > 1]
     ambiguous = supervised & torch.isin(keys, ambiguous_keys)
@@ -1246,8 +1339,9 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
         except NonFiniteError as error:
             state["non_finite"] = f"after optimizer step {step} of the overfitting run, {error}"
             return True
-        hits, rows = state["memorized"]
-        if hits == rows:
+        hits, rows = (sum(v) for v in zip(*_gathered(state["memorized"]), strict=True))
+        state["memorized"] = (hits, rows)
+        if hits == rows:  # on every rank together: a rank that stopped alone would hang the others
             state["at"] = step
             return True
         return False
@@ -1334,22 +1428,27 @@ def _data_order(epochs: list[tuple[list[str], bool]], dataset: list[str] | None)
         problems.append(f"epoch 2 sees the {len(first)} rows in the same order as epoch 1: the data is not "
                         f"reshuffled each epoch (shuffle off, a generator reseeded every epoch, or a "
                         f"DistributedSampler whose set_epoch is never called: pytorch #31771)")
-    elif sorted(first) != sorted(second) and whole:
+    elif sorted(first) != sorted(second) and whole and _world_size() == 1:  # a rank's share may change
         problems.append("epoch 2 holds other examples than epoch 1")
     passed = not problems
     coverage = "whole epochs" if whole else f"the first {len(first)} rows of each epoch"
+    held = ("this rank's share of" if _world_size() > 1 else "the same examples in")
     return Result(name=name, passed=passed, metrics={"rows_per_epoch": len(first), "whole_epochs": whole},
-                  explanation=(f"two epochs ({coverage}) hold the same examples in different orders, none "
-                               f"repeated" if passed else "; ".join(problems)))
+                  explanation=(f"two epochs ({coverage}) hold {held} different orders, none repeated"
+                               if passed else "; ".join(problems)))
 
 
-def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]]) -> Result:
+def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]],
+                        batches_of_epoch: Callable[[int], Iterable[Any]] | None = None) -> Result:
+    if batches_of_epoch is not None:
+        epochs = [_epoch_keys(_epoch_batches(batches_of_epoch, epoch), convert) for epoch in (0, 1)]
+        return _data_order(epochs, None)
     if iter(batches) is batches:
         return Result.not_applicable("data_order", "'batches' is a one-shot iterator, so it has no second "
                                      "epoch to compare; pass the DataLoader itself")
     dataset = None
     items = getattr(batches, "dataset", None)
-    if items is not None and hasattr(items, "__len__") and len(items) <= _ORDER_ROWS:
+    if _world_size() == 1 and items is not None and hasattr(items, "__len__") and len(items) <= _ORDER_ROWS:
         try:
             dataset = [_key(torch.as_tensor(_example_ids(items[i]))) for i in range(len(items))]
         except (TypeError, KeyError, ValueError, IndexError):

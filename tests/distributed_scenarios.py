@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import setups  # noqa: E402
 
+import lmcheck  # noqa: E402
 from lmcheck import distributed  # noqa: E402
 
 
@@ -42,7 +43,7 @@ class DDPLoop:
 
     def __init__(self, net: torch.nn.Module, *, fault: str | None = None, accumulate: int = 2) -> None:
         self.model = DistributedDataParallel(net)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
         self.fault, self.accumulate, self.calls = fault, accumulate, 0
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,7 +100,14 @@ def scenarios(rank: int, world: int) -> dict[str, dict]:
     results["rank_randomness"] = distributed.rank_randomness(net, mine[0])
     torch.manual_seed(42)  # one constant seed on every rank: transformers #31412
     results["rank_randomness/constant_seed"] = distributed.rank_randomness(net, mine[0])
-    return {k: v.to_dict() for k, v in results.items()}
+    found = {k: v.to_dict() for k, v in results.items()}
+
+    # the whole battery of check_loop, run unchanged on every rank on a plain DDP loop
+    for fault in (None, "inverted_no_sync"):
+        loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
+        report = lmcheck.check_loop(loop.model, loop.step, sharded(0, True), tokenizer=tok, overfit_steps=150)
+        found["check_loop" + (f"/{fault}" if fault else "")] = report.to_dict()
+    return found
 
 
 def main() -> None:

@@ -75,3 +75,24 @@ def test_the_probes_refuse_to_run_outside_a_process_group():
     model = lmcheck.gpt2_from_scratch(lmcheck.load_tokenizer("gpt2"), preset=dict(n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(InputError, match="init_process_group"):
         distributed.same_init(model)
+
+
+def test_check_loop_runs_unchanged_under_torchrun_on_a_healthy_ddp_loop(reports):
+    """The whole battery on every rank of a plain DDP loop (accumulation 2, no_sync on the first
+    micro-batch, a DistributedSampler given as a function of the epoch): the accumulation reference
+    covers both ranks' micro-batches, and the distributed probes join the report."""
+    first, second = (report["check_loop"] for report in reports)
+    assert [r["status"] for r in first["results"]] == [r["status"] for r in second["results"]]
+    names = [r["name"] for r in first["results"]]
+    assert names == list(lmcheck.SETUP_CHECKS + lmcheck.DISTRIBUTED_CHECKS)
+    not_passed = {r["name"]: r["status"] for r in first["results"] if r["status"] != "pass"}
+    assert not_passed == {"reproducible": "n/a", "rank_randomness": "n/a"}, first["results"]
+    assert first["setup"]["world size"] == 2
+
+
+def test_check_loop_under_torchrun_catches_an_inverted_no_sync_on_every_rank(reports):
+    for report in (r["check_loop/inverted_no_sync"] for r in reports):
+        failed = {r["name"]: r["explanation"] for r in report["results"] if r["status"] == "fail"}
+        assert set(failed) == {"accumulation", "grads_synchronized"}, failed
+        assert "#3472" in failed["grads_synchronized"]
+        assert failed["accumulation"].startswith("on rank ")
