@@ -464,7 +464,9 @@ def check_trainer(
         results.append(_finite_or_fail("eval_deterministic", lambda: driver.eval_twice(lm_batches)))
     finally:
         driver.restore()
-    return SetupReport(results=_ordered(results), curve=driver.curve, setup=setup)
+    if _world_size() > 1:
+        setup["world size"] = _world_size()
+    return SetupReport(results=_agree(_ordered(results)), curve=driver.curve, setup=setup)
 
 
 class _TrainerDriver:
@@ -478,6 +480,7 @@ class _TrainerDriver:
         self.callbacks = list(trainer.callback_handler.callbacks)
         known = tuple(x for x in (trainer.optimizer, trainer.lr_scheduler) if x is not None)
         self.snapshot = Snapshot(self.model, known)
+        self.overfit_examples = 0  # set by overfit_batches
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
         self.scheduler: Any = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
@@ -573,7 +576,9 @@ class _TrainerDriver:
             watch = Watch()
             trainer.callback_handler.callbacks.append(watch)
             if batches is not None:
-                trainer.train_dataset = _subset(dataset, len(batches) * trainer.args.per_device_train_batch_size)
+                # the examples overfit_batches collated: under DDP each rank holds only its share of them
+                trainer.train_dataset = _subset(dataset, self.overfit_examples or
+                                                len(batches) * trainer.args.per_device_train_batch_size)
             if unequal:
                 trainer.data_collator = _unequal_lengths(collator)
             if seed is not None:
@@ -638,7 +643,8 @@ class _TrainerDriver:
         """The batches the overfitting run trains on: the first ``count`` batches' worth of
         examples, collated by the Trainer's own dataloader."""
         dataset = self.trainer.train_dataset
-        self.trainer.train_dataset = _subset(dataset, count * self.trainer.args.per_device_train_batch_size)
+        self.overfit_examples = count * self.trainer.args.per_device_train_batch_size
+        self.trainer.train_dataset = _subset(dataset, self.overfit_examples)
         try:
             with _quiet():
                 loader = self.trainer.get_train_dataloader()

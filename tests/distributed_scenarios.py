@@ -12,12 +12,14 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+from transformers import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +109,22 @@ def scenarios(rank: int, world: int) -> dict[str, dict]:
         loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
         report = lmcheck.check_loop(loop.model, loop.step, sharded(0, True), tokenizer=tok, overfit_steps=150)
         found["check_loop" + (f"/{fault}" if fault else "")] = report.to_dict()
+
+    # check_trainer on a Trainer that runs DDP itself (accelerate finds the process group)
+    for name, trainer_class in (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean)):
+        with tempfile.TemporaryDirectory() as output_dir:
+            report = lmcheck.check_trainer(setups.trainer(tok, output_dir, trainer_class=trainer_class),
+                                           overfit_steps=100)
+            found[name] = {**report.to_dict(), "written": sorted(os.listdir(output_dir))}
     return found
+
+
+class PerMicroMean(Trainer):
+    """compute_loss returns each micro-batch's mean, ignoring num_items_in_batch (transformers #34191)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
 
 def main() -> None:

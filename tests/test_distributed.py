@@ -96,3 +96,18 @@ def test_check_loop_under_torchrun_catches_an_inverted_no_sync_on_every_rank(rep
         assert set(failed) == {"accumulation", "grads_synchronized"}, failed
         assert "#3472" in failed["grads_synchronized"]
         assert failed["accumulation"].startswith("on rank ")
+
+
+def test_check_trainer_runs_unchanged_under_torchrun(reports):
+    """A Trainer that runs DDP itself: every check passes on both ranks, nothing is written."""
+    for report in (r["check_trainer"] for r in reports):
+        assert report["passed"], [r for r in report["results"] if r["status"] != "pass"]
+        assert report["setup"]["world size"] == 2
+        assert report["written"] == []
+
+
+def test_check_trainer_under_torchrun_catches_a_per_micro_batch_mean(reports):
+    for report in (r["check_trainer/per_micro_mean"] for r in reports):
+        failed = {r["name"]: r["explanation"] for r in report["results"] if r["status"] == "fail"}
+        assert "accumulation" in failed, failed
+        assert "#34191" in failed["accumulation"]
