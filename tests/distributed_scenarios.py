@@ -1,7 +1,7 @@
 """Healthy data-parallel setups and their documented bugs, each checked by its distributed probe.
 
 Run on every rank by ``torchrun --standalone --nproc_per_node 2 tests/distributed_scenarios.py
-OUT`` (gloo, CPU): each rank writes ``OUT/rank-N.json``, one result per scenario, which
+OUT [setup]`` or ``accelerate launch --multi_gpu --num_processes 2 ...`` (gloo, CPU): each rank writes ``OUT/rank-N.json``, one result per scenario, which
 ``tests/test_distributed.py`` reads. All scenarios share one launch, so the test pays the start
 of two processes once.
 """
@@ -63,8 +63,11 @@ class DDPLoop:
         return loss.detach()
 
 
-def scenarios(rank: int, world: int) -> dict[str, dict]:
+def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
+    """Every scenario's result; ``only="setup"`` runs just the healthy check_loop and check_trainer."""
     tok = setups.tokenizer()
+    if only == "setup":
+        return setup_scenarios(tok, rank, world, faults=False)
     results = {}
 
     results["same_init"] = distributed.same_init(setups.model(tok, seed=0))
@@ -102,16 +105,27 @@ def scenarios(rank: int, world: int) -> dict[str, dict]:
     results["rank_randomness"] = distributed.rank_randomness(net, mine[0])
     torch.manual_seed(42)  # one constant seed on every rank: transformers #31412
     results["rank_randomness/constant_seed"] = distributed.rank_randomness(net, mine[0])
-    found = {k: v.to_dict() for k, v in results.items()}
+    return {**{k: v.to_dict() for k, v in results.items()}, **setup_scenarios(tok, rank, world)}
+
+
+def setup_scenarios(tok, rank: int, world: int, *, faults: bool = True) -> dict[str, dict]:
+    data = packed()
+    found: dict[str, dict] = {}
+
+    def sharded(epoch: int):
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(epoch)
+        return DataLoader(data, batch_size=4, sampler=sampler, collate_fn=collate)
 
     # the whole battery of check_loop, run unchanged on every rank on a plain DDP loop
-    for fault in (None, "inverted_no_sync"):
+    for fault in (None, "inverted_no_sync")[: 2 if faults else 1]:
         loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
-        report = lmcheck.check_loop(loop.model, loop.step, sharded(0, True), tokenizer=tok, overfit_steps=150)
+        report = lmcheck.check_loop(loop.model, loop.step, sharded, tokenizer=tok, overfit_steps=150)
         found["check_loop" + (f"/{fault}" if fault else "")] = report.to_dict()
 
     # check_trainer on a Trainer that runs DDP itself (accelerate finds the process group)
-    for name, trainer_class in (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean)):
+    trainers = (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean))
+    for name, trainer_class in trainers[: 2 if faults else 1]:
         with tempfile.TemporaryDirectory() as output_dir:
             report = lmcheck.check_trainer(setups.trainer(tok, output_dir, trainer_class=trainer_class),
                                            overfit_steps=100)
@@ -132,7 +146,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        found = scenarios(rank, world)
+        found = scenarios(rank, world, sys.argv[2] if len(sys.argv) > 2 else "")
         (out / f"rank-{rank}.json").write_text(json.dumps(found, indent=1))
     finally:
         dist.destroy_process_group()

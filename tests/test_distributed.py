@@ -34,6 +34,18 @@ def reports(tmp_path_factory) -> list[dict[str, dict]]:
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def accelerate_reports(tmp_path_factory) -> list[dict[str, dict]]:
+    """The healthy check_loop and check_trainer launched by ``accelerate launch`` instead."""
+    out = tmp_path_factory.mktemp("accelerate")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", str(HERE / "distributed_scenarios.py"), str(out), "setup"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def outcome(reports: list[dict[str, dict]], scenario: str) -> dict:
     """The scenario's result, the same on both ranks (a failure on one rank fails everywhere)."""
     first, second = (report[scenario] for report in reports)
@@ -111,3 +123,13 @@ def test_check_trainer_under_torchrun_catches_a_per_micro_batch_mean(reports):
         failed = {r["name"]: r["explanation"] for r in report["results"] if r["status"] == "fail"}
         assert "accumulation" in failed, failed
         assert "#34191" in failed["accumulation"]
+
+
+@pytest.mark.parametrize("check", ["check_loop", "check_trainer"])
+def test_the_setup_checks_run_unchanged_under_accelerate_launch(accelerate_reports, check):
+    """``accelerate launch --multi_gpu`` starts the ranks through torchrun's machinery; on a CPU
+    the process group is gloo, and the reports are the same as under torchrun."""
+    first, second = (report[check] for report in accelerate_reports)
+    assert [r["status"] for r in first["results"]] == [r["status"] for r in second["results"]]
+    assert all(r["status"] != "fail" for r in first["results"]), first["results"]
+    assert first["setup"]["world size"] == 2
