@@ -28,6 +28,9 @@ import setups  # noqa: E402
 import lmcheck  # noqa: E402
 from lmcheck import distributed  # noqa: E402
 
+BACKEND = os.environ.get("LMCHECK_DIST_BACKEND", "gloo")  # "nccl": the gpu(count=2) variant
+DEVICE = torch.device("cpu")
+
 
 def packed(count: int = 32, length: int = 12, seed: int = 0, vocab: int = 40) -> list[dict[str, torch.Tensor]]:
     """Equal-length rows of random words: every rank's batch holds the same number of tokens."""
@@ -44,7 +47,7 @@ class DDPLoop:
     """A plain DDP loop: accumulation 2 with no_sync on every micro-batch but the last."""
 
     def __init__(self, net: torch.nn.Module, *, fault: str | None = None, accumulate: int = 2) -> None:
-        self.model = DistributedDataParallel(net)
+        self.model = DistributedDataParallel(net.to(DEVICE), device_ids=[DEVICE] if DEVICE.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
         self.fault, self.accumulate, self.calls = fault, accumulate, 0
 
@@ -53,7 +56,7 @@ class DDPLoop:
         last = self.calls % self.accumulate == 0
         sync = not last if self.fault == "inverted_no_sync" else last  # FunASR #3472
         with contextlib.nullcontext() if sync else self.model.no_sync():
-            loss = self.model(**batch).loss / self.accumulate
+            loss = self.model(**{k: v.to(DEVICE) for k, v in batch.items()}).loss / self.accumulate
             if self.fault == "loss_times_world":  # sparseml #135
                 loss = loss * dist.get_world_size()
             loss.backward()
@@ -100,7 +103,7 @@ def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
         key = "ddp_matches_single" + (f"/{fault}" if fault else "")
         results[key] = distributed.ddp_matches_single(loop.model, loop.step, mine)
 
-    net = setups.model(tok, seed=0, dropout=0.1)
+    net = setups.model(tok, seed=0, dropout=0.1).to(DEVICE)
     torch.manual_seed(1000 + rank)  # after the model: the same weights, each rank its own masks
     results["rank_randomness"] = distributed.rank_randomness(net, mine[0])
     torch.manual_seed(42)  # one constant seed on every rank: transformers #31412
@@ -127,7 +130,8 @@ def setup_scenarios(tok, rank: int, world: int, *, faults: bool = True) -> dict[
     trainers = (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean))
     for name, trainer_class in trainers[: 2 if faults else 1]:
         with tempfile.TemporaryDirectory() as output_dir:
-            report = lmcheck.check_trainer(setups.trainer(tok, output_dir, trainer_class=trainer_class),
+            report = lmcheck.check_trainer(setups.trainer(tok, output_dir, trainer_class=trainer_class,
+                                                          use_cpu=DEVICE.type == "cpu"),
                                            overfit_steps=100)
             found[name] = {**report.to_dict(), "written": sorted(os.listdir(output_dir))}
     return found
@@ -143,7 +147,11 @@ class PerMicroMean(Trainer):
 
 def main() -> None:
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    global DEVICE
+    if BACKEND == "nccl":  # one GPU per rank
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(BACKEND)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         found = scenarios(rank, world, sys.argv[2] if len(sys.argv) > 2 else "")

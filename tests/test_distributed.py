@@ -9,6 +9,7 @@ processes if one hangs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +25,19 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> list[dict[str, dict]]:
-    out = tmp_path_factory.mktemp("ranks")
+def launch(out: Path, backend: str = "gloo", *extra: str) -> list[dict[str, dict]]:
+    """Every scenario on 2 ranks under torchrun; each rank's results."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "distributed_scenarios.py"), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+               str(HERE / "distributed_scenarios.py"), str(out), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "LMCHECK_DIST_BACKEND": backend})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> list[dict[str, dict]]:
+    return launch(tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +139,14 @@ def test_the_setup_checks_run_unchanged_under_accelerate_launch(accelerate_repor
     assert [r["status"] for r in first["results"]] == [r["status"] for r in second["results"]]
     assert all(r["status"] != "fail" for r in first["results"]), first["results"]
     assert first["setup"]["world size"] == 2
+
+
+@pytest.mark.gpu(count=2)
+def test_every_scenario_holds_with_nccl_on_two_gpus(tmp_path):
+    """The same scenarios with one GPU per rank and the NCCL backend: healthy setups pass, each
+    documented bug fails its probe."""
+    found = launch(tmp_path, "nccl")
+    for scenario, result in found[0].items():
+        status = result.get("status", "pass" if result.get("passed") else "fail")
+        healthy = "/" not in scenario
+        assert (status != "fail") == healthy, (scenario, result)
