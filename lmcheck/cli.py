@@ -1,7 +1,13 @@
-"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck check MODEL``, ``lmcheck assets ...``.
+"""The ``lmcheck`` command: ``lmcheck tutorial``, ``lmcheck check MODEL``, ``lmcheck train-check
+package.module:function``, ``lmcheck golden``, ``lmcheck assets ...``.
+
+``train-check`` runs the setup checks on your training setup: the function returns your
+``transformers.Trainer``, ``(model, train_step, batches)`` or a mapping of ``check_loop``'s
+arguments, and is called again with other seeds for the reproducibility check where it takes a
+``seed`` parameter.
 
 Exit status: 0 when every check passed (not-applicable ones aside, and at least one passed), 1
-when a check failed, 2 on bad arguments or a model that cannot be loaded.
+when a check failed, 2 on bad arguments or a model or setup that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 # Before torch is imported: idle OpenMP threads sleep rather than spin. On small or shared
 # machines spinning threads slowed the tutorial's training 2-3x; set it yourself to override.
@@ -56,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="prompt to check with (repeatable; default: three English prompts)")
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     check.set_defaults(handler=_check)
+
+    train = commands.add_parser("train-check", help="run the setup checks on your own training setup "
+                                                    "(a Trainer or a plain loop)")
+    train.add_argument("setup", metavar="package.module:function",
+                       help="a function returning your transformers.Trainer, (model, train_step, batches) "
+                            "or a mapping of check_loop's arguments; with a 'seed' parameter it is also "
+                            "rebuilt per seed for the reproducibility check")
+    train.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    train.add_argument("--markdown", metavar="PATH",
+                       help="also write the report as Markdown to PATH, the loss curve as a PNG beside it")
+    train.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="optimizer steps of the first run (default 8)")
+    train.add_argument("--overfit-steps", type=int, default=None, metavar="N",
+                       help="the overfitting run's budget in optimizer steps (default 200)")
+    train.set_defaults(handler=_train_check)
 
     golden = commands.add_parser("golden", help="compare the default recipe's losses with this device's golden values")
     golden.add_argument("--update", action="store_true", help="record this device's values instead")
@@ -108,6 +131,66 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         report.text(f"results written to {write_results_json(report.results, args.json)}")
     return 0 if ok else 1
+
+
+def _train_check(args: argparse.Namespace) -> int:
+    import json
+
+    from lmcheck.report import Report
+    from lmcheck.suite import run_setup_checks
+
+    options = {name: value for name, value in (("steps", args.steps), ("overfit_steps", args.overfit_steps))
+               if value is not None}
+    with _StepProgress() as progress:
+        checked = run_setup_checks(args.setup, progress=progress, **options)
+    report = Report()
+    report.title(f"lmcheck train-check {args.setup}")
+    report.text(", ".join(f"{name}: {value}" for name, value in checked.setup.items()))
+    for result in checked.results:
+        report.result(result)
+    ok = report.summary(table=False)  # each result was printed once, as its line
+    if args.markdown:  # first: its plot leaves the curve as JSON beside it, which --json may name
+        report.text(f"report written to {checked.to_markdown(args.markdown)}")
+    if args.json:
+        target = Path(args.json)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(checked.to_dict(), indent=2, default=str))
+        report.text(f"report written to {target}")
+    return 0 if ok else 1
+
+
+class _StepProgress:
+    """A rich progress bar per phase of the setup checks, over its optimizer steps, on stderr;
+    silent where stderr is not a terminal. Called as ``progress(phase, done, total)``."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        console = Console(stderr=True)
+        self.bar = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("optimizer steps"), TimeElapsedColumn(), console=console,
+                            transient=True, disable=not console.is_terminal)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _StepProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        task = self.tasks.get(phase)
+        if task is None:
+            task = self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(task, completed=done, total=total)
 
 
 def _golden(args: argparse.Namespace) -> int:

@@ -13,6 +13,10 @@ Registered through the ``pytest11`` entry point, so installing lmcheck is enough
   a cached name, or your own factory ``package.module:function`` (``pytest --pyargs lmcheck.suite
   --lmcheck-model ./my-model``), through the session fixtures ``lmcheck_model`` and
   ``lmcheck_prompts``; a conftest of yours may define ``lmcheck_model`` instead;
+- ``--lmcheck-trainer`` names your training setup for the ready-made setup checks in
+  ``lmcheck.suite`` (``pytest --pyargs lmcheck.suite --lmcheck-trainer my_project.train:make``):
+  a function returning your Trainer, ``(model, train_step, batches)`` or a mapping of
+  ``check_loop``'s arguments, run once per session through the fixture ``lmcheck_setup_report``;
 - :func:`expect_pass` turns a result into a test outcome: a pass passes, a failure fails with the
   explanation, and a not-applicable result is a skip with its reason.
 """
@@ -53,6 +57,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="masked LMs: a trained model's top-5 cloze accuracy on the wiki sample must "
                          "reach this (default: none, the model is untrained and its loss at init is "
                          "checked)")
+    group.addoption("--lmcheck-trainer", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                    help="training setup for lmcheck.suite's setup checks: a function returning your "
+                         "transformers.Trainer, (model, train_step, batches) or a mapping of "
+                         "check_loop's arguments; with a 'seed' parameter it is also rebuilt per seed")
     group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
                     help="prompt for lmcheck.suite (repeatable; default: lmcheck.suite.DEFAULT_PROMPTS)")
 
@@ -183,6 +191,22 @@ def lmcheck_model(pytestconfig: pytest.Config) -> Any:
 def lmcheck_cloze_threshold(pytestconfig: pytest.Config) -> float | None:
     """``--lmcheck-cloze-threshold``: None for an untrained masked LM."""
     return pytestconfig.getoption("--lmcheck-cloze-threshold")
+
+
+@pytest.fixture(scope="session")
+def lmcheck_setup_report(pytestconfig: pytest.Config) -> Any:
+    """The :class:`~lmcheck.setup_checks.SetupReport` of the training setup named by
+    ``--lmcheck-trainer``, run once per session; skips when none is given."""
+    spec = pytestconfig.getoption("--lmcheck-trainer")
+    if not spec:
+        pytest.skip("no training setup given: pass --lmcheck-trainer package.module:function")
+    from lmcheck.errors import LmcheckError
+    from lmcheck.suite import run_setup_checks
+
+    try:
+        return run_setup_checks(spec)
+    except LmcheckError as error:
+        pytest.fail(f"--lmcheck-trainer: {error}", pytrace=False)
 
 
 def expect_pass(result: Result) -> None:

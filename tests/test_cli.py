@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lmcheck.cli import main
+from lmcheck.setup_checks import SETUP_CHECKS
 
 
 def test_tutorial_chapter_one_prints_tokens_and_a_summary(tmp_path, capsys):
@@ -35,3 +37,54 @@ def test_every_tutorial_chapter_passes_its_checks(number, tmp_path, capsys):
 def test_unknown_chapter_is_a_clear_error(tmp_path, capsys):
     assert main(["tutorial", "--chapter", "9", "--out", str(tmp_path)]) == 2
     assert "'--chapter' must be one of" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- lmcheck train-check
+
+
+@pytest.fixture
+def setup_factories(monkeypatch):
+    """``tests/setup_factories.py`` importable as ``setup_factories``, as a user's module would be."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def test_train_check_passes_a_healthy_trainer_and_writes_json_and_markdown(setup_factories, tmp_path, capsys):
+    target = tmp_path / "report" / "setup.json"
+    markdown = tmp_path / "report" / "setup.md"
+    assert main(["train-check", "setup_factories:trainer", "--overfit-steps", "100",
+                 "--json", str(target), "--markdown", str(markdown)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(SETUP_CHECKS)} of {len(SETUP_CHECKS)} checks passed" in out
+    assert out.count("PASS ") == len(SETUP_CHECKS)
+    assert "kind: transformers Trainer" in out
+    written = json.loads(target.read_text())  # the report, not the curve the plot leaves beside the PNG
+    assert written["passed"] is True
+    assert [r["name"] for r in written["results"]] == list(SETUP_CHECKS)
+    assert written["curve"]["train"]
+    assert "training-setup report: PASS" in markdown.read_text()
+    assert markdown.with_suffix(".png").stat().st_size > 0
+
+
+def test_train_check_fails_a_loop_that_steps_its_scheduler_per_micro_batch(setup_factories, capsys):
+    assert main(["train-check", "setup_factories:scheduler_per_micro_batch", "--overfit-steps", "100"]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # as one line: the console wraps long ones
+    assert "FAIL lr_schedule: at optimizer step" in out
+    assert "the scheduler is stepped on every micro-batch" in out
+    assert f"{len(SETUP_CHECKS) - 1} of {len(SETUP_CHECKS)} checks passed" in out
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("train.py", "the training setup must be named as package.module:function"),
+    ("no_such_module:make", "training setup 'no_such_module:make': importing 'no_such_module' failed"),
+    ("setup_factories:nothing", "setup_factories has no function 'nothing'"),
+    ("setup_factories:broken", "training setup 'setup_factories:broken' raised RuntimeError: no training data"),
+    ("setup_factories:not_a_setup", "must return a transformers.Trainer, (model, train_step, batches) or a "
+                                    "mapping of check_loop's arguments (got 'trainer.pt'"),
+])
+def test_train_check_names_a_setup_it_cannot_load_in_one_line(spec, message, setup_factories, capsys):
+    assert main(["train-check", spec]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("lmcheck: error: ")
+    assert captured.out == ""

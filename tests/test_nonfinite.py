@@ -36,6 +36,7 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import NonFiniteError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
+from lmcheck.setup_checks import SETUP_CHECKS
 from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS
 
 FAULTS = ("nan_weights", "inf_logit", "nan_later")
@@ -354,7 +355,8 @@ def test_check_command_exits_1_on_each_broken_model(fault, healthy_causal, gpt2_
 def test_the_pytest_suite_fails_on_a_saved_nan_model(pytester, nan_model_folder):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={nan_model_folder}")
-    result.assert_outcomes(failed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS))  # a causal LM
+    # a causal LM; no training setup given
+    result.assert_outcomes(failed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + len(SETUP_CHECKS))
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*already holds non-finite weights*"])
 

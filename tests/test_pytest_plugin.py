@@ -112,7 +112,8 @@ def test_results_are_written_to_json(user_project):
 
 def test_options_are_documented_in_help(user_project):
     result = user_project.runpytest_subprocess("--help")
-    result.stdout.fnmatch_lines(["*language-model checks*", "*--lmcheck-slow*", "*--lmcheck-json=PATH*"])
+    result.stdout.fnmatch_lines(["*language-model checks*", "*--lmcheck-slow*", "*--lmcheck-json=PATH*",
+                                 "*--lmcheck-trainer=PACKAGE.MODULE:FUNCTION*"])
 
 
 def test_expect_pass_makes_not_applicable_a_skip_and_a_failure_a_failure(pytester):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lmcheck
 from lmcheck.cli import main
+from lmcheck.errors import InputError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS, run_checks
+from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS, load_setup, run_checks
 
 PLAIN_MODELS = Path(__file__).with_name("plain_models.py")
 # a user's module of factories, next to a copy of the plain models (tests/plain_models.py)
@@ -65,13 +69,15 @@ def test_check_command_names_a_missing_model(tmp_path, capsys):
 def test_the_pytest_suite_runs_against_a_users_model(pytester, user_model_folder):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={user_model_folder}")
-    result.assert_outcomes(passed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS))  # not a masked LM
+    # not a masked LM; no training setup given
+    result.assert_outcomes(passed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + len(SETUP_CHECKS))
 
 
 def test_the_pytest_suite_skips_without_a_model(pytester):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-rs", "-p", "no:cacheprovider")
-    result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
+    result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(SETUP_CHECKS))
     result.stdout.fnmatch_lines(["*no model given: pass --lmcheck-model NAME_OR_PATH*"])
+    result.stdout.fnmatch_lines(["*no training setup given: pass --lmcheck-trainer package.module:function*"])
 
 
 # ---------------------------------------------------------------- users' own code: factories
@@ -90,12 +96,12 @@ def test_the_pytest_suite_runs_a_plain_model_from_a_factory(pytester):
     pytester.makepyfile(plain_models=PLAIN_MODELS.read_text(), my_lm=FACTORIES)
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-rs",
                                            "--lmcheck-model=my_lm:rotary", "--lmcheck-tokenizer=gpt2")
-    result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS))
+    result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS) + len(SETUP_CHECKS))
     result.stdout.fnmatch_lines(["*greedy_matches_generate: not applicable: *has no generate()*",
                                  "*kv_cache_matches_full: not applicable: lmcheck drives a KV cache*"])
     leaky = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                           "--lmcheck-model=my_lm:leaky")
-    leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS))
+    leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS) + len(SETUP_CHECKS))
     leaky.stdout.fnmatch_lines(["*causality: position 0 of * sees the future*"])
 
 
@@ -196,3 +202,89 @@ def test_a_trained_masked_lm_is_held_to_a_cloze_threshold(tiny_bert, bert_tokeni
                 if r.name == "cloze_accuracy"]
     assert not cloze
     assert cloze.threshold == 0.5
+
+
+# ---------------------------------------------------------------- users' training setups
+
+
+TESTS = Path(__file__).parent  # tests/setup_factories.py: a user's module of setup functions
+
+
+@pytest.fixture
+def setup_factories(monkeypatch) -> None:
+    """``setup_factories`` importable here and in a pytest subprocess, as a user's module would be.
+    Imported here first: an in-process pytest run drops the modules it imported for the first time
+    (transformers' Trainer and its imports among them), and later tests would see two copies."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    importlib.import_module("setup_factories")
+
+
+def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
+    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+                                           "--lmcheck-trainer=setup_factories:trainer")
+    # no model given: the model batteries skip
+    result.assert_outcomes(passed=len(SETUP_CHECKS), skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
+
+
+def test_the_setup_suite_fails_the_check_a_faulty_loop_breaks(pytester, setup_factories):
+    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+                                           "--lmcheck-trainer=setup_factories:scheduler_per_micro_batch")
+    result.assert_outcomes(passed=len(SETUP_CHECKS) - 1, failed=1,
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["FAILED *test_training_setup[[]lr_schedule[]]*"])
+    result.stdout.fnmatch_lines(["*lr_schedule: at optimizer step * the scheduler is stepped on every "
+                                 "micro-batch*"])
+    result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_the_setup_suite_fails_in_one_line_on_a_setup_it_cannot_load(pytester, setup_factories):
+    """Each setup test fails with the one-line error (the battery is not retried per test)."""
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+                                          "-k", "training_setup", "--lmcheck-trainer=setup_factories:broken")
+    result.assert_outcomes(errors=len(SETUP_CHECKS))
+    result.stdout.fnmatch_lines(["*--lmcheck-trainer: training setup 'setup_factories:broken' raised "
+                                 "RuntimeError: no training data at /data/train.jsonl*"])
+
+
+@pytest.mark.parametrize("devices", [0, 1])
+def test_the_setup_tests_are_gpu_tests_where_a_gpu_is_visible(pytester, monkeypatch, devices):
+    """``pytest -m gpu`` selects them on a machine with a CUDA device, and deselects them where
+    they would run on the CPU."""
+    monkeypatch.setattr("lmcheck.pytest_plugin.cuda_device_count", lambda: devices)
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+                                          "-m", "gpu", "--collect-only", "-q")
+    selected = [line for line in result.outlines if "test_training_setup[" in line]
+    assert len(selected) == (len(SETUP_CHECKS) if devices else 0)
+
+
+def test_load_setup_returns_a_trainer_and_a_rebuild_by_seed(setup_factories):
+    trainer, rebuild = load_setup("setup_factories:trainer")
+    assert type(trainer).__name__ == "Trainer"
+    assert rebuild is not None
+    other = rebuild(3)
+    assert other is not trainer
+    assert other.args.seed == 3
+
+
+def test_load_setup_takes_a_loop_as_a_tuple_or_a_mapping(setup_factories):
+    loop, rebuild = load_setup("setup_factories:loop_tuple")
+    assert sorted(loop) == ["batches", "model", "train_step"]
+    assert rebuild is None  # no seed parameter: reproducible is not applicable
+    loop, rebuild = load_setup("setup_factories:loop")
+    assert {"tokenizer", "scheduler", "max_grad_norm"} <= set(loop)
+    assert loop["seed"] == 0  # the function's default, given to rebuild
+    assert rebuild is not None
+    assert isinstance(rebuild(1)["model"], torch.nn.Module)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("setup_factories:unknown_key", "returned a mapping with unknown key 'learning_rate': its keys are "
+                                    "check_loop's arguments (model, train_step, batches, tokenizer"),
+    ("setup_factories:not_a_setup", "must return a transformers.Trainer"),
+    ("setup_factories.trainer", "must be named as package.module:function"),
+])
+def test_load_setup_names_what_it_cannot_take(spec, message, setup_factories):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_setup(spec)

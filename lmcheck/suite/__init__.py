@@ -12,14 +12,25 @@ that returns a model or ``(model, tokenizer)``::
 The model's family picks the battery: a causal LM runs :data:`CAUSAL_CHECKS`, a masked LM
 :data:`MASKED_CHECKS`, one test (or one report line) each. A check that needs what the model lacks
 (an attention-mask argument, a KV cache, ``generate``) is reported as not applicable.
+
+Your training setup gets the setup checks (:data:`lmcheck.setup_checks.SETUP_CHECKS`) through a
+function ``package.module:function`` that returns your ``transformers.Trainer``, ``(model,
+train_step, batches)`` or a mapping of :func:`~lmcheck.setup_checks.check_loop`'s arguments
+(:func:`load_setup`); where it takes a ``seed``, it is called again with other seeds for the
+reproducibility check::
+
+    pytest --pyargs lmcheck.suite --lmcheck-trainer my_project.train:make_trainer
+    lmcheck train-check my_project.train:make_trainer --markdown setup-report.md
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,6 +54,9 @@ from lmcheck.models import load_language_model
 from lmcheck.results import Result
 from lmcheck.tokens import load_tokenizer
 
+if TYPE_CHECKING:  # only for the annotation; imported when the checks run
+    from lmcheck.setup_checks import SetupReport
+
 __all__ = [
     "CAUSAL_CHECKS",
     "DEFAULT_PROMPTS",
@@ -50,9 +64,11 @@ __all__ = [
     "MASKED_CHECKS",
     "MASKED_TEXTS",
     "load_model_for_checks",
+    "load_setup",
     "model_family",
     "run_causal_checks",
     "run_checks",
+    "run_setup_checks",
 ]
 
 # prompts of different lengths (so a batch needs left padding), shared with chapter 3
@@ -199,19 +215,7 @@ def load_model_for_checks(
 
 
 def _from_factory(spec: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # the user's import: any failure is reported in one line
-        raise InputError(f"model factory {spec!r}: importing {module_name!r} failed with "
-                         f"{type(error).__name__}: {error}") from error
-    factory = getattr(module, function_name, None)
-    if not callable(factory):
-        raise InputError(f"model factory {spec!r}: {module_name} has no function {function_name!r}")
-    try:
-        made = factory()
-    except Exception as error:  # the user's code: any failure is reported in one line
-        raise InputError(f"model factory {spec!r} raised {type(error).__name__}: {error}") from error
+    made = _call_function(spec, "model factory", _import_function(spec, "model factory"))
     model, tokenizer = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model factory {spec!r} must return a torch.nn.Module or (model, tokenizer) "
@@ -220,3 +224,161 @@ def _from_factory(spec: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase |
         raise InputError(f"model factory {spec!r} returned a tokenizer that is not a transformers "
                          f"tokenizer (got {describe(tokenizer)})")
     return model.eval(), tokenizer
+
+
+def _import_function(spec: str, what: str) -> Callable[..., Any]:
+    """The function that ``spec`` (``package.module:function``) names; an InputError of one line
+    naming ``what`` and ``spec`` where the import fails or there is no such function."""
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's import: any failure is reported in one line
+        raise InputError(f"{what} {spec!r}: importing {module_name!r} failed with "
+                         f"{type(error).__name__}: {_one_line(error)}") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InputError(f"{what} {spec!r}: {module_name} has no function {function_name!r}")
+    return function
+
+
+def _call_function(spec: str, what: str, function: Callable[..., Any], **arguments: Any) -> Any:
+    """``function(**arguments)``; whatever it raises becomes an InputError of one line naming
+    ``what`` and ``spec``, with the user's traceback chained."""
+    try:
+        return function(**arguments)
+    except Exception as error:  # the user's code: any failure is reported in one line
+        raise InputError(f"{what} {spec!r} raised {type(error).__name__}: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+# ---------------------------------------------------------------- training setups
+
+
+_SETUP = "training setup"
+_LOOP_REQUIRED = ("model", "train_step", "batches")
+
+
+def load_setup(spec: str) -> tuple[Any, Callable[[int], Any] | None]:
+    """The user's training setup, from their function ``package.module:function``.
+
+    The function returns a ``transformers.Trainer``, ``(model, train_step, batches)``, or a mapping
+    of :func:`~lmcheck.setup_checks.check_loop`'s arguments (``model``, ``train_step`` and
+    ``batches``; optionally ``tokenizer``, ``scheduler``, ``max_grad_norm``, ``evaluate``,
+    ``as_batch``, ...). Returns ``(setup, rebuild)``: the Trainer, or a dict of check_loop's
+    arguments; and, where the function has a parameter named ``seed``, ``rebuild(seed)``, which
+    calls ``function(seed=seed)`` and checks what it returns the same way (else None). A function
+    whose ``seed`` has no default is first called with ``seed=0``. A loop's dict, where the
+    function takes a ``seed``, holds ``seed``: its default (else 0), the one check_loop rebuilds
+    with (and with the next).
+
+    Raises:
+        InputError: ``spec`` is not ``package.module:function``, its import fails, the function
+            raises or returns something else (one line that names ``spec``).
+    """
+    if not isinstance(spec, str) or not _FACTORY.match(spec):
+        raise InputError(f"the training setup must be named as package.module:function, a function "
+                         f"returning a transformers.Trainer, (model, train_step, batches) or a "
+                         f"mapping of check_loop's arguments (got {describe(spec)})")
+    function = _import_function(spec, _SETUP)
+    seed = _seed_parameter(function)
+    first = {"seed": 0} if seed is not None and seed.default is inspect.Parameter.empty else {}
+    setup = _setup_value(spec, _call_function(spec, _SETUP, function, **first))
+    if seed is None:
+        return setup, None
+
+    def rebuild(value: int) -> Any:
+        return _setup_value(spec, _call_function(spec, _SETUP, function, seed=value))
+
+    if not _is_trainer(setup) and "seed" not in setup:  # the seed check_loop gives rebuild
+        default = seed.default
+        setup["seed"] = default if isinstance(default, int) and not isinstance(default, bool) else 0
+    return setup, rebuild
+
+
+def run_setup_checks(spec: str, *, progress: Callable[[str, int, int], None] | None = None,
+                     **options: Any) -> SetupReport:
+    """The setup checks (:data:`~lmcheck.setup_checks.SETUP_CHECKS`) on the training setup that
+    ``spec`` names (see :func:`load_setup`): :func:`~lmcheck.setup_checks.check_trainer` for a
+    Trainer, :func:`~lmcheck.setup_checks.check_loop` for a loop, with the function itself as
+    ``rebuild`` where it takes a ``seed``. ``options`` are those functions' budgets and settings
+    (``steps``, ``overfit_batches``, ``overfit_steps``, ``check_every``, ``expect_eos``,
+    ``pretrained``); for a loop they take precedence over the mapping's.
+
+    Raises:
+        InputError: as :func:`load_setup`; an option that is not one of the above.
+    """
+    from lmcheck.setup_checks import check_loop, check_trainer
+
+    unknown = sorted(set(options) - set(_SETUP_OPTIONS))
+    if unknown:
+        raise InputError(f"unknown setup-check option {unknown[0]!r}: the options are "
+                         f"{', '.join(_SETUP_OPTIONS)}")
+    setup, rebuild = load_setup(spec)
+    if _is_trainer(setup):
+        return check_trainer(setup, rebuild=rebuild, progress=progress, **options)
+    arguments = {**setup, **options}
+    if rebuild is not None and "rebuild" not in setup:
+        arguments["rebuild"] = rebuild
+    return check_loop(**arguments, progress=progress)
+
+
+_SETUP_OPTIONS = ("steps", "overfit_batches", "overfit_steps", "check_every", "expect_eos", "pretrained")
+
+
+def _seed_parameter(function: Callable[..., Any]) -> inspect.Parameter | None:
+    """The function's parameter named ``seed``, where it can be passed by keyword."""
+    try:
+        parameter = inspect.signature(function).parameters.get("seed")
+    except (TypeError, ValueError):  # a builtin or extension without a signature
+        return None
+    if parameter is None or parameter.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.KEYWORD_ONLY):
+        return None
+    return parameter
+
+
+def _is_trainer(value: object) -> bool:
+    """A ``transformers.Trainer`` or a subclass, told by its classes' names, so that a loop's setup
+    never waits for the Trainer's imports."""
+    return any(c.__module__ == "transformers.trainer" and c.__name__ == "Trainer" for c in type(value).__mro__)
+
+
+def _setup_value(spec: str, made: Any) -> Any:
+    """The Trainer, or the loop as a dict of check_loop's arguments; else an InputError naming spec."""
+    if _is_trainer(made):
+        return made
+    if isinstance(made, tuple) and len(made) == len(_LOOP_REQUIRED):
+        arguments = dict(zip(_LOOP_REQUIRED, made, strict=True))
+    elif isinstance(made, Mapping):
+        arguments = dict(made)
+        allowed = _loop_arguments()
+        unknown = sorted(str(k) for k in arguments if k not in allowed)
+        if unknown:
+            raise InputError(f"training setup {spec!r} returned a mapping with unknown key "
+                             f"{unknown[0]!r}: its keys are check_loop's arguments "
+                             f"({', '.join(allowed)})")
+        missing = [k for k in _LOOP_REQUIRED if k not in arguments]
+        if missing:
+            raise InputError(f"training setup {spec!r} returned a mapping without {missing[0]!r}: "
+                             f"a loop needs model, train_step and batches")
+    else:
+        raise InputError(f"training setup {spec!r} must return a transformers.Trainer, (model, "
+                         f"train_step, batches) or a mapping of check_loop's arguments "
+                         f"(got {describe(made)})")
+    if not isinstance(arguments["model"], torch.nn.Module):
+        raise InputError(f"training setup {spec!r} returned a model that is not a torch.nn.Module "
+                         f"(got {describe(arguments['model'])})")
+    if not callable(arguments["train_step"]):
+        raise InputError(f"training setup {spec!r} returned a train_step that is not callable "
+                         f"(got {describe(arguments['train_step'])})")
+    return arguments
+
+
+def _loop_arguments() -> tuple[str, ...]:
+    """check_loop's arguments that a setup function may return (progress is lmcheck's own)."""
+    from lmcheck.setup_checks import check_loop
+
+    return tuple(name for name in inspect.signature(check_loop).parameters if name != "progress")
