@@ -141,15 +141,17 @@ def _train_check(args: argparse.Namespace) -> int:
 
     options = {name: value for name, value in (("steps", args.steps), ("overfit_steps", args.overfit_steps))
                if value is not None}
-    with _StepProgress() as progress:
+    with _StepProgress(quiet=_rank() > 0) as progress:
         checked = run_setup_checks(args.setup, progress=progress, **options)
+    if _rank() > 0:  # under torchrun every rank holds the same report: rank 0 prints and writes it
+        return 0 if checked.passed else 1
     report = Report()
     report.title(f"lmcheck train-check {args.setup}")
     report.text(", ".join(f"{name}: {value}" for name, value in checked.setup.items()))
     for result in checked.results:
         report.result(result)
     ok = report.summary(table=False)  # each result was printed once, as its line
-    if args.markdown:  # first: its plot leaves the curve as JSON beside it, which --json may name
+    if args.markdown:
         report.text(f"report written to {checked.to_markdown(args.markdown)}")
     if args.json:
         target = Path(args.json)
@@ -159,11 +161,21 @@ def _train_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _rank() -> int:
+    """This process's rank under torchrun or accelerate launch; 0 in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 class _StepProgress:
     """A rich progress bar per phase of the setup checks, over its optimizer steps, on stderr;
-    silent where stderr is not a terminal. Called as ``progress(phase, done, total)``."""
+    silent where stderr is not a terminal, and on every rank but 0 under torchrun. Called as
+    ``progress(phase, done, total)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, quiet: bool = False) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -176,7 +188,7 @@ class _StepProgress:
         console = Console(stderr=True)
         self.bar = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("optimizer steps"), TimeElapsedColumn(), console=console,
-                            transient=True, disable=not console.is_terminal)
+                            transient=True, disable=quiet or not console.is_terminal)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _StepProgress:

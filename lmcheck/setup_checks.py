@@ -140,7 +140,8 @@ class SetupReport:
                 "curve": self.curve.to_dict()}
 
     def to_markdown(self, path: str | os.PathLike[str], *, plot: bool = True) -> Path:
-        """Write a Markdown report (and, with ``plot``, the loss curve as a PNG beside it)."""
+        """Write a Markdown report and, with ``plot``, the loss curve beside it as
+        ``<name>-loss-curve.png`` (and its numbers as ``<name>-loss-curve.json``)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         passed = sum(r.status == "pass" for r in self.results)
@@ -155,7 +156,7 @@ class SetupReport:
         if plot and self.curve.train:
             from lmcheck.report import plot_loss_curve
 
-            image = plot_loss_curve(self.curve, target.with_suffix(".png"),
+            image = plot_loss_curve(self.curve, target.with_name(f"{target.stem}-loss-curve.png"),
                                     title="training loss while overfitting a handful of batches")
             lines += ["", f"![loss curve]({image.name})"]
         target.write_text("\n".join(lines) + "\n")

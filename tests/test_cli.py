@@ -57,12 +57,13 @@ def test_train_check_passes_a_healthy_trainer_and_writes_json_and_markdown(setup
     assert f"{len(SETUP_CHECKS)} of {len(SETUP_CHECKS)} checks passed" in out
     assert out.count("PASS ") == len(SETUP_CHECKS)
     assert "kind: transformers Trainer" in out
-    written = json.loads(target.read_text())  # the report, not the curve the plot leaves beside the PNG
+    written = json.loads(target.read_text())
     assert written["passed"] is True
     assert [r["name"] for r in written["results"]] == list(SETUP_CHECKS)
     assert written["curve"]["train"]
     assert "training-setup report: PASS" in markdown.read_text()
-    assert markdown.with_suffix(".png").stat().st_size > 0
+    assert markdown.with_name("setup-loss-curve.png").stat().st_size > 0
+    assert "![loss curve](setup-loss-curve.png)" in markdown.read_text()
 
 
 def test_train_check_fails_a_loop_that_steps_its_scheduler_per_micro_batch(setup_factories, capsys):

@@ -36,8 +36,10 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import NonFiniteError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
-from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
 from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS
+
+SETUP_TESTS = len(SETUP_CHECKS) + len(DISTRIBUTED_CHECKS)  # the ready setup suite's tests
 
 FAULTS = ("nan_weights", "inf_logit", "nan_later")
 INF_TOKEN = 7  # the vocabulary entry whose logit is +inf in the inf_logit model
@@ -356,7 +358,7 @@ def test_the_pytest_suite_fails_on_a_saved_nan_model(pytester, nan_model_folder)
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={nan_model_folder}")
     # a causal LM; no training setup given
-    result.assert_outcomes(failed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + len(SETUP_CHECKS))
+    result.assert_outcomes(failed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + SETUP_TESTS)
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*already holds non-finite weights*"])
 

@@ -17,8 +17,10 @@ import lmcheck
 from lmcheck.cli import main
 from lmcheck.errors import InputError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
 from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS, load_setup, run_checks
+
+SETUP_TESTS = len(SETUP_CHECKS) + len(DISTRIBUTED_CHECKS)  # the ready setup suite's tests
 
 PLAIN_MODELS = Path(__file__).with_name("plain_models.py")
 # a user's module of factories, next to a copy of the plain models (tests/plain_models.py)
@@ -70,12 +72,12 @@ def test_the_pytest_suite_runs_against_a_users_model(pytester, user_model_folder
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={user_model_folder}")
     # not a masked LM; no training setup given
-    result.assert_outcomes(passed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + len(SETUP_CHECKS))
+    result.assert_outcomes(passed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + SETUP_TESTS)
 
 
 def test_the_pytest_suite_skips_without_a_model(pytester):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-rs", "-p", "no:cacheprovider")
-    result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(SETUP_CHECKS))
+    result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + SETUP_TESTS)
     result.stdout.fnmatch_lines(["*no model given: pass --lmcheck-model NAME_OR_PATH*"])
     result.stdout.fnmatch_lines(["*no training setup given: pass --lmcheck-trainer package.module:function*"])
 
@@ -96,12 +98,12 @@ def test_the_pytest_suite_runs_a_plain_model_from_a_factory(pytester):
     pytester.makepyfile(plain_models=PLAIN_MODELS.read_text(), my_lm=FACTORIES)
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-rs",
                                            "--lmcheck-model=my_lm:rotary", "--lmcheck-tokenizer=gpt2")
-    result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS) + len(SETUP_CHECKS))
+    result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS) + SETUP_TESTS)
     result.stdout.fnmatch_lines(["*greedy_matches_generate: not applicable: *has no generate()*",
                                  "*kv_cache_matches_full: not applicable: lmcheck drives a KV cache*"])
     leaky = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                           "--lmcheck-model=my_lm:leaky")
-    leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS) + len(SETUP_CHECKS))
+    leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS) + SETUP_TESTS)
     leaky.stdout.fnmatch_lines(["*causality: position 0 of * sees the future*"])
 
 
@@ -224,14 +226,15 @@ def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:trainer")
     # no model given: the model batteries skip
-    result.assert_outcomes(passed=len(SETUP_CHECKS), skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
+    result.assert_outcomes(passed=len(SETUP_CHECKS),
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS))
 
 
 def test_the_setup_suite_fails_the_check_a_faulty_loop_breaks(pytester, setup_factories):
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:scheduler_per_micro_batch")
     result.assert_outcomes(passed=len(SETUP_CHECKS) - 1, failed=1,
-                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS))
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS))
     assert result.ret == 1
     result.stdout.fnmatch_lines(["FAILED *test_training_setup[[]lr_schedule[]]*"])
     result.stdout.fnmatch_lines(["*lr_schedule: at optimizer step * the scheduler is stepped on every "
@@ -243,7 +246,7 @@ def test_the_setup_suite_fails_in_one_line_on_a_setup_it_cannot_load(pytester, s
     """Each setup test fails with the one-line error (the battery is not retried per test)."""
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                           "-k", "training_setup", "--lmcheck-trainer=setup_factories:broken")
-    result.assert_outcomes(errors=len(SETUP_CHECKS))
+    result.assert_outcomes(errors=SETUP_TESTS)
     result.stdout.fnmatch_lines(["*--lmcheck-trainer: training setup 'setup_factories:broken' raised "
                                  "RuntimeError: no training data at /data/train.jsonl*"])
 
@@ -255,8 +258,8 @@ def test_the_setup_tests_are_gpu_tests_where_a_gpu_is_visible(pytester, monkeypa
     monkeypatch.setattr("lmcheck.pytest_plugin.cuda_device_count", lambda: devices)
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                           "-m", "gpu", "--collect-only", "-q")
-    selected = [line for line in result.outlines if "test_training_setup[" in line]
-    assert len(selected) == (len(SETUP_CHECKS) if devices else 0)
+    selected = [line for line in result.outlines if "test_training_setup[" in line or "test_data_parallel_setup[" in line]
+    assert len(selected) == (SETUP_TESTS if devices else 0)
 
 
 def test_load_setup_returns_a_trainer_and_a_rebuild_by_seed(setup_factories):

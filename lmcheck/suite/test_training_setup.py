@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from lmcheck.pytest_plugin import cuda_device_count, expect_pass
-from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
 
 pytestmark = [pytest.mark.gpu] if cuda_device_count() else []
 
@@ -28,6 +28,17 @@ def test_training_setup(check, lmcheck_setup_report, lmcheck_results):
     """The setup passes the check; on failure the explanation names the batch, step or parameter
     at fault; a check the setup cannot take (no rebuild for ``reproducible``) is skipped with the
     reason."""
+    result = lmcheck_setup_report[check]
+    lmcheck_results.append(result)
+    expect_pass(result)
+
+
+@pytest.mark.parametrize("check", list(DISTRIBUTED_CHECKS), ids=list(DISTRIBUTED_CHECKS))
+def test_data_parallel_setup(check, lmcheck_setup_report, lmcheck_results):
+    """Under torchrun (``torchrun --nproc_per_node N -m pytest --pyargs lmcheck.suite ...``) the
+    distributed probes join the report; in one process they are skipped."""
+    if check not in [r.name for r in lmcheck_setup_report.results]:
+        pytest.skip(f"{check}: runs only under torchrun or accelerate launch, on more than one rank")
     result = lmcheck_setup_report[check]
     lmcheck_results.append(result)
     expect_pass(result)
