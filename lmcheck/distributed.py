@@ -37,7 +37,7 @@ import torch.distributed as dist
 from lmcheck._finite import probe, require_finite
 from lmcheck._model import model_device, model_forward, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._validate import check_callable, check_int, check_model
+from lmcheck._validate import check_callable, check_int, check_model, check_number
 from lmcheck.errors import InputError, LmcheckError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
@@ -65,10 +65,25 @@ def _gather(value: Any) -> list[Any]:
     return everyone
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor (FSDP2's sharded parameters and gradients) is gathered from
+    every rank (a collective: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _digest(tensor: torch.Tensor | None) -> str:
     if tensor is None:
         return "none"
-    data = tensor.detach().to("cpu").contiguous()
+    data = _full(tensor).detach().to("cpu").contiguous()
     return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
 
 
@@ -238,24 +253,36 @@ def _batches(batches: Iterable[Any], count: int) -> list[Any]:
 
 @probe("grads_synchronized")
 def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Iterable[Any], *,
-                       steps: int = 3) -> Result:
+                       steps: int = 3, max_grad_norm: float | None = None) -> Result:
     """Over ``steps`` optimizer steps of the user's loop, the gradients at each step and the
-    parameters after it are identical on every rank. The model is put back afterwards."""
+    parameters after it are identical on every rank (for FSDP2's sharded tensors: the gathered
+    whole), and, with ``max_grad_norm``, the gradient the optimizer applies has a global norm of
+    at most ``max_grad_norm``: clipping measured the norm over every shard, not its own. The
+    model is put back afterwards."""
     check_model(model)
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
     check_int(steps, "steps", 1, 1000)
+    if max_grad_norm is not None:
+        check_number(max_grad_norm, "max_grad_norm", low=0)
     _, world = _world()
     taken = _batches(batches, 64 * steps)
     inner = _unwrap(model)
     problems: list[str] = []
     pending: list[dict[str, str]] = []
 
+    norms: list[tuple[float, list[float]]] = []  # per step: the global norm, each rank's own
+
     def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for name, parameter in inner.named_parameters():
             if parameter.grad is not None:  # equal NaNs on every rank are no synchronisation
-                require_finite(parameter.grad, f"at optimizer step {len(pending) + 1}, the gradient of {name}",
-                               ("index",) * parameter.dim())
+                require_finite(_local(parameter.grad), f"at optimizer step {len(pending) + 1}, the gradient of "
+                               f"{name}", ("index",) * parameter.dim())
         pending.append({n: _digest(p.grad) for n, p in inner.named_parameters()})
+        grads = [p.grad for p in inner.parameters() if p.grad is not None]
+        local = sum((float(_local(g).float().pow(2).sum()) for g in grads), 0.0)
+        own = _gather(local ** 0.5)
+        sharded = any(_local(g) is not g for g in grads)  # FSDP2: the shards add up; DDP: replicas
+        norms.append(((sum(n * n for n in own) ** 0.5) if sharded else own[0], own))
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -275,6 +302,12 @@ def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any],
                             f"the forward: FunASR #3472, build-nanogpt #30)")
         elif weights and not problems:
             problems.append(f"after optimizer step {step}, {weights[0]}")
+        total, each = norms[-1]
+        if max_grad_norm is not None and total > max_grad_norm * (1 + 1e-4) + 1e-6 and not problems:
+            problems.append(f"at optimizer step {step} the gradient applied has a global norm of {total:.4g}, above "
+                            f"max_grad_norm={max_grad_norm:g} (the ranks' own parts: "
+                            f"{', '.join(f'{n:.3g}' for n in each)}): each rank clipped its shard by its own "
+                            f"norm, not the global one (pytorch #170862)")
 
     handle = register_optimizer_step_pre_hook(gated)
     try:
@@ -283,10 +316,13 @@ def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any],
         handle.remove()
     snapshot.restore()
     passed = not problems
+    clipped = (f"; the applied gradient's global norm stays within max_grad_norm={max_grad_norm:g} "
+               f"({', '.join(f'{n:.3g}' for n, _ in norms)})" if max_grad_norm is not None else "")
     return Result(name="grads_synchronized", passed=passed,
-                  metrics={"world_size": world, "steps": len(recorder.steps)},
+                  metrics={"world_size": world, "steps": len(recorder.steps),
+                           "global_grad_norms": [n for n, _ in norms]},
                   explanation=(f"at each of {len(recorder.steps)} optimizer steps the gradients and then the "
-                               f"parameters are identical on all {world} ranks" if passed else problems[0]))
+                               f"parameters are identical on all {world} ranks{clipped}" if passed else problems[0]))
 
 
 @probe("ddp_matches_single")

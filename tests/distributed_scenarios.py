@@ -66,6 +66,33 @@ class DDPLoop:
         return loss.detach()
 
 
+class FSDPLoop:
+    """A plain FSDP2 loop (fully_shard on each block and the model), clipping to norm 1."""
+
+    def __init__(self, net: torch.nn.Module, *, fault: str | None = None) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in net.transformer.h:
+            fully_shard(block)
+        self.model = fully_shard(net)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
+        self.fault = fault
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**{k: v.to(DEVICE) for k, v in batch.items()}).loss
+        loss.backward()
+        if self.fault == "clip_per_shard":  # each rank's own norm, not the global one (pytorch #170862)
+            shards = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+            norm = torch.sqrt(sum(g.float().pow(2).sum() for g in shards))
+            for shard in shards:
+                shard.mul_(min(1.0, 1.0 / (float(norm) + 1e-6)))
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
 def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
     """Every scenario's result; ``only="setup"`` runs just the healthy check_loop and check_trainer."""
     tok = setups.tokenizer()
@@ -102,6 +129,11 @@ def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
         loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
         key = "ddp_matches_single" + (f"/{fault}" if fault else "")
         results[key] = distributed.ddp_matches_single(loop.model, loop.step, mine)
+
+    for fault in (None, "clip_per_shard"):
+        loop = FSDPLoop(setups.model(tok, seed=0).to(DEVICE), fault=fault)
+        key = "grads_synchronized/fsdp2" + (f"_{fault}" if fault else "")
+        results[key] = distributed.grads_synchronized(loop.model, loop.step, mine, max_grad_norm=1.0)
 
     net = setups.model(tok, seed=0, dropout=0.1).to(DEVICE)
     torch.manual_seed(1000 + rank)  # after the model: the same weights, each rank its own masks

@@ -60,7 +60,7 @@ def outcome(reports: list[dict[str, dict]], scenario: str) -> dict:
 
 
 @pytest.mark.parametrize("scenario", ["same_init", "data_sharding", "grads_synchronized",
-                                      "ddp_matches_single", "rank_randomness"])
+                                      "grads_synchronized/fsdp2", "ddp_matches_single", "rank_randomness"])
 def test_a_healthy_ddp_setup_passes(reports, scenario):
     """One seed before the model, a DistributedSampler with set_epoch, no_sync on every micro-batch
     but the last, the loss as DDP expects it, and each rank reseeded after the model is built."""
@@ -77,6 +77,8 @@ def test_a_healthy_ddp_setup_passes(reports, scenario):
     ("data_sharding/seed_per_rank", ["more than one rank", "LongLive #71"]),
     # no_sync on the last micro-batch instead of the others (FunASR #3472, build-nanogpt #30)
     ("grads_synchronized/inverted_no_sync", ["step 1", "rank 1", "#3472"]),
+    # FSDP2: each rank clips its shard by its own norm, not the global one (pytorch #170862)
+    ("grads_synchronized/fsdp2_clip_per_shard", ["global norm", "max_grad_norm=1", "#170862"]),
     # the loss multiplied by the world size while DDP averages (sparseml #135)
     ("ddp_matches_single/loss_times_world", ["2 times", "sparseml #135"]),
     # set_seed(42) on every rank: the same dropout masks everywhere (transformers #31412)
