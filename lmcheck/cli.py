@@ -148,9 +148,10 @@ def _train_check(args: argparse.Namespace) -> int:
     report = Report()
     report.title(f"lmcheck train-check {args.setup}")
     report.text(", ".join(f"{name}: {value}" for name, value in checked.setup.items()))
-    for result in checked.results:
-        report.result(result)
-    ok = report.summary(table=False)  # each result was printed once, as its line
+    report.results.extend(checked.results)
+    ok = report.summary()  # the table: one row per check
+    for result in checked.failures():  # the table shortens explanations: a failure's in full
+        report.text(f"FAIL {result.name}: {result.explanation}")
     if args.markdown:
         report.text(f"report written to {checked.to_markdown(args.markdown)}")
     if args.json:
