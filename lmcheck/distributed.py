@@ -138,7 +138,7 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
     A ``DistributedSampler`` pads the last round with repeated rows: up to world size - 1 rows on
     two ranks are allowed.
     """
-    from lmcheck.setup_checks import _converter
+    from lmcheck.setup_checks import _converter, _epoch_keys
 
     check_callable(batches_of_epoch, "batches_of_epoch", "a function from the epoch number to its batches")
     check_int(epochs, "epochs", 2, 100)
@@ -153,7 +153,7 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
             raise
         except Exception as error:  # the user's code
             raise InputError(f"'batches_of_epoch({epoch})' raised {type(error).__name__}: {error}") from error
-        orders.append(_row_keys(batches, convert, max_rows))
+        orders.append(_epoch_keys(batches, convert, max_rows)[0])
     everyone = _gather(orders)  # [rank][epoch] -> keys
     problems = []
     for epoch in range(epochs):
@@ -187,19 +187,6 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
                   explanation=(f"{world} ranks see disjoint shares ({', '.join(map(str, rows))} rows) of "
                                f"{sizes[0]} examples, in a new order each of {epochs} epochs"
                                if passed else "; ".join(problems)))
-
-
-def _row_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]], limit: int) -> list[str]:
-    """One fingerprint per row (its unpadded token ids), in order, for at most ``limit`` rows."""
-    keys: list[str] = []
-    for index, batch in enumerate(batches):
-        lm = convert(batch, index)
-        ids, mask = lm["input_ids"], lm.get("attention_mask")
-        for row in range(ids.shape[0]):
-            keys.append(_digest(ids[row] if mask is None else ids[row][mask[row].bool()]))
-            if len(keys) >= limit:
-                return keys
-    return keys
 
 
 def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Sequence[Any], steps: int,

@@ -1400,15 +1400,17 @@ def _key(ids: torch.Tensor) -> str:
     return hashlib.sha1(ids.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def _epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]]) -> tuple[list[str], bool]:
-    """One key per row (its unpadded ids) over one pass, and whether the pass ended within the cap."""
+def _epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]],
+                limit: int = _ORDER_ROWS) -> tuple[list[str], bool]:
+    """One key per row (its unpadded ids) over one pass, and whether the pass ended within
+    ``limit`` rows (it stops at the batch that reaches it)."""
     keys: list[str] = []
     for index, batch in enumerate(batches):
         lm = convert(batch, index)
         ids, mask = lm["input_ids"], lm.get("attention_mask")
         for row in range(ids.shape[0]):
             keys.append(_key(ids[row] if mask is None else ids[row][mask[row].bool()]))
-        if len(keys) >= _ORDER_ROWS:
+        if len(keys) >= limit:
             return keys, False
     return keys, True
 
