@@ -73,15 +73,31 @@ def has_own_loss(model: torch.nn.Module) -> bool:
 
 def _names(model: torch.nn.Module, name: str) -> bool:
     """Whether ``model.forward`` names the keyword ``name`` (``**kwargs`` is not enough)."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    parameters = _forward_parameters(model)
+    return parameters is not None and name in parameters
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    parameters = inspect.signature(model.forward).parameters
-    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    parameters = _forward_parameters(model)
+    return parameters is not None and (name in parameters or any(
+        p.kind is p.VAR_KEYWORD for p in parameters.values()))
+
+
+def _forward_parameters(model: torch.nn.Module) -> Mapping[str, inspect.Parameter] | None:
+    """``model.forward``'s parameters, read once per class (a decoding step asks at every token);
+    None where the signature cannot be read."""
+    forward = getattr(model.forward, "__func__", model.forward)  # one key per function, patched ones too
+    cached = _SIGNATURES.get(forward)
+    if cached is None and forward not in _SIGNATURES:
+        try:
+            cached = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            cached = None
+        _SIGNATURES[forward] = cached
+    return cached
+
+
+_SIGNATURES: dict[Any, Mapping[str, inspect.Parameter] | None] = {}
 
 
 def check_causal_lm(model: object) -> None:
@@ -213,11 +229,14 @@ def no_dropout(model: torch.nn.Module) -> Iterator[int]:
 
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
-                  *, use_cache: bool = True, what: str = "the model's logits") -> tuple[torch.Tensor, Any]:
+                  *, use_cache: bool = True, what: str = "the model's logits",
+                  last_only: bool = False) -> tuple[torch.Tensor, Any]:
     """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
 
     Returns the logits (B, t, V) and the cache (None for a model without one: the caller then
-    feeds the whole sequence again).
+    feeds the whole sequence again). With ``last_only``, the logits of the last position only,
+    (B, 1, V): a Hugging Face model is asked for just those (``logits_to_keep=1``, as
+    ``generate`` does), which spares the output layer's work at every prompt position.
 
     Raises:
         NonFiniteError: the logits at an unmasked position hold NaN or Inf (a pad's logits may be
@@ -228,12 +247,18 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
     if mask is not None:
         mask = mask.to(ids.device)
     if kind(model) == "transformers":
-        output = _call_transformers(model, ids, mask, past, use_cache)
+        keep = {"logits_to_keep": 1} if last_only and _names(model, "logits_to_keep") else {}
+        output = _call_transformers(model, ids, mask, past, use_cache, **keep)
         cache = _cache_of(model, output) if use_cache else None
+        if keep:
+            output = output.logits  # (B, 1, V)
+            ids = ids[:, -1:]
     else:
         output = _call_plain(model, ids, _mask_for(model, mask))
         cache = None
     logits = _logits_of(output, model, ids)
+    if last_only and logits.shape[1] > 1:
+        logits, ids = logits[:, -1:], ids[:, -1:]
     fed = ids.shape[1]
     require_finite(logits, what, ("row", "position", "token id"),
                    valid=None if mask is None else mask[:, -fed:].bool(),
@@ -257,7 +282,7 @@ def _call_transformers(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
 def _cache_name(model: torch.nn.Module) -> str:
     # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
     # releases know only past_key_values
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if _names(model, "cache") else "past_key_values"
 
 
 def _cache_of(model: torch.nn.Module, output: Any) -> Any:

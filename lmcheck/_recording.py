@@ -93,7 +93,7 @@ class Snapshot:
         self.model = model
         self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
         self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
-        self.training = model.training
+        self.modes = {module: module.training for module in model.modules()}  # each one's train/eval
         self.objects: dict[int, tuple[Any, Any]] = {}
         for item in stateful:
             self.add(item)
@@ -111,7 +111,8 @@ class Snapshot:
         for name, parameter in self.model.named_parameters():
             saved = self.grads[name]
             parameter.grad = None if saved is None else saved.clone()
-        self.model.train(self.training)
+        for module, training in self.modes.items():
+            module.training = training
         for item, state in self.objects.values():
             item.load_state_dict(copy.deepcopy(state))
         _set_rng_state(self.rng)

@@ -226,6 +226,9 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
                                      f"{calls % len(batches)}: {error}") from error
                 _loss_value(loss, f"'train_step' on batch {calls % len(batches)}")
                 calls += 1
+    except BaseException:
+        snapshot.restore()  # the user's step raised: their model and optimizer as they were
+        raise
     finally:
         if handle is not None:
             handle.remove()

@@ -456,7 +456,7 @@ def check_trainer(
     }
     try:
         results = _battery(driver, lm_batches, tokenizer=trainer.processing_class, schedule=None,
-                           max_grad_norm=float(args.max_grad_norm or 0.0), pretrained=pretrained,
+                           max_grad_norm=0.0, pretrained=pretrained,  # the first run does not clip
                            evaluate=None, expect_eos=expect_eos, steps=steps,
                            overfit_batches=overfit_batches, overfit_steps=overfit_steps,
                            check_every=check_every, setup=setup, collated=driver.collating())
@@ -482,6 +482,8 @@ class _TrainerDriver:
         known = tuple(x for x in (trainer.optimizer, trainer.lr_scheduler) if x is not None)
         self.snapshot = Snapshot(self.model, known)
         self.overfit_examples = 0  # set by overfit_batches
+        mixed = bool(trainer.args.bf16 or trainer.args.fp16)  # autocast: the user's side is rounded more
+        self.gradient_rtol = GRADIENT_RTOL[torch.bfloat16] if mixed else None
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
         self.scheduler: Any = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
@@ -510,9 +512,9 @@ class _TrainerDriver:
                    "load_best_model_at_end": False, "push_to_hub": False, "dataloader_num_workers": 0,
                    "dataloader_persistent_workers": False, **changes}
         handler = self.trainer.callback_handler
-        kept = [c for c in handler.callbacks
-                if not type(c).__module__.startswith("transformers.integrations")
-                and type(c).__name__ not in ("ProgressCallback", "PrinterCallback", "NotebookProgressCallback")]
+        # only the flow callback: the user's own (early stopping, logging, their state) are not
+        # part of the update, and must neither run nor count lmcheck's steps
+        kept = [c for c in handler.callbacks if isinstance(c, DefaultFlowCallback)]
         try:
             changed = copy.copy(original)  # dataclasses.replace would rerun __post_init__, which resets accelerate
             for key, value in updates.items():
@@ -566,6 +568,10 @@ class _TrainerDriver:
             return loss
 
         changes: dict[str, Any] = {"max_steps": optimizer_steps} if batches is not None else {}
+        smoother = trainer.label_smoother
+        if unequal:  # the first run: the update is compared with plain, unclipped cross-entropy
+            changes.update(max_grad_norm=0.0, label_smoothing_factor=0.0)
+            trainer.label_smoother = None
         if seed is not None:
             changes.update(seed=seed, data_seed=seed)
         collator = trainer.data_collator
@@ -589,9 +595,15 @@ class _TrainerDriver:
             try:
                 with _quiet():
                     trainer.train()
+            except LmcheckError:
+                raise
+            except Exception as error:  # the user's Trainer, model or data: named, traceback chained
+                raise InputError(f"'trainer': its train() raised {type(error).__name__} while lmcheck ran "
+                                 f"{optimizer_steps} steps ({phase}): {error}") from error
             finally:
                 trainer.train_dataset = dataset
                 trainer.data_collator = collator
+                trainer.label_smoother = smoother
                 del trainer.training_step
         self.seen = seen
         self._after_run()
@@ -752,8 +764,9 @@ def _battery(
                     else [driver.convert(driver.batches[i], i) for i in used[: first.micro_batches]])
     results.append(_gradient_flow(model, first))
     results.append(_params_update(model, driver.snapshot, after, len(recorder.steps)))
+    rtol = getattr(driver, "gradient_rtol", None)
     results.append(_finite_or_fail("accumulation", lambda: _accumulation(model, driver.snapshot, step_batches,
-                                                                         first, max_grad_norm)))
+                                                                         first, max_grad_norm, rtol)))
     results.append(_lr_schedule(recorder.steps, driver, schedule))
     # the overfitting run: a handful of batches, the user's settings, until memorized or budget
     results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every))
@@ -808,9 +821,10 @@ def _converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> 
         elif isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
             out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")
                    if isinstance(batch.get(k), torch.Tensor)}
-            out.setdefault("labels", batch["input_ids"])
+            if "labels" not in out:  # the model's own labels are the inputs; lmcheck's copy masks pads
+                out["labels"] = _labels_from(batch["input_ids"], out.get("attention_mask"))
         elif isinstance(batch, torch.Tensor):
-            out = {"input_ids": batch, "labels": batch}
+            out = {"input_ids": batch, "labels": _labels_from(batch, None)}
         elif isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch) \
                 and batch[0].shape == batch[1].shape:
             out = {"input_ids": batch[0], "targets": batch[1]}
@@ -824,6 +838,14 @@ def _converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> 
         return {k: v.detach() for k, v in out.items()}
 
     return convert
+
+
+def _labels_from(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Labels for a batch that brings none: a copy of the ids (never the same memory), -100 at pads."""
+    labels = ids.clone()
+    if mask is not None and mask.shape == ids.shape:
+        labels[mask == 0] = IGNORE_INDEX
+    return labels
 
 
 def _labels_form(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1103,7 +1125,7 @@ def _token_loss_sum(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> 
 
 
 def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: list[Mapping[str, torch.Tensor]],
-                  step: OptimizerStep, max_grad_norm: float | None) -> Result:
+                  step: OptimizerStep, max_grad_norm: float | None, rtol: float | None = None) -> Result:
     """The user's gradient at the first optimizer step against the gradient of the mean loss
     over every supervised token of its micro-batches."""
     name = "accumulation"
@@ -1120,7 +1142,8 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     sums, counts, unshifted = [], [], []
     with no_dropout(model):
         model.train()
-        grads_each = []
+        summed: torch.Tensor | None = None  # the sum of the micro-batches' gradients of summed losses
+        per_micro: torch.Tensor | None = None  # the sum of their gradients of mean losses
         for batch in micro_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
@@ -1129,7 +1152,10 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
             if not bool(torch.isfinite(total)):
                 return non_finite_result(name, f"the reference loss of a micro-batch of the first step is {float(total)}")
             grads = torch.autograd.grad(total, parameters, allow_unused=True)
-            grads_each.append([torch.zeros_like(p) if g is None else g.detach().float() for p, g in zip(parameters, grads, strict=True)])
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).float().reshape(-1)
+                              for p, g in zip(parameters, grads, strict=True)])
+            summed = flat if summed is None else summed + flat
+            per_micro = flat / max(count, 1) if per_micro is None else per_micro + flat / max(count, 1)
             sums.append(float(total.detach()))
             counts.append(count)
             unshifted.append(before_shift)
@@ -1137,10 +1163,9 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     k = len(micro_batches)
     if sum(counts) == 0:
         return Result.not_applicable(name, "the first step's micro-batches supervise no token")
-    flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in grads_each]
-    correct = torch.stack(flat).sum(dim=0) / sum(counts)
-    # the sum of the micro-batch means
-    per_micro = torch.stack([g / max(c, 1) for g, c in zip(flat, counts, strict=True)]).sum(dim=0)
+    if summed is None or per_micro is None:
+        return Result.not_applicable(name, "no micro-batch of the first step was seen")
+    correct = summed / sum(counts)
     user_grads = step.grads or {}
 
     def user_grad(name: str, parameter: torch.Tensor) -> torch.Tensor:
@@ -1148,7 +1173,7 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
         return (grad if grad is not None else torch.zeros_like(parameter)).float().reshape(-1)
 
     user = torch.cat([user_grad(n, p) for n, p in zip(names, parameters, strict=True)])
-    tol = GRADIENT_RTOL.get(parameter_dtype(model), GRADIENT_RTOL[torch.float32])
+    tol = rtol if rtol is not None else GRADIENT_RTOL.get(parameter_dtype(model), GRADIENT_RTOL[torch.float32])
     if (found := locate(user, ("index",))) is not None:
         return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: {found}")
     metrics: dict[str, Any] = {"micro_batches": k, "supervised_tokens": counts,
@@ -1250,6 +1275,8 @@ def _lr_schedule(steps: list[OptimizerStep], driver: Any, schedule: Callable[[in
     if schedule is not None:
         expected = [float(schedule(i)) for i in range(len(steps) * k + k + 1)]
         source = "the given schedule"
+    elif isinstance(driver.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        source = ""  # it follows a metric, not the step count: nothing to replay
     elif driver.scheduler is not None:
         expected = _replay(driver.scheduler, driver.snapshot, len(steps) * k + k + 1)
         source = f"{type(driver.scheduler).__name__} stepped once per optimizer step"
@@ -1269,7 +1296,9 @@ def _lr_schedule(steps: list[OptimizerStep], driver: Any, schedule: Callable[[in
     if passed:
         explanation = (f"the learning rate at {len(steps)} optimizer steps follows {source}" if expected is not None
                        else f"the learning rate at {len(steps)} optimizer steps is never 0 after the first; no "
-                            f"schedule to compare with (pass scheduler= or schedule=)")
+                            + ("step-counted schedule to compare with (ReduceLROnPlateau follows a metric)"
+                               if isinstance(driver.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                               else "schedule to compare with (pass scheduler= or schedule=)"))
         explanation += f" ({', '.join(f'{lr:.3g}' for lr in observed[:4])}{' ...' if len(observed) > 4 else ''})"
     else:
         explanation = "; ".join(problems)
@@ -1422,7 +1451,7 @@ def _data_order(epochs: list[tuple[list[str], bool]], dataset: list[str] | None)
     for number, (keys, complete) in enumerate(epochs, 1):
         counts = Counter(keys)
         allowed = Counter(dataset) if dataset is not None else Counter({k: 1 for k in counts})
-        repeated = [k for k, c in counts.items() if c > allowed.get(k, 0)]
+        repeated = [k for k, c in counts.items() if c > max(1, allowed.get(k, 0))]
         if repeated:
             rows = [i for i, k in enumerate(keys) if k == repeated[0]]
             problems.append(f"epoch {number} repeats an example (rows {rows[0]} and {rows[1]}; {len(repeated)} "
@@ -1462,7 +1491,10 @@ def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], di
             dataset = [_key(torch.as_tensor(_example_ids(items[i]))) for i in range(len(items))]
         except (TypeError, KeyError, ValueError, IndexError):
             dataset = None
-    return _data_order([_epoch_keys(batches, convert), _epoch_keys(batches, convert)], dataset)
+    epochs = [_epoch_keys(batches, convert), _epoch_keys(batches, convert)]
+    if getattr(batches, "drop_last", False):  # each epoch leaves out other rows: not whole epochs
+        epochs = [(keys, False) for keys, _ in epochs]
+    return _data_order(epochs, dataset)
 
 
 def _example_ids(example: Any) -> Any:

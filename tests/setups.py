@@ -53,7 +53,12 @@ def model(tok: PreTrainedTokenizerFast, *, seed: int = 0, dropout: float = 0.0) 
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers 5.24 derives loss_type from the class name, and "GPT2LMHeadModel" matches no
+    # loss: the Trainer then counts the tokens before the shift (transformers #46204). Named, the
+    # Trainer counts them after it, as check_trainer's accumulation check demands.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def collator(tok: PreTrainedTokenizerFast) -> DataCollatorForLanguageModeling:

@@ -299,7 +299,9 @@ def test_kv_cache_check_catches_a_corrupted_cache(smollm2: SmolLM2) -> None:
         result = kv_cache_matches_full(model, ids, max_new_tokens=4)
     assert not result
     assert result.explanation.startswith("step 1 (from 0) of 4, row 0: logits with the cache")
-    assert result.details[0]["max_abs_diff"] == 0.0  # step 0 is the prompt pass, no cache read
+    # step 0 is the prompt pass and reads no cache: the two sides agree but for rounding (the
+    # cached side computes the last position's logits alone, as generate does)
+    assert result.details[0]["max_abs_diff"] < 1e-4
 
 
 def test_padding_check_catches_an_ignored_mask(smollm2: SmolLM2) -> None:

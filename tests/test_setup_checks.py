@@ -766,3 +766,87 @@ def test_rebuild_that_returns_something_else(tok):
     """``rebuild(seed)`` must return (model, train_step, batches)."""
     with pytest.raises(InputError, match="'rebuild' must return"):
         plain(tok, rebuild=lambda seed: "a model")
+
+
+# ---------------------------------------------------------------- found in review: no false alarms
+
+
+def test_a_gpt2_trainer_as_transformers_builds_it_shows_the_count_before_the_shift(tok, tmp_path):
+    """transformers 5.24 names a model's loss after its class, and "GPT2LMHeadModel" matches no
+    loss; the Trainer then counts the tokens before the shift (transformers #46204), live. The
+    first run does not clip, so even a Trainer that clips (max_grad_norm=1) is seen doing it."""
+    net = setups.model(tok)
+    net.loss_type = None  # as GPT2LMHeadModel(config) leaves it
+    report = check_trainer(setups.trainer(tok, str(tmp_path), net=net), **SHORT)
+    fails(report, "accumulation", "counted before the shift", "#46204")
+
+
+@pytest.mark.parametrize("arguments", [{"bf16": True}, {"label_smoothing_factor": 0.1},
+                                       {"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps",
+                                        "eval_steps": 5}],
+                         ids=["bf16", "label_smoothing", "reduce_lr_on_plateau"])
+def test_healthy_trainer_variants_raise_no_false_alarm(tok, tmp_path, arguments):
+    """Mixed precision gets bf16's tolerance, label smoothing is off in the run the gradient is
+    compared in, and a scheduler that follows a metric is not replayed by step count."""
+    report = check_trainer(setups.trainer(tok, str(tmp_path), **arguments), **SHORT)
+    for check in ("accumulation", "lr_schedule", "gradient_flow", "params_update"):
+        passes(report, check)
+
+
+def test_the_users_trainer_callbacks_do_not_run_during_the_checks(tok, tmp_path):
+    """An EarlyStoppingCallback needs an evaluation strategy the runs turn off: it and every other
+    user callback sit out lmcheck's runs, and come back afterwards."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Counter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Counter.steps += 1
+
+    trainer = setups.trainer(tok, str(tmp_path), eval_strategy="steps", eval_steps=5, save_steps=5,
+                             load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1))
+    trainer.add_callback(Counter())
+    before = list(trainer.callback_handler.callbacks)
+    report = check_trainer(trainer, **SHORT)
+    passes(report, "accumulation")
+    assert Counter.steps == 0
+    assert trainer.callback_handler.callbacks == before
+
+
+def test_tensor_batches_bring_no_aliasing_of_lmchecks_making(tok):
+    """A (B, T) tensor of ids has no labels; the labels lmcheck derives are a copy, so the
+    aliasing check (Fast-LLM #253) does not fire on lmcheck's own doing."""
+    net = setups.model(tok)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    rows = torch.randint(3, 40, (16, 12), generator=torch.Generator().manual_seed(0))
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    report = check_loop(net, step, list(rows.split(4)), tokenizer=tok, **SHORT)
+    passes(report, "batch_supervision")
+    passes(report, "accumulation")
+
+
+def test_rows_cut_at_max_length_need_not_end_with_eos(tok):
+    """Padded rows ended on their own and must end with eos; a row as wide as the batch may have
+    been truncated there (tokenized with max_length=8 here), so it is not asked to."""
+    cut = [{"input_ids": e["input_ids"][:8]} for e in setups.examples(tok)]
+    assert any(row["input_ids"][-1] != tok.eos_token_id for row in cut)
+    report = plain(tok, batches=setups.loader(tok, data=cut, shuffle=False))
+    passes(report, "batch_supervision")
+
+
+def test_submodules_in_eval_mode_stay_so(tok):
+    """The snapshot restores each module's train/eval flag, not only the top module's."""
+    net = setups.model(tok)
+    net.transformer.h[0].eval()
+    plain(tok, net=net)
+    assert net.training
+    assert not net.transformer.h[0].training
