@@ -423,7 +423,9 @@ def check_trainer(
     (accumulation, clipping, schedule, seed), collator and datasets.
 
     The runs use the Trainer's own ``train()``, stopped after a few optimizer steps, with its
-    outputs sent to a temporary folder, no checkpoint and no reporting integrations; the model,
+    outputs sent to a temporary folder, no checkpoint, no evaluation and none of the user's
+    callbacks (only the flow callback); the first run also turns clipping and label smoothing
+    off, so the update it compares is the plain cross-entropy gradient at its true scale; the model,
     the Trainer's attributes, its optimizer and scheduler and the random generators are put
     back afterwards. ``rebuild(seed)``, where given, builds the Trainer afresh for the
     reproducibility check (otherwise the check reruns this Trainer with ``args.seed`` changed and
