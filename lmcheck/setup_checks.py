@@ -179,7 +179,7 @@ def check_loop(
     evaluate: Callable[[], float] | None = None,
     rebuild: Callable[[int], Any] | None = None, seed: int = 0,
     steps: int = 8, overfit_batches: int = 4, overfit_steps: int = 200, check_every: int = 5,
-    expect_eos: bool | None = None, progress: Progress | None = None,
+    expect_eos: bool | None = None, progress: Progress | None = None, stateful: Sequence[Any] = (),
 ) -> SetupReport:
     """Run the battery on a plain training loop, and leave its objects as they were.
 
@@ -218,6 +218,9 @@ def check_loop(
         expect_eos: every row must end with a supervised eos; default: when rows are padded
             (whole examples, not packed chunks).
         progress: called as ``progress(phase, done, total)`` while the runs go.
+        stateful: other objects ``train_step`` changes that have ``state_dict()`` and
+            ``load_state_dict()`` (an AMP ``GradScaler``, an EMA of the weights): saved first and
+            put back after every run, as the model, the optimizer and ``scheduler`` are.
 
     Under ``torchrun`` (an initialized process group of more than one rank), call it on every
     rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
@@ -240,10 +243,15 @@ def check_loop(
     if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")):
         raise InputError(f"'scheduler' must be a learning-rate scheduler with step() and state_dict() "
                          f"(got {describe(scheduler)})")
-    first = _take(batches, max(steps * 64, overfit_batches), "batches")
+    put_back = _loader_state(batches)  # reading batches advances a DataLoader's generator
+    first = _take(batches, max(steps * 8, overfit_batches, 8), "batches")  # the runs cycle through them
     convert = _converter(as_batch)
     lm_batches = [convert(b, i) for i, b in enumerate(first[:8])]
-    loop = _Loop(model, train_step, first, convert, scheduler, progress)
+    if isinstance(stateful, (str, bytes)) or not isinstance(stateful, Sequence) or not all(
+            hasattr(item, "state_dict") and hasattr(item, "load_state_dict") for item in stateful):
+        raise InputError(f"'stateful' must be a list of objects with state_dict() and load_state_dict() "
+                         f"(got {describe(stateful)})")
+    loop = _Loop(model, train_step, first, convert, scheduler, progress, tuple(stateful))
     setup: dict[str, Any] = {"kind": "plain loop", "model": type(model).__name__,
                              "dtype": str(parameter_dtype(model)).replace("torch.", ""),
                              "batches seen": len(first)}
@@ -263,6 +271,7 @@ def check_loop(
             results += _distributed_checks(user_model, train_step, first, batches_of_epoch, as_batch)
     finally:
         loop.snapshot.restore()
+        put_back()
     return SetupReport(results=_agree(_ordered(results)), curve=loop.curve, setup=setup)
 
 
@@ -337,11 +346,11 @@ class _Loop:
 
     def __init__(self, model: torch.nn.Module, train_step: Callable[[Any], Any], batches: list[Any],
                  convert: Callable[[Any, int], dict[str, torch.Tensor]], scheduler: Any,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, stateful: tuple[Any, ...] = ()) -> None:
         self.model, self.train_step, self.batches, self.convert = model, train_step, batches, convert
         self.scheduler = scheduler
         self.progress = progress
-        self.snapshot = Snapshot(model, (scheduler,) if scheduler is not None else ())
+        self.snapshot = Snapshot(model, ((scheduler,) if scheduler is not None else ()) + stateful)
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
 
@@ -760,10 +769,15 @@ def _battery(
     recorder, _, used = driver.run(steps, grad_steps=1, phase="first steps", dropout=False, **extra)
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     first = recorder.steps[0]
-    setup["micro-batches per optimizer step"] = first.micro_batches
+    # k: the fewest calls between two steps. More before the first step means steps were skipped
+    # (an AMP loss scaler that met an overflow skips optimizer.step and the gradients are zeroed):
+    # the first step's gradient holds the last k micro-batches only.
+    k = min(s.micro_batches for s in recorder.steps)
+    setup["micro-batches per optimizer step"] = k
     setup["optimizer"] = ", ".join(sorted({type(o).__name__ for o, _ in _optimizers(driver.snapshot)})) or "?"
-    step_batches = (driver.seen[: first.micro_batches] if isinstance(driver, _TrainerDriver)
-                    else [driver.convert(driver.batches[i], i) for i in used[: first.micro_batches]])
+    calls = range(first.micro_batches - k, first.micro_batches)
+    step_batches = ([driver.seen[i] for i in calls] if isinstance(driver, _TrainerDriver)
+                    else [driver.convert(driver.batches[used[i]], used[i]) for i in calls])
     results.append(_gradient_flow(model, first))
     results.append(_params_update(model, driver.snapshot, after, len(recorder.steps)))
     rtol = getattr(driver, "gradient_rtol", None)
@@ -1022,6 +1036,23 @@ def _subset(dataset: Any, count: int) -> Any:
     return torch.utils.data.Subset(dataset, range(count))
 
 
+def _loader_state(batches: object) -> Callable[[], None]:
+    """A function that puts back the random generators (and a DistributedSampler's epoch) that
+    iterating a DataLoader advances."""
+    sampler: Any = getattr(batches, "sampler", None)
+    generators = [getattr(owner, "generator", None) for owner in (batches, sampler)]
+    saved = [(g, g.get_state()) for g in generators if isinstance(g, torch.Generator)]
+    epoch = getattr(sampler, "epoch", None)
+
+    def put_back() -> None:
+        for generator, state in saved:
+            generator.set_state(state)
+        if epoch is not None:
+            sampler.epoch = epoch
+
+    return put_back
+
+
 def _take(batches: Iterable[Any], count: int, argument: str) -> list[Any]:
     if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
         raise InputError(f"'{argument}' must be an iterable of batches, such as a DataLoader or a list "
@@ -1264,7 +1295,7 @@ def _worst_parameter(user: torch.Tensor, reference: torch.Tensor, names: Sequenc
 def _lr_schedule(steps: list[OptimizerStep], driver: Any, schedule: Callable[[int], float] | None) -> Result:
     name = "lr_schedule"
     observed = [s.lrs[0] for s in steps]
-    k = max(1, steps[0].micro_batches)
+    k = max(1, min(s.micro_batches for s in steps))
     metrics: dict[str, Any] = {"observed": observed, "micro_batches_per_step": k}
     problems = []
     zeros = [s.index for s in steps if all(lr == 0 for lr in s.lrs)]

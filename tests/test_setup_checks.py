@@ -850,3 +850,47 @@ def test_submodules_in_eval_mode_stay_so(tok):
     plain(tok, net=net)
     assert net.training
     assert not net.transformer.h[0].training
+
+
+def test_the_users_loader_generator_is_put_back(tok):
+    """Reading batches for the checks advances a shuffling DataLoader's generator; it is put back,
+    so the user's next epoch is the one it would have been."""
+    loader = setups.loader(tok)
+    before = loader.generator.get_state()
+    plain(tok, batches=loader)
+    assert torch.equal(loader.generator.get_state(), before)
+
+
+def test_amp_steps_skipped_by_the_scaler_are_no_false_alarm(tok):
+    """An AMP loop whose first optimizer steps overflow (fp16 on a GPU at the default init_scale;
+    here a huge init_scale on the CPU): the scaler skips them and the gradients are zeroed, so the
+    first real step holds the last k micro-batches only. The scaler, given in ``stateful``, is put
+    back afterwards."""
+    net = setups.model(tok)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    pending: list[Mapping[str, torch.Tensor]] = []
+
+    def step(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        pending.append(batch)
+        if len(pending) < 2:
+            return torch.tensor(0.0)
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in pending)
+        for micro in pending:
+            logits = net(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), micro["labels"][:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum") / tokens
+            scaler.scale(loss).backward()
+        pending.clear()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    scale = scaler.get_scale()
+    report = check_loop(net, step, setups.loader(tok), tokenizer=tok, max_grad_norm=1.0, stateful=[scaler], **SHORT)
+    passes(report, "accumulation")
+    assert report.setup["micro-batches per optimizer step"] == 2
+    assert scaler.get_scale() == scale
