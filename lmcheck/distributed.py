@@ -37,6 +37,7 @@ import torch.distributed as dist
 from lmcheck._finite import probe, require_finite
 from lmcheck._model import model_device, model_forward, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
+from lmcheck._setup_results import _converter, _epoch_keys, _loss_value, _take, _token_loss_sum
 from lmcheck._validate import check_callable, check_int, check_model, check_number
 from lmcheck.errors import InputError, LmcheckError, NotApplicableError
 from lmcheck.results import Result, headroom_below
@@ -138,8 +139,6 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
     A ``DistributedSampler`` pads the last round with repeated rows: up to world size - 1 rows on
     two ranks are allowed.
     """
-    from lmcheck.setup_checks import _converter, _epoch_keys
-
     check_callable(batches_of_epoch, "batches_of_epoch", "a function from the epoch number to its batches")
     check_int(epochs, "epochs", 2, 100)
     check_int(max_rows, "max_rows", 1)
@@ -194,8 +193,6 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
                grad_steps: int = 0) -> tuple[Recorder, Snapshot]:
     """Call the user's step on the batches (cycling) until ``steps`` optimizer steps; the state
     is restored afterwards by the caller through the returned snapshot."""
-    from lmcheck.setup_checks import _loss_value
-
     inner = _unwrap(model)  # names without DDP's "module." prefix
     snapshot = Snapshot(inner)
     recorder = Recorder(inner, grad_steps=grad_steps, on_first_sight=snapshot.add)
@@ -236,8 +233,6 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
 
 
 def _batches(batches: Iterable[Any], count: int) -> list[Any]:
-    from lmcheck.setup_checks import _take
-
     return _take(batches, count, "batches")
 
 
@@ -325,8 +320,6 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
     inside DDP, its weights as before the step, and dropout off (the user's step runs with dropout
     off too, so both sides see the same network). The model is put back afterwards.
     """
-    from lmcheck.setup_checks import _converter, _token_loss_sum
-
     check_model(model)
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
     _, world = _world()
@@ -419,8 +412,6 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
     with no dropout and no ``sample`` given.
     """
     from lmcheck._recording import _rng_state, _set_rng_state
-    from lmcheck.setup_checks import _converter
-
     check_model(model)
     if sample is not None:
         check_callable(sample, "sample", "a function that draws the data-side randomness")
