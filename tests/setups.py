@@ -130,6 +130,18 @@ class Loop:
         return torch.tensor(total)
 
 
+def ids_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plainest step: a (B, T) tensor of ids in, the model's own loss on them, one update."""
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
 def trainer(tok: PreTrainedTokenizerFast, output_dir: str, *, seed: int = 0, accumulate: int = 2,
             trainer_class: type[Trainer] = Trainer, dropout: float = 0.0, net: torch.nn.Module | None = None,
             data: list[Any] | None = None, collate: Callable[[Any], Any] | None = None,

@@ -38,6 +38,7 @@ from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
 from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
 from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS
+from tests import setups
 
 SETUP_TESTS = len(SETUP_CHECKS) + len(DISTRIBUTED_CHECKS)  # the ready setup suite's tests
 
@@ -165,16 +166,8 @@ def one_rank(folder: Any) -> Iterator[None]:
 
 
 def _sgd_step(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the shared model is left as it was
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
+    # lr 0: the shared model is left as it was
+    return setups.ids_step(model, torch.optim.SGD(model.parameters(), lr=0.0))
 
 
 def _on_one_rank(call: Callable[[Case], Result]) -> Callable[[Case, Any], Result]:

@@ -819,16 +819,8 @@ def test_tensor_batches_bring_no_aliasing_of_lmchecks_making(tok):
     """A (B, T) tensor of ids has no labels; the labels lmcheck derives are a copy, so the
     aliasing check (Fast-LLM #253) does not fire on lmcheck's own doing."""
     net = setups.model(tok)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    step = setups.ids_step(net, torch.optim.AdamW(net.parameters(), lr=1e-2))
     rows = torch.randint(3, 40, (16, 12), generator=torch.Generator().manual_seed(0))
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
     report = check_loop(net, step, list(rows.split(4)), tokenizer=tok, **SHORT)
     passes(report, "batch_supervision")
     passes(report, "accumulation")
