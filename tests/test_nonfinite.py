@@ -268,9 +268,10 @@ def test_the_explanation_locates_the_value(healthy_causal, gpt2_tokenizer_with_p
     """Where, not only what: the step, row, position and token id of the first non-finite logit."""
     result = lmcheck.kv_cache_matches_full(broken(healthy_causal, "inf_logit"),
                                            torch.tensor([[464, 3139]]), max_new_tokens=3)
+    # step 0 computes the prompt's last position only (as generate does): the logits it decodes from
     assert result.explanation == (
-        "the loop with the cache: the logits at decoding step 0 (from 0): inf at row 0, position 0, "
-        "token id 7 (2 of 100,514 values are not finite)")
+        "the loop with the cache: the logits at decoding step 0 (from 0): inf at row 0, position 1, "
+        "token id 7 (1 of 50,257 values are not finite)")
     late = lmcheck.kv_cache_matches_full(broken(healthy_causal, "nan_later"),
                                          torch.tensor([[464, 3139]]), max_new_tokens=4)
     assert late.explanation.startswith(
@@ -311,7 +312,7 @@ def test_a_nan_tolerance_is_refused(call, argument, healthy_causal):
 def test_data_functions_raise_instead_of_returning_meaningless_tokens(healthy_causal, healthy_masked,
                                                                       bert_tokenizer):
     """greedy_decode and fill_mask return data, not a verdict: on NaN logits they raise."""
-    with pytest.raises(NonFiniteError, match=r"decoding step 0 \(from 0\): nan at row 0, position 0"):
+    with pytest.raises(NonFiniteError, match=r"decoding step 0 \(from 0\): nan at row 0, position 1"):
         lmcheck.greedy_decode(broken(healthy_causal, "nan_weights"), [[464, 3139]], max_new_tokens=2)
     with pytest.raises(NonFiniteError, match="the logits of texts 0 to 0: inf at text 0"):
         lmcheck.fill_mask(broken(healthy_masked, "inf_logit"), bert_tokenizer, "a [MASK] b")
