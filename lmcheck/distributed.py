@@ -85,6 +85,8 @@ def _digest(tensor: torch.Tensor | None) -> str:
     if tensor is None:
         return "none"
     data = _full(tensor).detach().to("cpu").contiguous()
+    if data.is_floating_point():
+        data = data + 0.0  # -0.0 and 0.0 are the same value (an all-reduce may give either): one bit pattern
     return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
 
 

@@ -468,6 +468,8 @@ def check_trainer(
         results.append(driver.data_order())
         results.append(driver.reproducible(rebuild, steps))
         results.append(_finite_or_fail("eval_deterministic", lambda: driver.eval_twice(lm_batches)))
+        if _world_size() > 1:  # last: after every other run, the Trainer must still sync its ranks
+            results += driver.distributed_checks(loader_batches[0])
     finally:
         driver.restore()
     if _world_size() > 1:
@@ -483,6 +485,7 @@ class _TrainerDriver:
         self.model = trainer.model
         self.progress = progress
         self.attributes = dict(vars(trainer))
+        self.model_attributes = dict(vars(trainer.model))  # accelerate marks a model it has prepared
         self.callbacks = list(trainer.callback_handler.callbacks)
         known = tuple(x for x in (trainer.optimizer, trainer.lr_scheduler) if x is not None)
         self.snapshot = Snapshot(self.model, known)
@@ -495,6 +498,7 @@ class _TrainerDriver:
 
     def restore(self) -> None:
         self.snapshot.restore()
+        self._after_run()
         vars(self.trainer).clear()
         vars(self.trainer).update(self.attributes)
         self.trainer.callback_handler.callbacks[:] = self.callbacks
@@ -632,6 +636,13 @@ class _TrainerDriver:
             items = getattr(accelerator, name, None)
             if isinstance(items, list):
                 items.clear()
+        # evaluate() marks the model prepared (_is_accelerate_prepared) without wrapping it in DDP;
+        # left marked, the next train() under torchrun would skip the wrapping and never sync
+        for name in set(vars(self.model)) - set(self.model_attributes):
+            delattr(self.model, name)
+        for name, value in self.model_attributes.items():
+            if name.startswith("_is_accelerate") and getattr(self.model, name, None) is not value:
+                setattr(self.model, name, value)
 
     def memorized(self, lm_batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
         return _memorized_rows(self.model, lm_batches)
@@ -675,7 +686,8 @@ class _TrainerDriver:
             loader = self.trainer.get_train_dataloader()
         dataset = self.trainer.train_dataset
         keys: list[str] | None = None
-        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and len(dataset) <= _ORDER_ROWS:
+        if _world_size() == 1 and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") \
+                and len(dataset) <= _ORDER_ROWS:  # under torchrun a rank sees its share: see data_sharding
             keys = []
             for i in range(len(dataset)):
                 example = dataset[i]
@@ -684,14 +696,48 @@ class _TrainerDriver:
                     keys = None
                     break
                 keys.append(_key(torch.as_tensor(ids)))
-        epochs = []
-        for epoch in range(2):
-            for target in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-                set_epoch = getattr(target, "set_epoch", None)
-                if callable(set_epoch):
-                    set_epoch(epoch)  # as Trainer.train() does at each epoch
-            epochs.append(_epoch_keys(loader, _converter(None)))
+        epochs = [_epoch_keys(_at_epoch(loader, epoch), _converter(None)) for epoch in range(2)]
         return _data_order(epochs, keys)
+
+    def distributed_checks(self, batch: Any) -> list[Result]:
+        """Under torchrun: the Trainer's gradients and parameters the same on every rank at each
+        of a few steps of its own train(), its ranks' shares of each epoch, and their dropout."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        from lmcheck import distributed
+
+        names = {id(p) for p in self.model.parameters()}
+        problems: list[str] = []
+        steps = [0]
+
+        def compare(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if not any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
+                return
+            steps[0] += 1
+            prints = {n: distributed._digest(p.grad) for n, p in self.model.named_parameters()}
+            differ = distributed._differences(_gathered(prints), "gradients")
+            if differ and not problems:
+                problems.append(f"at optimizer step {steps[0]}, {differ[0]}: the Trainer's gradients stayed "
+                                f"rank-local (FunASR #3472, build-nanogpt #30)")
+
+        handle = register_optimizer_step_pre_hook(compare)
+        try:
+            self.run(3, phase="ranks")
+        finally:
+            handle.remove()
+        after = distributed._differences(
+            _gathered({n: distributed._digest(p) for n, p in self.model.named_parameters()}), "parameters")
+        if after and not problems:
+            problems.append(f"after {steps[0]} optimizer steps, {after[0]}")
+        self.snapshot.restore()
+        synchronized = Result(name="grads_synchronized", passed=not problems, metrics={"steps": steps[0]},
+                              explanation=problems[0] if problems else
+                              f"at each of {steps[0]} optimizer steps of train() the gradients, and then the "
+                              f"parameters, are identical on all {_world_size()} ranks")
+        with _quiet():
+            loader = self.trainer.get_train_dataloader()
+        return [synchronized, distributed.data_sharding(lambda epoch: _at_epoch(loader, epoch)),
+                distributed.rank_randomness(self.model, batch)]
 
     def reproducible(self, rebuild: Callable[[int], Any] | None, steps: int) -> Result:
         seed = int(self.trainer.args.seed)
@@ -731,6 +777,15 @@ class _TrainerDriver:
             return Result.not_applicable("eval_deterministic", f"Trainer.evaluate() returned no eval_loss "
                                          f"(got {losses[0]!r})")
         return _eval_deterministic([float(v) for v in losses], "Trainer.evaluate()")
+
+
+def _at_epoch(loader: Any, epoch: int) -> Any:
+    """The Trainer's dataloader set to ``epoch``, as ``Trainer.train()`` sets it."""
+    for target in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        set_epoch = getattr(target, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+    return loader
 
 
 def _is_trainer(value: object) -> bool:

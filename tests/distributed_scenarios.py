@@ -162,11 +162,33 @@ def setup_scenarios(tok, rank: int, world: int, *, faults: bool = True) -> dict[
     trainers = (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean))
     for name, trainer_class in trainers[: 2 if faults else 1]:
         with tempfile.TemporaryDirectory() as output_dir:
-            report = lmcheck.check_trainer(setups.trainer(tok, output_dir, trainer_class=trainer_class,
-                                                          use_cpu=DEVICE.type == "cpu"),
-                                           overfit_steps=100)
-            found[name] = {**report.to_dict(), "written": sorted(os.listdir(output_dir))}
+            trainer = setups.trainer(tok, output_dir, trainer_class=trainer_class, use_cpu=DEVICE.type == "cpu")
+            report = lmcheck.check_trainer(trainer, overfit_steps=100)
+            found[name] = {**report.to_dict(), "written": sorted(os.listdir(output_dir)),
+                           "user_train_still_syncs": still_syncs(trainer)}
     return found
+
+
+def still_syncs(trainer: Trainer) -> bool:
+    """After the checks, the user's own train() still all-reduces: the gradients at each of two
+    optimizer steps are the same on every rank."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    same: list[bool] = []
+
+    def compare(optimizer, args, kwargs):
+        grads = [p.grad.detach().clone() for p in trainer.model.parameters() if p.grad is not None]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, grads)
+        same.append(all(torch.equal(a, b) for a, b in zip(everyone[0], grads, strict=True)))
+
+    handle = register_optimizer_step_pre_hook(compare)
+    trainer.args.max_steps, trainer.args.save_strategy = 2, "no"
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    return bool(same) and all(same)
 
 
 class PerMicroMean(Trainer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,21 @@ def launch(out: Path, backend: str = "gloo", *extra: str) -> list[dict[str, dict
     """Every scenario on 2 ranks under torchrun; each rank's results."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(HERE / "distributed_scenarios.py"), str(out), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "LMCHECK_DIST_BACKEND": backend})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_ranks(command, out, {**os.environ, "LMCHECK_DIST_BACKEND": backend})
+
+
+def run_ranks(command: list[str], out: Path, env: dict[str, str] | None = None) -> list[dict[str, dict]]:
+    """Run a launcher in a session of its own, so that a hang ends the launcher and every rank it
+    started; each rank's results."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command[2]} did not end within 240 s; every rank was killed:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -47,9 +60,7 @@ def accelerate_reports(tmp_path_factory) -> list[dict[str, dict]]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", str(HERE / "distributed_scenarios.py"), str(out), "setup"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    return run_ranks(command, out)
 
 
 def outcome(reports: list[dict[str, dict]], scenario: str) -> dict:
@@ -122,8 +133,12 @@ def test_check_trainer_runs_unchanged_under_torchrun(reports):
     """A Trainer that runs DDP itself: every check passes on both ranks, nothing is written."""
     for report in (r["check_trainer"] for r in reports):
         assert report["passed"], [r for r in report["results"] if r["status"] != "pass"]
+        assert [r["name"] for r in report["results"]] == list(lmcheck.SETUP_CHECKS + lmcheck.DISTRIBUTED_CHECKS)
         assert report["setup"]["world size"] == 2
         assert report["written"] == []
+        # the Trainer is left able to train: evaluate() marked the model prepared, which would
+        # have kept the next train() from wrapping it in DDP, and the ranks from syncing
+        assert report["user_train_still_syncs"]
 
 
 def test_check_trainer_under_torchrun_catches_a_per_micro_batch_mean(reports):
