@@ -278,6 +278,12 @@ def _unequal_lengths(collator: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _subset(dataset: Any, count: int) -> Any:
+    """The first ``count`` examples of a map-style dataset (a Trainer's train or eval set)."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise InputError(f"the Trainer's dataset must be map-style (with len() and indexing) for the "
+                         f"overfitting and evaluation runs, which take its first examples (got "
+                         f"{describe(dataset)}; a streaming dataset can be cut with .take(n) and "
+                         f"turned into one with datasets.Dataset.from_list(list(...)))")
     count = max(1, min(count, len(dataset)))
     if hasattr(dataset, "select"):
         return dataset.select(range(count))

@@ -886,3 +886,13 @@ def test_amp_steps_skipped_by_the_scaler_are_no_false_alarm(tok):
     passes(report, "accumulation")
     assert report.setup["micro-batches per optimizer step"] == 2
     assert scaler.get_scale() == scale
+
+
+def test_a_streaming_train_set_gets_a_clear_error(tok, tmp_path):
+    """A Trainer over an IterableDataset has no first examples to take: a clear InputError."""
+    import datasets
+
+    trainer = setups.trainer(tok, str(tmp_path))
+    trainer.train_dataset = datasets.Dataset.from_list(setups.examples(tok)).to_iterable_dataset()
+    with pytest.raises(InputError, match="map-style"):
+        check_trainer(trainer, **SHORT)
