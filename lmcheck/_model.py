@@ -84,8 +84,8 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 def _forward_parameters(model: torch.nn.Module) -> Mapping[str, inspect.Parameter] | None:
-    """``model.forward``'s parameters, read once per class (a decoding step asks at every token);
-    None where the signature cannot be read."""
+    """``model.forward``'s parameters, read once per forward function (a decoding step asks at
+    every token); None where the signature cannot be read."""
     forward = getattr(model.forward, "__func__", model.forward)  # one key per function, patched ones too
     cached = _SIGNATURES.get(forward)
     if cached is None and forward not in _SIGNATURES:
@@ -203,23 +203,35 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextmanager
-def no_dropout(model: torch.nn.Module) -> Iterator[int]:
-    """Every dropout in the model set to 0 (``nn.Dropout`` modules and the float ``*dropout*``
-    attributes attention layers pass to ``scaled_dot_product_attention``), whatever mode the
-    model is put in meanwhile; yields how many were set, and puts them back on exit."""
-    saved: list[tuple[object, str, float]] = []
+def _dropouts(model: torch.nn.Module) -> list[tuple[object, str, float]]:
+    """Every dropout probability in the model, as (owner, attribute, value): ``nn.Dropout``
+    modules' ``p`` and the float ``*dropout*`` attributes attention layers pass to
+    ``scaled_dot_product_attention``."""
+    found: list[tuple[object, str, float]] = []
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            saved.append((module, "p", module.p))
+            found.append((module, "p", module.p))
             continue
         for name, value in vars(module).items():
             if "dropout" in name.lower() and isinstance(value, float) and not isinstance(value, bool):
-                saved.append((module, name, value))
+                found.append((module, name, value))
+    return found
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether any dropout in the model has a probability above 0."""
+    return any(value > 0 for _, _, value in _dropouts(model))
+
+
+@contextmanager
+def no_dropout(model: torch.nn.Module) -> Iterator[None]:
+    """Every dropout in the model set to 0 (see :func:`has_dropout`), whatever mode the model is
+    put in meanwhile; put back on exit."""
+    saved = _dropouts(model)
     try:
         for owner, name, _ in saved:
             setattr(owner, name, 0.0)
-        yield sum(value > 0 for _, _, value in saved)
+        yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
@@ -380,16 +392,23 @@ def encoder_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -
 # ---------------------------------------------------------------- losses
 
 
+def shifted_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Shifted cross-entropy summed over the supervised tokens (position t predicts
+    ``labels[t + 1]``; -100 is ignored; float32), and how many they are."""
+    targets = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((targets != IGNORE_INDEX).sum())
+
+
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Shifted cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored; the mean is
     over the supervised tokens (computed in float32)."""
-    targets = labels[:, 1:].to(logits.device)
-    supervised = int((targets != IGNORE_INDEX).sum())
+    total, supervised = shifted_loss_sum(logits, labels)
     if supervised == 0:
         raise InputError("the batch's 'labels' supervise no token after the first position (all "
                          "are -100), so there is no loss to compute")
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum") / supervised
+    return total / supervised
 
 
 def own_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-__all__ = ["OptimizerStep", "Recorder", "Snapshot"]
+__all__ = ["OptimizerStep", "Recorder", "Snapshot", "rng_state", "set_rng_state"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Snapshot:
         self.objects: dict[int, tuple[Any, Any]] = {}
         for item in stateful:
             self.add(item)
-        self.rng = _rng_state()
+        self.rng = rng_state()
 
     def add(self, item: Any) -> None:
         """Save an optimizer's or a scheduler's state now, unless it is saved already."""
@@ -115,14 +115,15 @@ class Snapshot:
             module.training = training
         for item, state in self.objects.values():
             item.load_state_dict(copy.deepcopy(state))
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The saved values of the named parameters (tied ones once)."""
         return {n: self.state[n] for n, _ in self.model.named_parameters() if n in self.state}
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every random generator lmcheck's runs may advance: torch (and CUDA), Python's, NumPy's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -135,7 +136,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state:

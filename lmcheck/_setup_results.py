@@ -29,6 +29,7 @@ from lmcheck._model import (
     model_forward,
     no_dropout,
     parameter_dtype,
+    shifted_loss_sum,
 )
 from lmcheck._recording import OptimizerStep, Snapshot
 from lmcheck._validate import check_bool, check_callable, check_model, describe
@@ -53,6 +54,14 @@ def _gathered(value: Any) -> list[Any]:
     everyone: list[Any] = [None] * _world_size()
     dist.all_gather_object(everyone, value)
     return everyone
+
+
+def _unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel or DataParallel: lmcheck's own forwards, the
+    snapshot and the recorder use it, the user's step keeps the wrapper. (Not any ``.module``:
+    a model made by lmcheck.adapt keeps its own.)"""
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, parallel) else model
 
 
 def _epoch_batches(batches_of_epoch: Callable[[int], Iterable[Any]], epoch: int) -> Iterable[Any]:
@@ -149,8 +158,13 @@ def _batch_checks(lm_batches: list[dict[str, torch.Tensor]], tokenizer: Any,
     return out
 
 
+def _batch_ids(batch: Any) -> Any:
+    """The token ids of one of the user's batches, in whatever form it came (mapping, pair, tensor)."""
+    return batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+
+
 def _ids_copy(batch: Any) -> torch.Tensor | None:
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    ids = _batch_ids(batch)
     return ids.detach().clone() if isinstance(ids, torch.Tensor) else None
 
 
@@ -162,7 +176,7 @@ def _first_difference(before: torch.Tensor, after: torch.Tensor, where: str) -> 
 
 
 def _put_ids_back(batch: Any, saved: torch.Tensor) -> None:
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    ids = _batch_ids(batch)
     if isinstance(ids, torch.Tensor) and ids.shape == saved.shape:
         with torch.no_grad():
             ids.copy_(saved)
@@ -402,13 +416,11 @@ def _token_loss_sum(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> 
     if "targets" in batch:
         scores, targets = logits, batch["targets"].to(logits.device)
         unshifted = int((targets != IGNORE_INDEX).sum())
-    else:
-        labels = batch["labels"].to(logits.device)
-        scores, targets = logits[:, :-1], labels[:, 1:]
-        unshifted = int((labels != IGNORE_INDEX).sum())
-    total = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets != IGNORE_INDEX).sum()), unshifted
+        total = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, unshifted, unshifted
+    total, count = shifted_loss_sum(logits, batch["labels"])
+    return total, count, int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: list[Mapping[str, torch.Tensor]],
@@ -426,7 +438,7 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     parameters = [p for n, p in model.named_parameters() if p.requires_grad]
     snapshot.restore()
     device = model_device(model)
-    sums, counts, unshifted = [], [], []
+    counts, unshifted = [], []
     with no_dropout(model):
         model.train()
         summed: torch.Tensor | None = None  # the sum of the micro-batches' gradients of summed losses
@@ -443,7 +455,6 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
                               for p, g in zip(parameters, grads, strict=True)])
             summed = flat if summed is None else summed + flat
             per_micro = flat / max(count, 1) if per_micro is None else per_micro + flat / max(count, 1)
-            sums.append(float(total.detach()))
             counts.append(count)
             unshifted.append(before_shift)
     snapshot.restore()
@@ -658,7 +669,7 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
         if step % check_every and step != budget:
             return False
         try:
-            state["memorized"] = driver.memorized(lm_batches)
+            state["memorized"] = _memorized_rows(driver.model, lm_batches)
         except NonFiniteError as error:
             state["non_finite"] = f"after optimizer step {step} of the overfitting run, {error}"
             return True
@@ -712,8 +723,34 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
 _ORDER_ROWS = 4096  # rows read per epoch by data_order
 
 
-def _key(ids: torch.Tensor) -> str:
-    return hashlib.sha1(ids.detach().to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+def _fingerprint(tensor: torch.Tensor | None) -> str:
+    """A short hash of a tensor's values: ids of any integer type hash alike, -0.0 as 0.0, and an
+    FSDP2 DTensor is gathered whole (a collective: every rank calls it in the same order)."""
+    if tensor is None:
+        return "none"
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    data = tensor.detach().to("cpu").contiguous()
+    if data.is_floating_point():
+        data = data + 0.0  # -0.0 and 0.0 are the same value (an all-reduce may give either)
+    else:
+        data = data.to(torch.int64)
+    return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
+
+
+def _dataset_keys(dataset: Any) -> list[str] | None:
+    """One fingerprint per example of a small map-style dataset (its ``input_ids``), to tell
+    repeated and skipped examples apart; None where there is none to read. Under torchrun a rank
+    sees only its share of the dataset (data_sharding compares the shares): None there too."""
+    if _world_size() > 1 or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) \
+            or len(dataset) > _ORDER_ROWS:
+        return None
+    try:
+        return [_fingerprint(torch.as_tensor(_example_ids(dataset[i]))) for i in range(len(dataset))]
+    except (TypeError, KeyError, ValueError, IndexError, RuntimeError):
+        return None
 
 
 def _epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]],
@@ -725,7 +762,7 @@ def _epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, 
         lm = convert(batch, index)
         ids, mask = lm["input_ids"], lm.get("attention_mask")
         for row in range(ids.shape[0]):
-            keys.append(_key(ids[row] if mask is None else ids[row][mask[row].bool()]))
+            keys.append(_fingerprint(ids[row] if mask is None else ids[row][mask[row].bool()]))
         if len(keys) >= limit:
             return keys, False
     return keys, True
@@ -771,13 +808,7 @@ def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], di
     if iter(batches) is batches:
         return Result.not_applicable("data_order", "'batches' is a one-shot iterator, so it has no second "
                                      "epoch to compare; pass the DataLoader itself")
-    dataset = None
-    items = getattr(batches, "dataset", None)
-    if _world_size() == 1 and items is not None and hasattr(items, "__len__") and len(items) <= _ORDER_ROWS:
-        try:
-            dataset = [_key(torch.as_tensor(_example_ids(items[i]))) for i in range(len(items))]
-        except (TypeError, KeyError, ValueError, IndexError):
-            dataset = None
+    dataset = _dataset_keys(getattr(batches, "dataset", None))
     epochs = [_epoch_keys(batches, convert), _epoch_keys(batches, convert)]
     if getattr(batches, "drop_last", False):  # each epoch leaves out other rows: not whole epochs
         epochs = [(keys, False) for keys, _ in epochs]
@@ -786,7 +817,7 @@ def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], di
 
 def _example_ids(example: Any) -> Any:
     if isinstance(example, Mapping):
-        return example["input_ids"]
+        return example["input_ids"]  # KeyError: no input_ids, no key
     if isinstance(example, (tuple, list)) and example and isinstance(example[0], torch.Tensor):
         return example[0]
     return example

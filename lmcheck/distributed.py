@@ -27,17 +27,26 @@ The user's step and batches are run as they are, under the optimizer-step hook o
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lmcheck._finite import probe, require_finite
-from lmcheck._model import model_device, model_forward, no_dropout, parameter_dtype
-from lmcheck._recording import Recorder, Snapshot
-from lmcheck._setup_results import _converter, _epoch_keys, _loss_value, _take, _token_loss_sum
+from lmcheck._model import has_dropout, model_device, model_forward, no_dropout, parameter_dtype
+from lmcheck._recording import Recorder, Snapshot, rng_state, set_rng_state
+from lmcheck._setup_results import (
+    _converter,
+    _epoch_keys,
+    _fingerprint,
+    _gathered,
+    _loss_value,
+    _take,
+    _token_loss_sum,
+    _unwrap_parallel,
+)
 from lmcheck._validate import check_callable, check_int, check_model, check_number
 from lmcheck.errors import InputError, LmcheckError, NotApplicableError
 from lmcheck.results import Result, headroom_below
@@ -59,41 +68,11 @@ def _world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (on every rank)."""
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor (FSDP2's sharded parameters and gradients) is gathered from
-    every rank (a collective: every rank calls it in the same order)."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor; a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _digest(tensor: torch.Tensor | None) -> str:
-    if tensor is None:
-        return "none"
-    data = _full(tensor).detach().to("cpu").contiguous()
-    if data.is_floating_point():
-        data = data + 0.0  # -0.0 and 0.0 are the same value (an all-reduce may give either): one bit pattern
-    return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or another ``.module`` wrapper)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def _differences(prints: list[dict[str, str]], what: str) -> list[str]:
@@ -117,8 +96,8 @@ def same_init(model: torch.nn.Module) -> Result:
     """
     check_model(model)
     _, world = _world()
-    inner = _unwrap(model)
-    prints = _gather({n: _digest(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()]})
+    inner = _unwrap_parallel(model)
+    prints = _gathered({n: _fingerprint(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()]})
     problems = _differences(prints, "weights")
     passed = not problems
     return Result(name="same_init", passed=passed, metrics={"world_size": world, "ranks_differing": len(problems)},
@@ -155,7 +134,7 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
         except Exception as error:  # the user's code
             raise InputError(f"'batches_of_epoch({epoch})' raised {type(error).__name__}: {error}") from error
         orders.append(_epoch_keys(batches, convert, max_rows)[0])
-    everyone = _gather(orders)  # [rank][epoch] -> keys
+    everyone = _gathered(orders)  # [rank][epoch] -> keys
     problems = []
     for epoch in range(epochs):
         owners: dict[str, list[int]] = {}
@@ -191,24 +170,12 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
 
 
 def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches: Sequence[Any], steps: int,
-               on_step: Callable[[torch.optim.Optimizer], None] | None = None,
                grad_steps: int = 0) -> tuple[Recorder, Snapshot]:
     """Call the user's step on the batches (cycling) until ``steps`` optimizer steps; the state
-    is restored afterwards by the caller through the returned snapshot."""
-    inner = _unwrap(model)  # names without DDP's "module." prefix
+    is restored afterwards by the caller through the returned snapshot (here if the step raises)."""
+    inner = _unwrap_parallel(model)  # names without DDP's "module." prefix
     snapshot = Snapshot(inner)
     recorder = Recorder(inner, grad_steps=grad_steps, on_first_sight=snapshot.add)
-    handle = None
-    if on_step is not None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        names = {id(p) for p in model.parameters()}
-
-        def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            if any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
-                on_step(optimizer)
-
-        handle = register_optimizer_step_post_hook(after)
     calls = 0
     try:
         with recorder.active():
@@ -228,14 +195,7 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
     except BaseException:
         snapshot.restore()  # the user's step raised: their model and optimizer as they were
         raise
-    finally:
-        if handle is not None:
-            handle.remove()
     return recorder, snapshot
-
-
-def _batches(batches: Iterable[Any], count: int) -> list[Any]:
-    return _take(batches, count, "batches")
 
 
 @probe("grads_synchronized")
@@ -252,64 +212,89 @@ def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any],
     if max_grad_norm is not None:
         check_number(max_grad_norm, "max_grad_norm", low=0)
     _, world = _world()
-    taken = _batches(batches, 64 * steps)
-    inner = _unwrap(model)
-    problems: list[str] = []
-    pending: list[dict[str, str]] = []
-
-    norms: list[tuple[float, list[float]]] = []  # per step: the global norm, each rank's own
-
-    def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for name, parameter in inner.named_parameters():
-            if parameter.grad is not None:  # equal NaNs on every rank are no synchronisation
-                require_finite(_local(parameter.grad), f"at optimizer step {len(pending) + 1}, the gradient of "
-                               f"{name}", ("index",) * parameter.dim())
-        pending.append({n: _digest(p.grad) for n, p in inner.named_parameters()})
-        grads = [p.grad for p in inner.parameters() if p.grad is not None]
-        local = sum((float(_local(g).float().pow(2).sum()) for g in grads), 0.0)
-        own = _gather(local ** 0.5)
-        sharded = any(_local(g) is not g for g in grads)  # FSDP2: the shards add up; DDP: replicas
-        norms.append(((sum(n * n for n in own) ** 0.5) if sharded else own[0], own))
-
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-    names = {id(p) for p in model.parameters()}
-
-    def gated(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
-            before(optimizer, args, kwargs)
-
-    def after(optimizer: torch.optim.Optimizer) -> None:
-        step = len(pending)
-        grads = _differences(_gather(pending[-1]), "gradients")
-        weights = _differences(_gather({n: _digest(p) for n, p in inner.named_parameters()}), "parameters")
-        if grads and not problems:
-            problems.append(f"at optimizer step {step}, {grads[0]}: gradients stayed rank-local, so each rank "
-                            f"trains its own model (an inverted no_sync condition, or the sync flag set after "
-                            f"the forward: FunASR #3472, build-nanogpt #30)")
-        elif weights and not problems:
-            problems.append(f"after optimizer step {step}, {weights[0]}")
-        total, each = norms[-1]
-        if max_grad_norm is not None and total > max_grad_norm * (1 + 1e-4) + 1e-6 and not problems:
-            problems.append(f"at optimizer step {step} the gradient applied has a global norm of {total:.4g}, above "
-                            f"max_grad_norm={max_grad_norm:g} (the ranks' own parts: "
-                            f"{', '.join(f'{n:.3g}' for n in each)}): each rank clipped its shard by its own "
-                            f"norm, not the global one (pytorch #170862)")
-
-    handle = register_optimizer_step_pre_hook(gated)
-    try:
-        recorder, snapshot = _run_steps(model, train_step, taken, steps, on_step=after)
-    finally:
-        handle.remove()
+    taken = _take(batches, 64 * steps, "batches")
+    watch = _SyncWatch(_unwrap_parallel(model), max_grad_norm)
+    with watch.active():
+        recorder, snapshot = _run_steps(model, train_step, taken, steps)
     snapshot.restore()
-    passed = not problems
-    clipped = (f"; the applied gradient's global norm stays within max_grad_norm={max_grad_norm:g} "
-               f"({', '.join(f'{n:.3g}' for n, _ in norms)})" if max_grad_norm is not None else "")
-    return Result(name="grads_synchronized", passed=passed,
-                  metrics={"world_size": world, "steps": len(recorder.steps),
-                           "global_grad_norms": [n for n, _ in norms]},
-                  explanation=(f"at each of {len(recorder.steps)} optimizer steps the gradients and then the "
-                               f"parameters are identical on all {world} ranks{clipped}" if passed else problems[0]))
+    return watch.result()
+
+
+class _SyncWatch:
+    """While active, hooks every step of an optimizer over ``model``'s parameters: before it,
+    the gradients' fingerprints and global norm; after it, whether the gradients, and then the
+    parameters, agree across ranks (and, with ``max_grad_norm``, the applied norm stays within it).
+    Every rank must take the same steps: each hook gathers from all of them."""
+
+    def __init__(self, model: torch.nn.Module, max_grad_norm: float | None = None) -> None:
+        self.model, self.max_grad_norm = model, max_grad_norm
+        self.problems: list[str] = []
+        self.pending: list[dict[str, str]] = []
+        self.norms: list[tuple[float, list[float]]] = []  # per step: the global norm, each rank's own
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        names = {id(p) for p in self.model.parameters()}
+        return any(id(p) in names for g in optimizer.param_groups for p in g["params"])
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._owns(optimizer):
+            return
+        for name, parameter in self.model.named_parameters():
+            if parameter.grad is not None:  # equal NaNs on every rank are no synchronisation
+                require_finite(_local(parameter.grad), f"at optimizer step {len(self.pending) + 1}, the "
+                               f"gradient of {name}", ("index",) * parameter.dim())
+        self.pending.append({n: _fingerprint(p.grad) for n, p in self.model.named_parameters()})
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        own = _gathered(sum((float(_local(g).float().pow(2).sum()) for g in grads), 0.0) ** 0.5)
+        sharded = any(_local(g) is not g for g in grads)  # FSDP2: the shards add up; DDP: replicas
+        self.norms.append(((sum(n * n for n in own) ** 0.5) if sharded else own[0], own))
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._owns(optimizer):
+            return
+        step = len(self.pending)
+        grads = _differences(_gathered(self.pending[-1]), "gradients")
+        weights = _differences(_gathered({n: _fingerprint(p) for n, p in self.model.named_parameters()}),
+                               "parameters")
+        total, each = self.norms[-1]
+        if self.problems:
+            return
+        if grads:
+            self.problems.append(f"at optimizer step {step}, {grads[0]}: gradients stayed rank-local, so each "
+                                 f"rank trains its own model (an inverted no_sync condition, or the sync flag "
+                                 f"set after the forward: FunASR #3472, build-nanogpt #30)")
+        elif weights:
+            self.problems.append(f"after optimizer step {step}, {weights[0]}")
+        elif self.max_grad_norm is not None and total > self.max_grad_norm * (1 + 1e-4) + 1e-6:
+            self.problems.append(f"at optimizer step {step} the gradient applied has a global norm of {total:.4g}, "
+                                 f"above max_grad_norm={self.max_grad_norm:g} (the ranks' own parts: "
+                                 f"{', '.join(f'{n:.3g}' for n in each)}): each rank clipped its shard by its "
+                                 f"own norm, not the global one (pytorch #170862)")
+
+    @contextmanager
+    def active(self) -> Iterator[_SyncWatch]:
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        handles = [register_optimizer_step_pre_hook(self._before), register_optimizer_step_post_hook(self._after)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def result(self) -> Result:
+        world = dist.get_world_size()
+        steps = len(self.pending)
+        clipped = (f"; the applied gradient's global norm stays within max_grad_norm={self.max_grad_norm:g} "
+                   f"({', '.join(f'{n:.3g}' for n, _ in self.norms)})" if self.max_grad_norm is not None else "")
+        return Result(name="grads_synchronized", passed=not self.problems,
+                      metrics={"world_size": world, "steps": steps, "global_grad_norms": [n for n, _ in self.norms]},
+                      explanation=self.problems[0] if self.problems else
+                      f"at each of {steps} optimizer steps the gradients and then the parameters are identical on "
+                      f"all {world} ranks{clipped}")
 
 
 @probe("ddp_matches_single")
@@ -325,14 +310,14 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
     check_model(model)
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
     _, world = _world()
-    taken = _batches(batches, 64)
-    inner = _unwrap(model)
+    taken = _take(batches, 64, "batches")
+    inner = _unwrap_parallel(model)
     convert = _converter(as_batch)
     with no_dropout(inner):
         recorder, snapshot = _run_steps(model, train_step, taken, 1, grad_steps=1)
     step = recorder.steps[0]
     local = [{k: v.cpu() for k, v in convert(taken[i % len(taken)], i).items()} for i in range(step.micro_batches)]
-    everyone = _gather(local)
+    everyone = _gathered(local)
     snapshot.restore()
     names = [n for n, p in inner.named_parameters() if p.requires_grad]
     parameters = [p for n, p in inner.named_parameters() if p.requires_grad]
@@ -413,21 +398,18 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
     the user's seeding left it; the random state is put back afterwards. Not applicable to a model
     with no dropout and no ``sample`` given.
     """
-    from lmcheck._recording import _rng_state, _set_rng_state
     check_model(model)
     if sample is not None:
         check_callable(sample, "sample", "a function that draws the data-side randomness")
     _, world = _world()
-    inner = _unwrap(model)
-    weights = _differences(_gather({n: _digest(p) for n, p in inner.named_parameters()}), "weights")
-    shared = _gather(_converter(as_batch)(batch, 0) if dist.get_rank() == 0 else None)[0]
-    with no_dropout(inner) as dropouts:
-        pass
-    state = _rng_state()
+    inner = _unwrap_parallel(model)
+    weights = _differences(_gathered({n: _fingerprint(p) for n, p in inner.named_parameters()}), "weights")
+    shared = _gathered(_converter(as_batch)(batch, 0) if dist.get_rank() == 0 else None)[0]
+    state = rng_state()
     problems = list(weights)
     draws: list[str] = []
     try:
-        if dropouts:
+        if has_dropout(inner):
             was = inner.training
             inner.train()
             with torch.no_grad():
@@ -436,7 +418,7 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
                                           what="the logits with dropout on")
             inner.train(was)
             require_finite(logits, "the logits with dropout on", ("row", "position", "token id"))
-            masks = _gather(_digest(logits))
+            masks = _gathered(_fingerprint(logits))
             if len(set(masks)) < world:
                 same = [r for r in range(1, world) if masks[r] == masks[0]]
                 problems.append(f"rank {same[0]} draws the same dropout masks as rank 0: every rank was seeded with "
@@ -451,13 +433,13 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
             except Exception as error:  # the user's code
                 raise InputError(f"'sample' must return numbers or a tensor (it raised "
                                  f"{type(error).__name__}: {error})") from error
-            values = _gather(_digest(drawn))
+            values = _gathered(_fingerprint(drawn))
             if len(set(values)) < world:
                 problems.append("sample() draws the same values on two ranks: the data-side randomness "
                                 "(augmentation, worker seeds) ignores the rank (transformers #37932)")
             draws.append("data-side draws")
     finally:
-        _set_rng_state(state)
+        set_rng_state(state)
     if not draws:
         raise NotApplicableError("the model has no dropout and no sample() was given: nothing random to compare")
     passed = not problems

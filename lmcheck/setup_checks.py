@@ -63,7 +63,6 @@ from lmcheck._model import (
 )
 from lmcheck._recording import Recorder, Snapshot
 from lmcheck._setup_results import (
-    _ORDER_ROWS,
     GRADIENT_RTOL,
     _accumulation,
     _batch_checks,
@@ -72,6 +71,7 @@ from lmcheck._setup_results import (
     _converter,
     _data_order,
     _data_order_of_loop,
+    _dataset_keys,
     _epoch_batches,
     _epoch_keys,
     _eval_deterministic,
@@ -81,13 +81,11 @@ from lmcheck._setup_results import (
     _gradient_flow,
     _ids_copy,
     _inputs_unchanged,
-    _key,
     _labels_form,
     _loader_state,
     _loss_at_init,
     _loss_value,
     _lr_schedule,
-    _memorized_rows,
     _overfit,
     _params_update,
     _put_ids_back,
@@ -97,6 +95,7 @@ from lmcheck._setup_results import (
     _subset,
     _take,
     _unequal_lengths,
+    _unwrap_parallel,
     _world_size,
 )
 from lmcheck._validate import (
@@ -297,13 +296,6 @@ def check_loop(
 # ---------------------------------------------------------------- under torchrun
 
 
-def _unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel or DataParallel: lmcheck's own forwards, the
-    snapshot and the recorder use it, the user's step keeps the wrapper."""
-    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, parallel) else model
-
-
 def _agree(results: list[Result]) -> list[Result]:
     """The same results on every rank: for each check, the first failing rank's result (its
     explanation prefixed with the rank), else this rank's."""
@@ -397,9 +389,6 @@ class _Loop:
         except Exception as error:  # the user's code: reported with the batch, traceback chained
             raise InputError(f"'train_step' raised {type(error).__name__} on batch {index}: {error}") from error
         return _loss_value(loss, f"'train_step' on batch {index}")
-
-    def memorized(self, lm_batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
-        return _memorized_rows(self.model, lm_batches)
 
     def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
         return [self.convert(b, i) for i, b in enumerate(self.batches[:count])]
@@ -523,15 +512,14 @@ class _TrainerDriver:
         handler = self.trainer.callback_handler
         # only the flow callback: the user's own (early stopping, logging, their state) are not
         # part of the update, and must neither run nor count lmcheck's steps
-        kept = [c for c in handler.callbacks if isinstance(c, DefaultFlowCallback)]
+        flow = [c for c in handler.callbacks if isinstance(c, DefaultFlowCallback)] or [DefaultFlowCallback()]
         try:
             changed = copy.copy(original)  # dataclasses.replace would rerun __post_init__, which resets accelerate
             for key, value in updates.items():
                 if key in fields:
                     setattr(changed, key, value)
             self.trainer.args = changed
-            handler.callbacks[:] = kept if any(isinstance(c, DefaultFlowCallback) for c in kept) \
-                else [DefaultFlowCallback(), *kept]
+            handler.callbacks[:] = flow
             yield
         finally:
             self.trainer.args = original
@@ -644,9 +632,6 @@ class _TrainerDriver:
             if name.startswith("_is_accelerate") and getattr(self.model, name, None) is not value:
                 setattr(self.model, name, value)
 
-    def memorized(self, lm_batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
-        return _memorized_rows(self.model, lm_batches)
-
     def collating(self) -> tuple[list[str], int, int]:
         """The train set's first examples against what ``trainer.data_collator`` makes of them,
         after the Trainer's own removal of the columns the model's forward does not take:
@@ -684,59 +669,21 @@ class _TrainerDriver:
     def data_order(self) -> Result:
         with _quiet():
             loader = self.trainer.get_train_dataloader()
-        dataset = self.trainer.train_dataset
-        keys: list[str] | None = None
-        if _world_size() == 1 and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") \
-                and len(dataset) <= _ORDER_ROWS:  # under torchrun a rank sees its share: see data_sharding
-            keys = []
-            for i in range(len(dataset)):
-                example = dataset[i]
-                ids = example.get("input_ids") if isinstance(example, Mapping) else None
-                if ids is None:
-                    keys = None
-                    break
-                keys.append(_key(torch.as_tensor(ids)))
         epochs = [_epoch_keys(_at_epoch(loader, epoch), _converter(None)) for epoch in range(2)]
-        return _data_order(epochs, keys)
+        return _data_order(epochs, _dataset_keys(self.trainer.train_dataset))
 
     def distributed_checks(self, batch: Any) -> list[Result]:
         """Under torchrun: the Trainer's gradients and parameters the same on every rank at each
         of a few steps of its own train(), its ranks' shares of each epoch, and their dropout."""
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         from lmcheck import distributed
 
-        names = {id(p) for p in self.model.parameters()}
-        problems: list[str] = []
-        steps = [0]
-
-        def compare(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            if not any(id(p) in names for g in optimizer.param_groups for p in g["params"]):
-                return
-            steps[0] += 1
-            prints = {n: distributed._digest(p.grad) for n, p in self.model.named_parameters()}
-            differ = distributed._differences(_gathered(prints), "gradients")
-            if differ and not problems:
-                problems.append(f"at optimizer step {steps[0]}, {differ[0]}: the Trainer's gradients stayed "
-                                f"rank-local (FunASR #3472, build-nanogpt #30)")
-
-        handle = register_optimizer_step_pre_hook(compare)
-        try:
+        watch = distributed._SyncWatch(self.model)
+        with watch.active():
             self.run(3, phase="ranks")
-        finally:
-            handle.remove()
-        after = distributed._differences(
-            _gathered({n: distributed._digest(p) for n, p in self.model.named_parameters()}), "parameters")
-        if after and not problems:
-            problems.append(f"after {steps[0]} optimizer steps, {after[0]}")
         self.snapshot.restore()
-        synchronized = Result(name="grads_synchronized", passed=not problems, metrics={"steps": steps[0]},
-                              explanation=problems[0] if problems else
-                              f"at each of {steps[0]} optimizer steps of train() the gradients, and then the "
-                              f"parameters, are identical on all {_world_size()} ranks")
         with _quiet():
             loader = self.trainer.get_train_dataloader()
-        return [synchronized, distributed.data_sharding(lambda epoch: _at_epoch(loader, epoch)),
+        return [watch.result(), distributed.data_sharding(lambda epoch: _at_epoch(loader, epoch)),
                 distributed.rank_randomness(self.model, batch)]
 
     def reproducible(self, rebuild: Callable[[int], Any] | None, steps: int) -> Result:

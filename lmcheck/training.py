@@ -12,8 +12,7 @@ check.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -34,6 +33,7 @@ from lmcheck._model import (
     reference_loss,
     training_loss,
 )
+from lmcheck._recording import Snapshot
 from lmcheck._validate import (
     as_ids,
     as_mask,
@@ -221,8 +221,9 @@ def params_update(
     names = _parameters(model)
     problems = _frozen_problems(names, expect_frozen)
     trainable = [p for p in names.values() if p.requires_grad]
-    with _restored(model) as saved:
-        before = {n: saved[n] for n in names}
+    snapshot = Snapshot(model)  # the step runs on the model itself: put back whatever happens
+    try:
+        before = {n: snapshot.state[n] for n in names}
         build = optimizer or (lambda _: torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
         step = build(model)
         if not isinstance(step, torch.optim.Optimizer):
@@ -234,6 +235,8 @@ def params_update(
                 require_finite(parameter.grad, f"the gradients of {parameter_name}", ("index",) * parameter.dim())
         step.step()
         after = {n: p.detach().clone() for n, p in names.items()}
+    finally:
+        snapshot.restore()
     rows = []
     unchanged = []
     for parameter_name, parameter in names.items():
@@ -626,22 +629,6 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     """The loss the model trains with (its own, else the reference) on a batch from
     :func:`_batch`; NonFiniteError if it is NaN or Inf."""
     return training_loss(model, batch)
-
-
-@contextmanager
-def _restored(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Put the model's parameters, buffers and ``.grad`` fields back as they were on exit; yields
-    the saved copy of the state (read-only to the caller)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    try:
-        yield state
-    finally:
-        with torch.no_grad():
-            for key, value in model.state_dict(keep_vars=True).items():
-                value.copy_(state[key])
-        for n, p in model.named_parameters():
-            p.grad = grads[n]
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
