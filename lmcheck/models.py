@@ -51,6 +51,7 @@ GPT2_PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # the tutorial's 124M
     "gpt2-small-cpu": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),
     "gpt2-tiny-cpu": dict(n_layer=2, n_head=2, n_embd=128, n_positions=256),
+    "gpt2-mini-cpu": dict(n_layer=2, n_head=2, n_embd=160, n_positions=256),  # chapter 4's CPU default
 }
 
 BERT_PRESETS: dict[str, dict[str, int]] = {

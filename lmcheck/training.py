@@ -60,6 +60,7 @@ __all__ = [
     "loss_at_init",
     "loss_matches_reference",
     "memorized_fraction",
+    "verbatim_rows",
     "memorizes",
     "params_update",
 ]
@@ -548,7 +549,6 @@ def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: in
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def memorized_fraction(
     model: torch.nn.Module, input_ids: torch.Tensor, *, prefix_length: int = 32,
     continuation_length: int = 32, batch_size: int = 64,
@@ -563,20 +563,32 @@ def memorized_fraction(
         InputError: ``input_ids`` is not a (N, T) tensor, or ``prefix_length +
             continuation_length`` is more than the chunk length T.
     """
+    rows = verbatim_rows(model, input_ids, prefix_length=prefix_length,
+                         continuation_length=continuation_length, batch_size=batch_size)
+    return float(rows.float().mean()) if len(rows) else 0.0
+
+
+@torch.no_grad()
+def verbatim_rows(
+    model: torch.nn.Module, input_ids: torch.Tensor, *, prefix_length: int = 32,
+    continuation_length: int = 32, batch_size: int = 64,
+) -> torch.Tensor:
+    """Per row of ``input_ids`` (N, T), whether its continuation is the teacher-forced argmax at
+    every position: (N,) bools on the CPU (see :func:`memorized_fraction`)."""
     check_causal_lm(model)
     input_ids = as_ids(input_ids, "input_ids", vocab=input_vocabulary(model))
     check_memorization_lengths(prefix_length, continuation_length, input_ids.shape[1], chunks="input_ids")
     check_int(batch_size, "batch_size", 1)
     end = prefix_length + continuation_length
-    hits = 0
+    hits = []
     device = model_device(model)
     with eval_mode(model):
         for part in input_ids[:, :end].split(batch_size):
             part = part.to(device)
             logits, _ = model_forward(model, part, None, None, use_cache=False)  # (B, k + n, V)
             predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
-            hits += int((predicted == part[:, prefix_length:end]).all(dim=1).sum())
-    return hits / max(1, input_ids.shape[0])
+            hits.append((predicted == part[:, prefix_length:end]).all(dim=1).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def check_memorization_lengths(prefix_length: object, continuation_length: object, chunk_length: int,

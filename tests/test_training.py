@@ -47,10 +47,12 @@ from lmcheck.training import (
     params_update,
 )
 
-# 4 chunks of 32 tokens (the first of each of the first 4 training documents), memorized whole: 8 + 24
+# 4 chunks of 32 tokens (the first of each of the first 4 training documents), memorized whole: 8 + 24,
+# by the 128-wide GPT-2 at one constant rate
 SMALL: dict[str, Any] = dict(
-    context_length=32, n_valid_chunks=8, prefix_length=8, continuation_length=24, max_steps=40,
-    eval_every=10, memorization_every=None,
+    context_length=32, n_train_chunks=4, n_valid_chunks=8, prefix_length=8, continuation_length=24,
+    max_steps=40, max_epochs=None, eval_every=10, memorization_every=None, preset="gpt2-tiny-cpu",
+    embedding_lr=None, betas=(0.9, 0.999), warmup=0.0, decay="constant",
 )
 EMBEDDINGS = ["transformer.wte.weight", "transformer.wpe.weight"]
 
@@ -340,7 +342,7 @@ def test_a_prefix_and_continuation_longer_than_the_chunks_are_refused(model, bat
     message = (r"'prefix_length' 32 \+ 'continuation_length' 32 must be at most the chunk length"
                r"( of 'input_ids')?, 32 tokens \(got 64\)")
     with pytest.raises(InputError, match=message):
-        pretrain(model, clean.tokenizer, clean.data.train, clean.data.valid, max_steps=5)
+        pretrain(model, clean.tokenizer, clean.data.train, clean.data.valid, max_steps=5, max_epochs=None)
     with pytest.raises(InputError, match=message):
         memorized_fraction(model, batch)
     with pytest.raises(InputError, match=r"'prefix_length' 8 \+ 'continuation_length' 32 .* \(got 40\)"):
@@ -468,7 +470,9 @@ def test_misuse_names_the_argument_expected_and_got(misuse, call, message) -> No
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"lrr": 1e-3}, r"'lrr' is not a setting of PretrainConfig; the settings are context_length, "),
     ({"lr": "fast"}, r"'lr' must be a finite number >= 0 \(got 'fast' that is a str\)"),
-    ({"max_epochs": 3}, r"exactly one of 'max_steps' and 'max_epochs' must be set"),
+    ({"max_steps": 3}, r"exactly one of 'max_steps' and 'max_epochs' must be set"),
+    ({"betas": (0.9, 1.5)}, r"'betas' must be a finite number from 0 to 0.9999 \(got 1.5"),
+    ({"decay": "cosine"}, r"'decay' must be one of 'constant', 'linear' \(got 'cosine'"),
     ({"eval_every": "weekly"}, r"'eval_every' must be an int >= 1 \(got 'weekly'"),
     ({"backend": "jax"}, r"'backend' must be one of 'lean', 'trainer' \(got 'jax'"),
 ])
@@ -488,7 +492,7 @@ def test_presets_are_complete_instances() -> None:
     gpu = PRETRAIN_GPU
     assert (gpu.preset, gpu.backend, gpu.max_steps, gpu.max_epochs) == ("gpt2", "trainer", None, 100)
     assert gpu.every(gpu.eval_every, 2266) == 71 == gpu.every(gpu.memorization_every, 2266)
-    assert PRETRAIN_CPU.steps_for(4) == 100
+    assert PRETRAIN_CPU.steps_for(49) == 20 * 13  # 20 epochs of 13 batches of at most 4
     with pytest.raises(TypeError, match="missing"):
         PretrainConfig(lr=1e-3)  # a recipe is complete or it is not a recipe
     assert MASKED_CPU.replace(steps=10).steps == 10

@@ -31,17 +31,18 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from lmcheck._model import eval_mode, loss_of, model_device
+from lmcheck._model import eval_mode, has_dropout, loss_of, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
 from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
 from lmcheck.golden import GOLDEN_STEPS
-from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
+from lmcheck.loops._fused_loss import linear_cross_entropy
+from lmcheck.loops._step import adamw, optimizer_step, seeded_batches, warmup_then_decay
 from lmcheck.models import gpt2_from_scratch, parameter_count
 from lmcheck.tokens import load_tokenizer
-from lmcheck.training import causal_batch, check_memorization_lengths, memorized_fraction
+from lmcheck.training import causal_batch, check_memorization_lengths, verbatim_rows
 
 _log = logging.getLogger(__name__)  # progress, one line per memorization check (INFO)
 
@@ -208,14 +209,14 @@ def pretrain(
         model.loss_type = "ForCausalLM"
     backend, lr, batch_size, bf16, seed = config.backend, config.lr, config.batch_size, config.bf16, config.seed
     prefix_length, continuation_length = config.prefix_length, config.continuation_length
-    eval_batch_size = config.eval_batch_size
     tokenizer = _with_pad_token(tokenizer)
     collator = collator or causal_lm_collator(tokenizer)
     first = collator([{"input_ids": row} for row in train[:batch_size]["input_ids"]])
     if check_batch and not (verdict := causal_batch(first)):
         raise InputError(f"'collator' makes batches unfit for causal-LM training: {verdict.explanation}")
     curve = LossCurve(metadata={
-        "backend": backend, "lr": lr, "batch_size": batch_size, "max_steps": max_steps, "bf16": bf16,
+        "backend": backend, "lr": lr, "embedding_lr": config.embedding_lr, "betas": list(config.betas),
+        "warmup": config.warmup, "decay": config.decay, "batch_size": batch_size, "max_steps": max_steps, "bf16": bf16,
         "seed": seed, "context_length": context_length, "train_chunks": len(train),
         "valid_chunks": len(valid), "parameters": parameter_count(model),
         "memorization": [prefix_length, continuation_length]})
@@ -225,17 +226,19 @@ def pretrain(
                               continuation_length=continuation_length)
     set_seed(seed)
     started = time.perf_counter()
+    optimizer = adamw(model, lr, embedding_lr=config.embedding_lr, betas=config.betas)
+    schedule = warmup_then_decay(optimizer, total_steps=max_steps, decay=config.decay,
+                                 warmup_steps=round(config.warmup * max_steps))
     if backend == "trainer":
-        _train_with_trainer(model, tokenizer, train, valid, curve, stop, collator, lr=lr,
-                            batch_size=batch_size, max_steps=max_steps, eval_every=eval_every,
-                            bf16=bf16, seed=seed, eval_batch_size=eval_batch_size)
+        _train_with_trainer(model, tokenizer, train, valid, curve, stop, collator, config,
+                            (optimizer, schedule), max_steps=max_steps, eval_every=eval_every)
     else:
-        _train_lean(model, train_ids, valid_ids, curve, stop, collator, lr=lr, batch_size=batch_size,
-                    max_steps=max_steps, eval_every=eval_every, bf16=bf16, seed=seed,
-                    eval_batch_size=eval_batch_size)
+        _train_lean(model, train_ids, valid_ids, curve, stop, collator, config, (optimizer, schedule),
+                    max_steps=max_steps, eval_every=eval_every)
     curve.stop_reason = curve.stop_reason or ("non-finite loss" if curve.non_finite_step else "max_steps")
     train_seconds = curve.metadata.pop("_train_seconds", 0.0)
     tokens = curve.steps * batch_size * context_length
+    curve.metadata["memorization_s"] = stop.seconds
     curve.metadata.update(wall_s=time.perf_counter() - started, train_s=train_seconds,
                           train_tokens=tokens, tokens_per_s=tokens / train_seconds if train_seconds else None,
                           device=str(model_device(model)))
@@ -273,18 +276,47 @@ class LossCurveCallback(TrainerCallback):
 
 
 class StopAtMemorization(TrainerCallback):
-    """Stops training once every training chunk continues verbatim (checked every ``every`` steps)."""
+    """Stops training once every training chunk continues verbatim (checked every ``every`` steps).
+
+    The check is teacher-forced (:func:`~lmcheck.training.verbatim_rows`): one forward pass over
+    the chunks' first ``prefix_length + continuation_length`` tokens. Where the loop passes each
+    training step's own argmax to :meth:`screen` (the lean loop, dropout off), a check runs only
+    once every chunk was predicted verbatim at its last training step; a chunk the check then
+    finds not memorized waits for its next step. The checks' time is kept in ``seconds``.
+    """
 
     def __init__(self, curve: LossCurve, train_ids: torch.Tensor, *, every: int | None,
                  prefix_length: int, continuation_length: int) -> None:
         self.curve, self.train_ids, self.every = curve, train_ids, every
         self.prefix_length, self.continuation_length = prefix_length, continuation_length
+        self.screened: torch.Tensor | None = None  # per chunk: verbatim at its last training step
+        self.seconds = 0.0
+
+    def screen(self, rows: torch.Tensor, input_ids: torch.Tensor, predicted: torch.Tensor) -> None:
+        """Note which of the chunks ``rows`` (ids ``input_ids``, (B, T)) a training step predicted
+        verbatim: ``predicted`` (B, T - 1) is that step's argmax at every position."""
+        began = time.perf_counter()
+        if self.screened is None:
+            self.screened = torch.zeros(len(self.train_ids), dtype=torch.bool)
+        start, end = self.prefix_length, self.prefix_length + self.continuation_length
+        hits = (predicted[:, start - 1:end - 1] == input_ids[:, start:end]).all(dim=1)
+        self.screened[rows] = hits.cpu()
+        self.seconds += time.perf_counter() - began
 
     def memorized(self, model: torch.nn.Module, step: int) -> bool:
         if not self.every or step % self.every or self.curve.non_finite_step is not None:
             return False
-        fraction = memorized_fraction(model, self.train_ids, prefix_length=self.prefix_length,
-                                      continuation_length=self.continuation_length)
+        if self.screened is not None and not bool(self.screened.all()):
+            self.curve.metadata.setdefault("screened_fraction", []).append(
+                [step, float(self.screened.float().mean())])
+            return False
+        began = time.perf_counter()
+        rows = verbatim_rows(model, self.train_ids, prefix_length=self.prefix_length,
+                             continuation_length=self.continuation_length)
+        self.seconds += time.perf_counter() - began
+        if self.screened is not None:
+            self.screened &= rows
+        fraction = float(rows.float().mean())
         self.curve.metadata.setdefault("memorized_fraction", []).append([step, fraction])
         _log.info("step %d: %.1f%% of %d training chunks memorized, training loss %.4f", step,
                   100 * fraction, len(self.train_ids), self.curve.train[-1][1] if self.curve.train else float("nan"))
@@ -298,26 +330,29 @@ class StopAtMemorization(TrainerCallback):
             control.should_training_stop = True
 
 
+Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+
+
 def _train_with_trainer(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
-    valid: datasets.Dataset, curve: LossCurve, stop: StopAtMemorization, collator: Collator, *,
-    lr: float, batch_size: int, max_steps: int, eval_every: int, bf16: bool, seed: int,
-    eval_batch_size: int,
+    valid: datasets.Dataset, curve: LossCurve, stop: StopAtMemorization, collator: Collator,
+    config: PretrainConfig, optimization: Optimization, *, max_steps: int, eval_every: int,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="lmcheck-trainer-") as output_dir:
         arguments = TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=eval_batch_size, learning_rate=lr, max_steps=max_steps,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            output_dir=output_dir, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.eval_batch_size, learning_rate=config.lr,
+            max_steps=max_steps, max_grad_norm=1.0,
             logging_steps=1, logging_nan_inf_filter=False, eval_strategy="steps",
-            eval_steps=eval_every, save_strategy="no", report_to="none", bf16=bf16, seed=seed,
-            data_seed=seed, disable_tqdm=True, log_level="error", dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
+            eval_steps=eval_every, save_strategy="no", report_to="none", bf16=config.bf16,
+            seed=config.seed, data_seed=config.seed, disable_tqdm=True, log_level="error",
+            dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(
+        trainer = Trainer(  # the lean loop's optimizer and schedule, so both loops optimise alike
             model=model, args=arguments, train_dataset=train.select_columns(["input_ids"]),
             eval_dataset=valid.select_columns(["input_ids"]), data_collator=collator,  # type: ignore[arg-type]
             processing_class=tokenizer, callbacks=[LossCurveCallback(curve), stop],
+            optimizers=optimization,
         )
         trainer.remove_callback(PrinterCallback)  # the curve is the record; nothing is printed
         trainer.train()
@@ -327,27 +362,37 @@ def _train_with_trainer(
 
 def _train_lean(
     model: PreTrainedModel, train_ids: torch.Tensor, valid_ids: torch.Tensor, curve: LossCurve,
-    stop: StopAtMemorization, collator: Collator, *, lr: float, batch_size: int, max_steps: int,
-    eval_every: int, bf16: bool, seed: int, eval_batch_size: int,
+    stop: StopAtMemorization, collator: Collator, config: PretrainConfig, optimization: Optimization,
+    *, max_steps: int, eval_every: int,
 ) -> None:
     device = model_device(model)  # the model trains where its owner put it
     model.train()
-    optimizer = adamw(model, lr)
-    order = seeded_batches(len(train_ids), batch_size, seed)
+    optimizer, schedule = optimization
+    bf16, eval_batch_size = config.bf16, config.eval_batch_size
+    order = seeded_batches(len(train_ids), config.batch_size, config.seed)
+    fused, screen = None, False
     seconds = 0.0
     for step in range(1, max_steps + 1):
-        batch = collator([{"input_ids": row.tolist()} for row in train_ids[next(order)]])
+        rows = next(order)
+        batch = collator([{"input_ids": row.tolist()} for row in train_ids[rows]])
         batch = {k: v.to(device) for k, v in batch.items()}
+        if step == 1:
+            fused = fused_causal_loss(model, batch)
+            screen = fused is not None and not has_dropout(model)  # dropout: not the eval argmax
+            curve.metadata["loss"] = "fused linear cross-entropy" if fused else "the model's own"
         _synchronize()
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_of(model, batch)
+            loss, predicted = fused(batch) if fused else (loss_of(model, batch), None)
         if not curve.record_train(step, loss.item()):
             curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
             break
         optimizer_step(model, loss, optimizer)
+        schedule.step()
         _synchronize()
         seconds += time.perf_counter() - began
+        if screen:
+            stop.screen(rows, batch["input_ids"], predicted)
         memorized = stop.memorized(model, step)
         if step % eval_every == 0 or memorized or step == max_steps:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -355,6 +400,40 @@ def _train_lean(
         if memorized:
             break
     curve.metadata["_train_seconds"] = seconds
+
+
+Fused = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
+                      rtol: float = 1e-4) -> Fused | None:
+    """The model's causal-LM loss through :func:`linear_cross_entropy`, or None where that is not
+    the model's own loss.
+
+    It applies to a Hugging Face causal LM whose logits are its output layer (a bias-free
+    ``nn.Linear``) over its base model's last hidden states. It is checked once, on ``batch``: the fused loss must equal
+    the model's own loss within ``rtol``, or the model keeps its own (a softcap, a logit scale,
+    a loss of its own all fall back this way).
+    """
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    base = getattr(model, "base_model", None)
+    if (not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None or base is model
+            or "labels" not in batch):
+        return None
+
+    def fused(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)[0]
+        rows, length, width = hidden.shape
+        loss, predicted = linear_cross_entropy(
+            hidden[:, :-1].reshape(-1, width), head.weight, batch["labels"][:, 1:].reshape(-1))
+        return loss, predicted.view(rows, length - 1)
+
+    with torch.no_grad():
+        own = loss_of(model, batch).float()
+        ours = fused(batch)[0]
+    if not torch.isfinite(own) or not torch.isclose(ours, own, rtol=rtol, atol=0.0):
+        return None
+    return fused
 
 
 @torch.no_grad()
@@ -420,5 +499,5 @@ def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
     """The recipe the shipped golden file records: chapter 4's CPU default, first ``steps`` steps
     (compared with :func:`~lmcheck.golden.matches_golden`)."""
     check_int(steps, "steps", 1)
-    return pretrain_default(max_steps=steps, eval_every=steps, memorization_every=None,
+    return pretrain_default(max_steps=steps, max_epochs=None, eval_every=steps, memorization_every=None,
                             n_valid_chunks=1).curve

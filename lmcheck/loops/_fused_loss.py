@@ -1,0 +1,77 @@
+"""A fused, chunked linear cross-entropy: the output layer and the loss in one pass.
+
+A small GPT-2 spends nearly all of its training FLOPs in the output layer: at width 128, 39 of
+the 41 MFLOP per token go to the 50,257-wide vocabulary. Computed the usual way, the step writes
+the (tokens x 50,257) fp32 logits (206 MB at 8 x 128 tokens), reads them back for the softmax,
+writes their gradient and reads that twice more. Here the logits of ``chunk`` positions at a time
+are made, turned into their gradient in place (softmax minus one-hot) while they are still in
+cache, and multiplied out at once into the gradients of the hidden states and of the output
+weight; the backward pass only scales what the forward pass stored. The same logits give the
+argmax at every position for free: the teacher-forced prediction the memorization screen reads.
+
+The method is the fused linear cross-entropy of Liger Kernel and of Apple's Cut Cross-Entropy,
+written here in plain PyTorch so that it runs on a CPU. The result equals ``F.cross_entropy``
+over ``hidden @ weight.T`` (mean over the supervised positions, ``-100`` ignored) up to float
+rounding; the tests compare the two, loss and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        supervised = targets != IGNORE_INDEX
+        count = max(int(supervised.sum()), 1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        predicted = torch.empty(targets.shape, dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]  # (c, d)
+            keep = supervised[start:start + chunk]
+            target = targets[start:start + chunk].clamp_min(0).unsqueeze(1)  # (c, 1)
+            logits = h @ weight.T  # (c, V)
+            predicted[start:start + chunk] = logits.argmax(dim=-1)
+            logsumexp = torch.logsumexp(logits, dim=-1)
+            total += ((logsumexp - logits.gather(1, target).squeeze(1)) * keep).sum(dtype=torch.float32)
+            grad = logits.sub_(logsumexp.unsqueeze(1)).exp_()  # softmax, in place
+            grad.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
+            scale = (keep.to(h.dtype) / count).unsqueeze(1)  # unsupervised rows get no gradient
+            torch.mm(grad, weight, out=grad_hidden[start:start + chunk])
+            grad_hidden[start:start + chunk] *= scale
+            grad_weight.addmm_(grad.T, h * scale)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(predicted)
+        return total / count, predicted
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_predicted: Any) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, and the argmax per position.
+
+    Args:
+        hidden: (N, d) hidden states, one per position that predicts a target.
+        weight: (V, d) output layer weight (no bias).
+        targets: (N,) token ids, ``-100`` where a position is not supervised.
+        chunk: positions whose logits are made at a time (64 was fastest at width 128 on a
+            2-core AVX-512 CPU: 3,480 tokens/s against 2,500 at 256 and 2,980 at 32).
+
+    Returns:
+        The loss (a float32 scalar that backpropagates into ``hidden`` and ``weight``) and the
+        (N,) argmax of the logits at every position.
+    """
+    loss, predicted = _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return loss, predicted
