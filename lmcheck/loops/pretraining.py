@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 Collator = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+Fused = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (batch, predict=None) -> loss, argmax
 
 
 @dataclass(frozen=True)
@@ -226,15 +227,17 @@ def pretrain(
                               continuation_length=continuation_length)
     set_seed(seed)
     started = time.perf_counter()
+    fused = fused_causal_loss(model, {k: v.to(model_device(model)) for k, v in first.items()})
+    curve.metadata["loss"] = "fused linear cross-entropy" if fused else "the model's own"
     optimizer = adamw(model, lr, embedding_lr=config.embedding_lr, betas=config.betas)
     schedule = warmup_then_decay(optimizer, total_steps=max_steps, decay=config.decay,
                                  warmup_steps=round(config.warmup * max_steps))
     if backend == "trainer":
         _train_with_trainer(model, tokenizer, train, valid, curve, stop, collator, config,
-                            (optimizer, schedule), max_steps=max_steps, eval_every=eval_every)
+                            (optimizer, schedule), fused, max_steps=max_steps, eval_every=eval_every)
     else:
         _train_lean(model, train_ids, valid_ids, curve, stop, collator, config, (optimizer, schedule),
-                    max_steps=max_steps, eval_every=eval_every)
+                    fused, max_steps=max_steps, eval_every=eval_every)
     curve.stop_reason = curve.stop_reason or ("non-finite loss" if curve.non_finite_step else "max_steps")
     train_seconds = curve.metadata.pop("_train_seconds", 0.0)
     tokens = curve.steps * batch_size * context_length
@@ -292,6 +295,13 @@ class StopAtMemorization(TrainerCallback):
         self.screened: torch.Tensor | None = None  # per chunk: verbatim at its last training step
         self.seconds = 0.0
 
+    def positions(self, length: int) -> torch.Tensor:
+        """(length - 1,) bools: the positions of a chunk of ``length`` tokens whose argmax the
+        screen reads (those that predict the continuation)."""
+        wanted = torch.zeros(length - 1, dtype=torch.bool)
+        wanted[self.prefix_length - 1:self.prefix_length + self.continuation_length - 1] = True
+        return wanted
+
     def screen(self, rows: torch.Tensor, input_ids: torch.Tensor, predicted: torch.Tensor) -> None:
         """Note which of the chunks ``rows`` (ids ``input_ids``, (B, T)) a training step predicted
         verbatim: ``predicted`` (B, T - 1) is that step's argmax at every position."""
@@ -330,13 +340,29 @@ class StopAtMemorization(TrainerCallback):
             control.should_training_stop = True
 
 
-Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]
+
+
+class _FusedLossTrainer(Trainer):
+    """A Trainer whose training loss is ``fused`` (the lean loop's fused linear cross-entropy,
+    already checked against the model's own loss) while it trains the unwrapped model; the
+    evaluation, and a model the Trainer has wrapped, keep the model's own loss."""
+
+    fused: Fused | None = None
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.fused is not None and model is self.model and model.training and not return_outputs:
+            return self.fused(inputs)[0]
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
 
 def _train_with_trainer(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
     valid: datasets.Dataset, curve: LossCurve, stop: StopAtMemorization, collator: Collator,
-    config: PretrainConfig, optimization: Optimization, *, max_steps: int, eval_every: int,
+    config: PretrainConfig, optimization: Optimization, fused: Fused | None, *, max_steps: int,
+    eval_every: int,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="lmcheck-trainer-") as output_dir:
         arguments = TrainingArguments(
@@ -348,12 +374,13 @@ def _train_with_trainer(
             seed=config.seed, data_seed=config.seed, disable_tqdm=True, log_level="error",
             dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(  # the lean loop's optimizer and schedule, so both loops optimise alike
+        trainer = _FusedLossTrainer(  # the lean loop's optimizer, schedule and loss: both optimise alike
             model=model, args=arguments, train_dataset=train.select_columns(["input_ids"]),
             eval_dataset=valid.select_columns(["input_ids"]), data_collator=collator,  # type: ignore[arg-type]
             processing_class=tokenizer, callbacks=[LossCurveCallback(curve), stop],
             optimizers=optimization,
         )
+        trainer.fused = fused
         trainer.remove_callback(PrinterCallback)  # the curve is the record; nothing is printed
         trainer.train()
         if curve.non_finite_step is None and (not curve.valid or curve.valid[-1][0] != curve.steps):
@@ -363,27 +390,28 @@ def _train_with_trainer(
 def _train_lean(
     model: PreTrainedModel, train_ids: torch.Tensor, valid_ids: torch.Tensor, curve: LossCurve,
     stop: StopAtMemorization, collator: Collator, config: PretrainConfig, optimization: Optimization,
-    *, max_steps: int, eval_every: int,
+    fused: Fused | None, *, max_steps: int, eval_every: int,
 ) -> None:
     device = model_device(model)  # the model trains where its owner put it
     model.train()
     optimizer, schedule = optimization
     bf16, eval_batch_size = config.bf16, config.eval_batch_size
     order = seeded_batches(len(train_ids), config.batch_size, config.seed)
-    fused, screen = None, False
+    screen = fused is not None and not has_dropout(model)  # with dropout: not the eval argmax
     seconds = 0.0
     for step in range(1, max_steps + 1):
         rows = next(order)
         batch = collator([{"input_ids": row.tolist()} for row in train_ids[rows]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        if step == 1:
-            fused = fused_causal_loss(model, batch)
-            screen = fused is not None and not has_dropout(model)  # dropout: not the eval argmax
-            curve.metadata["loss"] = "fused linear cross-entropy" if fused else "the model's own"
         _synchronize()
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, predicted = fused(batch) if fused else (loss_of(model, batch), None)
+            if fused is None:
+                loss, predicted = loss_of(model, batch), None
+            else:
+                ids = batch["input_ids"]
+                loss, predicted = fused(batch, stop.positions(ids.shape[1]).expand(len(ids), -1) if screen
+                                        else torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
         if not curve.record_train(step, loss.item()):
             curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
             break
@@ -391,18 +419,15 @@ def _train_lean(
         schedule.step()
         _synchronize()
         seconds += time.perf_counter() - began
-        if screen:
+        if screen and predicted is not None:
             stop.screen(rows, batch["input_ids"], predicted)
         memorized = stop.memorized(model, step)
         if step % eval_every == 0 or memorized or step == max_steps:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                curve.record_valid(step, _validation_loss(model, valid_ids, collator, eval_batch_size))
+                curve.record_valid(step, _validation_loss(model, valid_ids, collator, eval_batch_size, fused))
         if memorized:
             break
     curve.metadata["_train_seconds"] = seconds
-
-
-Fused = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
@@ -421,14 +446,17 @@ def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
             or "labels" not in batch):
         return None
 
-    def fused(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused(batch: Mapping[str, torch.Tensor], predict: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of ``batch`` and the (B, T - 1) argmax where ``predict`` (B, T - 1) is True."""
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)[0]
         rows, length, width = hidden.shape
         loss, predicted = linear_cross_entropy(
-            hidden[:, :-1].reshape(-1, width), head.weight, batch["labels"][:, 1:].reshape(-1))
+            hidden[:, :-1].reshape(-1, width), head.weight, batch["labels"][:, 1:].reshape(-1),
+            predict=None if predict is None else predict.reshape(-1).to(hidden.device))
         return loss, predicted.view(rows, length - 1)
 
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # eval: dropout would make the two differ
         own = loss_of(model, batch).float()
         ours = fused(batch)[0]
     if not torch.isfinite(own) or not torch.isclose(ours, own, rtol=rtol, atol=0.0):
@@ -437,13 +465,18 @@ def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
 
 
 @torch.no_grad()
-def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int) -> float:
-    """Mean loss over validation chunks, batched by the training collator as the Trainer does."""
+def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int,
+                     fused: Fused | None = None) -> float:
+    """Mean loss over validation chunks, batched by the training collator as the Trainer does
+    (through ``fused`` where the loop trains with it: the same loss without the full logits)."""
     total = 0.0
+    device = model_device(model)
     with eval_mode(model):
         for part in valid_ids.split(batch_size):
-            batch = collator([{"input_ids": row.tolist()} for row in part])
-            total += loss_of(model, batch).float().item() * len(part)
+            batch = {k: v.to(device) for k, v in collator([{"input_ids": row.tolist()} for row in part]).items()}
+            nothing = torch.zeros(len(part), part.shape[1] - 1, dtype=torch.bool, device=device)
+            loss = fused(batch, nothing)[0] if fused is not None else loss_of(model, batch)
+            total += loss.float().item() * len(part)
     return total / len(valid_ids)
 
 
