@@ -242,13 +242,13 @@ def no_dropout(model: torch.nn.Module) -> Iterator[None]:
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
                   *, use_cache: bool = True, what: str = "the model's logits",
-                  last_only: bool = False) -> tuple[torch.Tensor, Any]:
+                  last: int | None = None) -> tuple[torch.Tensor, Any]:
     """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
 
     Returns the logits (B, t, V) and the cache (None for a model without one: the caller then
-    feeds the whole sequence again). With ``last_only``, the logits of the last position only,
-    (B, 1, V): a Hugging Face model is asked for just those (``logits_to_keep=1``, as
-    ``generate`` does), which spares the output layer's work at every prompt position.
+    feeds the whole sequence again). With ``last``, the logits of the last ``last`` positions
+    only, (B, last, V): a Hugging Face model is asked for just those (``logits_to_keep``, as
+    ``generate`` does with 1), which spares the output layer's work at every other position.
 
     Raises:
         NonFiniteError: the logits at an unmasked position hold NaN or Inf (a pad's logits may be
@@ -259,18 +259,18 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
     if mask is not None:
         mask = mask.to(ids.device)
     if kind(model) == "transformers":
-        keep = {"logits_to_keep": 1} if last_only and _names(model, "logits_to_keep") else {}
+        keep = {"logits_to_keep": last} if last and _names(model, "logits_to_keep") else {}
         output = _call_transformers(model, ids, mask, past, use_cache, **keep)
         cache = _cache_of(model, output) if use_cache else None
         if keep:
-            output = output.logits  # (B, 1, V)
-            ids = ids[:, -1:]
+            output = output.logits  # (B, last, V)
+            ids = ids[:, -last:]  # type: ignore[operator]
     else:
         output = _call_plain(model, ids, _mask_for(model, mask))
         cache = None
     logits = _logits_of(output, model, ids)
-    if last_only and logits.shape[1] > 1:
-        logits, ids = logits[:, -1:], ids[:, -1:]
+    if last and logits.shape[1] > last:
+        logits, ids = logits[:, -last:], ids[:, -last:]
     fed = ids.shape[1]
     require_finite(logits, what, ("row", "position", "token id"),
                    valid=None if mask is None else mask[:, -fed:].bool(),

@@ -110,7 +110,7 @@ def greedy_decode(
     with eval_mode(model), torch.no_grad():
         for step in range(max_new_tokens):
             feed = ids[:, -1:] if past is not None else ids
-            logits, past = model_forward(model, feed, mask, past, use_cache=use_cache, last_only=True,
+            logits, past = model_forward(model, feed, mask, past, use_cache=use_cache, last=1,
                                          what=f"the logits at decoding step {step} (from 0)")
             cache_used = cache_used and past is not None  # no cache: the next step re-feeds all
             last = logits[:, -1, :].float()  # (B, V)

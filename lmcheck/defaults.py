@@ -174,7 +174,7 @@ PRETRAIN_CPU = PretrainConfig(
     context_length=128, chunks_per_document=1, n_train_chunks=None, n_valid_chunks=16,
     preset="gpt2-mini-cpu", dropout=0.0, seed=42,
     backend="lean", lr=2e-3, embedding_lr=4e-2, betas=(0.8, 0.95), warmup=0.02, decay="linear",
-    batch_size=4, max_steps=None, max_epochs=20, eval_every="epoch",
+    batch_size=4, max_steps=None, max_epochs=20, eval_every=26,
     memorization_every=1, prefix_length=32, continuation_length=32, bf16=False, eval_batch_size=32,
 )
 # Chapter 4 as the tutorial runs it (pytest -m gpu): GPT-2 124M on every chunk of the 50 training

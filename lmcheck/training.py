@@ -585,8 +585,10 @@ def verbatim_rows(
     with eval_mode(model):
         for part in input_ids[:, :end].split(batch_size):
             part = part.to(device)
-            logits, _ = model_forward(model, part, None, None, use_cache=False)  # (B, k + n, V)
-            predicted = logits[:, prefix_length - 1: end - 1].argmax(dim=-1)  # (B, n)
+            # the last token predicts nothing compared; only the n positions that predict the
+            # continuation get logits (B, n, V), which spares the output layer the prefix
+            logits, _ = model_forward(model, part[:, :-1], None, None, use_cache=False, last=continuation_length)
+            predicted = logits.argmax(dim=-1)  # (B, n)
             hits.append((predicted == part[:, prefix_length:end]).all(dim=1).cpu())
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 

@@ -227,7 +227,8 @@ def pretrain(
                               continuation_length=continuation_length)
     set_seed(seed)
     started = time.perf_counter()
-    fused = fused_causal_loss(model, {k: v.to(model_device(model)) for k, v in first.items()})
+    # under bf16 autocast the model keeps its own loss: the fused loss keeps its logits in fp32
+    fused = None if bf16 else fused_causal_loss(model, {k: v.to(model_device(model)) for k, v in first.items()})
     curve.metadata["loss"] = "fused linear cross-entropy" if fused else "the model's own"
     optimizer = adamw(model, lr, embedding_lr=config.embedding_lr, betas=config.betas)
     schedule = warmup_then_decay(optimizer, total_steps=max_steps, decay=config.decay,
