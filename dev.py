@@ -46,7 +46,7 @@ def ensure_environment() -> None:
 def main(argv: list[str]) -> int:
     commands = {
         "tutorial": [str(BIN / "lmcheck"), "tutorial"],
-        "test": [str(BIN / "python"), "-m", "pytest"],
+        "test": [str(BIN / "python"), "-m", "pytest", "--durations=15"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
         "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
     }

@@ -169,7 +169,7 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 def pretrain(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset,
     valid: datasets.Dataset, config: PretrainConfig = PRETRAIN_CPU, *, collator: Collator | None = None,
-    check_batch: bool = True, **overrides: Any,
+    check_batch: bool = True, first_steps: int | None = None, **overrides: Any,
 ) -> LossCurve:
     """Train ``model`` on ``train`` chunks and record a LossCurve; the model is trained in place.
 
@@ -179,12 +179,16 @@ def pretrain(
 
     Args:
         config: ``backend`` is ``"trainer"`` (Hugging Face Trainer) or ``"lean"`` (a plain loop);
-            both use AdamW (weight decay 0, constant learning rate), gradient clipping at 1.0,
-            ``collator`` (default :func:`causal_lm_collator`) and the same seed. Every
+            both use the same AdamW (weight decay 0, the embedding tables at ``embedding_lr``),
+            learning-rate schedule, gradient clipping at 1.0, ``collator`` (default
+            :func:`causal_lm_collator`), seed and loss: the fused linear cross-entropy where it
+            equals the model's own on the first batch (fp32 only), else the model's own. Every
             ``memorization_every`` steps, training stops if every training chunk is memorized
             (``prefix_length`` tokens continue ``continuation_length`` tokens verbatim).
         check_batch: refuse a first batch that fails :func:`~lmcheck.training.causal_batch`
             (a masked-LM collator, labels not the inputs, a mask that shows the future).
+        first_steps: train only the recipe's first this-many steps, its schedule unchanged (the
+            golden losses are the first 10 steps of the full recipe); None: the whole recipe.
 
     Raises:
         InputError: an unknown or mistyped setting, empty ``train`` or ``valid``, a prefix plus
@@ -198,6 +202,8 @@ def pretrain(
                              f"'input_ids' column, as pretraining_data makes (got {describe(chunks)})")
     context_length = len(train[0]["input_ids"])
     max_steps = config.steps_for(len(train))
+    if first_steps is not None:
+        check_int(first_steps, "first_steps", 1)
     eval_every = cast(int, config.every(config.eval_every, len(train)))
     memorization_every = config.every(config.memorization_every, len(train))
     if memorization_every is not None:
@@ -233,12 +239,13 @@ def pretrain(
     optimizer = adamw(model, lr, embedding_lr=config.embedding_lr, betas=config.betas)
     schedule = warmup_then_decay(optimizer, total_steps=max_steps, decay=config.decay,
                                  warmup_steps=round(config.warmup * max_steps))
+    steps = max_steps if first_steps is None else min(first_steps, max_steps)
     if backend == "trainer":
         _train_with_trainer(model, tokenizer, train, valid, curve, stop, collator, config,
-                            (optimizer, schedule), fused, max_steps=max_steps, eval_every=eval_every)
+                            (optimizer, schedule), fused, max_steps=steps, eval_every=eval_every)
     else:
         _train_lean(model, train_ids, valid_ids, curve, stop, collator, config, (optimizer, schedule),
-                    fused, max_steps=max_steps, eval_every=eval_every)
+                    fused, max_steps=steps, eval_every=eval_every)
     curve.stop_reason = curve.stop_reason or ("non-finite loss" if curve.non_finite_step else "max_steps")
     train_seconds = curve.metadata.pop("_train_seconds", 0.0)
     tokens = curve.steps * batch_size * context_length
@@ -501,7 +508,8 @@ class PretrainRun:
 def pretrain_default(
     config: PretrainConfig = PRETRAIN_CPU, *, tokenizer: PreTrainedTokenizerBase | None = None,
     documents: datasets.Dataset | None = None, model: PreTrainedModel | None = None,
-    collator: Collator | None = None, check_batch: bool = True, **overrides: Any,
+    collator: Collator | None = None, check_batch: bool = True, first_steps: int | None = None,
+    **overrides: Any,
 ) -> PretrainRun:
     """Run a recipe end to end: the data, the model and :func:`pretrain`.
 
@@ -523,7 +531,8 @@ def pretrain_default(
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout)
         model = gpt2_from_scratch(tokenizer, preset=config.preset, seed=config.seed, **dropout)
         torch.nn.Module.to(model, "cuda" if torch.cuda.is_available() else "cpu")
-    curve = pretrain(model, tokenizer, data.train, data.valid, config, collator=collator, check_batch=check_batch)
+    curve = pretrain(model, tokenizer, data.train, data.valid, config, collator=collator, check_batch=check_batch,
+                     first_steps=first_steps)
     preset = config.preset if isinstance(config.preset, str) else dict(config.preset)  # JSON-ready
     curve.metadata.update(preset=preset, data=data.description)
     return PretrainRun(model, tokenizer, data, curve, config)
@@ -533,5 +542,4 @@ def default_recipe_curve(steps: int = GOLDEN_STEPS) -> LossCurve:
     """The recipe the shipped golden file records: chapter 4's CPU default, first ``steps`` steps
     (compared with :func:`~lmcheck.golden.matches_golden`)."""
     check_int(steps, "steps", 1)
-    return pretrain_default(max_steps=steps, max_epochs=None, eval_every=steps, memorization_every=None,
-                            n_valid_chunks=1).curve
+    return pretrain_default(first_steps=steps, eval_every=steps, memorization_every=None, n_valid_chunks=1).curve
