@@ -30,7 +30,9 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         "(the embedding tables at their own rate), at most 20 epochs, stopping once every chunk is\n"
         "memorized."
     )
-    run_ = pretrain_default(n_valid_chunks=4 if quick else settings.n_valid_chunks)
+    # quick: the same recipe on the first 4 chunks only (memorized in about 17 of its 20 epochs)
+    quick_run = {"n_train_chunks": 4, "n_valid_chunks": 4} if quick else {}
+    run_ = pretrain_default(**quick_run)
     data, curve, model, tokenizer = run_.data, run_.curve, run_.model, run_.tokenizer
     report.text(f"data: {data.description}\ntraining documents: {data.train_stats}")
 
@@ -57,10 +59,13 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     report.result(expect("stopped_at_memorization", curve.stop_reason == "memorized",
                          f"stopped at step {curve.steps} of at most {max_steps}: "
                          f"{curve.stop_reason}"))
-    try:
-        report.result(matches_golden(curve))
-    except GoldenMissingError as missing:
-        report.text(f"(golden losses: {missing})")
+    if quick:
+        report.text("(golden losses: recorded for the full recipe's 49 chunks, so not compared in quick mode)")
+    else:
+        try:
+            report.result(matches_golden(curve))
+        except GoldenMissingError as missing:
+            report.text(f"(golden losses: {missing})")
     report.result(loss_decreases(curve))
     report.result(overfits(curve, max_loss=1.0, within_steps=max_steps))
     report.result(finite_loss(curve))
