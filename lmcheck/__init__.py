@@ -93,6 +93,7 @@ _EXPORTS: dict[str, str] = {
     "MemorizationRun": "lmcheck.loops.masked",
     "memorize_chunks": "lmcheck.loops.masked",
     "memorized_fraction": "lmcheck.training",
+    "verbatim_rows": "lmcheck.training",
     "memorizes": "lmcheck.training",
     "ModelError": "lmcheck.errors",
     "next_token_logits": "lmcheck.decoding",
