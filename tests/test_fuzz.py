@@ -258,6 +258,10 @@ ENTRIES: dict[str, Entry] = {
     "check_model_fits": Entry(lmcheck.check_model_fits, lambda w: dict(
         model=w.causal, tokenizer=w.gpt2, context_length=8),
         {"model": garbage, "tokenizer": garbage, "context_length": garbage}, returns=type(None)),
+    "verbatim_rows": Entry(lmcheck.verbatim_rows, lambda w: dict(
+        model=w.causal, input_ids=w.ids(), prefix_length=2, continuation_length=2),
+        {"model": garbage, "input_ids": ids_like, "prefix_length": garbage, "continuation_length": garbage,
+         "batch_size": garbage}, returns=torch.Tensor),
     "memorized_fraction": Entry(lmcheck.memorized_fraction, lambda w: dict(
         model=w.causal, input_ids=w.ids(), prefix_length=2, continuation_length=2),
         {"model": garbage, "input_ids": ids_like, "prefix_length": garbage, "continuation_length": garbage,
