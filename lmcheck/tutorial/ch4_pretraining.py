@@ -31,8 +31,7 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         "memorized."
     )
     # quick: the same recipe on the first 4 chunks only (memorized in about 17 of its 20 epochs)
-    quick_run = {"n_train_chunks": 4, "n_valid_chunks": 4} if quick else {}
-    run_ = pretrain_default(**quick_run)
+    run_ = pretrain_default(settings.replace(n_train_chunks=4, n_valid_chunks=4) if quick else settings)
     data, curve, model, tokenizer = run_.data, run_.curve, run_.model, run_.tokenizer
     report.text(f"data: {data.description}\ntraining documents: {data.train_stats}")
 
