@@ -20,7 +20,6 @@ import time
 
 import torch
 
-from lmcheck.defaults import PRETRAIN_CPU
 from lmcheck.loops.pretraining import pretrain_default
 
 # One change at a time from the chosen recipe, and the plain-AdamW baseline it replaced.
@@ -39,8 +38,7 @@ def run(settings: dict) -> dict:
     started = time.perf_counter()
     result = pretrain_default(**settings, memorization_every=1)
     curve = result.curve
-    per_epoch = PRETRAIN_CPU.replace(**{k: v for k, v in settings.items() if k in ("batch_size",)}).steps_for(
-        len(result.data.train)) / 20
+    per_epoch = -(-len(result.data.train) // result.config.batch_size)  # steps
     screened = curve.metadata.get("screened_fraction", [])
     checked = curve.metadata.get("memorized_fraction", [])
     last = max(screened + checked, key=lambda point: point[0])[1] if screened or checked else None

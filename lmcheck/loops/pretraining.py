@@ -406,6 +406,8 @@ def _train_lean(
     bf16, eval_batch_size = config.bf16, config.eval_batch_size
     order = seeded_batches(len(train_ids), config.batch_size, config.seed)
     screen = fused is not None and not has_dropout(model)  # with dropout: not the eval argmax
+    length = train_ids.shape[1]  # the argmax only where the screen reads it
+    wanted = stop.positions(length) if screen else torch.zeros(length - 1, dtype=torch.bool)
     seconds = 0.0
     for step in range(1, max_steps + 1):
         rows = next(order)
@@ -417,9 +419,7 @@ def _train_lean(
             if fused is None:
                 loss, predicted = loss_of(model, batch), None
             else:
-                ids = batch["input_ids"]
-                loss, predicted = fused(batch, stop.positions(ids.shape[1]).expand(len(ids), -1) if screen
-                                        else torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool))
+                loss, predicted = fused(batch, wanted)
         if not curve.record_train(step, loss.item()):
             curve.stop_reason = "non-finite loss"  # stop before the NaN reaches the weights
             break
@@ -456,12 +456,13 @@ def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
 
     def fused(batch: Mapping[str, torch.Tensor], predict: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of ``batch`` and the (B, T - 1) argmax where ``predict`` (B, T - 1) is True."""
+        """The loss of ``batch`` and the (B, T - 1) argmax of every row at the positions where
+        ``predict`` (T - 1,) is True (None: all)."""
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)[0]
         rows, length, width = hidden.shape
         loss, predicted = linear_cross_entropy(
             hidden[:, :-1].reshape(-1, width), head.weight, batch["labels"][:, 1:].reshape(-1),
-            predict=None if predict is None else predict.reshape(-1).to(hidden.device))
+            predict=None if predict is None else predict.to(hidden.device).repeat(rows))
         return loss, predicted.view(rows, length - 1)
 
     with torch.no_grad(), eval_mode(model):  # eval: dropout would make the two differ
@@ -479,10 +480,10 @@ def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: 
     (through ``fused`` where the loop trains with it: the same loss without the full logits)."""
     total = 0.0
     device = model_device(model)
+    nothing = torch.zeros(valid_ids.shape[1] - 1, dtype=torch.bool)  # no argmax wanted
     with eval_mode(model):
         for part in valid_ids.split(batch_size):
             batch = {k: v.to(device) for k, v in collator([{"input_ids": row.tolist()} for row in part]).items()}
-            nothing = torch.zeros(len(part), part.shape[1] - 1, dtype=torch.bool, device=device)
             loss = fused(batch, nothing)[0] if fused is not None else loss_of(model, batch)
             total += loss.float().item() * len(part)
     return total / len(valid_ids)
