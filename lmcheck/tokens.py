@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,19 +171,19 @@ def round_trip(
     unk_id = getattr(tokenizer, "unk_token_id", None)
     failures: list[dict[str, Any]] = []
     unknown_total = 0
-    for index, text in enumerate(items):
-        # verbose=False: long documents are expected here, not a mistake worth a warning
-        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
-        decoded = tokenizer.decode(ids)
+    encode, decode = _batched(tokenizer)
+    encoded = encode(items)
+    decoded = decode(encoded)
+    again = encode(decoded) if not byte_level else encoded
+    for index, (text, ids, back, ids_again) in enumerate(zip(items, encoded, decoded, again, strict=True)):
         unknown = ids.count(unk_id) if unk_id is not None and not byte_level else 0
         unknown_total += unknown
         if byte_level:
-            if decoded != text:
-                failures.append({"index": index, **_first_difference(text, decoded)})
+            if back != text:
+                failures.append({"index": index, **_first_difference(text, back)})
             continue
-        again = tokenizer.encode(decoded, add_special_tokens=False, verbose=False)
-        if again != ids:
-            failures.append({"index": index, **_first_difference(ids, again)})
+        if ids_again != ids:
+            failures.append({"index": index, **_first_difference(ids, ids_again)})
         elif unknown and not allow_unknown:
             failures.append({"index": index, "unknown": unknown, "lost": _unknown_text(tokenizer, text)})
     mode = ("exact text" if byte_level else "same ids after decode and re-encode"
@@ -210,6 +210,18 @@ def round_trip(
         explanation=explanation,
         details=tuple(failures),
     )
+
+
+def _batched(tokenizer: PreTrainedTokenizerBase) -> tuple[Callable[[Sequence[str]], list[list[int]]],
+                                                          Callable[[Sequence[list[int]]], list[str]]]:
+    """Encode (no special tokens) and decode many texts at once: a fast tokenizer's batch calls,
+    which run on every core; one text at a time for any other tokenizer."""
+    if getattr(tokenizer, "is_fast", False) and callable(getattr(tokenizer, "batch_decode", None)):
+        # verbose=False: long documents are expected here, not a mistake worth a warning
+        return (lambda texts: list(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]),
+                lambda ids: list(tokenizer.batch_decode(list(ids))))
+    return (lambda texts: [tokenizer.encode(text, add_special_tokens=False, verbose=False) for text in texts],
+            lambda ids: [str(tokenizer.decode(row)) for row in ids])
 
 
 def _unknown_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:

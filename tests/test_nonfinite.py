@@ -349,7 +349,7 @@ def test_check_command_exits_1_on_each_broken_model(fault, healthy_causal, gpt2_
 
 
 def test_the_pytest_suite_fails_on_a_saved_nan_model(pytester, nan_model_folder):
-    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={nan_model_folder}")
     # a causal LM; no training setup given
     result.assert_outcomes(failed=len(CAUSAL_CHECKS), skipped=len(MASKED_CHECKS) + SETUP_TESTS)
@@ -377,7 +377,23 @@ def test_the_pytest_suite_fails_on_each_broken_model(pytester, fault):
               f"INF_TOKEN = {INF_TOKEN}\nNAN_FROM = {NAN_FROM}\n\n")
     pytester.makepyfile(tests_nonfinite_faults=header + inspect.getsource(broken))
     pytester.makepyfile(test_ready="from lmcheck.suite.test_causal_lm import test_causal_lm  # noqa: F401\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ready.py")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "test_ready.py")
     result.assert_outcomes(failed=len(CAUSAL_CHECKS))
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*not finite*"])
+
+
+def test_the_weight_scan_counts_every_non_finite_value_and_nothing_else():
+    """The scan reads each tensor's sum first: +Inf and -Inf in one tensor (a NaN sum) are both
+    found, and fp16 weights whose sum overflows yet hold only finite values are not reported."""
+    from lmcheck._finite import non_finite_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).half())
+    with torch.no_grad():
+        model[0].weight[0, :2] = torch.tensor([math.inf, -math.inf])
+        model[1].weight.fill_(60000.0)  # finite; the fp16 sum is Inf
+    model[0].register_buffer("mask", torch.full((2, 2), -math.inf))  # a buffer's -Inf is on purpose
+    assert non_finite_parameters(model) == [{"parameter": "0.weight", "nan": 0, "inf": 2, "values": 16}]
+    with torch.no_grad():
+        model[0].mask[0, 0] = math.nan
+    assert [row["parameter"] for row in non_finite_parameters(model)] == ["0.weight", "0.mask"]

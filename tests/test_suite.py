@@ -69,6 +69,7 @@ def test_check_command_names_a_missing_model(tmp_path, capsys):
 
 
 def test_the_pytest_suite_runs_against_a_users_model(pytester, user_model_folder):
+    """In a separate process, as a user runs it (the other suite runs here are in-process)."""
     result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            f"--lmcheck-model={user_model_folder}")
     # not a masked LM; no training setup given
@@ -76,7 +77,7 @@ def test_the_pytest_suite_runs_against_a_users_model(pytester, user_model_folder
 
 
 def test_the_pytest_suite_skips_without_a_model(pytester):
-    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-rs", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-rs", "-p", "no:cacheprovider")
     result.assert_outcomes(skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + SETUP_TESTS)
     result.stdout.fnmatch_lines(["*no model given: pass --lmcheck-model NAME_OR_PATH*"])
     result.stdout.fnmatch_lines(["*no training setup given: pass --lmcheck-trainer package.module:function*"])
@@ -96,12 +97,13 @@ def factories(tmp_path, monkeypatch) -> Path:
 def test_the_pytest_suite_runs_a_plain_model_from_a_factory(pytester):
     """A plain module from the user's factory: what it lacks is skipped with the reason, never passed."""
     pytester.makepyfile(plain_models=PLAIN_MODELS.read_text(), my_lm=FACTORIES)
-    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-rs",
+    pytester.syspathinsert()  # the user's module is importable, as from their project's folder
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-rs",
                                            "--lmcheck-model=my_lm:rotary", "--lmcheck-tokenizer=gpt2")
     result.assert_outcomes(passed=3, skipped=2 + len(MASKED_CHECKS) + SETUP_TESTS)
     result.stdout.fnmatch_lines(["*greedy_matches_generate: not applicable: *has no generate()*",
                                  "*kv_cache_matches_full: not applicable: lmcheck drives a KV cache*"])
-    leaky = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+    leaky = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                           "--lmcheck-model=my_lm:leaky")
     leaky.assert_outcomes(passed=2, failed=1, skipped=2 + len(MASKED_CHECKS) + SETUP_TESTS)
     leaky.stdout.fnmatch_lines(["*causality: position 0 of * sees the future*"])
@@ -223,7 +225,7 @@ def setup_factories(monkeypatch) -> None:
 
 
 def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
-    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:trainer")
     # no model given: the model batteries skip
     result.assert_outcomes(passed=len(SETUP_CHECKS),
@@ -231,7 +233,7 @@ def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
 
 
 def test_the_setup_suite_fails_the_check_a_faulty_loop_breaks(pytester, setup_factories):
-    result = pytester.runpytest_subprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:scheduler_per_micro_batch")
     result.assert_outcomes(passed=len(SETUP_CHECKS) - 1, failed=1,
                            skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS))

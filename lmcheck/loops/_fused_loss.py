@@ -31,29 +31,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         supervised = targets != IGNORE_INDEX
         count = max(int(supervised.sum()), 1)
         grad_hidden = torch.empty_like(hidden) if grads else None
-        grad_weight = torch.zeros_like(weight) if grads else None
+        grad_weight = torch.empty_like(weight) if grads else None  # the first chunk writes it whole
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         predicted = torch.full(targets.shape, -1, dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]  # (c, d)
-            keep = supervised[start:start + chunk]
+            keep = supervised[start:start + chunk].unsqueeze(1)  # (c, 1)
             target = targets[start:start + chunk].clamp_min(0).unsqueeze(1)  # (c, 1)
             logits = h @ weight.T  # (c, V)
             if predict is None:
-                predicted[start:start + chunk] = logits.argmax(dim=-1)
+                predicted[start:start + chunk] = logits.max(dim=-1).indices
             elif (rows := predict[start:start + chunk].nonzero().squeeze(1)).numel():
-                predicted[start + rows] = logits[rows].argmax(dim=-1)  # an argmax costs a pass
-            logsumexp = torch.logsumexp(logits, dim=-1)
-            total += ((logsumexp - logits.gather(1, target).squeeze(1)) * keep).sum(dtype=torch.float32)
+                predicted[start + rows] = logits[rows].max(dim=-1).indices  # a pass: ask only for what is read
+            # Four passes over the logits, all in place: max, subtract, exp, sum. The softmax is
+            # left unnormalised; its 1 / sum folds into the rows' scale below.
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, target)
+            exp = logits.sub_(top).exp_()
+            sums = exp.sum(dim=-1, keepdim=True)
+            total += ((top + sums.log() - picked) * keep).sum(dtype=torch.float32)
             if not grads:
                 continue
-            grad = logits.sub_(logsumexp.unsqueeze(1)).exp_()  # softmax, in place
-            grad.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
-            scale = (keep.to(h.dtype) / count).unsqueeze(1)  # unsupervised rows get no gradient
+            exp.scatter_add_(1, target, -sums)  # sum * (softmax - one-hot)
+            scale = keep.to(h.dtype) / (count * sums)  # unsupervised rows get no gradient
             part = grad_hidden[start:start + chunk]  # type: ignore[index]
-            torch.mm(grad, weight, out=part)
+            torch.mm(exp, weight, out=part)
             part *= scale
-            grad_weight.addmm_(grad.T, h * scale)  # type: ignore[union-attr]
+            if start == 0:
+                torch.mm(exp.T, h * scale, out=grad_weight)
+            else:
+                grad_weight.addmm_(exp.T, h * scale)  # type: ignore[union-attr]
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(predicted)
         return total / count, predicted
