@@ -175,10 +175,10 @@ def test_lean_loop_mfu_and_trainer_overhead(benchmark, gpt2_tokenizer, data):
     assert trainer_speed / lean_speed >= 0.9
 
 
-def test_torch_compile_pays_back_or_not(benchmark, gpt2_tokenizer, data):
+def test_torch_compile_pays_back_or_not(benchmark, gpt2_tokenizer, data, monkeypatch):
     """Whether ``torch.compile`` of the model's body pays within the recipe's run: the compile
     time against the seconds it saves per step, times the recipe's most steps. Measured, not assumed
-    (on the 2-core AVX-512 CPU it took 20 s to compile and made the step slower)."""
+    (on the 2-core AVX-512 CPU a cold compile took about 20 s to save under 4 s)."""
     model = _model(gpt2_tokenizer)
     tokenizer = load_tokenizer("gpt2")
     tokenizer.pad_token = tokenizer.eos_token
@@ -195,9 +195,12 @@ def test_torch_compile_pays_back_or_not(benchmark, gpt2_tokenizer, data):
         optimizer_step(model, loss, optimizer)
 
     def seconds_per_step(count: int = 8) -> float:
-        return _best(lambda: [step() for _ in range(count)], rounds=2) / count
+        return _best(lambda: [step() for _ in range(count)], rounds=3) / count
 
     eager = seconds_per_step()
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # a cold compile, as a fresh machine pays it
     model.base_model.compile()
     _sync()
     start = time.perf_counter()

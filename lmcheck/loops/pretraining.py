@@ -361,7 +361,8 @@ class _FusedLossTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if self.fused is not None and model is self.model and model.training and not return_outputs:
-            return self.fused(inputs)[0]
+            nothing = torch.zeros(inputs["input_ids"].shape[1] - 1, dtype=torch.bool)  # no argmax is read
+            return self.fused(inputs, nothing)[0]
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
