@@ -57,13 +57,30 @@ def test_the_tutorial_configuration_memorizes_on_a_gpu(tmp_path: Path) -> None:
     pretrain_and_check(config, out, max_loss=1.0, min_gap=3.0)
 
 
+TINY = dict(preset="gpt2-tiny-cpu", context_length=32, chunks_per_document=1, n_train_chunks=4,
+            n_valid_chunks=8, lr=PRETRAIN_CPU.lr, batch_size=4, max_epochs=60, eval_every=10,
+            prefix_length=8, continuation_length=24, eval_batch_size=8)  # the GPU recipe, shrunk
+
+
 def test_the_same_path_runs_on_a_cpu_with_a_tiny_preset(gpt2_tokenizer, tmp_path: Path) -> None:
     """The GPU test's function and backend (Trainer), shrunk: 4 chunks of 32 tokens, 8 + 24."""
-    config = PRETRAIN_GPU.replace(
-        preset="gpt2-tiny-cpu", bf16=False, context_length=32, chunks_per_document=1, n_train_chunks=4,
-        n_valid_chunks=8, lr=PRETRAIN_CPU.lr, batch_size=4, max_epochs=60, eval_every=10,
-        memorization_every=5, prefix_length=8, continuation_length=24, eval_batch_size=8)
+    config = PRETRAIN_GPU.replace(**TINY, bf16=False, memorization_every=5)
     # memorized at about step 25 with a mean loss near 1.7: in 32-token chunks the first tokens
     # have too little context to be predictable, so the loss bound is looser than on the GPU
     pretrain_and_check(config, tmp_path, max_loss=2.0, min_gap=3.0, tokenizer=gpt2_tokenizer)
     assert (tmp_path / "pretraining-loss.png").stat().st_size > 10_000
+
+
+def test_under_bf16_the_lean_loop_screens_its_checks_with_the_models_own_logits(gpt2_tokenizer) -> None:
+    """The GPU benchmark's path (lean loop, bf16): the model keeps its own loss, and each step's
+    logits from that same call screen the memorization checks, so the full check runs only once
+    every chunk was right at its last step, and it stops the run."""
+    run = pretrain_default(PRETRAIN_GPU.replace(**TINY, backend="lean", bf16=True, memorization_every=1),
+                           tokenizer=gpt2_tokenizer)
+    metadata = run.curve.metadata
+    assert metadata["loss"] == "the model's own"
+    assert run.curve.stop_reason == "memorized", metadata.get("screened_fraction", [])[-3:]
+    checks, screened = metadata["memorized_fraction"], metadata["screened_fraction"]
+    assert 1 <= len(checks) <= 5
+    assert len(checks) + len(screened) == run.curve.steps
+    assert checks[-1] == [run.curve.steps, 1.0]

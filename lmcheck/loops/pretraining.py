@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from lmcheck._model import eval_mode, has_dropout, loss_of, model_device
+from lmcheck._model import eval_mode, has_dropout, has_own_loss, loss_of, model_device, own_loss
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
@@ -406,7 +406,7 @@ def _train_lean(
     optimizer, schedule = optimization
     bf16, eval_batch_size = config.bf16, config.eval_batch_size
     order = seeded_batches(len(train_ids), config.batch_size, config.seed)
-    screen = fused is not None and not has_dropout(model)  # with dropout: not the eval argmax
+    screen = not has_dropout(model)  # with dropout the training argmax is not the eval one
     length = train_ids.shape[1]  # the argmax only where the screen reads it
     wanted = stop.positions(length) if screen else torch.zeros(length - 1, dtype=torch.bool)
     seconds = 0.0
@@ -418,7 +418,7 @@ def _train_lean(
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if fused is None:
-                loss, predicted = loss_of(model, batch), None
+                loss, predicted = _loss_and_argmax(model, batch, wanted)
             else:
                 loss, predicted = fused(batch, wanted)
         if not curve.record_train(step, loss.item()):
@@ -437,6 +437,24 @@ def _train_lean(
         if memorized:
             break
     curve.metadata["_train_seconds"] = seconds
+
+
+def _loss_and_argmax(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], wanted: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own loss of ``batch`` and, from the same call's logits, the (B, T - 1) argmax
+    at the ``wanted`` (T - 1,) positions, -1 elsewhere; None where the call gives no logits (a
+    loss function given to ``adapt``). Under bf16 the argmax is the bf16 logits': it only opens
+    the full check, which decides."""
+    if not has_own_loss(model):
+        return loss_of(model, batch), None
+    loss, logits = own_loss(model, batch)
+    if logits is None or logits.dim() != 3 or not bool(wanted.any()):
+        return loss, None
+    shifted = logits.detach()[:, :-1]
+    columns = wanted.to(shifted.device).nonzero().squeeze(1)
+    predicted = torch.full(shifted.shape[:2], -1, dtype=torch.long, device=shifted.device)
+    predicted[:, columns] = shifted[:, columns].argmax(dim=-1)
+    return loss, predicted
 
 
 def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
