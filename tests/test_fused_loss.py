@@ -127,3 +127,22 @@ def test_without_gradients_it_gives_the_same_loss_and_the_asked_argmax_only() ->
     full = (hidden @ weight.T).argmax(dim=-1)
     assert predicted[[2, 7]].tolist() == full[[2, 7]].tolist()
     assert (predicted[~predict] == -1).all()
+
+
+def test_where_the_model_keeps_its_own_loss_the_argmax_comes_from_that_call(gpt2_tokenizer):
+    """The lean loop's other path (bf16, or a model the fused loss does not fit): the model's own
+    loss, and its logits' argmax at the screened positions only, -1 elsewhere."""
+    from lmcheck.loops.pretraining import _loss_and_argmax
+    from lmcheck.models import gpt2_from_scratch
+
+    model = gpt2_from_scratch(gpt2_tokenizer, preset="gpt2-tiny-cpu").eval()
+    ids = torch.randint(0, len(gpt2_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    wanted = torch.zeros(15, dtype=torch.bool)
+    wanted[3:7] = True
+    loss, predicted = _loss_and_argmax(model, {"input_ids": ids, "labels": ids}, wanted)
+    own = model(input_ids=ids, labels=ids)
+    assert torch.equal(loss, own.loss)
+    assert predicted.shape == (2, 15)
+    assert (predicted[:, ~wanted] == -1).all()
+    assert torch.equal(predicted[:, wanted], own.logits[:, :-1][:, wanted].argmax(dim=-1))
+    assert _loss_and_argmax(model, {"input_ids": ids, "labels": ids}, torch.zeros(15, dtype=torch.bool))[1] is None
