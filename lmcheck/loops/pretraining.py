@@ -448,8 +448,10 @@ def _loss_and_argmax(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], 
     if not has_own_loss(model):
         return loss_of(model, batch), None
     loss, logits = own_loss(model, batch)
-    if logits is None or logits.dim() != 3 or logits.shape[1] != batch["input_ids"].shape[1] or not bool(wanted.any()):
-        return loss, None  # no logits per position to read
+    if logits is None or not bool(wanted.any()):
+        return loss, None
+    if logits.dim() != 3 or logits.shape[1] != batch["input_ids"].shape[1]:
+        return loss, None  # not one row of logits per position
     shifted = logits.detach()[:, :-1]
     columns = wanted.to(shifted.device).nonzero().squeeze(1)
     predicted = torch.full(shifted.shape[:2], -1, dtype=torch.long, device=shifted.device)
