@@ -436,12 +436,19 @@ def loss_of(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.
     """The loss the model trains with: its own where it has one, else the reference loss over
     its logits (which must be finite at unmasked positions). The loss itself is not checked: a
     training loop records a NaN step before it stops."""
+    return loss_and_logits(model, batch)[0]
+
+
+def loss_and_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`loss_of` and the logits of the same call (None where the call gave none: a loss
+    function given to ``adapt``)."""
     batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     if has_own_loss(model):
-        return own_loss(model, batch)[0]
+        return own_loss(model, batch)
     logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
                               use_cache=False, what="the logits behind the loss")
-    return reference_loss(logits, batch["labels"])
+    return reference_loss(logits, batch["labels"]), logits
 
 
 def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,10 +171,9 @@ def round_trip(
     unk_id = getattr(tokenizer, "unk_token_id", None)
     failures: list[dict[str, Any]] = []
     unknown_total = 0
-    encode, decode = _batched(tokenizer)
-    encoded = encode(items)
-    decoded = decode(encoded)
-    again = encode(decoded) if not byte_level else encoded
+    encoded = _encode_all(tokenizer, items)
+    decoded = _decode_all(tokenizer, encoded)
+    again = encoded if byte_level else _encode_all(tokenizer, decoded)
     for index, (text, ids, back, ids_again) in enumerate(zip(items, encoded, decoded, again, strict=True)):
         unknown = ids.count(unk_id) if unk_id is not None and not byte_level else 0
         unknown_total += unknown
@@ -212,16 +211,19 @@ def round_trip(
     )
 
 
-def _batched(tokenizer: PreTrainedTokenizerBase) -> tuple[Callable[[Sequence[str]], list[list[int]]],
-                                                          Callable[[Sequence[list[int]]], list[str]]]:
-    """Encode (no special tokens) and decode many texts at once: a fast tokenizer's batch calls,
-    which run on every core; one text at a time for any other tokenizer."""
-    if getattr(tokenizer, "is_fast", False) and callable(getattr(tokenizer, "batch_decode", None)):
-        # verbose=False: long documents are expected here, not a mistake worth a warning
-        return (lambda texts: list(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]),
-                lambda ids: list(tokenizer.batch_decode(list(ids))))
-    return (lambda texts: [tokenizer.encode(text, add_special_tokens=False, verbose=False) for text in texts],
-            lambda ids: [str(tokenizer.decode(row)) for row in ids])
+def _encode_all(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """The ids of every text, no special tokens: one batch call for a fast tokenizer (it runs on
+    every core), one text at a time for any other."""
+    # verbose=False: long documents are expected here, not a mistake worth a warning
+    if getattr(tokenizer, "is_fast", False):
+        return list(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
+    return [tokenizer.encode(text, add_special_tokens=False, verbose=False) for text in texts]
+
+
+def _decode_all(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]]) -> list[str]:
+    if getattr(tokenizer, "is_fast", False):
+        return list(tokenizer.batch_decode(list(rows)))
+    return [str(tokenizer.decode(row)) for row in rows]
 
 
 def _unknown_text(tokenizer: PreTrainedTokenizerBase, text: str) -> str:

@@ -146,3 +146,21 @@ def test_where_the_model_keeps_its_own_loss_the_argmax_comes_from_that_call(gpt2
     assert (predicted[:, ~wanted] == -1).all()
     assert torch.equal(predicted[:, wanted], own.logits[:, :-1][:, wanted].argmax(dim=-1))
     assert _loss_and_argmax(model, {"input_ids": ids, "labels": ids}, torch.zeros(15, dtype=torch.bool))[1] is None
+
+
+def test_a_plain_module_screens_from_the_logits_behind_its_reference_loss():
+    """A model lmcheck did not build and that has no loss of its own: the reference loss, and the
+    argmax from the logits of that same call."""
+    from lmcheck._model import reference_loss
+    from lmcheck.loops.pretraining import _loss_and_argmax
+    from tests.plain_models import RotaryLM
+
+    model = RotaryLM().eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    wanted = torch.zeros(11, dtype=torch.bool)
+    wanted[4:8] = True
+    loss, predicted = _loss_and_argmax(model, {"input_ids": ids, "labels": ids}, wanted)
+    logits = model(ids)
+    assert torch.allclose(loss, reference_loss(logits, ids))
+    assert (predicted[:, ~wanted] == -1).all()
+    assert torch.equal(predicted[:, wanted], logits[:, :-1][:, wanted].argmax(dim=-1))

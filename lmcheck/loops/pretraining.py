@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from lmcheck._model import eval_mode, has_dropout, has_own_loss, loss_of, model_device, own_loss
+from lmcheck._model import eval_mode, has_dropout, loss_and_logits, loss_of, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
@@ -406,7 +406,8 @@ def _train_lean(
     optimizer, schedule = optimization
     bf16, eval_batch_size = config.bf16, config.eval_batch_size
     order = seeded_batches(len(train_ids), config.batch_size, config.seed)
-    screen = not has_dropout(model)  # with dropout the training argmax is not the eval one
+    # the steps' argmax screens the checks; with dropout it is not the eval argmax
+    screen = stop.every is not None and not has_dropout(model)
     length = train_ids.shape[1]  # the argmax only where the screen reads it
     wanted = stop.positions(length) if screen else torch.zeros(length - 1, dtype=torch.bool)
     seconds = 0.0
@@ -441,13 +442,11 @@ def _train_lean(
 
 def _loss_and_argmax(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], wanted: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's own loss of ``batch`` and, from the same call's logits, the (B, T - 1) argmax
-    at the ``wanted`` (T - 1,) positions, -1 elsewhere; None where the call gives no logits (a
-    loss function given to ``adapt``). Under bf16 the argmax is the bf16 logits': it only opens
-    the full check, which decides."""
-    if not has_own_loss(model):
-        return loss_of(model, batch), None
-    loss, logits = own_loss(model, batch)
+    """The model's loss of ``batch`` (:func:`loss_of`) and, from the same call's logits, the
+    (B, T - 1) argmax at the ``wanted`` (T - 1,) positions, -1 elsewhere; None where the call
+    gives no logits (a loss function given to ``adapt``). Under bf16 the argmax is the bf16
+    logits': it only opens the full check, which decides."""
+    loss, logits = loss_and_logits(model, batch)
     if logits is None or not bool(wanted.any()):
         return loss, None
     if logits.dim() != 3 or logits.shape[1] != batch["input_ids"].shape[1]:
