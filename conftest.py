@@ -8,17 +8,61 @@ import os
 # Before torch is imported: idle OpenMP threads sleep instead of spinning. On a small shared
 # machine (2 cores, pytest-xdist or other jobs beside the tests) spinning threads halve the speed.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist each worker gets its share of the cores (and so do the processes it starts):
+# measured on 2 cores, two workers of one thread each ran the suite in 193 s, one process of two
+# threads in 234 s, and two workers of two threads each were slower than one process.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 import datasets  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
+from lmcheck._allocator import keep_freed_blocks  # noqa: E402
 from lmcheck.corpus import load_documents, split_documents  # noqa: E402
 from lmcheck.defaults import DEFAULTS  # noqa: E402
 from lmcheck.models import load_smollm2  # noqa: E402
 from lmcheck.tokens import load_tokenizer  # noqa: E402
 
 pytest_plugins = ["pytester"]  # for the plugin's own tests
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported first
+keep_freed_blocks()  # the training steps reuse their freed gradients instead of faulting pages in
+
+
+# Test files that share the session's trained BERT (``memorized_bert``, about 15 s to train).
+SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
+# Under pytest-xdist the longest units start first, so that none is left running alone at the
+# end: chapter 4's 49-chunk run (about 75 s on one thread), the torchrun launches, the BERT.
+LONGEST_FIRST = ("test_04_pretraining.py", "test_distributed.py", *sorted(SHARE_THE_TRAINED_BERT))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "PYTEST_XDIST_WORKER" in os.environ:  # every worker collects, and sorts, alike
+        items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name)
+                   if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadfile`` (the README's test command), with the files that share the trained
+    BERT sent to one worker as one unit, so that it is trained once. A file's tests stay on one
+    worker in file order, so its module fixtures (chapter 4's 49-chunk run) are made once; the
+    units go out in collection order (see LONGEST_FIRST), not xdist's most-tests-first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "memorized_bert" if path.rsplit("/", 1)[-1] in SHARE_THE_TRAINED_BERT else path
+
+    return FileScheduling(config, log)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

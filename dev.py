@@ -46,7 +46,10 @@ def ensure_environment() -> None:
 def main(argv: list[str]) -> int:
     commands = {
         "tutorial": [str(BIN / "lmcheck"), "tutorial"],
-        "test": [str(BIN / "python"), "-m", "pytest", "--durations=15"],
+        # pytest-xdist: one worker per core (at most 8), each test file whole on one worker
+        # (conftest.py); measured on 2 cores, 193 s against 234 s in one process
+        "test": [str(BIN / "python"), "-m", "pytest", "-n", "auto", "--maxprocesses", "8",
+                 "--dist", "loadfile", "--durations=15"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
         "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
     }

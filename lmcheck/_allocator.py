@@ -1,0 +1,33 @@
+"""Keep freed blocks in the heap, so that a training step does not fault its memory in again.
+
+A small model's training step allocates and frees the same 16-32 MB tensors every step (the
+tied embedding's gradient, a chunk of logits). glibc serves blocks that large with ``mmap`` and
+gives them back to the kernel when they are freed, so each step touches fresh pages: measured
+on a 2-core AVX-512 CPU, 60 steps of chapter 4's recipe took 1.4 million page faults and 2.5 s
+of system time. Raising the thresholds keeps those blocks in the heap for the next step
+(150,000 faults, 0.3 s). Only lmcheck's own entry points (the ``lmcheck`` command and its test
+suite) call this; importing lmcheck changes nothing in a user's process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling on 64-bit: blocks below it come from the heap
+TRIM_THRESHOLD = 256 * 1024 * 1024  # free memory the heap may hold before it shrinks
+
+
+def keep_freed_blocks() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; True where they were set
+    (Linux with glibc), False elsewhere, which changes nothing."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
