@@ -24,6 +24,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmcheck import assets
+from lmcheck._allocator import keep_freed_blocks
 from lmcheck.errors import LmcheckError
 
 __all__ = ["main"]
@@ -32,6 +33,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    keep_freed_blocks()  # the command owns its process: training steps reuse their freed memory
     try:
         return int(args.handler(args))
     except LmcheckError as error:

@@ -160,7 +160,9 @@ def round_trip(
     re-encodes to itself, yet the characters behind it are gone.
 
     Args:
-        allow_unknown: count unknown tokens (``metrics["unknown_tokens"]``) without failing.
+        allow_unknown: count unknown tokens without failing. Either way ``metrics`` has
+            ``unknown_tokens`` (the count) and ``lost_to_unknown``: one row per text with unknown
+            tokens (``index``, ``unknown``, ``lost``: the source text behind its first one).
     """
     if not callable(getattr(tokenizer, "encode", None)) or not callable(getattr(tokenizer, "decode", None)) \
             or isinstance(tokenizer, (str, bytes)):
@@ -170,6 +172,7 @@ def round_trip(
     byte_level = _is_byte_level(tokenizer)
     unk_id = getattr(tokenizer, "unk_token_id", None)
     failures: list[dict[str, Any]] = []
+    lost_rows: list[dict[str, Any]] = []
     unknown_total = 0
     encoded = _encode_all(tokenizer, items)
     decoded = _decode_all(tokenizer, encoded)
@@ -181,10 +184,12 @@ def round_trip(
             if back != text:
                 failures.append({"index": index, **_first_difference(text, back)})
             continue
+        if unknown:
+            lost_rows.append({"index": index, "unknown": unknown, "lost": _unknown_text(tokenizer, text)})
         if ids_again != ids:
             failures.append({"index": index, **_first_difference(ids, ids_again)})
         elif unknown and not allow_unknown:
-            failures.append({"index": index, "unknown": unknown, "lost": _unknown_text(tokenizer, text)})
+            failures.append(lost_rows[-1])
     mode = ("exact text" if byte_level else "same ids after decode and re-encode"
             + ("" if allow_unknown else ", nothing lost to the unknown token"))
     passed = not failures
@@ -205,7 +210,7 @@ def round_trip(
         name=name,
         passed=passed,
         metrics={"texts": len(items), "failures": len(failures), "mode": mode,
-                 "unknown_tokens": unknown_total},
+                 "unknown_tokens": unknown_total, "lost_to_unknown": lost_rows},
         explanation=explanation,
         details=tuple(failures),
     )

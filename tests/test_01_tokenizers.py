@@ -121,5 +121,7 @@ def test_wordpiece_loses_the_characters_outside_its_vocabulary(bert_tokenizer, w
     assert strict.metrics["unknown_tokens"] == 22
     assert [row["lost"] for row in strict.details] == ["Ⱥ", "ˇ", "Ȣ", "拉"]
     assert "7 pieces became [UNK], e.g. 'Ⱥ'" in strict.explanation
+    assert strict.metrics["lost_to_unknown"] == list(strict.details)
     lenient = round_trip(bert_tokenizer, wiki_documents["text"], allow_unknown=True)
     assert lenient, lenient.explanation  # apart from [UNK], decode and re-encode agree everywhere
+    assert lenient.metrics["lost_to_unknown"] == list(strict.details)  # allowed, and still named

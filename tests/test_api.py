@@ -54,3 +54,27 @@ def test_no_probe_imports_a_loop_or_a_front_end():
                 [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             offenders += [f"{module} imports {name}" for name in names if name.startswith(ABOVE_THE_PROBES)]
     assert offenders == []
+
+
+def test_only_the_command_and_the_tests_change_the_allocator(monkeypatch):
+    """``keep_freed_blocks`` sets glibc's thresholds where there is a glibc and elsewhere does
+    nothing; in lmcheck only the ``lmcheck`` command's ``main()`` calls it, never an import."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    from lmcheck import _allocator
+
+    assert _allocator.keep_freed_blocks() is sys.platform.startswith("linux")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _allocator.keep_freed_blocks() is False
+    callers = []
+    for path in Path(lmcheck.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for function in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))]:
+            body = function.body if function is not tree else [
+                n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            for node in (n for statement in body for n in ast.walk(statement)):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "keep_freed_blocks":
+                    callers.append((path.name, getattr(function, "name", "<module>")))
+    assert sorted(set(callers)) == [("cli.py", "main")]
