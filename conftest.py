@@ -15,29 +15,34 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
-import datasets  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from lmcheck._allocator import keep_freed_blocks  # noqa: E402
-from lmcheck.corpus import load_documents, split_documents  # noqa: E402
 from lmcheck.defaults import DEFAULTS  # noqa: E402
-from lmcheck.models import load_smollm2  # noqa: E402
-from lmcheck.tokens import load_tokenizer  # noqa: E402
+
+if TYPE_CHECKING:  # the rest is imported where it is used: xdist's controller starts the workers
+    import datasets  # without waiting for torch and transformers, which only the workers need
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 pytest_plugins = ["pytester"]  # for the plugin's own tests
 
 if _WORKERS > 1:
+    import torch
+
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported first
 keep_freed_blocks()  # the training steps reuse their freed gradients instead of faulting pages in
 
 
 # Test files that share the session's trained BERT (``memorized_bert``, about 15 s to train).
 SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
-# Under pytest-xdist the longest units start first, so that none is left running alone at the
-# end: chapter 4's 49-chunk run (about 75 s on one thread), the torchrun launches, the BERT.
-LONGEST_FIRST = ("test_04_pretraining.py", "test_distributed.py", *sorted(SHARE_THE_TRAINED_BERT))
+# Under pytest-xdist the longest units start first and the short files come last, so that no
+# worker is left running a long file alone at the end (measured on 2 cores, one thread each:
+# chapter 4's file 95 s, the torchrun launches 34 s, the BERT files 69 s, then 13-23 s each).
+LONGEST_FIRST = ("test_04_pretraining.py", "test_distributed.py", *sorted(SHARE_THE_TRAINED_BERT),
+                 "test_training.py", "test_03_causal_lm.py", "test_fuzz.py", "test_suite.py",
+                 "test_04_gpu.py", "test_setup_checks.py", "test_golden.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -77,6 +82,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
     """GPT-2's byte-level BPE tokenizer, built offline (50,257 tokens, no pad token)."""
+    from lmcheck.tokens import load_tokenizer
+
     return load_tokenizer("gpt2")
 
 
@@ -84,6 +91,8 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
 def gpt2_tokenizer_with_pad() -> PreTrainedTokenizerBase:
     """A separate copy of GPT-2's tokenizer whose pad token is eos (batches need one; the
     attention mask hides the pads). No test changes it."""
+    from lmcheck.tokens import load_tokenizer
+
     tokenizer = load_tokenizer("gpt2")
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -92,18 +101,24 @@ def gpt2_tokenizer_with_pad() -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def bert_tokenizer() -> PreTrainedTokenizerBase:
     """bert-base-uncased's WordPiece tokenizer, built offline (30,522 tokens)."""
+    from lmcheck.tokens import load_tokenizer
+
     return load_tokenizer("bert-base-uncased")
 
 
 @pytest.fixture(scope="session")
 def wiki_documents() -> datasets.Dataset:
     """The 106 articles of the Wikipedia sample, as plain text."""
+    from lmcheck.corpus import load_documents
+
     return load_documents(DEFAULTS["documents"])
 
 
 @pytest.fixture(scope="session")
 def wiki_split(wiki_documents: datasets.Dataset) -> datasets.DatasetDict:
     """The embedded default's seeded split: 50 training and 50 validation documents."""
+    from lmcheck.corpus import split_documents
+
     return split_documents(
         wiki_documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
         seed=DEFAULTS["split_seed"],
@@ -117,6 +132,8 @@ def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     The first run converts the GGUF asset to safetensors in the cache (about 30 s); later runs
     load that in about a second.
     """
+    from lmcheck.models import load_smollm2
+
     return load_smollm2()
 
 
