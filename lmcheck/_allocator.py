@@ -6,12 +6,13 @@ gives them back to the kernel when they are freed, so each step touches fresh pa
 on a 2-core AVX-512 CPU, 60 steps of chapter 4's recipe took 1.4 million page faults and 2.5 s
 of system time. Raising the thresholds keeps those blocks in the heap for the next step
 (150,000 faults, 0.3 s). Only lmcheck's own entry points (the ``lmcheck`` command and its test
-suite) call this; importing lmcheck changes nothing in a user's process.
+suite) call these; importing lmcheck changes nothing in a user's process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
@@ -31,3 +32,20 @@ def keep_freed_blocks() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_blocks() -> bool:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``); True where it
+    ran. With the thresholds raised, a finished stage's freed tensors would otherwise stay in the
+    heap: the tutorial calls this between chapters, whose models (BERT-base, SmolLM2, GPT-2 124M)
+    would else add up in its peak memory."""
+    if not sys.platform.startswith("linux"):
+        return False
+    gc.collect()  # the chapter's models are garbage only once their reference cycles are broken
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim(0)
+    return True

@@ -24,7 +24,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmcheck import assets
-from lmcheck._allocator import keep_freed_blocks
+from lmcheck._allocator import keep_freed_blocks, release_freed_blocks
 from lmcheck.errors import LmcheckError
 
 __all__ = ["main"]
@@ -113,6 +113,7 @@ def _tutorial(args: argparse.Namespace) -> int:
     report = Report()
     for number in wanted:
         chapter(number).run(report, quick=args.quick, out=args.out)
+        release_freed_blocks()  # each chapter's models go back to the kernel before the next
     ok = report.summary()
     path = write_results_json(report.results, os.path.join(args.out, "tutorial-results.json"))
     report.text(f"results written to {path}")

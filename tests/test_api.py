@@ -66,8 +66,10 @@ def test_only_the_command_and_the_tests_change_the_allocator(monkeypatch):
     from lmcheck import _allocator
 
     assert _allocator.keep_freed_blocks() is sys.platform.startswith("linux")
+    assert _allocator.release_freed_blocks() is sys.platform.startswith("linux")
     monkeypatch.setattr(sys, "platform", "darwin")
     assert _allocator.keep_freed_blocks() is False
+    assert _allocator.release_freed_blocks() is False
     callers = []
     for path in Path(lmcheck.__file__).parent.rglob("*.py"):
         tree = ast.parse(path.read_text())
