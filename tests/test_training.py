@@ -498,6 +498,13 @@ def test_presets_are_complete_instances() -> None:
     assert MASKED_CPU.replace(steps=10).steps == 10
     with pytest.raises(InputError, match="'stepz' is not a setting of MaskedRunConfig"):
         MASKED_CPU.replace(stepz=10)
+    for config in (MASKED_CPU, PRETRAIN_CPU):  # both recipes check their optimizer's settings alike
+        with pytest.raises(InputError, match="'betas' must be a pair"):
+            config.replace(betas=0.9)
+        with pytest.raises(InputError, match="'betas'"):
+            config.replace(betas=(0.9, 1.5))
+        with pytest.raises(InputError, match="'embedding_lr'"):
+            config.replace(embedding_lr=-1.0)
 
 
 # ---------------------------------------------------------------- what a batch supervises

@@ -78,7 +78,7 @@ def train_masked_lm(
     rows = example_ids(tokenizer, examples, model)
     collate = collator or DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
-    optimizer = adamw(model, lr)
+    optimizer = adamw(model, lr, embedding_lr=config.embedding_lr, betas=config.betas)
     device = model_device(model)
     order = seeded_batches(len(rows), batch_size, seed)
     selected: dict[str, torch.Tensor] = {}
