@@ -130,7 +130,7 @@ def wiki_split(wiki_documents: datasets.Dataset) -> datasets.DatasetDict:
 def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (float32, eval mode) and its tokenizer, from the offline assets.
 
-    The first run converts the GGUF asset to safetensors in the cache (about 30 s); later runs
+    The first run converts the GGUF asset to safetensors in the cache (about 8 s); later runs
     load that in about a second.
     """
     from lmcheck.models import load_smollm2

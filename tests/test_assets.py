@@ -146,3 +146,33 @@ def test_list_names_every_asset_with_its_package(capsys):
     for asset in assets.ASSETS.values():
         assert asset.name in out
         assert f"{asset.package}=={asset.version}" in out
+
+
+def test_the_smollm2_conversion_parses_its_gguf_file_once(tmp_path):
+    """Inside the conversion, gguf's reader and tensor-name map are made once per argument (the
+    converted folder was compared file by file with one made without this: byte-identical), and
+    gguf is itself again afterwards."""
+    import gguf
+    import numpy as np
+
+    from lmcheck.models import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # one parse for the config, weights, tokenizer
+        assert gguf.GGUFReader(path, "c") is not first  # another mode is another reader
+        assert first.tensors[0].data.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        llama = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(llama, 2) is gguf.get_tensor_name_map(llama, 2)
+        assert gguf.get_tensor_name_map(llama, 3) is not gguf.get_tensor_name_map(llama, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
