@@ -40,7 +40,7 @@ keep_freed_blocks()  # the training steps reuse their freed gradients instead of
 SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
 # Under pytest-xdist the longest units start first and the short files come last, so that no
 # worker is left running a long file alone at the end (measured on 2 cores, one thread each:
-# chapter 4's file 95 s, the torchrun launches 34 s, the BERT files 69 s, then 13-23 s each).
+# chapter 4's file 95 s, the torchrun launches 34 s, the BERT files 55 s, then 13-23 s each).
 LONGEST_FIRST = ("test_04_pretraining.py", "test_distributed.py", *sorted(SHARE_THE_TRAINED_BERT),
                  "test_training.py", "test_03_causal_lm.py", "test_fuzz.py", "test_suite.py",
                  "test_04_gpu.py", "test_setup_checks.py", "test_golden.py")
@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                    if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist, pytest runs on
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadfile`` (the README's test command), with the files that share the trained
     BERT sent to one worker as one unit, so that it is trained once. A file's tests stay on one
