@@ -24,7 +24,7 @@ from lmcheck._allocator import keep_freed_blocks  # noqa: E402
 from lmcheck.defaults import DEFAULTS  # noqa: E402
 
 if TYPE_CHECKING:  # the rest is imported where it is used: xdist's controller starts the workers
-    import datasets  # without waiting for torch and transformers, which only the workers need
+    import datasets  # without waiting for transformers and datasets, which only the workers need
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 pytest_plugins = ["pytester"]  # for the plugin's own tests
@@ -36,7 +36,7 @@ if _WORKERS > 1:
 keep_freed_blocks()  # the training steps reuse their freed gradients instead of faulting pages in
 
 
-# Test files that share the session's trained BERT (``memorized_bert``, about 15 s to train).
+# Test files that share the session's trained BERT (``memorized_bert``, 6-9 s to train).
 SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
 # Under pytest-xdist the longest units start first and the short files come last, so that no
 # worker is left running a long file alone at the end (measured on 2 cores, one thread each:
@@ -141,7 +141,7 @@ def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 @pytest.fixture(scope="session")
 def memorized_bert(bert_tokenizer: PreTrainedTokenizerBase, wiki_split: datasets.DatasetDict) -> object:
-    """Chapter 2's tiny BERT, trained once per run until it has memorized 8 chunks (~20 s)."""
+    """Chapter 2's tiny BERT, trained once per run until it has memorized 8 chunks (6-9 s)."""
     from lmcheck.loops.masked import memorize_chunks
 
     return memorize_chunks(bert_tokenizer, wiki_split["train"], wiki_split["validation"])
