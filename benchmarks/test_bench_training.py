@@ -38,7 +38,6 @@ from lmcheck.loops.pretraining import (
     pretraining_data,
 )
 from lmcheck.models import gpt2_from_scratch
-from lmcheck.tokens import load_tokenizer
 from lmcheck.training import memorizes, verbatim_rows
 
 CUDA = torch.cuda.is_available()
@@ -175,14 +174,12 @@ def test_lean_loop_mfu_and_trainer_overhead(benchmark, gpt2_tokenizer, data):
     assert trainer_speed / lean_speed >= 0.9
 
 
-def test_torch_compile_pays_back_or_not(benchmark, gpt2_tokenizer, data, monkeypatch):
+def test_torch_compile_pays_back_or_not(benchmark, gpt2_tokenizer, gpt2_tokenizer_with_pad, data, monkeypatch):
     """Whether ``torch.compile`` of the model's body pays within the recipe's run: the compile
     time against the seconds it saves per step, times the recipe's most steps. Measured, not assumed
     (on the 2-core AVX-512 CPU a cold compile took about 20 s to save under 4 s)."""
     model = _model(gpt2_tokenizer)
-    tokenizer = load_tokenizer("gpt2")
-    tokenizer.pad_token = tokenizer.eos_token
-    collator = causal_lm_collator(tokenizer)
+    collator = causal_lm_collator(gpt2_tokenizer_with_pad)
     rows = data.train[:RECIPE.batch_size]["input_ids"]
     batch = {k: v.to(model_device(model)) for k, v in collator([{"input_ids": r} for r in rows]).items()}
     fused = None if RECIPE.bf16 else fused_causal_loss(model, batch)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
@@ -21,16 +22,24 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling on 64-bit: blocks below it 
 TRIM_THRESHOLD = 256 * 1024 * 1024  # free memory the heap may hold before it shrinks
 
 
+def _glibc(name: str, *argtypes: type) -> Any:
+    """glibc's function ``name`` in this process, or None off Linux or without glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    return function
+
+
 def keep_freed_blocks() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True where they were set
     (Linux with glibc), False elsewhere, which changes nothing."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -39,13 +48,9 @@ def release_freed_blocks() -> bool:
     ran. With the thresholds raised, a finished stage's freed tensors would otherwise stay in the
     heap: the tutorial calls this between chapters, whose models (BERT-base, SmolLM2, GPT-2 124M)
     would else add up in its peak memory."""
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is None:
         return False
     gc.collect()  # the chapter's models are garbage only once their reference cycles are broken
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
     malloc_trim(0)
     return True

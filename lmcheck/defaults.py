@@ -92,7 +92,10 @@ def _optional_int(value: object, argument: str) -> None:
         check_int(value, argument, 1)
 
 
-def _check_betas(betas: object) -> None:
+def _check_adamw(embedding_lr: object, betas: object) -> None:
+    """The AdamW settings both recipes share: the tables' own rate (or None) and the betas."""
+    if embedding_lr is not None:
+        check_number(embedding_lr, "embedding_lr", low=0)
     if not (isinstance(betas, tuple) and len(betas) == 2):
         raise InputError(f"'betas' must be a pair (beta1, beta2) (got {describe(betas)})")
     for beta in betas:
@@ -143,9 +146,7 @@ class PretrainConfig(_Recipe):
         check_seed(self.seed)
         check_str(self.backend, "backend", choices=("lean", "trainer"))
         check_number(self.lr, "lr", low=0)
-        if self.embedding_lr is not None:
-            check_number(self.embedding_lr, "embedding_lr", low=0)
-        _check_betas(self.betas)
+        _check_adamw(self.embedding_lr, self.betas)
         check_fraction(self.warmup, "warmup")
         check_str(self.decay, "decay", choices=("constant", "linear"))
         check_int(self.batch_size, "batch_size", 1)
@@ -221,9 +222,7 @@ class MaskedRunConfig(_Recipe):
         check_seed(self.seed)
         check_seed(self.case_seed, "case_seed")
         check_number(self.lr, "lr", low=0)
-        if self.embedding_lr is not None:
-            check_number(self.embedding_lr, "embedding_lr", low=0)
-        _check_betas(self.betas)
+        _check_adamw(self.embedding_lr, self.betas)
         for name in ("mlm_probability", "memorized_min", "heldout_max"):
             check_fraction(getattr(self, name), name)
 

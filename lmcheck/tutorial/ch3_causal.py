@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmcheck.decoding import greedy_decode
 from lmcheck.defaults import DEFAULTS
-from lmcheck.models import gpt2_from_scratch, load_smollm2
+from lmcheck.models import GPT2_PRESETS, gpt2_from_scratch, load_smollm2
 from lmcheck.report import Report
 from lmcheck.results import Result
 from lmcheck.suite import GREEDY_STEPS, run_causal_checks
@@ -56,8 +56,10 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
     for result in run_causal_checks(model, tokenizer, PROMPTS, max_new_tokens=new_tokens):
         report.result(result)
 
-    # quick: the 2-layer preset of chapter 4; the probes run the same code on any depth and width
-    preset, size = ("gpt2-mini-cpu", "2 layers, 160 wide") if quick else ("gpt2", "124M")
+    # quick: chapter 4's small preset; the probes run the same code on any depth and width
+    preset = "gpt2-mini-cpu" if quick else "gpt2"
+    shape = GPT2_PRESETS[preset]
+    size = f"{shape['n_layer']} layers, {shape['n_embd']} wide" if quick else "124M"
     report.text(
         f"\nThe same probes on GPT-2's architecture ({size}) built from its configuration with\n"
         "random weights and the real 50,257-token vocabulary: they test the code, not the training."
