@@ -3,6 +3,7 @@
 
     python3 dev.py tutorial   # make .venv if needed, install lmcheck, run `lmcheck tutorial`
     python3 dev.py test       # same environment, then run the test suite
+    python3 dev.py slow       # same environment, then the slow tests (chapter 4's 49-chunk run)
     python3 dev.py bench      # same environment, then run the benchmarks
     python3 dev.py gpu        # on a CUDA machine: the gpu-marked tests, then the benchmarks,
                               # numbers and plots kept in benchmarks/results/gpu/ (commit them)
@@ -50,6 +51,8 @@ def main(argv: list[str]) -> int:
         # (conftest.py); measured on 2 cores, 193 s against 234 s in one process
         "test": [str(BIN / "python"), "-m", "pytest", "-n", "auto", "--maxprocesses", "8",
                  "--dist", "loadfile", "--durations=15"],
+        # one process with every core: the slow tier is one long training run and its checks
+        "slow": [str(BIN / "python"), "-m", "pytest", "-m", "slow", "--durations=15"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
         "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
     }

@@ -57,6 +57,7 @@ __all__ = [
     "pretrain",
     "pretrain_default",
     "pretraining_data",
+    "recipe_data",
 ]
 
 Collator = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
@@ -526,6 +527,19 @@ class PretrainRun:
     config: PretrainConfig
 
 
+def recipe_data(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase,
+                documents: datasets.Dataset | None = None) -> PretrainingData:
+    """The chunks a recipe trains and validates on: the embedded default's split of ``documents``
+    (default the wiki sample), cut and chosen as ``config`` says; :func:`pretrain_default`'s data."""
+    if not isinstance(config, PretrainConfig):
+        raise InputError(f"'config' must be a PretrainConfig (got {describe(config)})")
+    return pretraining_data(
+        tokenizer, documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
+        split_seed=DEFAULTS["split_seed"], context_length=config.context_length,
+        chunks_per_document=config.chunks_per_document, n_train_chunks=config.n_train_chunks,
+        n_valid_chunks=config.n_valid_chunks)
+
+
 def pretrain_default(
     config: PretrainConfig = PRETRAIN_CPU, *, tokenizer: PreTrainedTokenizerBase | None = None,
     documents: datasets.Dataset | None = None, model: PreTrainedModel | None = None,
@@ -542,11 +556,7 @@ def pretrain_default(
     """
     config = PretrainConfig.given(config, overrides)
     tokenizer = tokenizer or load_tokenizer(DEFAULTS["causal_tokenizer"])
-    data = pretraining_data(
-        tokenizer, documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
-        split_seed=DEFAULTS["split_seed"], context_length=config.context_length,
-        chunks_per_document=config.chunks_per_document, n_train_chunks=config.n_train_chunks,
-        n_valid_chunks=config.n_valid_chunks)
+    data = recipe_data(config, tokenizer, documents)
     if model is None:  # the recipe's own model, on the fastest device
         dropout: dict[str, Any] = {} if config.dropout is None else dict(
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout)

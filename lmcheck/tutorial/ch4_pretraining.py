@@ -7,7 +7,7 @@ import os
 import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
-from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU
+from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PRETRAIN_CPU_QUICK
 from lmcheck.errors import GoldenMissingError
 from lmcheck.golden import matches_golden
 from lmcheck.loops.pretraining import causal_lm_collator, pretrain_default
@@ -30,8 +30,7 @@ def run(report: Report, *, quick: bool = False, out: str = "lmcheck-out") -> Non
         "(the embedding tables at their own rate), at most 20 epochs, stopping once every chunk is\n"
         "memorized."
     )
-    # quick: the same recipe on the first 4 chunks only (memorized in about 17 of its 20 epochs)
-    run_ = pretrain_default(settings.replace(n_train_chunks=4, n_valid_chunks=4) if quick else settings)
+    run_ = pretrain_default(PRETRAIN_CPU_QUICK if quick else settings)  # quick: the first 4 chunks
     data, curve, model, tokenizer = run_.data, run_.curve, run_.model, run_.tokenizer
     report.text(f"data: {data.description}\ntraining documents: {data.train_stats}")
 
