@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from lmcheck._allocator import heap_frozen
 from lmcheck._finite import non_finite_result
 from lmcheck._model import (
     no_dropout,
@@ -590,7 +591,7 @@ class _TrainerDriver:
 
                 set_seed(seed)  # what the Trainer's constructor does with args.seed (the model is built already)
             try:
-                with _quiet():
+                with _quiet(), heap_frozen():  # train() begins with a full gc.collect()
                     trainer.train()
             except LmcheckError:
                 raise

@@ -56,6 +56,31 @@ def test_no_probe_imports_a_loop_or_a_front_end():
     assert offenders == []
 
 
+def test_the_heap_is_frozen_only_within_the_block_and_only_where_nothing_was():
+    """``heap_frozen`` (around each ``Trainer.train()`` that check_trainer runs, whose full
+    ``gc.collect()`` it spares the objects that already exist) restores the collector as it was,
+    and leaves a process that froze objects itself alone. In a fresh interpreter: this one's
+    conftest has frozen the collected tests."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from lmcheck._allocator import heap_frozen\n"
+        "before = gc.get_freeze_count()\n"
+        "with heap_frozen():\n"
+        "    inside = gc.get_freeze_count()\n"
+        "after = gc.get_freeze_count()\n"
+        "gc.freeze()\n"
+        "theirs = gc.get_freeze_count()\n"
+        "with heap_frozen():\n"
+        "    pass\n"
+        "print(before, inside > 0, after, gc.get_freeze_count() == theirs > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "True", "0", "True"]
+
+
 def test_only_the_command_and_the_tests_change_the_allocator(monkeypatch):
     """``keep_freed_blocks`` sets glibc's thresholds where there is a glibc and elsewhere does
     nothing; in lmcheck only the ``lmcheck`` command's ``main()`` calls it, never an import."""
