@@ -39,11 +39,12 @@ keep_freed_blocks()  # the training steps reuse their freed gradients instead of
 # Test files that share the session's trained BERT (``memorized_bert``, 6-9 s to train).
 SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
 # Under pytest-xdist the longest units start first and the short files come last, so that no
-# worker is left running a long file alone at the end (measured on 2 cores, one thread each:
-# chapter 4's file 95 s, the torchrun launches 34 s, the BERT files 55 s, then 13-23 s each).
-LONGEST_FIRST = ("test_04_pretraining.py", "test_distributed.py", *sorted(SHARE_THE_TRAINED_BERT),
-                 "test_training.py", "test_03_causal_lm.py", "test_fuzz.py", "test_suite.py",
-                 "test_04_gpu.py", "test_setup_checks.py", "test_golden.py")
+# worker is left running a long file alone at the end (measured on 2 cores, one thread each: the
+# BERT files 66 s together, chapter 4's file 33 s, the training probes 32 s, the torchrun
+# launches 31 s, then 22 s and less each).
+LONGEST_FIRST = (*sorted(SHARE_THE_TRAINED_BERT), "test_04_pretraining.py", "test_training.py",
+                 "test_distributed.py", "test_03_causal_lm.py", "test_setup_checks.py", "test_suite.py",
+                 "test_fuzz.py", "test_04_gpu.py", "test_golden.py", "test_01_tokenizers.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadfile`` (the README's test command), with the files that share the trained
     BERT sent to one worker as one unit, so that it is trained once. A file's tests stay on one
-    worker in file order, so its module fixtures (chapter 4's 49-chunk run) are made once; the
+    worker in file order, so its module fixtures (chapter 4's run, the torchrun launches) are made once; the
     units go out in collection order (see LONGEST_FIRST), not xdist's most-tests-first."""
     if config.getvalue("dist") != "loadfile":
         return None

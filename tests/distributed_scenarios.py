@@ -1,9 +1,10 @@
 """Healthy data-parallel setups and their documented bugs, each checked by its distributed probe.
 
 Run on every rank by ``torchrun --standalone --nproc_per_node 2 tests/distributed_scenarios.py
-OUT [setup]`` or ``accelerate launch --multi_gpu --num_processes 2 ...`` (gloo, CPU): each rank writes ``OUT/rank-N.json``, one result per scenario, which
-``tests/test_distributed.py`` reads. All scenarios share one launch, so the test pays the start
-of two processes once.
+OUT [probes|setup]`` or ``accelerate launch --multi_gpu --num_processes 2 ...`` (gloo, CPU): each
+rank writes ``OUT/rank-N.json``, one result per scenario, which ``tests/test_distributed.py``
+reads. Many scenarios share each launch, so the tests pay the start of two processes (about 4 s
+of imports each) once per launch.
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ class FSDPLoop:
 
 
 def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
-    """Every scenario's result; ``only="setup"`` runs just the healthy check_loop and check_trainer."""
+    """Every scenario's result. The tests split them between two launches of about the same
+    length: ``only="probes"`` runs the distributed probes' scenarios and the healthy check_loop and
+    check_trainer, ``only="setup"`` check_loop and check_trainer on their healthy and faulty setups."""
     tok = setups.tokenizer()
     if only == "setup":
-        return setup_scenarios(tok, rank, world, faults=False)
+        return setup_scenarios(tok, rank, world, faults=True)
     results = {}
 
     results["same_init"] = distributed.same_init(setups.model(tok, seed=0))
@@ -140,10 +143,10 @@ def scenarios(rank: int, world: int, only: str = "") -> dict[str, dict]:
     results["rank_randomness"] = distributed.rank_randomness(net, mine[0])
     torch.manual_seed(42)  # one constant seed on every rank: transformers #31412
     results["rank_randomness/constant_seed"] = distributed.rank_randomness(net, mine[0])
-    return {**{k: v.to_dict() for k, v in results.items()}, **setup_scenarios(tok, rank, world)}
+    return {**{k: v.to_dict() for k, v in results.items()}, **setup_scenarios(tok, rank, world, faults=only != "probes")}
 
 
-def setup_scenarios(tok, rank: int, world: int, *, faults: bool = True) -> dict[str, dict]:
+def setup_scenarios(tok, rank: int, world: int, *, faults: bool) -> dict[str, dict]:
     data = packed()
     found: dict[str, dict] = {}
 

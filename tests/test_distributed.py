@@ -1,7 +1,10 @@
 """The distributed probes under ``torchrun`` with 2 gloo processes on the CPU.
 
-One launch of ``tests/distributed_scenarios.py`` runs every healthy setup and every documented bug
-on both ranks; each test reads one scenario's result from both ranks' reports. ``--standalone``
+Two launches of ``tests/distributed_scenarios.py`` run every healthy setup and every documented
+bug on both ranks: ``torchrun`` the distributed probes' scenarios with the healthy check_loop and
+check_trainer, ``accelerate launch`` check_loop and check_trainer on healthy and faulty setups
+(about 10 s each on an idle 2-core machine). Each test reads one scenario's result from both
+ranks' reports. ``--standalone``
 lets torchrun pick a free port, so parallel test workers never collide, and a timeout ends both
 processes if one hangs.
 """
@@ -50,12 +53,13 @@ def run_ranks(command: list[str], out: Path, env: dict[str, str] | None = None) 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict[str, dict]]:
-    return launch(tmp_path_factory.mktemp("ranks"))
+    """The probes' scenarios and the healthy check_loop and check_trainer, under torchrun."""
+    return launch(tmp_path_factory.mktemp("ranks"), "gloo", "probes")
 
 
 @pytest.fixture(scope="module")
 def accelerate_reports(tmp_path_factory) -> list[dict[str, dict]]:
-    """The healthy check_loop and check_trainer launched by ``accelerate launch`` instead."""
+    """check_loop and check_trainer, healthy and faulty, launched by ``accelerate launch``."""
     out = tmp_path_factory.mktemp("accelerate")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -121,8 +125,8 @@ def test_check_loop_runs_unchanged_under_torchrun_on_a_healthy_ddp_loop(reports)
     assert first["setup"]["world size"] == 2
 
 
-def test_check_loop_under_torchrun_catches_an_inverted_no_sync_on_every_rank(reports):
-    for report in (r["check_loop/inverted_no_sync"] for r in reports):
+def test_check_loop_under_accelerate_launch_catches_an_inverted_no_sync_on_every_rank(accelerate_reports):
+    for report in (r["check_loop/inverted_no_sync"] for r in accelerate_reports):
         failed = {r["name"]: r["explanation"] for r in report["results"] if r["status"] == "fail"}
         assert set(failed) == {"accumulation", "grads_synchronized"}, failed
         assert "#3472" in failed["grads_synchronized"]
@@ -141,8 +145,8 @@ def test_check_trainer_runs_unchanged_under_torchrun(reports):
         assert report["user_train_still_syncs"]
 
 
-def test_check_trainer_under_torchrun_catches_a_per_micro_batch_mean(reports):
-    for report in (r["check_trainer/per_micro_mean"] for r in reports):
+def test_check_trainer_under_accelerate_launch_catches_a_per_micro_batch_mean(accelerate_reports):
+    for report in (r["check_trainer/per_micro_mean"] for r in accelerate_reports):
         failed = {r["name"]: r["explanation"] for r in report["results"] if r["status"] == "fail"}
         assert "accumulation" in failed, failed
         assert "#34191" in failed["accumulation"]

@@ -290,6 +290,7 @@ NOT_FUZZED = {
     "pretrain": "a training loop; its arguments are checked in tests/test_training.py",
     "pretrain_default": "a training loop; its arguments are checked in tests/test_training.py",
     "pretraining_data": "builds the pretraining split from the wiki sample (seconds per call)",
+    "recipe_data": "pretraining_data for a recipe (seconds per call); its config is checked in tests/test_training.py",
     "train_masked_lm": "a training loop; its arguments are checked in tests/test_masked.py",
     "memorize_chunks": "a training loop; its arguments are checked in tests/test_masked.py",
     "check_loop": "runs the user's training loop; its arguments are checked in tests/test_setup_checks.py",

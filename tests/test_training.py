@@ -35,6 +35,7 @@ from lmcheck.loops.pretraining import (
     pretrain,
     pretrain_default,
     pretraining_data,
+    recipe_data,
 )
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.training import (
@@ -301,6 +302,11 @@ def test_validation_data_in_training_fails_generalization_gap() -> None:
 def test_fewer_documents_than_the_split_asks_for(gpt2_tokenizer, wiki_documents) -> None:
     with pytest.raises(InputError, match="'n_train' \\+ 'n_valid' must be at most the number of documents, 10"):
         pretraining_data(gpt2_tokenizer, wiki_documents.select(range(10)), n_train=50, n_valid=50)
+
+
+def test_recipe_data_wants_a_pretraining_recipe(gpt2_tokenizer) -> None:
+    with pytest.raises(InputError, match="'config' must be a PretrainConfig \\(got {'n_train_chunks': 4} that is a dict\\)"):
+        recipe_data({"n_train_chunks": 4}, gpt2_tokenizer)  # type: ignore[arg-type]
 
 
 def test_zero_chunks_after_chunking(gpt2_tokenizer) -> None:
