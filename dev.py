@@ -41,6 +41,10 @@ def ensure_environment() -> None:
     print(f"dev.py: installing {TORCH}, then lmcheck with its test extra", flush=True)
     subprocess.run([*pip, TORCH], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    # the offline assets, sha256-checked, and SmolLM2's safetensors conversion: set-up, done once
+    # here rather than inside whichever test or chapter first needs them
+    print("dev.py: fetching the offline assets (lmcheck assets fetch)", flush=True)
+    subprocess.run([str(BIN / "lmcheck"), "assets", "fetch"], check=True)
     stamp.write_text(wanted)
 
 

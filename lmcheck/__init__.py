@@ -121,6 +121,7 @@ _EXPORTS: dict[str, str] = {
     "round_trip": "lmcheck.tokens",
     "SETUP_CHECKS": "lmcheck.setup_checks",
     "SetupReport": "lmcheck.setup_checks",
+    "smollm2_folder": "lmcheck.models",
     "split_documents": "lmcheck.corpus",
     "StopAtMemorization": "lmcheck.loops.pretraining",
     "TIE_ATOL": "lmcheck.comparison",

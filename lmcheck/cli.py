@@ -246,6 +246,10 @@ def _assets(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         for name in names:
             assets.asset_path(name, progress=lambda line: print(line, flush=True))
+        from lmcheck.models import SMOLLM2_ASSET, smollm2_folder
+
+        if SMOLLM2_ASSET in names:  # the safetensors folder that chapter 3 and the tests load
+            print(f"{SMOLLM2_ASSET}: converted to safetensors in {smollm2_folder()}", flush=True)
         return 0
     bad = 0
     for name in names:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -46,6 +47,7 @@ __all__ = [
     "load_causal_lm",
     "load_language_model",
     "load_smollm2",
+    "smollm2_folder",
 ]
 
 MAX_CONTEXT = 2**20  # positions; a longer context is a typo, and its table would not fit in memory
@@ -166,15 +168,23 @@ SMOLLM2_DERIVED = "smollm2-135m-instruct"  # the safetensors conversion, in the 
 def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct from the offline assets, in float32 and eval mode, with its tokenizer.
 
-    The first use dequantizes the GGUF file (about 8 s on 2 cores) and saves model and tokenizer
-    as safetensors in the asset cache; later uses load that folder (a few seconds). The
-    conversion is written to a temporary folder and renamed into place under a file lock, so
-    parallel test workers never see half a model.
+    The first use converts the GGUF file (:func:`smollm2_folder`, about 8 s on 2 cores); later
+    uses load the converted folder (a few seconds).
 
     Example:
         >>> model, tokenizer = load_smollm2()
         >>> model.config.vocab_size
         49152
+    """
+    return load_causal_lm(smollm2_folder())
+
+
+def smollm2_folder() -> Path:
+    """The folder of SmolLM2-135M-Instruct as safetensors (model and tokenizer), converted from
+    the GGUF asset on first use and kept in the asset cache (``lmcheck assets fetch`` makes it).
+
+    The conversion dequantizes the GGUF file to float32, writes a temporary folder and renames it
+    into place under a file lock, so parallel test workers never see half a model.
     """
     folder = assets.derived_dir(SMOLLM2_DERIVED)
     converted = folder / "model"
@@ -198,7 +208,7 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
                 os.replace(partial, converted)  # atomic: readers see no folder or a whole one
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
-    return load_causal_lm(converted)
+    return converted
 
 
 @contextlib.contextmanager

