@@ -246,9 +246,13 @@ def _assets(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         for name in names:
             assets.asset_path(name, progress=lambda line: print(line, flush=True))
+        # and what is made from them on first use, so that no chapter or test pays for it
+        from lmcheck.corpus import WIKI_DUMP_ASSET, load_documents
         from lmcheck.models import SMOLLM2_ASSET, smollm2_folder
 
-        if SMOLLM2_ASSET in names:  # the safetensors folder that chapter 3 and the tests load
+        if WIKI_DUMP_ASSET in names:
+            print(f"{WIKI_DUMP_ASSET}: parsed, {len(load_documents('wiki-sample'))} articles", flush=True)
+        if SMOLLM2_ASSET in names:
             print(f"{SMOLLM2_ASSET}: converted to safetensors in {smollm2_folder()}", flush=True)
         return 0
     bad = 0

