@@ -57,8 +57,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     """``--dist loadfile`` (the README's test command), with the files that share the trained
     BERT sent to one worker as one unit, so that it is trained once. A file's tests stay on one
-    worker in file order, so its module fixtures (chapter 4's run, the torchrun launches) are made once; the
-    units go out in collection order (see LONGEST_FIRST), not xdist's most-tests-first."""
+    worker in file order, so its module fixtures (chapter 4's run, the distributed launches) are
+    made once; the units go out in collection order (see LONGEST_FIRST), not xdist's
+    most-tests-first."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling

@@ -8,12 +8,12 @@ gives them back to the kernel when they are freed, so each step touches fresh pa
 on a 2-core AVX-512 CPU, 60 steps of chapter 4's recipe took 1.4 million page faults and 2.5 s
 of system time. Raising the thresholds keeps those blocks in the heap for the next step
 (150,000 faults, 0.3 s). Only lmcheck's own entry points (the ``lmcheck`` command and its test
-suite) call these; importing lmcheck changes nothing in a user's process.
+suite) set them; importing lmcheck changes nothing in a user's process.
 
 Each ``Trainer.train()`` starts with a full ``gc.collect()`` (accelerate's ``free_memory``), which
 walks every object in the process: 0.1-0.2 s in a process that has imported transformers, more in
 a user's larger one. :func:`heap_frozen` leaves the objects that already exist out of those walks
-while lmcheck's checks call ``train()`` again and again.
+while ``check_trainer`` calls the user's ``train()`` again and again, and puts them back after.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from lmcheck._validate import (
 )
 from lmcheck.errors import InputError
 
-__all__ = ["DEFAULTS", "MASKED_CPU", "PRETRAIN_CPU", "PRETRAIN_CPU_QUICK", "PRETRAIN_GPU", "MaskedRunConfig", "PretrainConfig"]
+__all__ = ["DEFAULTS", "MASKED_CPU", "PRETRAIN_CPU", "PRETRAIN_CPU_QUICK", "PRETRAIN_GPU", "MaskedRunConfig",
+           "PretrainConfig"]
 
 R = TypeVar("R", bound="_Recipe")
 
