@@ -21,8 +21,9 @@ def _reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 2.5])  # 1: the gradients are handed over unscaled
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])  # 1000: one chunk holds every position
-def test_loss_gradients_and_argmax_match_the_unfused_computation(chunk: int) -> None:
+def test_loss_gradients_and_argmax_match_the_unfused_computation(chunk: int, upstream: float) -> None:
     """Same loss and gradients as F.cross_entropy over the full logits, -100 ignored; same argmax."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=generator, requires_grad=True)
@@ -30,16 +31,27 @@ def test_loss_gradients_and_argmax_match_the_unfused_computation(chunk: int) -> 
     targets = torch.randint(0, 300, (50,), generator=generator)
     targets[[3, 17, 49]] = -100
     loss, predicted = linear_cross_entropy(hidden, weight, targets, chunk=chunk)
-    (2.5 * loss).backward()  # an upstream gradient other than 1 must scale both
+    (upstream * loss).backward()  # an upstream gradient other than 1 must scale both
     fused = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     expected = _reference(hidden, weight, targets)
-    (2.5 * expected).backward()
+    (upstream * expected).backward()
     # measured: differences near 1e-7 (fp32 rounding of sums taken in another order)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[0], hidden.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[1], weight.grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(predicted, (hidden @ weight.T).argmax(dim=-1))
+
+
+def test_a_second_backward_is_refused_by_name() -> None:
+    """The forward pass hands its gradients to the one backward pass instead of keeping a copy, so
+    a second backward through the same graph is an error that says why, not wrong gradients."""
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    loss, _ = linear_cross_entropy(hidden, weight, torch.randint(0, 10, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once per forward"):
+        loss.backward()
 
 
 def test_a_non_finite_hidden_state_gives_a_non_finite_loss() -> None:
