@@ -9,8 +9,8 @@ import os
 # spinning, since there they share the cores. This process itself has imported torch already
 # (lmcheck's pytest plugin loads before any conftest), so its threads keep libgomp's default, a
 # short spin: measured on the idle 2-core machine, 80 steps of chapter 4's recipe on two threads
-# took 11.2-12.1 s so and 12.4-12.9 s with PASSIVE; with another busy process beside them, 22-34 s
-# so and 23 s with PASSIVE.
+# took 11.2-12.1 s with the default and 12.4-12.9 s with PASSIVE; with another busy process beside
+# them, 22-34 s with the default and 23 s with PASSIVE.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Under pytest-xdist each worker gets its share of the cores (and so do the processes it starts):
 # measured on 2 cores, two workers of one thread each ran the suite in 193 s, one process of two
