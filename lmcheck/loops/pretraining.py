@@ -531,8 +531,7 @@ def recipe_data(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase,
                 documents: datasets.Dataset | None = None) -> PretrainingData:
     """The chunks a recipe trains and validates on: the embedded default's split of ``documents``
     (default the wiki sample), cut and chosen as ``config`` says; :func:`pretrain_default`'s data."""
-    if not isinstance(config, PretrainConfig):
-        raise InputError(f"'config' must be a PretrainConfig (got {describe(config)})")
+    config = PretrainConfig.given(config, {})  # a recipe, or the same error pretrain_default gives
     return pretraining_data(
         tokenizer, documents, n_train=DEFAULTS["n_train"], n_valid=DEFAULTS["n_valid"],
         split_seed=DEFAULTS["split_seed"], context_length=config.context_length,
