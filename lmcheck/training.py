@@ -36,8 +36,6 @@ from lmcheck._model import (
 from lmcheck._recording import Snapshot
 from lmcheck._validate import (
     as_ids,
-    as_mask,
-    check_bool,
     check_callable,
     check_fraction,
     check_int,
@@ -51,9 +49,9 @@ from lmcheck._validate import (
 from lmcheck.decoding import greedy_decode
 from lmcheck.errors import InputError, NotApplicableError
 from lmcheck.results import Result, headroom_above, headroom_below
+from lmcheck.supervision import batch_supervision
 
 __all__ = [
-    "batch_supervision",
     "causal_batch",
     "check_memorization_lengths",
     "gradient_flow",
@@ -415,120 +413,6 @@ def causal_batch(
                   metrics={"ignored_fraction": ignored_fraction, "label_mismatch_fraction": differ.float().mean().item()},
                   threshold=max_ignored_fraction, headroom=None,
                   explanation="labels equal input_ids and no position sees the future" if passed else "; ".join(problems))
-
-
-@probe("batch_supervision")
-def batch_supervision(
-    batch: Mapping[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase | None, *,
-    min_supervised_fraction: float = 0.0, expect_eos: bool = False,
-) -> Result:
-    """A causal-LM training batch supervises what it should: the silent collator bugs.
-
-    Checks, each locating the first row and position at fault:
-
-    - every real end-of-sequence token is supervised (a collator that pads with eos and labels
-      every pad -100 also hides the real eos, so the model never learns to stop: transformers
-      #23530);
-    - no row is wholly unsupervised (a completion-only collator that never finds its response
-      template labels every token -100 and only warns: trl #598);
-    - padding (``attention_mask == 0``) is labelled -100;
-    - a row starts with at most one BOS (a chat template that writes BOS, then a tokenizer that
-      adds another: sglang #888);
-    - ``labels`` does not share memory with ``input_ids`` (a loss mask written in place into
-      labels that alias the inputs corrupts the inputs too);
-    - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``;
-    - with ``expect_eos=True`` (rows that are whole examples, not packed chunks), every row ends
-      with a supervised eos (a tokenizer that adds BOS but no EOS: transformers #22794).
-
-    Without a tokenizer (``None``) the eos and BOS checks are skipped, and the explanation says so.
-    """
-    if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
-        raise InputError(f"'batch' must be a mapping of tensors with 'input_ids' and 'labels', as a "
-                         f"collator returns (got {describe(batch)})")
-    if tokenizer is not None:
-        check_tokenizer(tokenizer)
-    check_fraction(min_supervised_fraction, "min_supervised_fraction")
-    check_bool(expect_eos, "expect_eos")
-    inputs = as_ids(batch["input_ids"], "batch['input_ids']")  # (B, T)
-    labels = as_ids(batch["labels"], "batch['labels']")
-    if labels.shape != inputs.shape:
-        raise InputError(f"'batch['labels']' must have the shape of input_ids {tuple(inputs.shape)} "
-                         f"(got {tuple(labels.shape)})")
-    mask = batch.get("attention_mask")
-    real = (torch.ones_like(inputs, dtype=torch.bool) if mask is None
-            else as_mask(mask, inputs, "batch['attention_mask']").bool())
-    supervised = labels != IGNORE_INDEX
-    problems: list[str] = []
-    raw_inputs, raw_labels = batch["input_ids"], batch["labels"]
-    if isinstance(raw_inputs, torch.Tensor) and isinstance(raw_labels, torch.Tensor) and \
-            raw_inputs.untyped_storage().data_ptr() == raw_labels.untyped_storage().data_ptr():
-        problems.append("labels share memory with input_ids: a loss mask written into the labels in "
-                        "place (labels[...] = -100) overwrites the inputs too (Fast-LLM #253); clone the "
-                        "labels")
-    eos = None if tokenizer is None else tokenizer.eos_token_id
-    hidden_reported = False
-    if eos is not None:
-        hidden = (inputs == eos) & real & ~supervised
-        hidden[:, 0] = False  # position 0 is never a target, whatever its label
-        if hidden.any():
-            row, column = (int(i) for i in hidden.nonzero()[0])
-            problems.append(f"{int(hidden.sum())} real end-of-sequence token(s) are not supervised (first: "
-                            f"row {row}, position {column}); the model never learns to stop. A collator "
-                            f"that pads with eos and labels every pad -100 does this (transformers "
-                            f"#23530): give the tokenizer a pad token of its own")
-            hidden_reported = True
-    if expect_eos and eos is not None:
-        last = (real.long().cumsum(dim=1).argmax(dim=1))  # (B,) the last real position of each row
-        ends = inputs.gather(1, last[:, None]).squeeze(1)
-        ends_supervised = supervised.gather(1, last[:, None]).squeeze(1)
-        # a row that fills the batch's width may have been cut at max_length: only padded rows,
-        # which ended on their own, must end with eos
-        missing = ((ends != eos) & ~real.all(dim=1)).nonzero()
-        if len(missing):
-            row = int(missing[0])
-            problems.append(f"{len(missing)} of {inputs.shape[0]} rows do not end with eos (first: row "
-                            f"{row} ends with token {int(ends[row])} at position {int(last[row])}); the "
-                            f"model never learns to stop: append eos when tokenizing (a tokenizer "
-                            f"that adds BOS but no EOS does this: transformers #22794)")
-        elif not bool(ends_supervised.all()) and not hidden_reported:
-            row = int((~ends_supervised).nonzero()[0])
-            problems.append(f"row {row} ends with eos at position {int(last[row])} but its label is -100")
-    empty = [row for row in range(inputs.shape[0]) if not bool(supervised[row, 1:].any())]
-    if empty:
-        problems.append(f"{len(empty)} of {inputs.shape[0]} rows supervise no token (first: row {empty[0]}): "
-                        f"they add nothing to the loss; a completion-only collator that never found its "
-                        f"response template does this (trl #598)")
-    padded = ~real & supervised
-    if padded.any():
-        row, column = (int(i) for i in padded.nonzero()[0])
-        problems.append(f"{int(padded.sum())} pad position(s) are supervised (first: row {row}, position "
-                        f"{column}): label padding -100")
-    bos = None if tokenizer is None else tokenizer.bos_token_id
-    if bos is not None and inputs.shape[1] > 1:
-        first_real = real.float().argmax(dim=1)  # (B,) the first real position (left padding aside)
-        starts = inputs.gather(1, first_real[:, None]).squeeze(1)
-        following = inputs.gather(1, (first_real + 1).clamp(max=inputs.shape[1] - 1)[:, None]).squeeze(1)
-        doubled = ((starts == bos) & (following == bos)).nonzero()
-        if len(doubled):
-            problems.append(f"{len(doubled)} row(s) start with two BOS tokens (first: row {int(doubled[0])}): "
-                            f"a chat template wrote one and the tokenizer added another "
-                            f"(sglang #888): pass add_special_tokens=False after apply_chat_template")
-    fraction = float((supervised[:, 1:] & real[:, 1:]).sum()) / max(1, int(real[:, 1:].sum()))
-    if fraction < min_supervised_fraction:
-        problems.append(f"{fraction:.1%} of real tokens are supervised, below {min_supervised_fraction:.0%}")
-    passed = not problems
-    return Result(name="batch_supervision", passed=passed,
-                  metrics={"supervised_fraction": fraction, "rows": int(inputs.shape[0]),
-                           "unsupervised_rows": len(empty)},
-                  threshold=min_supervised_fraction, headroom=None,
-                  explanation=(f"{fraction:.1%} of real tokens supervised; "
-                               + ("every real eos supervised, " if eos is not None else "")
-                               + ("every row ends with a supervised eos, " if expect_eos and eos is not None else "")
-                               + "no empty row, pads ignored, "
-                               + ("one BOS at most, " if bos is not None else "")
-                               + "labels a tensor of their own"
-                               + ("" if tokenizer is not None else " (no tokenizer: eos and BOS not checked)")
-                               if passed else "; ".join(problems)))
 
 
 # ---------------------------------------------------------------- helpers shared with the loops

@@ -176,7 +176,10 @@ ENTRIES: dict[str, Entry] = {
         {"batch": garbage, "ignore_index": garbage, "max_ignored_fraction": garbage}),
     "batch_supervision": Entry(lmcheck.batch_supervision, lambda w: dict(
         batch={"input_ids": w.ids(), "labels": w.ids().clone(), "attention_mask": torch.ones_like(w.ids())},
-        tokenizer=w.gpt2), {"batch": garbage, "tokenizer": garbage, "min_supervised_fraction": garbage}),
+        tokenizer=w.gpt2), {"batch": garbage, "tokenizer": garbage, "min_supervised_fraction": garbage,
+                            "expect_eos": garbage, "end_ids": garbage, "bos_id": garbage}),
+    "end_of_turn_ids": Entry(lmcheck.end_of_turn_ids, lambda w: dict(tokenizer=w.gpt2),
+                             {"tokenizer": garbage}, returns=set),
     # masked LMs
     "fill_mask": Entry(lmcheck.fill_mask, lambda w: dict(
         model=w.masked, tokenizer=w.bert, text_or_texts="paris is the [MASK] of france."),

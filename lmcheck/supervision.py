@@ -1,0 +1,288 @@
+"""Is a causal-LM training batch supervising what it should? The silent collator and chat-template
+bugs, read from one collated batch and the ids that end a sequence or a turn.
+
+Rows come in two shapes, and the rules follow the data:
+
+- **whole rows**: every real token after the first is supervised (plain text, packed chunks);
+  with ``expect_eos`` (whole examples, padded), each row ends with a supervised eos, trailing
+  whitespace after it allowed;
+- **masked rows**: some real tokens are left out (-100) on purpose: a prompt, the user's turns
+  of a chat (assistant-only or completion-only SFT). Each supervised span must then end with an
+  end-of-turn token that is itself supervised (trailing whitespace after it allowed, as ChatML's
+  ``\\n`` after ``<|im_end|>``); the end-of-turn tokens that close unsupervised turns are left out
+  by design. A span that runs into the end of a row that fills the batch was cut at max_length,
+  and a span at the end of a packed row (``expect_eos`` False) may go on in the next row.
+
+The ids that end a turn are the tokenizer's eos, the token the chat template writes after an
+assistant's message (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), and any ``end_ids`` given
+(the model's config and generation config, in the setup checks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+
+from lmcheck._finite import probe
+from lmcheck._model import IGNORE_INDEX
+from lmcheck._validate import as_ids, as_mask, check_bool, check_fraction, check_tokenizer, describe
+from lmcheck.errors import InputError
+from lmcheck.results import Result
+
+__all__ = ["batch_supervision", "end_of_turn_ids"]
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """The ids that end a sequence or a turn for ``tokenizer``: its eos and the first token its
+    chat template writes after an assistant's message (none where it has no template, or the
+    template cannot render a two-message chat)."""
+    check_tokenizer(tokenizer)
+    ids = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    if getattr(tokenizer, "chat_template", None):
+        ids |= _template_end_of_turn(tokenizer)
+    return ids
+
+
+def _template_end_of_turn(tokenizer: Any) -> set[int]:
+    marker = "lmcheckpong"
+    chat = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        tail = text[text.rindex(marker) + len(marker):]
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    except Exception:  # a template that needs a system turn, tools or other roles: nothing learned
+        return set()
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return {ids[0]} if ids and ids[0] in special else set()
+
+
+@probe("batch_supervision")
+def batch_supervision(
+    batch: Mapping[str, torch.Tensor], tokenizer: Any, *, min_supervised_fraction: float = 0.0,
+    expect_eos: bool = False, end_ids: Collection[int] | None = None, bos_id: int | None = None,
+) -> Result:
+    """A causal-LM training batch supervises what it should: the silent collator bugs.
+
+    Checks, each locating the first row and position at fault, the root cause first:
+
+    - no row is wholly unsupervised (a completion-only collator that never finds its response
+      template labels every token -100 and only warns: trl #598);
+    - every real end-of-sequence or end-of-turn token that closes what a row supervises is
+      supervised (a collator that pads with eos labels the real eos -100 too, so the model
+      never learns to stop: transformers #23530; a chat template that leaves the end-of-turn
+      token out of the assistant's mask: trl PR #5988);
+    - in masked rows (prompt or user turns left out), each supervised span ends with an
+      end-of-turn token; with ``expect_eos=True`` (whole examples), every whole row ends with a
+      supervised eos (a tokenizer that adds BOS but no EOS: transformers #22794);
+    - padding (``attention_mask == 0``) is labelled -100;
+    - a row starts with at most one BOS (a chat template that writes BOS, then a tokenizer that
+      adds another: sglang #888);
+    - ``labels`` does not share memory with ``input_ids``;
+    - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``.
+
+    Args:
+        batch: ``input_ids``, ``labels`` (unshifted, -100 ignored), optional ``attention_mask``.
+        tokenizer: a Hugging Face tokenizer, for its eos and BOS, its chat template's end-of-turn
+            token and which tokens are whitespace; or None.
+        end_ids: more ids that end a sequence or a turn (a model's ``eos_token_id``); without a
+            tokenizer, the only ones.
+        bos_id: the BOS id, where the tokenizer has none (or there is no tokenizer).
+
+    Without a tokenizer, ``end_ids`` nor ``bos_id``, the eos and BOS checks are skipped, and the
+    explanation says so.
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+        raise InputError(f"'batch' must be a mapping of tensors with 'input_ids' and 'labels', as a "
+                         f"collator returns (got {describe(batch)})")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
+    check_fraction(min_supervised_fraction, "min_supervised_fraction")
+    check_bool(expect_eos, "expect_eos")
+    if end_ids is not None and (isinstance(end_ids, (str, bytes)) or not isinstance(end_ids, Collection) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in end_ids)):
+        raise InputError(f"'end_ids' must be a collection of token ids (got {describe(end_ids)})")
+    if bos_id is not None and (not isinstance(bos_id, int) or isinstance(bos_id, bool)):
+        raise InputError(f"'bos_id' must be a token id, an int (got {describe(bos_id)})")
+    inputs = as_ids(batch["input_ids"], "batch['input_ids']")  # (B, T)
+    labels = as_ids(batch["labels"], "batch['labels']")
+    if labels.shape != inputs.shape:
+        raise InputError(f"'batch['labels']' must have the shape of input_ids {tuple(inputs.shape)} "
+                         f"(got {tuple(labels.shape)})")
+    mask = batch.get("attention_mask")
+    real = (torch.ones_like(inputs, dtype=torch.bool) if mask is None
+            else as_mask(mask, inputs, "batch['attention_mask']").bool())
+    supervised = labels != IGNORE_INDEX
+    target = supervised & real
+    target[:, 0] = False  # position 0 is never a target, whatever its label
+    problems: list[str] = []
+    raw_inputs, raw_labels = batch["input_ids"], batch["labels"]
+    if isinstance(raw_inputs, torch.Tensor) and isinstance(raw_labels, torch.Tensor) and \
+            raw_inputs.untyped_storage().data_ptr() == raw_labels.untyped_storage().data_ptr():
+        problems.append("labels share memory with input_ids: a loss mask written into the labels in "
+                        "place (labels[...] = -100) overwrites the inputs too (Fast-LLM #253); clone the "
+                        "labels")
+    ends = set(end_ids or ()) | (end_of_turn_ids(tokenizer) if tokenizer is not None else set())
+    empty = [row for row in range(inputs.shape[0]) if not bool(target[row].any())]
+    if empty:
+        problems.insert(0, f"{len(empty)} of {inputs.shape[0]} rows supervise no token (first: row {empty[0]}): "
+                        f"they add nothing to the loss; a completion-only collator that never found its "
+                        f"response template does this (trl #598)")
+    masked_rows = 0
+    if ends:
+        blank = _whitespace_ids(tokenizer, inputs) if tokenizer is not None else set()
+        pads = set(inputs[~real].unique().tolist())  # the ids the collator padded with
+        if getattr(tokenizer, "pad_token_id", None) is not None:
+            pads.add(tokenizer.pad_token_id)
+        findings = _end_problems(inputs, real, target, ends, blank, expect_eos, set(empty), pads)
+        problems += findings.problems
+        masked_rows = findings.masked_rows
+    padded = ~real & supervised
+    if padded.any():
+        row, column = (int(i) for i in padded.nonzero()[0])
+        problems.append(f"{int(padded.sum())} pad position(s) are supervised (first: row {row}, position "
+                        f"{column}): label padding -100")
+    bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and inputs.shape[1] > 1:
+        first_real = real.float().argmax(dim=1)  # (B,) the first real position (left padding aside)
+        starts = inputs.gather(1, first_real[:, None]).squeeze(1)
+        following = inputs.gather(1, (first_real + 1).clamp(max=inputs.shape[1] - 1)[:, None]).squeeze(1)
+        doubled = ((starts == bos) & (following == bos)).nonzero()
+        if len(doubled):
+            problems.append(f"{len(doubled)} row(s) start with two BOS tokens (first: row {int(doubled[0])}): "
+                            f"a chat template wrote one and the tokenizer added another "
+                            f"(sglang #888): pass add_special_tokens=False after apply_chat_template")
+    fraction = float(target[:, 1:].sum()) / max(1, int(real[:, 1:].sum()))
+    if fraction < min_supervised_fraction:
+        problems.append(f"{fraction:.1%} of real tokens are supervised, below {min_supervised_fraction:.0%}")
+    passed = not problems
+    if passed:
+        explanation = (f"{fraction:.1%} of real tokens supervised; "
+                       + (f"each of the {masked_rows} masked rows' supervised spans ends with a supervised "
+                          f"end-of-turn token, " if masked_rows else "")
+                       + ("every real eos that closes a supervised span supervised, " if ends else "")
+                       + ("every whole row ends with a supervised eos, " if expect_eos and ends else "")
+                       + "no empty row, pads ignored, "
+                       + ("one BOS at most, " if bos is not None else "")
+                       + "labels a tensor of their own"
+                       + ("" if ends else " (no tokenizer and no end ids: eos not checked)")
+                       + ("" if bos is not None else " (no BOS known: BOS not checked)"))
+    else:
+        explanation = "; ".join(problems)
+    return Result(name="batch_supervision", passed=passed,
+                  metrics={"supervised_fraction": fraction, "rows": int(inputs.shape[0]),
+                           "unsupervised_rows": len(empty), "masked_rows": masked_rows,
+                           "end_ids": sorted(ends)},
+                  threshold=min_supervised_fraction, headroom=None, explanation=explanation)
+
+
+class _Findings:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.masked_rows = 0
+
+
+def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor, ends: set[int],
+                  blank: set[int], expect_eos: bool, empty: set[int], pads: set[int]) -> _Findings:
+    """The end-of-sequence rules, row by row: at most one message per kind, the first row at fault."""
+    found = _Findings()
+    hidden: list[tuple[int, int]] = []  # (row, position) of an unsupervised end closing a span
+    unended: list[tuple[int, int, int]] = []  # (row, position, token) of a span's last token
+    no_eos: list[tuple[int, int, int]] = []  # whole rows: (row, last position, token)
+    width = inputs.shape[1]
+    for row in range(inputs.shape[0]):
+        if row in empty:
+            continue
+        positions = real[row].nonzero().flatten().tolist()
+        if len(positions) < 2:
+            continue
+        last_real = positions[-1]
+        full = len(positions) == width  # fills the batch: may have been cut at max_length
+        ids = inputs[row].tolist()
+        is_target = target[row].tolist()
+        masked = any(not is_target[p] for p in positions[1:])
+        if not masked:
+            if expect_eos and not full:
+                end = _before_blank(ids, positions, len(positions) - 1, blank)
+                if ids[end] not in ends:
+                    no_eos.append((row, end, ids[end]))
+            continue
+        found.masked_rows += 1
+        # the supervised spans: maximal runs of supervised real positions
+        spans: list[tuple[int, int]] = []
+        for index, position in enumerate(positions):
+            if not is_target[position]:
+                continue
+            if spans and spans[-1][1] == positions[index - 1] and index > 0:
+                spans[-1] = (spans[-1][0], position)
+            else:
+                spans.append((position, position))
+        for start, stop in spans:
+            index = positions.index(stop)
+            end = index
+            while end > 0 and ids[positions[end]] in blank and is_target[positions[end - 1]] \
+                    and positions[end - 1] >= start:
+                end -= 1
+            if ids[positions[end]] in ends:
+                continue
+            if stop == last_real and (full or not expect_eos):
+                continue  # cut at max_length, or a packed row that goes on in the next one
+            following = positions[index + 1] if index + 1 < len(positions) else None
+            if following is not None and ids[following] in ends:
+                hidden.append((row, following))
+            else:
+                unended.append((row, positions[end], ids[positions[end]]))
+    if hidden:
+        row, position = hidden[0]
+        cause = ("a collator that pads with eos labels every pad -100, and the real eos with them "
+                 "(transformers #23530): give the tokenizer a pad token of its own"
+                 if pads & ends else
+                 "a chat template whose assistant mask stops before the end-of-turn token (trl PR #5988), "
+                 "or a collator that drops it")
+        found.problems.append(f"{len(hidden)} real end-of-sequence token(s) are not supervised (first: row {row}, "
+                              f"position {position}), though each closes what its row supervises: the model "
+                              f"never learns to stop. {cause[0].upper()}{cause[1:]}")
+    if unended:
+        row, position, token = unended[0]
+        found.problems.append(f"{len(unended)} supervised span(s) of masked rows do not end with an end-of-turn "
+                              f"token (first: row {row} ends its span at position {position} with token "
+                              f"{token}, not one of {sorted(ends)}): the model never learns to end its turn; "
+                              f"append eos to each completion (transformers #22794)")
+    if no_eos:
+        row, position, token = no_eos[0]
+        found.problems.append(f"{len(no_eos)} of {inputs.shape[0]} rows do not end with eos (first: row {row} "
+                              f"ends with token {token} at position {position}); the model never learns to "
+                              f"stop: append eos when tokenizing (a tokenizer that adds BOS but no EOS does "
+                              f"this: transformers #22794)")
+    return found
+
+
+def _before_blank(ids: list[int], positions: list[int], index: int, blank: set[int]) -> int:
+    """The position of the last token of ``positions[:index + 1]`` that is not whitespace."""
+    while index > 0 and ids[positions[index]] in blank:
+        index -= 1
+    return positions[index]
+
+
+def _whitespace_ids(tokenizer: Any, inputs: torch.Tensor) -> set[int]:
+    """The ids in ``inputs`` whose token is whitespace only (ChatML's ``\\n`` after ``<|im_end|>``)."""
+    special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+    return {i for i in inputs.unique().tolist() if i not in special and _is_blank(tokenizer, i)}
+
+
+@functools.lru_cache(maxsize=65536)
+def _blank_text(text: str) -> bool:
+    return text != "" and text.strip() == ""
+
+
+def _is_blank(tokenizer: Any, token: int) -> bool:
+    try:
+        return _blank_text(tokenizer.decode([token]))
+    except Exception:  # an id the tokenizer cannot decode is no whitespace
+        return False

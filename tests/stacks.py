@@ -1,0 +1,218 @@
+"""Healthy setups on the stacks people train with, each tiny, for the setup checks' record on
+code that lmcheck did not write: TRL's ``SFTTrainer`` (plain text, assistant-only chat,
+prompt-completion), a PEFT LoRA through the Trainer, a loop written as nanoGPT's ``train.py``
+is, an ``accelerate`` loop, and a Trainer on a tiny Llama (with and without an optimizer of the
+user's own). ``test_stacks.py`` checks that each passes, and that one documented bug put into it
+fails with its cause named.
+
+The tokenizer is a byte-level BPE trained in milliseconds on the tiny corpus, with ChatML's
+special tokens and a ChatML chat template that marks the assistant's turns with
+``{% generation %}`` (as TRL's training templates do), so TRL can mask everything but them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = ("the a cat dog sat ran on under mat log big small red blue saw ate fish bird tree sun "
+         "moon rain came went home fast slow old new and then it was day night here there up down").split()
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+def sentences(count: int, seed: int = 0, low: int = 3, high: int = 9) -> list[str]:
+    pick = random.Random(seed)
+    return [" ".join(pick.choice(WORDS) for _ in range(pick.randint(low, high))) for _ in range(count)]
+
+
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """ChatML's tokens (eos ``<|im_end|>``, pad ``<|endoftext|>``) over a byte-level BPE."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator([" ".join(WORDS)] * 4 + ["user\nassistant\nsystem\n"] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def llama(tok: PreTrainedTokenizerFast, *, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def plain_texts(count: int = 16) -> list[dict[str, str]]:
+    return [{"text": s} for s in sentences(count)]
+
+
+def conversations(count: int = 16) -> list[dict[str, Any]]:
+    questions, answers = sentences(count, seed=1, low=2, high=5), sentences(count, seed=2, low=2, high=6)
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in zip(questions, answers, strict=True)]
+
+
+def two_turn_conversations(count: int = 16) -> list[dict[str, Any]]:
+    """Two exchanges each: the user's end-of-turn tokens are not supervised, by design."""
+    first, second = conversations(count), conversations(count)
+    return [{"messages": a["messages"] + b["messages"]} for a, b in zip(first, second[::-1], strict=True)]
+
+
+def prompt_completions(count: int = 16) -> list[dict[str, Any]]:
+    return [{"prompt": c["messages"][:1], "completion": c["messages"][1:]} for c in conversations(count)]
+
+
+def sft_trainer(tok: PreTrainedTokenizerFast, output_dir: str, data: list[dict[str, Any]], *,
+                model: torch.nn.Module | None = None, **arguments: Any) -> Any:
+    """TRL's SFTTrainer as its documentation builds it: a cosine schedule with warm-up,
+    accumulation, clipping at 1."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
+        lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0, weight_decay=0.0,
+        max_length=64, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+        logging_strategy="no", dataset_num_proc=None)
+    settings.update(arguments)
+    return SFTTrainer(model=model if model is not None else llama(tok), args=SFTConfig(**settings),
+                      train_dataset=datasets.Dataset.from_list(data), processing_class=tok)
+
+
+def lora(model: torch.nn.Module, **options: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    settings: dict[str, Any] = dict(r=4, lora_alpha=8, lora_dropout=0.0,
+                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    settings.update(options)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+
+
+def pretrained_llama(tok: PreTrainedTokenizerFast, folder: str) -> LlamaForCausalLM:
+    """A Llama saved and loaded back, as a pretrained base is (its config names the folder)."""
+    llama(tok, seed=3).save_pretrained(folder)
+    return LlamaForCausalLM.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- a loop as nanoGPT's train.py
+
+
+class NanoGPTLoop:
+    """nanoGPT's ``train.py``, in small: random windows of a token stream (``get_batch``,
+    sampling with replacement), ``get_lr(iter_num)`` cosine decay with warm-up set into the
+    param groups by hand, the loss divided by the accumulation steps, clipping at 1, AdamW."""
+
+    def __init__(self, model: torch.nn.Module, stream: torch.Tensor, *, block_size: int = 16, batch_size: int = 4,
+                 accumulate: int = 2, learning_rate: float = 6e-3, warmup_iters: int = 5,
+                 lr_decay_iters: int = 60, min_lr: float = 6e-4, divide: bool = True, seed: int = 0) -> None:
+        self.model, self.stream, self.block_size, self.batch_size = model, stream, block_size, batch_size
+        self.accumulate, self.learning_rate, self.warmup_iters = accumulate, learning_rate, warmup_iters
+        self.lr_decay_iters, self.min_lr, self.divide = lr_decay_iters, min_lr, divide
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.iter_num = 0
+        self.micro_step = 0
+
+    def get_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.stream) - self.block_size, (self.batch_size,), generator=self.generator)
+        x = torch.stack([self.stream[i: i + self.block_size] for i in ix])
+        y = torch.stack([self.stream[i + 1: i + 1 + self.block_size] for i in ix])
+        return x, y
+
+    def batches(self, count: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.get_batch() for _ in range(count)]
+
+    def get_lr(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
+        if it > self.lr_decay_iters:
+            return self.min_lr
+        ratio = (it - self.warmup_iters) / (self.lr_decay_iters - self.warmup_iters)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.learning_rate - self.min_lr)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.micro_step == 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.get_lr(self.iter_num)
+        x, y = batch
+        _, loss = self.model(x, y)
+        if self.divide:
+            loss = loss / self.accumulate
+        loss.backward()
+        self.micro_step += 1
+        if self.micro_step == self.accumulate:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.micro_step = 0
+            self.iter_num += 1
+        return loss.detach()
+
+
+def token_stream(tok: PreTrainedTokenizerFast, count: int = 40) -> torch.Tensor:
+    ids: list[int] = []
+    for sentence in sentences(count, seed=5):
+        ids += tok(sentence)["input_ids"] + [tok.eos_token_id]
+    return torch.tensor(ids)
+
+
+# ---------------------------------------------------------------- an accelerate loop
+
+
+class AccelerateLoop:
+    """A loop as accelerate's examples write it: everything through ``accelerator.prepare``,
+    ``accelerator.accumulate``, ``accelerator.backward`` and ``accelerator.clip_grad_norm_``,
+    the prepared scheduler stepped with the optimizer."""
+
+    def __init__(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, accumulate: int = 2,
+                 lr: float = 1e-2) -> None:
+        from accelerate import Accelerator
+        from transformers import get_linear_schedule_with_warmup
+
+        self.accelerator = Accelerator(gradient_accumulation_steps=accumulate, cpu=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        scheduler = get_linear_schedule_with_warmup(optimizer, 3, 200)
+        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
+            model, optimizer, loader, scheduler)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.train()
+        with self.accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach()
+
+
+def padded_loader(tok: PreTrainedTokenizerFast, *, batch_size: int = 4, seed: int = 0,
+                  collate: Callable[[Any], Any] | None = None) -> torch.utils.data.DataLoader:
+    from transformers import DataCollatorForLanguageModeling
+
+    examples = [{"input_ids": tok(s)["input_ids"] + [tok.eos_token_id]} for s in sentences(16, seed=7)]
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
+                                       collate_fn=collate or DataCollatorForLanguageModeling(tok, mlm=False),
+                                       generator=torch.Generator().manual_seed(seed))
