@@ -41,10 +41,23 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "block_size", "max_se
 
 
 def kind(model: torch.nn.Module) -> str:
-    """``"transformers"``, ``"adapted"`` (made by :func:`lmcheck.adapt`) or ``"plain"``."""
-    if isinstance(model, PreTrainedModel):
+    """``"transformers"`` (a Hugging Face model, or a PEFT model around one), ``"adapted"`` (made
+    by :func:`lmcheck.adapt`) or ``"plain"``."""
+    if hf_model(model) is not None:
         return "transformers"
     return "adapted" if isinstance(model, AdaptedLM) else "plain"
+
+
+def hf_model(model: object) -> PreTrainedModel | None:
+    """The Hugging Face model ``model`` is, or that a PEFT model (LoRA, prefix tuning, ...) wraps;
+    None for anything else. A PEFT model is called, and computes its loss, as its base model."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    if type(model).__module__.startswith("peft."):
+        get_base = getattr(model, "get_base_model", None)
+        base = get_base() if callable(get_base) else None
+        return base if isinstance(base, PreTrainedModel) else None
+    return None
 
 
 def takes_mask(model: torch.nn.Module) -> bool:
@@ -61,7 +74,8 @@ def has_cache(model: torch.nn.Module) -> bool:
 
 def can_generate(model: torch.nn.Module) -> bool:
     """Whether the model has Hugging Face's ``generate`` to compare a greedy loop with."""
-    return isinstance(model, PreTrainedModel) and model.can_generate()
+    base = hf_model(model)
+    return base is not None and base.can_generate() and callable(getattr(model, "generate", None))
 
 
 def has_own_loss(model: torch.nn.Module) -> bool:
@@ -294,7 +308,7 @@ def _call_transformers(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
 def _cache_name(model: torch.nn.Module) -> str:
     # transformers 5.24 renamed past_key_values to cache (argument and output); earlier 5.x
     # releases know only past_key_values
-    return "cache" if _names(model, "cache") else "past_key_values"
+    return "cache" if _names(hf_model(model) or model, "cache") else "past_key_values"
 
 
 def _cache_of(model: torch.nn.Module, output: Any) -> Any:

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 __all__ = ["OptimizerStep", "Recorder", "Snapshot", "rng_state", "set_rng_state"]
 
@@ -34,6 +37,9 @@ class OptimizerStep:
     micro_batches: int  # train_step calls (or training forwards) since the previous step
     lrs: tuple[float, ...]  # the learning rate of each parameter group, as used by this step
     grads: dict[str, torch.Tensor | None] | None = None  # at the step, for the first steps only
+    nonzero: frozenset[str] | None = None  # parameters with a non-zero gradient, where flagged
+    clip: tuple[float, float] | None = None  # (total norm before clipping, max_norm) of the last
+    # torch.nn.utils.clip_grad_norm_ call since the previous step, if any
 
 
 @dataclass
@@ -42,17 +48,24 @@ class Recorder:
 
     ``calls`` is advanced by the driver once per micro-batch; ``grad_steps`` is how many of the
     first steps keep a copy of the gradients. ``on_first_sight`` is called with each optimizer
-    the first time it steps (before the step), so its state can be saved.
+    the first time it steps (before the step), so its state can be saved. ``flag_steps`` is how
+    many of the first steps note which parameters have a non-zero gradient (a set of names, no
+    copy). ``peak_lrs``, where given, is the learning rate of each parameter group for every step
+    while active: set just before the step and the user's value put back just after it, so the
+    user's schedule goes on as it would (a scheduler that reads the groups' rates reads its own).
     """
 
     model: torch.nn.Module
     grad_steps: int = 1
+    flag_steps: int = 0
+    peak_lrs: tuple[float, ...] | None = None
     on_first_sight: Callable[[torch.optim.Optimizer], None] | None = None
     steps: list[OptimizerStep] = field(default_factory=list)
     calls: int = 0
     _calls_at_last_step: int = 0
     _primary: int | None = None
     _seen: set[int] = field(default_factory=set)
+    _users_lrs: list[float] = field(default_factory=list)
 
     @contextmanager
     def active(self) -> Iterator[Recorder]:
@@ -73,16 +86,62 @@ class Recorder:
             if len(self.steps) < self.grad_steps:
                 grads = {n: None if p.grad is None else p.grad.detach().clone()
                          for n, p in self.model.named_parameters()}
+            nonzero = None
+            if len(self.steps) < self.flag_steps:
+                nonzero = frozenset(n for n, p in self.model.named_parameters()
+                                    if p.grad is not None and bool(p.grad.any()))
+            if self.peak_lrs is not None:
+                self._users_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+                for group, lr in zip(optimizer.param_groups, self.peak_lrs, strict=False):
+                    group["lr"] = lr
             self.steps.append(OptimizerStep(
                 index=len(self.steps) + 1, micro_batches=self.calls - self._calls_at_last_step,
-                lrs=tuple(float(group["lr"]) for group in optimizer.param_groups), grads=grads))
+                lrs=tuple(float(group["lr"]) for group in optimizer.param_groups), grads=grads,
+                nonzero=nonzero, clip=clips[-1] if clips else None))
             self._calls_at_last_step = self.calls
+            clips.clear()
 
-        handle = register_optimizer_step_pre_hook(before_step)
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self.peak_lrs is not None and id(optimizer) == self._primary and self._users_lrs:
+                for group, lr in zip(optimizer.param_groups, self._users_lrs, strict=False):
+                    group["lr"] = lr
+                self._users_lrs = []
+
+        handles = [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
+        clips: list[tuple[float, float]] = []
         try:
-            yield self
+            with _clipping_seen(clips):
+                yield self
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
+    """Note (total norm, max_norm) of every ``torch.nn.utils.clip_grad_norm_`` call while active:
+    the step hook sees only clipped gradients, and a clipped update hides its scale (a loss not
+    divided by the accumulation steps clips to the same norm as the right one). The Trainer and
+    accelerate call it through ``torch.nn.utils`` at call time, as most loops do; a loop that
+    imported the function itself before the checks is not seen."""
+    import torch.nn.utils as utils
+    import torch.nn.utils.clip_grad as clip_grad
+
+    original = clip_grad.clip_grad_norm_
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
+        total = original(parameters, max_norm, *args, **kwargs)
+        try:
+            calls.append((float(total), float(max_norm)))
+        except (TypeError, ValueError, RuntimeError):  # a DTensor norm or an odd max_norm: not noted
+            pass
+        return total
+
+    utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = clip_grad_norm_  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = original  # type: ignore[assignment]
 
 
 class Snapshot:

@@ -24,6 +24,7 @@ from lmcheck._finite import locate, non_finite_result
 from lmcheck._model import (
     IGNORE_INDEX,
     eval_mode,
+    hf_model,
     kind,
     model_device,
     model_forward,
@@ -35,7 +36,8 @@ from lmcheck._recording import OptimizerStep, Snapshot
 from lmcheck._validate import check_bool, check_callable, check_model, describe
 from lmcheck.errors import InputError, LmcheckError, NonFiniteError
 from lmcheck.results import Result, headroom_below
-from lmcheck.training import batch_supervision, causal_batch, loss_at_init
+from lmcheck.supervision import batch_supervision
+from lmcheck.training import causal_batch, loss_at_init
 
 # Relative L2 error allowed between the user's gradient and the reference one, by parameter
 # dtype. Both sides are computed by the same model on the same tokens; in float32 on a 2-core
@@ -133,18 +135,50 @@ def _labels_form(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _batch_checks(lm_batches: list[dict[str, torch.Tensor]], tokenizer: Any,
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Where the eos and BOS checks get their ids: a tokenizer (also for the chat template's
+    end-of-turn token and which tokens are whitespace), else ids read from the model."""
+
+    tokenizer: Any  # a Hugging Face tokenizer, or None
+    end_ids: frozenset[int]
+    bos_id: int | None
+    source: str
+
+
+def special_ids(tokenizer: Any, collator: Any, model: torch.nn.Module) -> SpecialIds:
+    """The tokenizer given, else the collator's own (``collator.tokenizer``, as transformers'
+    and TRL's collators keep it), else the model's config and generation config."""
+    from transformers import PreTrainedTokenizerBase
+
+    for candidate, source in ((tokenizer, "the tokenizer"),
+                              (getattr(collator, "tokenizer", None), "the collator's tokenizer"),
+                              (getattr(collator, "processing_class", None), "the collator's tokenizer")):
+        if isinstance(candidate, PreTrainedTokenizerBase):
+            return SpecialIds(candidate, frozenset(), None, source)
+    ends: set[int] = set()
+    bos = None
+    base = hf_model(model) or model
+    for config in (getattr(base, "config", None), getattr(base, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        ends |= {eos} if isinstance(eos, int) else {i for i in eos if isinstance(i, int)} \
+            if isinstance(eos, (list, tuple)) else set()
+        bos = bos if bos is not None else getattr(config, "bos_token_id", None)
+    bos = bos if isinstance(bos, int) and not isinstance(bos, bool) else None
+    if ends or bos is not None:
+        return SpecialIds(None, frozenset(ends), bos, "the model's config (no tokenizer given)")
+    return SpecialIds(None, frozenset(), None, "nowhere (no tokenizer, and the model's config names none)")
+
+
+def _batch_checks(lm_batches: list[dict[str, torch.Tensor]], special: SpecialIds,
                   expect_eos: bool | None) -> list[Result]:
     """batch_supervision and causal_batch on each of the first batches: the first failure, else
     the first batch's pass with the supervised fraction over all of them."""
-    from transformers import PreTrainedTokenizerBase
-
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tokenizer = None
     padded = any("attention_mask" in b and bool((b["attention_mask"] == 0).any()) for b in lm_batches)
     eos = padded if expect_eos is None else check_bool(expect_eos, "expect_eos")
     out = []
-    for check in (lambda b: batch_supervision(b, tokenizer, expect_eos=eos),
+    for check in (lambda b: batch_supervision(b, special.tokenizer, expect_eos=eos, end_ids=special.end_ids,
+                                              bos_id=special.bos_id),
                   lambda b: causal_batch(b, max_ignored_fraction=1.0)):
         results = [check(_labels_form(b)) for b in lm_batches]
         failed = next(((i, r) for i, r in enumerate(results) if not r.passed), None)
@@ -154,7 +188,8 @@ def _batch_checks(lm_batches: list[dict[str, torch.Tensor]], tokenizer: Any,
         else:
             out.append(dataclasses.replace(
                 results[0], explanation=f"{len(results)} batches checked: {results[0].explanation}"
-                + (" (rows end with eos: checked because they are padded examples)" if eos and expect_eos is None else "")))
+                + (" (rows end with eos: checked because they are padded examples)" if eos and expect_eos is None else "")
+                + ("" if special.source == "the tokenizer" else f"; eos and BOS from {special.source}")))
     return out
 
 
@@ -281,9 +316,15 @@ def _unequal_lengths(collator: Callable[[Any], Any]) -> Callable[[Any], Any]:
         batch = collator(examples)
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 4:
-            keep = max(2, labels.shape[1] * (1 + counter[0] % 4) // 4)
+            # each row keeps the first quarter, half, three quarters or all of its supervised
+            # positions (at least one): a completion-only row keeps part of its completion
+            share = 1 + counter[0] % 4
+            supervised = labels != IGNORE_INDEX
+            supervised[:, 0] = False  # never a target
+            rank = supervised.long().cumsum(dim=1)  # (B, T) the how-many-th supervised position
+            keep = (supervised.sum(dim=1, keepdim=True) * share // 4).clamp(min=1)  # (B, 1)
             labels = labels.clone()
-            labels[:, keep:] = IGNORE_INDEX
+            labels[supervised & (rank > keep)] = IGNORE_INDEX
             batch["labels"] = labels
         counter[0] += 1
         return batch
@@ -340,47 +381,88 @@ def _take(batches: Iterable[Any], count: int, argument: str) -> list[Any]:
 
 def _loss_at_init(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], pretrained: bool | None) -> Result:
     if pretrained is None:
-        config = getattr(model, "config", None)
-        pretrained = kind(model) == "transformers" and bool(getattr(config, "_name_or_path", ""))
+        base = hf_model(model)  # a PEFT model's base: loaded from a checkpoint, or not
+        pretrained = base is not None and bool(getattr(base.config, "_name_or_path", ""))
     if check_bool(pretrained, "pretrained"):
         return Result.not_applicable("loss_at_init", "the model is pretrained (loaded from a checkpoint), "
                                      "so its loss is not near ln V; pass pretrained=False to check it")
     return loss_at_init(model, batch["input_ids"])
 
 
-def _gradient_flow(model: torch.nn.Module, step: OptimizerStep) -> Result:
-    missing: list[str] = []  # no gradient or an all-zero one
+def _gradient_flow(model: torch.nn.Module, steps: Sequence[OptimizerStep],
+                   snapshot: Snapshot | None = None) -> Result:
+    """Every trainable parameter gets a finite gradient at the first step, and a non-zero one at
+    the first step or soon after: a factor whose partner starts at zero (LoRA's ``lora_A``, PEFT
+    starts ``lora_B`` at zero) or a branch behind a zero-initialised gate gets an exactly zero
+    gradient at step 1 by design, and trains from step 2."""
+    first = steps[0]
+    missing: list[str] = []  # no gradient or an all-zero one at every flagged step
+    late: list[tuple[str, int]] = []  # zero at step 1, non-zero at a later step
     non_finite: list[str] = []
-    grads = step.grads or {}
+    grads = first.grads or {}
+    flagged = [s for s in steps if s.nonzero is not None]
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, _ in trainable:
         grad = grads.get(name)
-        if grad is None:
-            missing.append(f"{name} gets no gradient")
-        elif (found := locate(grad, ("index",) * grad.dim())) is not None:
+        if grad is not None and (found := locate(grad, ("index",) * grad.dim())) is not None:
             non_finite.append(f"{name} has a non-finite gradient: {found}")
-        elif not bool(grad.any()):
-            missing.append(f"{name} has an all-zero gradient")
+        elif grad is None or not bool(grad.any()):
+            later = next((s.index for s in flagged[1:] if name in (s.nonzero or ())), None)
+            if later is not None:
+                late.append((name, later))
+            else:
+                missing.append(f"{name} {'gets no gradient' if grad is None else 'has an all-zero gradient'}")
     problems = non_finite + missing
     passed = not problems
+    seen = f"the first {len(flagged)} optimizer steps" if len(flagged) > 1 else "the first optimizer step"
+    zero_init = _zero_initialised(model, snapshot) if late else []
+    by_design = ""
+    if late:
+        by_design = (f"; {len(late)} ({', '.join(n for n, _ in late[:2])}{' ...' if len(late) > 2 else ''}) have an "
+                     f"exactly zero gradient at step 1 and a non-zero one from step {min(i for _, i in late)}, as a "
+                     f"factor whose partner starts at zero does"
+                     + (f" ({', '.join(zero_init[:2])}{' ...' if len(zero_init) > 2 else ''} start at zero: "
+                        f"{'LoRA, whose lora_B PEFT initialises to zero' if any('lora_B' in z for z in zero_init) else 'a zero-initialised gate'})"
+                        if zero_init else ""))
     if passed:
-        explanation = (f"at the first optimizer step all {len(trainable)} trainable parameters have finite, "
-                       f"non-zero gradients")
+        explanation = (f"within {seen} all {len(trainable)} trainable parameters have finite, non-zero "
+                       f"gradients{by_design}")
     else:
-        explanation = (f"at the first optimizer step {len(problems)} of {len(trainable)} trainable parameters "
-                       f"are not trained: " + "; ".join(problems[:4])
+        explanation = (f"within {seen} {len(problems)} of {len(trainable)} trainable parameters are not "
+                       f"trained: " + "; ".join(problems[:4])
                        + (f"; {len(problems) - 4} more" if len(problems) > 4 else ""))
         if non_finite:
             explanation += (". A NaN or Inf gradient comes from a non-finite loss or weight, or an overflow in "
                             "half precision")
         if missing:
-            explanation += (". Reentrant gradient checkpointing with frozen embeddings leaves the checkpointed "
-                            "blocks without gradients (transformers #21381): use use_reentrant=False or "
-                            "model.enable_input_require_grads()")
-    metrics: dict[str, Any] = {"trainable": len(trainable), "problems": len(problems)}
+            if _checkpointed(model):
+                explanation += (". Reentrant gradient checkpointing with frozen embeddings leaves the checkpointed "
+                                "blocks without gradients (transformers #21381): use use_reentrant=False or "
+                                "model.enable_input_require_grads()")
+            else:
+                explanation += (". The parameter is not used by the forward, or its path to the loss is cut (a "
+                                "detach(), a torch.no_grad() block, an output that is not used)")
+    metrics: dict[str, Any] = {"trainable": len(trainable), "problems": len(problems), "zero_at_first_step": len(late),
+                               "steps_seen": len(flagged) or 1}
     if non_finite:
         return non_finite_result("gradient_flow", explanation, **metrics)
     return Result(name="gradient_flow", passed=passed, metrics=metrics, explanation=explanation)
+
+
+def _zero_initialised(model: torch.nn.Module, snapshot: Snapshot | None) -> list[str]:
+    """Trainable parameters that were all zero before the first step."""
+    if snapshot is None:
+        return []
+    saved = snapshot.parameters()
+    return [n for n, p in model.named_parameters() if p.requires_grad and n in saved
+            and saved[n].numel() and not bool(saved[n].any())]
+
+
+def _checkpointed(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on anywhere in the model (transformers' flag)."""
+    if bool(getattr(model, "is_gradient_checkpointing", False)):
+        return True
+    return any(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
 
 
 def _params_update(model: torch.nn.Module, snapshot: Snapshot, after: Mapping[str, torch.Tensor],
@@ -439,6 +521,7 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     snapshot.restore()
     device = model_device(model)
     counts, unshifted = [], []
+    losses: list[float] = []
     with no_dropout(model):
         model.train()
         summed: torch.Tensor | None = None  # the sum of the micro-batches' gradients of summed losses
@@ -450,9 +533,14 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
             total, count, before_shift = _token_loss_sum(logits, batch)
             if not bool(torch.isfinite(total)):
                 return non_finite_result(name, f"the reference loss of a micro-batch of the first step is {float(total)}")
-            grads = torch.autograd.grad(total, parameters, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).float().reshape(-1)
-                              for p, g in zip(parameters, grads, strict=True)])
+            # .backward() into .grad, as the user's step computes its own: torch.autograd.grad
+            # returns None for the parameters inside reentrant checkpointed blocks
+            for parameter in parameters:
+                parameter.grad = None
+            total.backward()
+            flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad.detach()).float().reshape(-1)
+                              for p in parameters])
+            losses.append(float(total.detach()))
             summed = flat if summed is None else summed + flat
             per_micro = flat / max(count, 1) if per_micro is None else per_micro + flat / max(count, 1)
             counts.append(count)
@@ -464,6 +552,9 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     if summed is None or per_micro is None:
         return Result.not_applicable(name, "no micro-batch of the first step was seen")
     correct = summed / sum(counts)
+    if not bool(correct.any()):
+        return Result.not_applicable(name, f"the gradient of the mean loss over the first step's {k} micro-batches "
+                                     f"is exactly zero, so there is no update to compare the user's with")
     user_grads = step.grads or {}
 
     def user_grad(name: str, parameter: torch.Tensor) -> torch.Tensor:
@@ -475,7 +566,13 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
     if (found := locate(user, ("index",))) is not None:
         return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: {found}")
     metrics: dict[str, Any] = {"micro_batches": k, "supervised_tokens": counts,
-                               "reference_norm": float(correct.norm()), "user_norm": float(user.norm())}
+                               "reference_norm": float(correct.norm()), "user_norm": float(user.norm()),
+                               "reference_loss": sum(losses) / sum(counts)}
+    clipped_by = _clipped_by(step.clip, float(user.norm()), tol)
+    if clipped_by is not None:  # seen through the clipping: the update before it is compared
+        user = user / clipped_by
+        metrics.update(clip_coefficient=clipped_by, user_norm_before_clipping=float(user.norm()))
+        max_grad_norm = 0.0
     unequal = len(set(counts)) > 1
     counted = (f"{k} micro-batch{'es' if k > 1 else ''}" + (f" of {world} ranks" if world > 1 else "")
                + f" supervising {', '.join(map(str, counts))} tokens")
@@ -508,7 +605,7 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
         ratio = sum(counts) / max(1, sum(unshifted))
         if abs(scale - ratio) <= tol and ratio != 1:
             causes.append(f"the loss is divided by the labels counted before the shift ({sum(unshifted)}), not "
-                          f"after it ({sum(counts)}) (transformers #46204)")
+                          f"after it ({sum(counts)}) (transformers #46204)" + _loss_type_fix(model))
         if clip is not None and scale < clip * (1 - tol):
             causes.append(f"it is smaller than clipping to max_grad_norm={max_grad_norm} makes it: the "
                           f"gradients were clipped while still scaled by the AMP loss scaler, before "
@@ -540,8 +637,36 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
             explanation = (f"the user's update over {counted} differs from the gradient of the mean loss by "
                            f"{error:.3g} (relative, allowed {tol:g}); it differs most at {worst}. The loss "
                            f"the step minimises is not shifted cross-entropy over the supervised tokens")
+    if clipped_by is not None:
+        explanation += (f" (seen through the clipping: the step's clip_grad_norm_ measured {step.clip[0]:.4g} and "
+                        f"clipped to {step.clip[1]:g})" if step.clip else "")
     return Result(name=name, passed=False, metrics=metrics, threshold=tol, headroom=headroom_below(error, tol),
                   explanation=explanation)
+
+
+def _clipped_by(clip: tuple[float, float] | None, user_norm: float, tol: float) -> float | None:
+    """The factor clip_grad_norm_ scaled the update by, where it clipped and the clipped norm is
+    the one that reached the step (clipping of still-scaled AMP gradients, Lightning #9330, is
+    not: its norm was measured on other values); None otherwise."""
+    if clip is None:
+        return None
+    total, max_norm = clip
+    if not (math.isfinite(total) and total > max_norm > 0):
+        return None
+    coefficient = max_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_ computes it
+    if abs(user_norm - max_norm) > max(tol, 1e-4) * max_norm:
+        return None
+    return coefficient
+
+
+def _loss_type_fix(model: torch.nn.Module) -> str:
+    """The fix for a Hugging Face model whose Trainer loss counts the labels before the shift:
+    transformers 5.24 picks the loss from the class name, and GPT2LMHeadModel's matches none."""
+    if kind(model) != "transformers":
+        return ""
+    loss_type = getattr(model, "loss_type", None)
+    return ("; the model's loss_type is " + repr(loss_type) + ", so transformers uses its default loss: set "
+            "model.loss_type = \"ForCausalLM\" before building the Trainer" if loss_type != "ForCausalLM" else "")
 
 
 def _worst_parameter(user: torch.Tensor, reference: torch.Tensor, names: Sequence[str],
@@ -608,6 +733,12 @@ def _replay(scheduler: Any, snapshot: Snapshot, count: int) -> list[float]:
     optimizer step; the states are put back afterwards."""
     snapshot.restore()
     optimizer = scheduler.optimizer
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(last, (list, tuple)) and len(last) == len(optimizer.param_groups):
+        # the rates the scheduler set when it was saved: an optimizer the user built before the
+        # Trainer made its scheduler was saved with the rate of its construction
+        for group, lr in zip(optimizer.param_groups, last, strict=True):
+            group["lr"] = float(lr)
     rates = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
@@ -652,7 +783,8 @@ def _memorized_rows(model: torch.nn.Module, lm_batches: Sequence[Mapping[str, to
     ambiguous_keys = prefixes[counts > 1]
     ambiguous = supervised & torch.isin(keys, ambiguous_keys)
     right = (predicted == targets) | ~supervised | ambiguous
-    return int(right.all(dim=1).sum()), int(targets.shape[0])
+    counted = (supervised & ~ambiguous).any(dim=1)  # a row with nothing to predict is not memorized
+    return int((right.all(dim=1) & counted).sum()), int(counted.sum())
 
 
 def _prefix_hashes(ids: torch.Tensor) -> torch.Tensor:
@@ -661,8 +793,17 @@ def _prefix_hashes(ids: torch.Tensor) -> torch.Tensor:
     return ((ids.to(torch.int64) + 1) * powers).cumsum(dim=1) * 31 + torch.arange(ids.shape[1])
 
 
-def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int, check_every: int) -> Result:
+def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int, check_every: int,
+             peak_lrs: tuple[float, ...] | None = None, summed: bool = False) -> Result:
+    """Memorize a handful of the user's batches with their step, model and optimizer, at the
+    peak of their schedule (``peak_lrs``, one per parameter group; None: as the schedule goes).
+    ``summed``: the step's loss is the sum of its micro-batches' returned losses (each divided by
+    the accumulation steps, as the Trainer and nanoGPT return them), else their mean."""
     name = "overfits"
+    budget_text = f"{budget} optimizer steps (overfit_steps)"
+    if _gathered(_memorized_rows(driver.model, lm_batches)[1]) == [0] * _world_size():
+        return Result.not_applicable(name, "the overfitting batches supervise no token (every label is -100), so "
+                                     "there is nothing to memorize: see batch_supervision")
     state: dict[str, Any] = {"memorized": (0, 1), "at": None, "non_finite": None}
 
     def after_step(step: int) -> bool:
@@ -681,7 +822,8 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
         return False
 
     indices = list(range(len(lm_batches)))
-    recorder, losses, _ = driver.run(budget, batches=indices, phase="overfitting", after_step=after_step)
+    recorder, losses, _ = driver.run(budget, batches=indices, phase="overfitting", after_step=after_step,
+                                     peak_lrs=peak_lrs)
     curve = driver.curve
     curve.train.clear()
     position = 0
@@ -689,11 +831,13 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
         part = losses[position: position + max(1, step.micro_batches)]
         position += max(1, step.micro_batches)
         if part:
-            curve.record_train(step.index, sum(part) / len(part))
+            curve.record_train(step.index, sum(part) if summed else sum(part) / len(part))
     curve.stop_reason = "memorized" if state["at"] is not None else "max_steps"
     hits, rows = state["memorized"]
+    lrs = [s.lrs[0] for s in recorder.steps]
     metrics: dict[str, Any] = {"memorized_rows": hits, "rows": rows, "steps": recorder.steps[-1].index if recorder.steps else 0,
-                               "budget": budget}
+                               "budget": budget, "learning_rate": max(lrs, default=0.0),
+                               "at_peak": peak_lrs is not None}
     if curve.non_finite_step is not None:
         return non_finite_result(name, f"the training loss is not finite at optimizer step {curve.non_finite_step} "
                                        f"of the overfitting run", **metrics)
@@ -701,20 +845,51 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
         return non_finite_result(name, state["non_finite"], **metrics)
     first, last = (curve.train[0][1], curve.train[-1][1]) if curve.train else (math.nan, math.nan)
     metrics.update(first_loss=first, last_loss=last)
-    lrs = [s.lrs[0] for s in recorder.steps]
+    rate = (f"at the schedule's peak learning rate {max(lrs, default=0):.3g}, held constant" if peak_lrs is not None
+            else f"with learning rates {min(lrs, default=0):.3g} to {max(lrs, default=0):.3g}")
     passed = state["at"] is not None
     if passed:
         explanation = (f"{rows} rows of {len(lm_batches)} batches memorized (every supervised next token is the "
-                       f"argmax) after {state['at']} optimizer steps; loss {first:.3f} -> {last:.3f}")
+                       f"argmax) after {state['at']} of {budget_text} {rate}; loss {first:.3f} -> {last:.3f}")
     else:
-        explanation = (f"after {budget} optimizer steps on {len(lm_batches)} batches, {hits} of {rows} rows are "
-                       f"memorized; loss {first:.3f} -> {last:.3f} with learning rates "
-                       f"{min(lrs, default=0):.3g} to {max(lrs, default=0):.3g}. A setup that cannot overfit a "
-                       f"handful of batches will not learn from many: check the loss, the labels and the "
-                       f"learning rate (a long warmup keeps it near 0), or raise overfit_steps")
+        explanation = (f"after {budget_text} on {len(lm_batches)} batches {rate}, {hits} of {rows} rows are "
+                       f"memorized; loss {first:.3f} -> {last:.3f}. A setup that cannot overfit a handful of "
+                       f"batches will not learn from many: check the loss, the labels and the learning rate, "
+                       f"or raise overfit_steps")
     return Result(name=name, passed=passed, metrics=metrics, threshold=float(budget),
                   headroom=None if not passed else headroom_below(float(state["at"] or 0), float(budget)),
                   explanation=explanation)
+
+
+def _peak_lrs(steps: Sequence[OptimizerStep], snapshot: Snapshot, scheduler: Any) -> tuple[float, ...] | None:
+    """The peak of the user's schedule for each parameter group: the highest of the rates seen in
+    the first run, the groups' ``initial_lr`` (what a torch scheduler scales) and the scheduler's
+    ``base_lrs``; None where no step was seen."""
+    if not steps:
+        return None
+    groups = len(steps[0].lrs)
+    peaks = [max(s.lrs[i] for s in steps if i < len(s.lrs)) for i in range(groups)]
+    candidates: list[Sequence[float]] = []
+    base = getattr(scheduler, "base_lrs", None)
+    if isinstance(base, (list, tuple)) and len(base) == groups:
+        candidates.append([float(v) for v in base])
+    for item, state in snapshot.objects.values():
+        if isinstance(item, torch.optim.Optimizer) and len(state.get("param_groups", ())) == groups:
+            candidates.append([float(g.get("initial_lr", g.get("lr", 0.0))) for g in state["param_groups"]])
+    for values in candidates:
+        peaks = [max(a, b) for a, b in zip(peaks, values, strict=True)]
+    return tuple(peaks) if any(p > 0 for p in peaks) else None
+
+
+def _sums_micro_batches(losses: Sequence[float], step: OptimizerStep, reference: float | None) -> bool:
+    """Whether the user's step returns each micro-batch's share of the step's loss (their sum is
+    the loss) rather than each micro-batch's own loss (their mean is): the one nearer the
+    reference loss of the first step's micro-batches."""
+    k = step.micro_batches
+    part = list(losses[:k])
+    if k <= 1 or reference is None or not part or not all(math.isfinite(v) for v in part):
+        return False
+    return abs(sum(part) - reference) < abs(sum(part) / len(part) - reference)
 
 
 # ---------------------------------------------------------------- data order, seeds, evaluation
@@ -813,6 +988,32 @@ def _data_order_of_loop(batches: Iterable[Any], convert: Callable[[Any, int], di
     if getattr(batches, "drop_last", False):  # each epoch leaves out other rows: not whole epochs
         epochs = [(keys, False) for keys, _ in epochs]
     return _data_order(epochs, dataset)
+
+
+def _data_order_sampled(batches: Sequence[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]]) -> Result:
+    """data_order for a loop that draws random rows or windows at every step (sampling with
+    replacement, nanoGPT's ``get_batch``): there are no epochs, so the rows must differ from
+    batch to batch; whether the seed matters is ``reproducible``'s to check."""
+    name = "data_order"
+    keyed = [_epoch_keys([batch], convert)[0] for batch in batches]
+    rows = [key for keys in keyed for key in keys]
+    if len(keyed) < 2:
+        return Result.not_applicable(name, "one batch was seen, so there is no second draw to compare it with")
+    problems = []
+    same = next((i for i in range(1, len(keyed)) if keyed[i] == keyed[i - 1]), None)
+    if same is not None:
+        problems.append(f"batches {same - 1} and {same} hold the same rows in the same order: the draw repeats "
+                        f"itself (a generator reseeded at every step)")
+    distinct = len(set(rows))
+    if distinct < len(rows) / 2:
+        problems.append(f"only {distinct} of the {len(rows)} rows drawn in {len(keyed)} batches differ: the draw "
+                        f"keeps returning the same rows")
+    passed = not problems
+    return Result(name=name, passed=passed,
+                  metrics={"batches": len(keyed), "rows": len(rows), "distinct_rows": distinct},
+                  explanation=(f"sampling with replacement: {distinct} of the {len(rows)} rows drawn in {len(keyed)} "
+                               f"batches differ, and no batch repeats the one before it" if passed
+                               else "; ".join(problems)))
 
 
 def _example_ids(example: Any) -> Any:

@@ -72,6 +72,7 @@ from lmcheck._setup_results import (
     _converter,
     _data_order,
     _data_order_of_loop,
+    _data_order_sampled,
     _dataset_keys,
     _epoch_batches,
     _epoch_keys,
@@ -89,15 +90,18 @@ from lmcheck._setup_results import (
     _lr_schedule,
     _overfit,
     _params_update,
+    _peak_lrs,
     _put_ids_back,
     _quiet,
     _reproducible,
     _reproducible_loop,
     _subset,
+    _sums_micro_batches,
     _take,
     _unequal_lengths,
     _unwrap_parallel,
     _world_size,
+    special_ids,
 )
 from lmcheck._validate import (
     check_callable,
@@ -199,6 +203,7 @@ def check_loop(
     rebuild: Callable[[int], Any] | None = None, seed: int = 0,
     steps: int = 8, overfit_batches: int = 4, overfit_steps: int = 200, check_every: int = 5,
     expect_eos: bool | None = None, progress: Progress | None = None, stateful: Sequence[Any] = (),
+    sampling: str = "epochs",
 ) -> SetupReport:
     """Run the battery on a plain training loop, and leave its objects as they were.
 
@@ -240,6 +245,10 @@ def check_loop(
         stateful: other objects ``train_step`` changes that have ``state_dict()`` and
             ``load_state_dict()`` (an AMP ``GradScaler``, an EMA of the weights): saved first and
             put back after every run, as the model, the optimizer and ``scheduler`` are.
+        sampling: how the loop draws its data: ``"epochs"`` (each epoch a new order of the same
+            examples: ``data_order`` compares two epochs) or ``"with_replacement"`` (random rows
+            or windows at every step, as nanoGPT's ``get_batch``: ``data_order`` checks that the
+            rows differ from step to step; ``reproducible`` checks that the seed matters).
 
     Under ``torchrun`` (an initialized process group of more than one rank), call it on every
     rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
@@ -259,6 +268,12 @@ def check_loop(
                             ("rebuild", rebuild), ("progress", progress)):
         if value is not None:
             check_callable(value, argument, "a function")
+    if type(scheduler).__name__ == "AcceleratedScheduler":  # accelerate's wrapper: the torch scheduler inside
+        scheduler = getattr(scheduler, "scheduler", scheduler)
+    if sampling not in ("epochs", "with_replacement"):
+        raise InputError(f"'sampling' must be 'epochs' (each epoch a new order of the same examples) or "
+                         f"'with_replacement' (random rows or windows drawn at each step, as nanoGPT's "
+                         f"get_batch) (got {sampling!r})")
     if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")):
         raise InputError(f"'scheduler' must be a learning-rate scheduler with step() and state_dict() "
                          f"(got {describe(scheduler)})")
@@ -279,12 +294,18 @@ def check_loop(
                            max_grad_norm=max_grad_norm, pretrained=pretrained, evaluate=evaluate,
                            expect_eos=expect_eos, steps=steps, overfit_batches=overfit_batches,
                            overfit_steps=overfit_steps, check_every=check_every, setup=setup,
-                           collated=loop.collating(batches))
-        results.append(_data_order_of_loop(batches, convert, batches_of_epoch))
-        results.append(_reproducible_loop(rebuild, seed, as_batch, steps) if rebuild is not None else
-                       Result.not_applicable("reproducible", "no rebuild(seed) was given, so the setup "
-                                             "cannot be built again with another seed"))
-        results.append(_finite_or_fail("eval_deterministic", lambda: _eval_twice(model, lm_batches, evaluate)))
+                           collated=loop.collating(batches), collator=getattr(batches, "collate_fn", None))
+        setup["sampling"] = sampling.replace("_", " ")
+        results.append(_data_order_of_loop(batches, convert, batches_of_epoch) if sampling == "epochs"
+                       else _data_order_sampled(first, convert))
+        unsupervised = _unsupervised(results)
+        if unsupervised is not None:
+            results += [Result.not_applicable(n, unsupervised) for n in ("reproducible", "eval_deterministic")]
+        else:
+            results.append(_reproducible_loop(rebuild, seed, as_batch, steps) if rebuild is not None else
+                           Result.not_applicable("reproducible", "no rebuild(seed) was given, so the setup "
+                                                 "cannot be built again with another seed"))
+            results.append(_finite_or_fail("eval_deterministic", lambda: _eval_twice(model, lm_batches, evaluate)))
         if _world_size() > 1:
             setup["world size"] = _world_size()
             results += _distributed_checks(user_model, train_step, first, batches_of_epoch, as_batch)
@@ -342,13 +363,15 @@ class _Loop:
         self.changed_inputs: list[str] = []
 
     def run(self, optimizer_steps: int, *, batches: Sequence[int] | None = None, grad_steps: int = 0,
-            phase: str = "", after_step: Callable[[int], bool] | None = None,
+            flag_steps: int = 0, peak_lrs: tuple[float, ...] | None = None, phase: str = "",
+            after_step: Callable[[int], bool] | None = None,
             dropout: bool = True) -> tuple[Recorder, list[float], list[int]]:
         """Restore the saved state, then call ``train_step`` on the batches (cycling) until
         ``optimizer_steps`` optimizer steps were taken; ``after_step(n)`` may stop the run early.
         Returns the recorder, the loss of each call and the batch index of each call."""
         self.snapshot.restore()
-        recorder = Recorder(self.model, grad_steps=grad_steps, on_first_sight=self.snapshot.add)
+        recorder = Recorder(self.model, grad_steps=grad_steps, flag_steps=flag_steps, peak_lrs=peak_lrs,
+                            on_first_sight=self.snapshot.add)
         order = list(batches) if batches is not None else list(range(len(self.batches)))
         losses: list[float] = []
         used: list[int] = []
@@ -454,10 +477,15 @@ def check_trainer(
                            max_grad_norm=0.0, pretrained=pretrained,  # the first run does not clip
                            evaluate=None, expect_eos=expect_eos, steps=steps,
                            overfit_batches=overfit_batches, overfit_steps=overfit_steps,
-                           check_every=check_every, setup=setup, collated=driver.collating())
+                           check_every=check_every, setup=setup, collated=driver.collating(),
+                           collator=trainer.data_collator)
         results.append(driver.data_order())
-        results.append(driver.reproducible(rebuild, steps))
-        results.append(_finite_or_fail("eval_deterministic", lambda: driver.eval_twice(lm_batches)))
+        unsupervised = _unsupervised(results)
+        if unsupervised is not None:
+            results += [Result.not_applicable(n, unsupervised) for n in ("reproducible", "eval_deterministic")]
+        else:
+            results.append(driver.reproducible(rebuild, steps))
+            results.append(_finite_or_fail("eval_deterministic", lambda: driver.eval_twice(lm_batches)))
         if _world_size() > 1:  # last: after every other run, the Trainer must still sync its ranks
             results += driver.distributed_checks(loader_batches[0])
     finally:
@@ -527,7 +555,8 @@ class _TrainerDriver:
             handler.callbacks[:] = self.callbacks
 
     def run(self, optimizer_steps: int, *, batches: Sequence[int] | None = None, grad_steps: int = 0,
-            phase: str = "", after_step: Callable[[int], bool] | None = None, dropout: bool = True,
+            flag_steps: int = 0, peak_lrs: tuple[float, ...] | None = None, phase: str = "",
+            after_step: Callable[[int], bool] | None = None, dropout: bool = True,
             seed: int | None = None, unequal: bool = False) -> tuple[Recorder, list[float], list[int]]:
         """``trainer.train()`` from the saved state until ``optimizer_steps`` optimizer steps;
         ``batches`` (indices into the first batches) limits the train set to their examples."""
@@ -537,7 +566,8 @@ class _TrainerDriver:
         trainer = self.trainer
         for name in ("optimizer", "lr_scheduler"):
             setattr(trainer, name, self.attributes[name])
-        recorder = Recorder(self.model, grad_steps=grad_steps, on_first_sight=self._first_sight)
+        recorder = Recorder(self.model, grad_steps=grad_steps, flag_steps=flag_steps, peak_lrs=peak_lrs,
+                            on_first_sight=self._first_sight)
         losses: list[float] = []
         seen: list[Mapping[str, torch.Tensor]] = []
         driver = self
@@ -749,22 +779,34 @@ def _battery(
     driver: Any, lm_batches: list[dict[str, torch.Tensor]], *, tokenizer: Any, schedule: Any,
     max_grad_norm: float | None, pretrained: bool | None, evaluate: Any, expect_eos: bool | None,
     steps: int, overfit_batches: int, overfit_steps: int, check_every: int, setup: dict[str, Any],
-    collated: tuple[list[str], int, int],
+    collated: tuple[list[str], int, int], collator: Any = None,
 ) -> list[Result]:
     """The checks both entry points share: batches, loss, a short run (gradients, updates,
     accumulation, schedule) and an overfitting run."""
     model = driver.model
-    results = _batch_checks(lm_batches, tokenizer, expect_eos)
-    labelled = next((b for b in lm_batches if "labels" in b), None)
+    special = special_ids(tokenizer, collator, model)
+    setup["eos and BOS from"] = special.source
+    results = _batch_checks(lm_batches, special, expect_eos)
     results.append(_loss_at_init(model, lm_batches[0], pretrained))
+    if not any(_supervised_count(b) for b in lm_batches):
+        # the root cause, said once by batch_supervision: what needs supervised tokens cannot run
+        reason = ("follows from batch_supervision: the first batches supervise no token (every label is -100), so "
+                  "there is no loss to train on")
+        results += [Result.not_applicable(n, reason) for n in ("loss_matches_reference", "gradient_flow",
+                                                              "params_update", "accumulation", "overfits")]
+        recorder, _, _ = driver.run(min(steps, 3), phase="first steps", dropout=False)
+        results.append(_lr_schedule(recorder.steps, driver, schedule))
+        results.append(_inputs_unchanged(driver.changed_inputs, collated))
+        return results
+    labelled = next((b for b in lm_batches if "labels" in b), None)
     results.append(loss_matches_reference(model, _labels_form(labelled or lm_batches[0]))
                    if labelled is not None else
                    Result.not_applicable("loss_matches_reference", "the batches carry next-token targets, "
                                          "not labels, so the model's own loss is not called"))
     # the short run: the user's steps, dropout off so that the reference can repeat the forward
     extra = {"unequal": True} if isinstance(driver, _TrainerDriver) else {}
-    recorder, _, used = driver.run(steps, grad_steps=1, phase="first steps", dropout=False, **extra)
-    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recorder, losses, used = driver.run(steps, grad_steps=1, flag_steps=steps, phase="first steps",
+                                        dropout=False, **extra)
     first = recorder.steps[0]
     # k: the fewest calls between two steps. More before the first step means steps were skipped
     # (an AMP loss scaler that met an overflow skips optimizer.step and the gradients are zeroed):
@@ -775,17 +817,37 @@ def _battery(
     calls = range(first.micro_batches - k, first.micro_batches)
     step_batches = ([driver.seen[i] for i in calls] if isinstance(driver, _TrainerDriver)
                     else [driver.convert(driver.batches[used[i]], used[i]) for i in calls])
-    results.append(_gradient_flow(model, first))
-    results.append(_params_update(model, driver.snapshot, after, len(recorder.steps)))
+    results.append(_gradient_flow(model, recorder.steps, driver.snapshot))
+    # the parameters as the run left them, before the accumulation check restores the saved ones
+    results.append(_params_update(model, driver.snapshot, {n: p.detach() for n, p in model.named_parameters()},
+                                  len(recorder.steps)))
     rtol = getattr(driver, "gradient_rtol", None)
-    results.append(_finite_or_fail("accumulation", lambda: _accumulation(model, driver.snapshot, step_batches,
-                                                                         first, max_grad_norm, rtol)))
+    accumulation = _finite_or_fail("accumulation", lambda: _accumulation(model, driver.snapshot, step_batches,
+                                                                         first, max_grad_norm, rtol))
+    results.append(accumulation)
     results.append(_lr_schedule(recorder.steps, driver, schedule))
-    # the overfitting run: a handful of batches, the user's settings, until memorized or budget
-    results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every))
+    # the overfitting run: a handful of batches, the user's step at their schedule's peak rate
+    peaks = _peak_lrs(recorder.steps, driver.snapshot, driver.scheduler)
+    summed = _sums_micro_batches([losses[i] for i in calls], dataclasses.replace(first, micro_batches=k),
+                                 accumulation.metrics.get("reference_loss"))
+    setup["overfitting learning rate"] = "peak of the schedule" if peaks is not None else "the schedule's"
+    results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every,
+                            peaks, summed))
     # after both runs (the first run's collator, made to give unequal lengths, copies the labels)
     results.append(_inputs_unchanged(driver.changed_inputs, collated))
     return results
+
+
+def _supervised_count(batch: Mapping[str, torch.Tensor]) -> int:
+    if "targets" in batch:
+        return int((batch["targets"] != -100).sum())
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _unsupervised(results: list[Result]) -> str | None:
+    """The reason the battery gave where the batches supervise nothing, else None."""
+    return next((r.skip_reason or r.explanation for r in results if r.name == "overfits" and r.status == "n/a"
+                 and "follows from batch_supervision" in r.explanation), None)
 
 
 def _finite_or_fail(name: str, check: Callable[[], Result]) -> Result:

@@ -49,7 +49,6 @@ from lmcheck._validate import (
 from lmcheck.decoding import greedy_decode
 from lmcheck.errors import InputError, NotApplicableError
 from lmcheck.results import Result, headroom_above, headroom_below
-from lmcheck.supervision import batch_supervision
 
 __all__ = [
     "causal_batch",

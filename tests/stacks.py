@@ -102,15 +102,27 @@ def sft_trainer(tok: PreTrainedTokenizerFast, output_dir: str, data: list[dict[s
 def lora(model: torch.nn.Module, **options: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    settings: dict[str, Any] = dict(r=4, lora_alpha=8, lora_dropout=0.0,
-                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    settings: dict[str, Any] = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     settings.update(options)
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
 
 
-def pretrained_llama(tok: PreTrainedTokenizerFast, folder: str) -> LlamaForCausalLM:
-    """A Llama saved and loaded back, as a pretrained base is (its config names the folder)."""
-    llama(tok, seed=3).save_pretrained(folder)
+def pretrained_llama(tok: PreTrainedTokenizerFast, folder: str, *, steps: int = 40) -> LlamaForCausalLM:
+    """A Llama trained a little on text like the fine-tuning data, saved and loaded back, as a
+    pretrained base is (its config names the folder). A LoRA over random weights has too little
+    to work with to memorize anything in a few hundred steps."""
+    model = llama(tok, seed=3)
+    rows = [tok(s)["input_ids"] + [tok.eos_token_id] for s in sentences(32, seed=9)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
     return LlamaForCausalLM.from_pretrained(folder)
 
 
