@@ -137,11 +137,11 @@ def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
             pass
         return total
 
-    utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = clip_grad_norm_  # type: ignore[assignment]
+    utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = clip_grad_norm_
     try:
         yield
     finally:
-        utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = original  # type: ignore[assignment]
+        utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = original
 
 
 class Snapshot:

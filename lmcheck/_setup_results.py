@@ -366,11 +366,17 @@ def _take(batches: Iterable[Any], count: int, argument: str) -> list[Any]:
     if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
         raise InputError(f"'{argument}' must be an iterable of batches, such as a DataLoader or a list "
                          f"(got {describe(batches)})")
-    taken = []
-    for batch in batches:
-        taken.append(batch)
-        if len(taken) >= count:
-            break
+    taken: list[Any] = []
+    try:
+        for batch in batches:
+            taken.append(batch)
+            if len(taken) >= count:
+                break
+    except LmcheckError:
+        raise
+    except Exception as error:  # the user's collator, dataset or sampler: named, traceback chained
+        raise InputError(f"'{argument}' raised {type(error).__name__} while lmcheck read batch {len(taken)} "
+                         f"(the collator, the dataset or the sampler): {error}") from error
     if not taken:
         raise InputError(f"'{argument}' yielded no batch")
     return taken
@@ -597,7 +603,9 @@ def _accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: lis
                       explanation=f"the user's update over {counted} equals the gradient of the mean loss over "
                                   f"all their tokens (relative error {error:.1e}, allowed {tol:g})"
                                   + ("" if unequal or k == 1 else "; the counts are equal, so a per-micro-batch "
-                                     "mean could not be told apart: give batches of unequal length"))
+                                     "mean could not be told apart: give batches of unequal length")
+                                  + (f"; compared before clip_grad_norm_, which clipped it by {clipped_by:.3g} to "
+                                     f"norm {step.clip[1]:g}" if clipped_by is not None and step.clip else ""))
     if residual <= tol:
         causes = []
         if k > 1 and abs(scale - k) <= 10 * tol * k:
@@ -801,7 +809,9 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
     the accumulation steps, as the Trainer and nanoGPT return them), else their mean."""
     name = "overfits"
     budget_text = f"{budget} optimizer steps (overfit_steps)"
-    if _gathered(_memorized_rows(driver.model, lm_batches)[1]) == [0] * _world_size():
+    supervised = sum(int((b["targets"] if "targets" in b else b["labels"][:, 1:]).ne(IGNORE_INDEX).sum())
+                     for b in lm_batches)
+    if sum(_gathered(supervised)) == 0:
         return Result.not_applicable(name, "the overfitting batches supervise no token (every label is -100), so "
                                      "there is nothing to memorize: see batch_supervision")
     state: dict[str, Any] = {"memorized": (0, 1), "at": None, "non_finite": None}

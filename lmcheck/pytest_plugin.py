@@ -61,8 +61,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="training setup for lmcheck.suite's setup checks: a function returning your "
                          "transformers.Trainer, (model, train_step, batches) or a mapping of "
                          "check_loop's arguments; with a 'seed' parameter it is also rebuilt per seed")
+    for option, metavar, text in _BUDGET_OPTIONS:
+        group.addoption(option, default=None, type=int, metavar=metavar, help=text)
     group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
                     help="prompt for lmcheck.suite (repeatable; default: lmcheck.suite.DEFAULT_PROMPTS)")
+
+
+# the setup checks' budget, for --lmcheck-trainer (check_trainer's and check_loop's arguments)
+_BUDGET_OPTIONS = (
+    ("--lmcheck-steps", "N", "setup checks: optimizer steps of the first run (default 8)"),
+    ("--lmcheck-overfit-steps", "N", "setup checks: the overfitting run's budget in optimizer steps (default 200)"),
+    ("--lmcheck-overfit-batches", "N", "setup checks: micro-batches the overfitting run memorizes (default 4)"),
+    ("--lmcheck-check-every", "N", "setup checks: optimizer steps between memorization checks (default 5)"),
+)
+
+
+def budget_options(config: pytest.Config) -> dict[str, Any]:
+    """The setup checks' budget given on the command line, as check_trainer's keyword arguments."""
+    out: dict[str, Any] = {}
+    for option, _, _ in _BUDGET_OPTIONS:
+        value = config.getoption(option)
+        if value is not None:
+            out[option.removeprefix("--lmcheck-").replace("-", "_")] = value
+    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -204,7 +225,7 @@ def lmcheck_setup_report(pytestconfig: pytest.Config) -> Any:
     from lmcheck.suite import run_setup_checks
 
     try:
-        return run_setup_checks(spec)
+        return run_setup_checks(spec, **budget_options(pytestconfig))
     except LmcheckError as error:
         pytest.fail(f"--lmcheck-trainer: {error}", pytrace=False)
 

@@ -155,8 +155,17 @@ class SetupReport:
                 return result
         raise KeyError(f"no check named {name!r} in this report (checks: {', '.join(r.name for r in self.results)})")
 
+    def __iter__(self) -> Iterator[Result]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
     def failures(self) -> list[Result]:
-        return [r for r in self.results if r.status == "fail"]
+        """The failed checks, root causes first: a failure that follows from an earlier one
+        (its ``metrics["follows_from"]``) comes after the one it follows from."""
+        failed = [r for r in self.results if r.status == "fail"]
+        return sorted(failed, key=lambda r: "follows_from" in r.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "setup": self.setup, "results": [r.to_dict() for r in self.results],
@@ -312,7 +321,7 @@ def check_loop(
     finally:
         loop.snapshot.restore()
         put_back()
-    return SetupReport(results=_agree(_ordered(results)), curve=loop.curve, setup=setup)
+    return SetupReport(results=_root_causes_first(_agree(_ordered(results))), curve=loop.curve, setup=setup)
 
 
 # ---------------------------------------------------------------- under torchrun
@@ -492,7 +501,7 @@ def check_trainer(
         driver.restore()
     if _world_size() > 1:
         setup["world size"] = _world_size()
-    return SetupReport(results=_agree(_ordered(results)), curve=driver.curve, setup=setup)
+    return SetupReport(results=_root_causes_first(_agree(_ordered(results))), curve=driver.curve, setup=setup)
 
 
 class _TrainerDriver:
@@ -693,7 +702,7 @@ class _TrainerDriver:
         try:
             with _quiet():
                 loader = self.trainer.get_train_dataloader()
-            return [_converter(None)(b, i) for i, b in enumerate(loader)]
+            return [_converter(None)(b, i) for i, b in enumerate(_take(loader, count * 64, "the Trainer's train dataloader"))]
         finally:
             self.trainer.train_dataset = dataset
 
@@ -842,6 +851,30 @@ def _supervised_count(batch: Mapping[str, torch.Tensor]) -> int:
     if "targets" in batch:
         return int((batch["targets"] != -100).sum())
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# What a check's failure can follow from: where one of these failed too, the failure is marked
+# as following from the first of them, which leads (SetupReport.failures, the CLI, Markdown).
+_FOLLOWS: dict[str, tuple[str, ...]] = {
+    "inputs_unchanged": ("batch_supervision",),  # labels aliasing the inputs: one cause, two signs
+    "params_update": ("gradient_flow", "lr_schedule"),
+    "accumulation": ("batch_supervision", "loss_matches_reference", "gradient_flow"),
+    "overfits": ("batch_supervision", "causal_batch", "loss_matches_reference", "gradient_flow", "params_update",
+                 "accumulation", "lr_schedule"),
+    "reproducible": ("gradient_flow",),
+}
+
+
+def _root_causes_first(results: list[Result]) -> list[Result]:
+    failed = {r.name for r in results if r.status == "fail"}
+    out = []
+    for result in results:
+        cause = next((c for c in _FOLLOWS.get(result.name, ()) if c in failed), None)
+        if result.status == "fail" and cause is not None:
+            result = dataclasses.replace(result, metrics={**result.metrics, "follows_from": cause},
+                                         explanation=f"follows from {cause}, which failed first: {result.explanation}")
+        out.append(result)
+    return out
 
 
 def _unsupervised(results: list[Result]) -> str | None:

@@ -29,6 +29,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +231,7 @@ def _import_function(spec: str, what: str) -> Callable[..., Any]:
     """The function that ``spec`` (``package.module:function``) names; an InputError of one line
     naming ``what`` and ``spec`` where the import fails or there is no such function."""
     module_name, function_name = spec.split(":")
+    _working_directory_importable()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # the user's import: any failure is reported in one line
@@ -239,6 +241,14 @@ def _import_function(spec: str, what: str) -> Callable[..., Any]:
     if not callable(function):
         raise InputError(f"{what} {spec!r}: {module_name} has no function {function_name!r}")
     return function
+
+
+def _working_directory_importable() -> None:
+    """Put the working directory on ``sys.path``, as ``python -m`` does: the ``lmcheck`` command
+    and pytest's console script start without it, and a factory beside the user is the norm."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path and os.path.abspath(here) not in map(os.path.abspath, sys.path):
+        sys.path.insert(0, here)
 
 
 def _call_function(spec: str, what: str, function: Callable[..., Any], **arguments: Any) -> Any:
@@ -292,7 +302,7 @@ def load_setup(spec: str) -> tuple[Any, Callable[[int], Any] | None]:
     def rebuild(value: int) -> Any:
         return _setup_value(spec, _call_function(spec, _SETUP, function, seed=value))
 
-    if not _is_trainer(setup) and "seed" not in setup:  # the seed check_loop gives rebuild
+    if not _is_trainer(setup) and "trainer" not in setup and "seed" not in setup:  # the seed check_loop gives rebuild
         default = seed.default
         setup["seed"] = default if isinstance(default, int) and not isinstance(default, bool) else 0
     return setup, rebuild
@@ -319,6 +329,10 @@ def run_setup_checks(spec: str, *, progress: Callable[[str, int, int], None] | N
     setup, rebuild = load_setup(spec)
     if _is_trainer(setup):
         return check_trainer(setup, rebuild=rebuild, progress=progress, **options)
+    if "trainer" in setup:  # the Trainer and the budget its function chose; options take precedence
+        chosen = {k: v for k, v in setup.items() if k != "trainer"}
+        return check_trainer(setup["trainer"], rebuild=_trainer_of(rebuild), progress=progress,
+                             **{**chosen, **options})
     arguments = {**setup, **options}
     if rebuild is not None and "rebuild" not in setup:
         arguments["rebuild"] = rebuild
@@ -326,6 +340,13 @@ def run_setup_checks(spec: str, *, progress: Callable[[str, int, int], None] | N
 
 
 _SETUP_OPTIONS = ("steps", "overfit_batches", "overfit_steps", "check_every", "expect_eos", "pretrained")
+
+
+def _trainer_of(rebuild: Callable[[int], Any] | None) -> Callable[[int], Any] | None:
+    """``rebuild`` for a function that returns a Trainer with its budget: the Trainer alone."""
+    if rebuild is None:
+        return None
+    return lambda seed: (lambda made: made["trainer"] if isinstance(made, Mapping) else made)(rebuild(seed))
 
 
 def _seed_parameter(function: Callable[..., Any]) -> inspect.Parameter | None:
@@ -350,6 +371,15 @@ def _setup_value(spec: str, made: Any) -> Any:
     """The Trainer, or the loop as a dict of check_loop's arguments; else an InputError naming spec."""
     if _is_trainer(made):
         return made
+    if isinstance(made, Mapping) and "trainer" in made:  # a Trainer with its budget
+        if not _is_trainer(made["trainer"]):
+            raise InputError(f"training setup {spec!r} returned a mapping whose 'trainer' is not a "
+                             f"transformers.Trainer (got {describe(made['trainer'])})")
+        unknown = sorted(str(k) for k in made if k != "trainer" and k not in _SETUP_OPTIONS)
+        if unknown:
+            raise InputError(f"training setup {spec!r} returned a Trainer with unknown option {unknown[0]!r}: "
+                             f"the options are {', '.join(_SETUP_OPTIONS)}")
+        return dict(made)
     if isinstance(made, tuple) and len(made) == len(_LOOP_REQUIRED):
         arguments = dict(zip(_LOOP_REQUIRED, made, strict=True))
     elif isinstance(made, Mapping):
