@@ -228,3 +228,37 @@ def padded_loader(tok: PreTrainedTokenizerFast, *, batch_size: int = 4, seed: in
     return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
                                        collate_fn=collate or DataCollatorForLanguageModeling(tok, mlm=False),
                                        generator=torch.Generator().manual_seed(seed))
+
+
+def chunk_loader(tok: PreTrainedTokenizerFast, *, length: int = 12, batch_size: int = 4,
+                 seed: int = 0) -> torch.utils.data.DataLoader:
+    """Packed chunks of the token stream, all of one length (no padding), as pretraining reads them."""
+    stream = token_stream(tok, 60)
+    rows = [{"input_ids": stream[i: i + length], "labels": stream[i: i + length].clone()}
+            for i in range(0, len(stream) - length, length)][:16]
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+# trl PR #5988: a training template whose assistant mask stops before the end-of-turn token
+CHATML_STOP_UNTRAINED = CHATML.replace(
+    "{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}",
+    "{%- generation %}{{- message.content }}{%- endgeneration %}{{- '<|im_end|>' }}")
+
+
+def training_arguments(output_dir: str, **arguments: Any) -> Any:
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
+        lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0, weight_decay=0.0,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    settings.update(arguments)
+    return TrainingArguments(**settings)
+
+
+def examples(tok: PreTrainedTokenizerFast, count: int = 16) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_list([{"input_ids": tok(s)["input_ids"] + [tok.eos_token_id]}
+                                       for s in sentences(count)])

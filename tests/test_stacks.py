@@ -1,0 +1,266 @@
+"""The setup checks on the stacks people train with, none of them lmcheck's: TRL's SFTTrainer on
+plain text, assistant-only chat and prompt-completion data; a PEFT LoRA through the Trainer, with
+reentrant gradient checkpointing as the QLoRA recipes set it; a loop written as nanoGPT's
+``train.py`` is; an ``accelerate`` loop; a Trainer on a tiny Llama, with an optimizer of the
+user's own. Each healthy setup passes, with n/a only where a check does not apply; each
+documented bug put into one fails with its cause named first.
+
+The heavy ones (TRL and PEFT, 4 to 8 s each) run in the slow tier (``pytest -m slow``, which CI
+runs); the loops run in the default suite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import stacks
+import torch
+from plain_models import Config, NanoGPT
+from transformers import DataCollatorForLanguageModeling, Trainer
+
+import lmcheck
+from lmcheck.setup_checks import SETUP_CHECKS, SetupReport, check_loop, check_trainer
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return stacks.chat_tokenizer()
+
+
+def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = ()) -> None:
+    """Every check passed but those named, which are n/a; nothing crashed or failed."""
+    statuses = {r.name: r.status for r in report}
+    assert set(statuses) == set(SETUP_CHECKS)
+    wrong = {n: report[n].explanation for n, s in statuses.items() if s != ("n/a" if n in not_applicable else "pass")}
+    assert not wrong, wrong
+    assert report.passed
+
+
+def fails_first(report: SetupReport, check: str, *phrases: str) -> None:
+    """``check`` failed, leads the failures (the root cause) and names the cause."""
+    failures = report.failures()
+    assert failures and failures[0].name == check, [(r.name, r.explanation) for r in failures]
+    for phrase in phrases:
+        assert phrase in failures[0].explanation, f"{phrase!r} not in: {failures[0].explanation}"
+    assert not report.passed
+
+
+# ---------------------------------------------------------------- TRL's SFTTrainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["plain text", "assistant-only chat", "prompt-completion"])
+def test_trl_sft_healthy(tok, tmp_path, data):
+    """SFT at TRL's defaults with a cosine schedule: the overfitting run holds the schedule's
+    peak; in chat rows the user's end-of-turn tokens are left out by design and every assistant
+    span ends with its supervised ``<|im_end|>``, the ``\\n`` after it allowed."""
+    made = {"plain text": (stacks.plain_texts(), {}),
+            "assistant-only chat": (stacks.two_turn_conversations(), {"assistant_only_loss": True}),
+            "prompt-completion": (stacks.prompt_completions(), {})}
+    rows, options = made[data]
+    report = check_trainer(stacks.sft_trainer(tok, str(tmp_path), rows, **options))
+    healthy(report)
+    assert "held constant" in report["overfits"].explanation
+    if data != "plain text":
+        assert report["batch_supervision"].metrics["masked_rows"] > 0
+
+
+@pytest.mark.slow
+def test_trl_template_that_never_trains_the_end_of_turn(tok, tmp_path):
+    """trl PR #5988: a training template whose ``{% generation %}`` block closes before
+    ``<|im_end|>``: the assistant's spans end on content, the model never learns to stop."""
+    untrained = stacks.chat_tokenizer()
+    untrained.chat_template = stacks.CHATML_STOP_UNTRAINED
+    trainer = stacks.sft_trainer(untrained, str(tmp_path), stacks.conversations(), assistant_only_loss=True)
+    report = check_trainer(trainer)
+    fails_first(report, "batch_supervision", "end-of-sequence token(s) are not supervised", "trl PR #5988")
+
+
+# ---------------------------------------------------------------- PEFT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", ["none", "reentrant"])
+def test_peft_lora_healthy(tok, tmp_path, checkpointing):
+    """A LoRA over a pretrained base through the Trainer: a Hugging Face model for every purpose
+    (pretrained, so loss_at_init is n/a; its own loss is compared); lora_A's zero gradient at
+    step 1 (lora_B starts at zero) is named, not failed. With reentrant checkpointing (the QLoRA
+    recipes) the reference gradient still reaches the checkpointed blocks."""
+    model = stacks.lora(stacks.pretrained_llama(tok, str(tmp_path / "base")))
+    options: dict[str, Any] = {}
+    if checkpointing == "reentrant":
+        model.enable_input_require_grads()  # as peft.prepare_model_for_kbit_training does
+        options = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = Trainer(model=model, args=stacks.training_arguments(str(tmp_path), **options),
+                      train_dataset=stacks.examples(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      processing_class=tok)
+    report = check_trainer(trainer)
+    healthy(report, not_applicable=("loss_at_init",))
+    if checkpointing == "reentrant":  # the Trainer turned it on for its runs
+        assert model.get_base_model().is_gradient_checkpointing
+    assert "lora_B" in report["gradient_flow"].explanation
+    assert report["gradient_flow"].metrics["zero_at_first_step"] > 0
+
+
+# ---------------------------------------------------------------- a Trainer on a tiny Llama
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("own_optimizer", [False, True])
+def test_llama_trainer_healthy(tok, tmp_path, own_optimizer):
+    """The documented way to give a Trainer its own optimizer, ``optimizers=(AdamW(...), None)``:
+    the warm-up the Trainer builds around it is what lr_schedule replays."""
+    model = stacks.llama(tok)
+    optimizers = (torch.optim.AdamW(model.parameters(), lr=1e-2), None) if own_optimizer else (None, None)
+    trainer = Trainer(model=model, args=stacks.training_arguments(str(tmp_path), lr_scheduler_type="linear",
+                                                                  warmup_steps=5),
+                      train_dataset=stacks.examples(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      processing_class=tok, optimizers=optimizers)
+    healthy(check_trainer(trainer))
+
+
+@pytest.mark.slow
+def test_collator_that_supervises_nothing_is_one_root_cause(tok, tmp_path):
+    """trl #598: a completion-only collator that never finds its response template labels every
+    token -100. That is said once, first, by batch_supervision; the checks that need supervised
+    tokens are n/a with that reason, and ``overfits`` never passes on nothing."""
+    causal = DataCollatorForLanguageModeling(tok, mlm=False)
+
+    def template_never_found(examples: list[Any]) -> Any:
+        batch = causal(examples)
+        batch["labels"][:] = -100
+        return batch
+
+    trainer = Trainer(model=stacks.llama(tok), args=stacks.training_arguments(str(tmp_path)),
+                      train_dataset=stacks.examples(tok), data_collator=template_never_found, processing_class=tok)
+    report = check_trainer(trainer)
+    fails_first(report, "batch_supervision", "rows supervise no token", "trl #598")
+    assert "#23530" not in report["batch_supervision"].explanation
+    for name in ("gradient_flow", "params_update", "accumulation", "overfits", "reproducible"):
+        assert report[name].status == "n/a", report[name]
+        assert "batch_supervision" in report[name].skip_reason
+
+
+@pytest.mark.slow
+def test_pad_equal_to_eos_with_the_tokenizer_only_in_the_collator(tok, tmp_path):
+    """transformers #23530 with no ``processing_class``: the eos comes from the collator's own
+    tokenizer, so the hidden eos is still found (not "eos not checked")."""
+    eos_padded = stacks.chat_tokenizer()
+    eos_padded.pad_token = eos_padded.eos_token
+    trainer = Trainer(model=stacks.llama(tok), args=stacks.training_arguments(str(tmp_path)),
+                      train_dataset=stacks.examples(tok),
+                      data_collator=DataCollatorForLanguageModeling(eos_padded, mlm=False))
+    report = check_trainer(trainer)
+    fails_first(report, "batch_supervision", "end-of-sequence token(s) are not supervised", "#23530")
+    assert report.setup["eos and BOS from"] == "the collator's tokenizer"
+
+
+# ---------------------------------------------------------------- a loop as nanoGPT's train.py
+
+
+def nanogpt(tok, **options: Any) -> tuple[Any, stacks.NanoGPTLoop]:
+    net = NanoGPT(Config(vocab_size=len(tok), block_size=16))
+    loop = stacks.NanoGPTLoop(net, stacks.token_stream(tok), **options)
+    return lmcheck.adapt(net, logits=lambda ids: net(ids, ids)[0]), loop
+
+
+def test_nanogpt_loop_healthy(tok):
+    """Random windows of a token stream (sampling with replacement, a named data mode), its own
+    ``get_lr(iter_num)`` set by hand (the overfitting run holds its peak whatever ``iter_num``
+    says), the loss divided by the accumulation steps and clipping at 1."""
+    model, loop = nanogpt(tok)
+    report = check_loop(model, loop.step, loop.batches(), tokenizer=tok, max_grad_norm=1.0,
+                        sampling="with_replacement")
+    healthy(report, not_applicable=("loss_matches_reference", "reproducible"))
+    assert "sampling with replacement" in report["data_order"].explanation
+    # the step returns loss / k: the curve sums a step's micro-batches, so it starts near ln V
+    first = report.curve.train[0][1]
+    assert abs(first - math.log(len(tok))) < 0.5, first
+
+
+def test_nanogpt_loss_not_divided_by_the_accumulation_steps_under_clipping(tok):
+    """The nanoGPT loop without ``loss / gradient_accumulation_steps``, clipped at 1: the right
+    update and the doubled one both clip to norm 1, so the step's gradient alone cannot tell
+    them apart; accumulation compares the update before clip_grad_norm_ scaled it."""
+    model, loop = nanogpt(tok, divide=False)
+    report = check_loop(model, loop.step, loop.batches(), tokenizer=tok, max_grad_norm=1.0,
+                        sampling="with_replacement", overfit_steps=10)
+    result = report["accumulation"]
+    assert result.status == "fail", result
+    assert "not divided by the 2 accumulation steps" in result.explanation
+    assert "seen through the clipping" in result.explanation
+
+
+def test_nanogpt_sampling_with_replacement_fails_as_epochs(tok):
+    """Left at ``sampling="epochs"``, the same loop's windows repeat within an epoch: the data
+    mode is the user's to name, and the default still catches a sampler that repeats."""
+    model, loop = nanogpt(tok)
+    report = check_loop(model, loop.step, loop.batches(), tokenizer=tok, max_grad_norm=1.0, overfit_steps=10)
+    assert report["data_order"].status == "fail"
+    assert "repeats an example" in report["data_order"].explanation
+
+
+def test_sampling_that_repeats_its_draw(tok):
+    """With replacement, but the generator reseeded at every step: every batch is the same."""
+    model, loop = nanogpt(tok)
+    batch = loop.get_batch()
+    report = check_loop(model, loop.step, [batch] * 16, tokenizer=tok, max_grad_norm=1.0,
+                        sampling="with_replacement", overfit_steps=10)
+    assert report["data_order"].status == "fail"
+    assert "the draw repeats itself" in report["data_order"].explanation
+
+
+# ---------------------------------------------------------------- an accelerate loop
+
+
+def test_accelerate_loop_healthy(tok):
+    """Everything through ``accelerator.prepare``: the prepared scheduler (an AcceleratedScheduler,
+    the object the step really calls) is unwrapped; packed chunks of one length, so accelerate's
+    mean per micro-batch is the mean over the step's tokens."""
+    loop = stacks.AccelerateLoop(stacks.llama(tok), stacks.chunk_loader(tok))
+    report = check_loop(loop.model, loop.step, loop.loader, tokenizer=tok, scheduler=loop.scheduler,
+                        max_grad_norm=1.0)
+    healthy(report, not_applicable=("reproducible",))
+
+
+def test_accelerate_loop_on_padded_rows_of_unequal_length(tok):
+    """The same loop on padded rows of unequal length: accelerate's ``accumulate`` averages the
+    micro-batches' mean losses, so short rows weigh as much as long ones (transformers #34191)."""
+    loop = stacks.AccelerateLoop(stacks.llama(tok), stacks.padded_loader(tok))
+    report = check_loop(loop.model, loop.step, loop.loader, tokenizer=tok, scheduler=loop.scheduler,
+                        max_grad_norm=1.0, overfit_steps=10)
+    result = report["accumulation"]
+    assert result.status == "fail"
+    assert "#34191" in result.explanation
+
+
+# ---------------------------------------------------------------- the faces
+
+
+def test_a_report_iterates_over_its_results(tok):
+    model, loop = nanogpt(tok)
+    report = check_loop(model, loop.step, loop.batches(), tokenizer=tok, max_grad_norm=1.0,
+                        sampling="with_replacement", overfit_steps=5)
+    assert [r.name for r in report] == list(SETUP_CHECKS) == [r.name for r in report.results]
+    assert len(report) == len(SETUP_CHECKS)
+
+
+def test_a_collator_that_raises_is_named(tok):
+    def broken(examples: list[Any]) -> Any:
+        raise KeyError("text")
+
+    loader = stacks.padded_loader(tok, collate=broken)
+    model, loop = nanogpt(tok)
+    with pytest.raises(lmcheck.InputError, match="'batches' raised KeyError while lmcheck read batch 0"):
+        check_loop(model, loop.step, loader, tokenizer=tok)
+
+
+def test_an_unknown_sampling_mode_is_named(tok):
+    model, loop = nanogpt(tok)
+    with pytest.raises(lmcheck.InputError, match="'sampling' must be 'epochs'"):
+        check_loop(model, loop.step, loop.batches(), sampling="random")
