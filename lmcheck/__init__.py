@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "causal_batch": "lmcheck.training",
     "causal_lm_collator": "lmcheck.loops.pretraining",
     "causality": "lmcheck.causal",
+    "check_lightning": "lmcheck.lightning_setup",
     "check_loop": "lmcheck.setup_checks",
     "check_memorization_lengths": "lmcheck.training",
     "check_model_fits": "lmcheck.loops.pretraining",

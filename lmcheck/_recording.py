@@ -71,9 +71,9 @@ class Recorder:
     def active(self) -> Iterator[Recorder]:
         names = {id(p): n for n, p in self.model.named_parameters()}
 
-        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
             if not any(id(p) in names for group in optimizer.param_groups for p in group["params"]):
-                return  # an optimizer of something else
+                return None  # an optimizer of something else
             if id(optimizer) not in self._seen:
                 self._seen.add(id(optimizer))
                 if self.on_first_sight is not None:
@@ -81,7 +81,24 @@ class Recorder:
             if self._primary is None:
                 self._primary = id(optimizer)
             if id(optimizer) != self._primary:
-                return  # a second optimizer of the same model: its state is saved, its steps not counted
+                return None  # a second optimizer of the same model: its state is saved, its steps not counted
+            closure = kwargs.get("closure", args[0] if args and callable(args[0]) else None)
+            if closure is None:
+                record(optimizer)
+                return None
+
+            # optimizer.step(closure), as Lightning calls it: the forward, backward and clipping
+            # run inside the step, so the gradients are read when the closure returns
+            def recorded() -> Any:
+                loss = closure()
+                record(optimizer)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": recorded}
+            return (recorded, *args[1:]), kwargs
+
+        def record(optimizer: torch.optim.Optimizer) -> None:
             grads = None
             if len(self.steps) < self.grad_steps:
                 grads = {n: None if p.grad is None else p.grad.detach().clone()

@@ -299,6 +299,7 @@ NOT_FUZZED = {
     "memorize_chunks": "a training loop; its arguments are checked in tests/test_masked.py",
     "check_loop": "runs the user's training loop; its arguments are checked in tests/test_setup_checks.py",
     "check_trainer": "runs the user's Trainer; its arguments are checked in tests/test_setup_checks.py",
+    "check_lightning": "runs the user's Lightning fit; its arguments are checked in tests/test_lightning.py",
     **{name: "collective: needs a process group; run under torchrun in tests/test_distributed.py"
        for name in ("same_init", "data_sharding", "grads_synchronized", "ddp_matches_single", "rank_randomness")},
 }

@@ -44,7 +44,8 @@ def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = ()) -> Non
 def fails_first(report: SetupReport, check: str, *phrases: str) -> None:
     """``check`` failed, leads the failures (the root cause) and names the cause."""
     failures = report.failures()
-    assert failures and failures[0].name == check, [(r.name, r.explanation) for r in failures]
+    assert failures, "nothing failed"
+    assert failures[0].name == check, [(r.name, r.explanation) for r in failures]
     for phrase in phrases:
         assert phrase in failures[0].explanation, f"{phrase!r} not in: {failures[0].explanation}"
     assert not report.passed
