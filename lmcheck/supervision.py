@@ -105,9 +105,9 @@ def batch_supervision(
         check_tokenizer(tokenizer)
     check_fraction(min_supervised_fraction, "min_supervised_fraction")
     check_bool(expect_eos, "expect_eos")
-    if end_ids is not None and (isinstance(end_ids, (str, bytes)) or not isinstance(end_ids, Collection) or not all(
+    if end_ids is not None and (not isinstance(end_ids, (list, tuple, set, frozenset)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in end_ids)):
-        raise InputError(f"'end_ids' must be a collection of token ids (got {describe(end_ids)})")
+        raise InputError(f"'end_ids' must be a list, tuple or set of token ids, ints (got {describe(end_ids)})")
     if bos_id is not None and (not isinstance(bos_id, int) or isinstance(bos_id, bool)):
         raise InputError(f"'bos_id' must be a token id, an int (got {describe(bos_id)})")
     inputs = as_ids(batch["input_ids"], "batch['input_ids']")  # (B, T)
