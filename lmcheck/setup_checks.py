@@ -522,6 +522,7 @@ class _TrainerDriver:
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
         self.scheduler: Any = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
+        self.gradient_state = _gradient_state()
 
     def restore(self) -> None:
         self.snapshot.restore()
@@ -656,6 +657,7 @@ class _TrainerDriver:
 
     def _after_run(self) -> None:
         """Drop what train() made (optimizer, scheduler, state), keep the model's values."""
+        _put_gradient_state(self.gradient_state)
         for name in ("optimizer", "lr_scheduler", "state", "control", "model_wrapped"):
             if name in self.attributes:
                 setattr(self.trainer, name, self.attributes[name])
@@ -764,6 +766,23 @@ class _TrainerDriver:
             return Result.not_applicable("eval_deterministic", f"Trainer.evaluate() returned no eval_loss "
                                          f"(got {losses[0]!r})")
         return _eval_deterministic([float(v) for v in losses], "Trainer.evaluate()")
+
+
+def _gradient_state() -> dict[str, Any]:
+    """accelerate's GradientState, shared by every Accelerator of the process: train() stopped
+    mid-epoch leaves its dataloader registered (and, at an epoch's end, ``end_of_dataloader``
+    set, which makes a later ``accelerator.accumulate`` sync at every micro-batch) and its
+    accumulation steps changed."""
+    from accelerate.state import GradientState
+
+    return {k: list(v) if isinstance(v, list) else v for k, v in GradientState._shared_state.items()}
+
+
+def _put_gradient_state(saved: dict[str, Any]) -> None:
+    from accelerate.state import GradientState
+
+    GradientState._shared_state.clear()
+    GradientState._shared_state.update({k: list(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 def _at_epoch(loader: Any, epoch: int) -> Any:

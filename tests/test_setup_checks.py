@@ -896,3 +896,17 @@ def test_a_streaming_train_set_gets_a_clear_error(tok, tmp_path):
     trainer.train_dataset = datasets.Dataset.from_list(setups.examples(tok)).to_iterable_dataset()
     with pytest.raises(InputError, match="map-style"):
         check_trainer(trainer, **SHORT)
+
+
+def test_check_trainer_leaves_accelerates_gradient_state_as_it_was(tok, tmp_path):
+    """accelerate's GradientState is shared by every Accelerator in the process. The Trainer's
+    runs stop mid-epoch, which left their dataloader registered in it (and, stopped at an
+    epoch's end, ``end_of_dataloader`` set: a later ``accelerator.accumulate`` then synced at
+    every micro-batch) and its accumulation steps changed; they are put back."""
+    from accelerate.state import GradientState
+
+    trainer = setups.trainer(tok, str(tmp_path))
+    before = {k: (list(v) if isinstance(v, list) else v) for k, v in GradientState._shared_state.items()}
+    check_trainer(trainer, **SHORT)
+    assert not GradientState().in_dataloader
+    assert GradientState._shared_state == before
