@@ -55,3 +55,8 @@ def not_a_setup() -> str:
 
 def unknown_key() -> dict[str, Any]:
     return {**loop(), "learning_rate": 1e-3}
+
+
+def trainer_with_budget(seed: int = 0) -> dict[str, Any]:
+    """A Trainer and the budget its author chose for it."""
+    return {"trainer": trainer(seed), "overfit_steps": 3, "check_every": 1}

@@ -293,3 +293,42 @@ def test_load_setup_takes_a_loop_as_a_tuple_or_a_mapping(setup_factories):
 def test_load_setup_names_what_it_cannot_take(spec, message, setup_factories):
     with pytest.raises(InputError, match=re.escape(message)):
         load_setup(spec)
+
+
+def test_a_factory_may_return_its_trainer_with_a_budget(setup_factories):
+    """``{"trainer": trainer, "overfit_steps": 3}``: the budget travels with the setup; an option
+    given by the caller (the command line) wins over it."""
+    from lmcheck.suite import run_setup_checks
+
+    report = run_setup_checks("setup_factories:trainer_with_budget", steps=2)
+    assert report["overfits"].metrics["budget"] == 3
+    assert "after 3 optimizer steps (overfit_steps)" in report["overfits"].explanation
+    assert len(report["lr_schedule"].metrics["observed"]) == 2
+
+
+def test_the_setup_suite_takes_the_budget_on_the_command_line(pytester, setup_factories):
+    """``--lmcheck-overfit-steps`` and ``--lmcheck-check-every`` reach check_trainer: one step
+    memorizes nothing, so overfits fails and names that budget."""
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-k",
+                                          "training_setup", "--lmcheck-trainer=setup_factories:trainer",
+                                          "--lmcheck-overfit-steps=1", "--lmcheck-check-every=1",
+                                          "--lmcheck-steps=2")
+    result.stdout.fnmatch_lines(["*overfits: after 1 optimizer steps (overfit_steps)*"])
+
+
+def test_train_check_imports_a_factory_from_the_working_directory(tmp_path):
+    """``lmcheck train-check factories:make`` run beside ``factories.py``: the console script
+    starts without the working directory on sys.path; lmcheck puts it there, as ``python -m``
+    does, so the factory is found (here it raises, and is named)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_factories.py").write_text("def make():\n    raise RuntimeError('reached my factory')\n")
+    command = Path(sys.executable).with_name("lmcheck")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(command), "train-check", "my_factories:make"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "raised RuntimeError: reached my factory" in done.stderr + done.stdout
+    assert "ModuleNotFoundError" not in done.stderr + done.stdout
