@@ -84,12 +84,17 @@ def test_lightning_accumulation_is_lightnings_mean_per_micro_batch(tok):
 def test_a_warmup_stepped_per_epoch_stays_at_zero(tok):
     """Lightning's default scheduler interval is the epoch: a warm-up written per step then
     holds the learning rate at 0 for the whole first epoch. lr_schedule says so first; the
-    parameters that do not move follow from it."""
+    overfitting run that fails follows from it."""
     report = lmcheck.check_lightning(trainer(), LitLM(tok, interval="epoch"), tokenizer=tok, overfit_steps=10)
     result = report["lr_schedule"]
     assert result.status == "fail"
     assert "the learning rate is 0 at optimizer steps" in result.explanation
     assert report.setup["scheduler interval"] == "epoch (every 1)"
+    assert report.failures()[0].name == "lr_schedule"  # the root cause leads
+    follows = report["overfits"]  # 4 steps an epoch: from the second epoch on the rate is 1/3 of the peak
+    assert follows.status == "fail"
+    assert follows.metrics["follows_from"] == "lr_schedule"
+    assert follows.explanation.startswith("follows from lr_schedule, which failed first")
 
 
 def test_pad_equal_to_eos_in_a_lightning_collator(tok):
