@@ -210,6 +210,16 @@ def _first_difference(before: torch.Tensor, after: torch.Tensor, where: str) -> 
             f"that alias input_ids does this (Fast-LLM #253): clone the labels")
 
 
+def _note_changed_ids(changes: list[str], before: torch.Tensor | None, after: torch.Tensor | None,
+                      where: str) -> bool:
+    """Whether a step changed the batch's ids in place; the first such change is noted in ``changes``."""
+    if before is None or after is None or torch.equal(before, after):
+        return False
+    if not changes:
+        changes.append(_first_difference(before, after, where))
+    return True
+
+
 def _put_ids_back(batch: Any, saved: torch.Tensor) -> None:
     ids = _batch_ids(batch)
     if isinstance(ids, torch.Tensor) and ids.shape == saved.shape:

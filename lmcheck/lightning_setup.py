@@ -33,9 +33,9 @@ from lmcheck._setup_results import (
     _converter,
     _data_order_of_loop,
     _eval_twice,
-    _first_difference,
     _ids_copy,
     _loss_value,
+    _note_changed_ids,
     _quiet,
     _reproducible,
     _take,
@@ -227,10 +227,7 @@ class _LightningDriver:
             recorder.calls += 1
             before = _ids_copy(batch)
             out = original(batch, batch_idx, *rest, **kwargs)
-            after = _ids_copy(batch)
-            if before is not None and after is not None and not torch.equal(before, after) \
-                    and not driver.changed_inputs:
-                driver.changed_inputs.append(_first_difference(before, after, f"micro-batch {recorder.calls}"))
+            _note_changed_ids(driver.changed_inputs, before, _ids_copy(batch), f"micro-batch {recorder.calls}")
             loss = out.get("loss") if isinstance(out, Mapping) else out
             losses.append(_loss_value(loss, f"the module's training_step on micro-batch {recorder.calls}"))
             used.append(feed_index[batch_idx % len(feed_index)])

@@ -78,7 +78,6 @@ from lmcheck._setup_results import (
     _epoch_keys,
     _eval_deterministic,
     _eval_twice,
-    _first_difference,
     _gathered,
     _gradient_flow,
     _ids_copy,
@@ -88,6 +87,7 @@ from lmcheck._setup_results import (
     _loss_at_init,
     _loss_value,
     _lr_schedule,
+    _note_changed_ids,
     _overfit,
     _params_update,
     _peak_lrs,
@@ -402,10 +402,7 @@ class _Loop:
                 loss = self._call(batch, index)
                 losses.append(loss)
                 used.append(index)
-                after = _ids_copy(batch)
-                if before is not None and after is not None and not torch.equal(before, after):
-                    if not self.changed_inputs:
-                        self.changed_inputs.append(_first_difference(before, after, f"batch {index}"))
+                if before is not None and _note_changed_ids(self.changed_inputs, before, _ids_copy(batch), f"batch {index}"):
                     _put_ids_back(batch, before)  # the next call of this batch sees the user's ids
                 if len(recorder.steps) > done:
                     if self.progress is not None:
@@ -598,10 +595,7 @@ class _TrainerDriver:
                 seen.append({k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
             before = _ids_copy(inputs)
             loss = original_step(model, inputs, *rest, **kwargs)
-            after = _ids_copy(inputs)
-            if before is not None and after is not None and not torch.equal(before, after) \
-                    and not driver.changed_inputs:
-                driver.changed_inputs.append(_first_difference(before, after, f"micro-batch {recorder.calls}"))
+            _note_changed_ids(driver.changed_inputs, before, _ids_copy(inputs), f"micro-batch {recorder.calls}")
             losses.append(_loss_value(loss, f"the Trainer's training step {recorder.calls}"))
             return loss
 
