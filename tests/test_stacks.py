@@ -265,3 +265,30 @@ def test_an_unknown_sampling_mode_is_named(tok):
     model, loop = nanogpt(tok)
     with pytest.raises(lmcheck.InputError, match="'sampling' must be 'epochs'"):
         check_loop(model, loop.step, loop.batches(), sampling="random")
+
+
+def test_a_peft_model_passes_the_causal_battery(tok):
+    """A LoRA model is a Hugging Face model for every purpose: generate, its cache, its mask."""
+    from lmcheck.suite import run_checks
+
+    model = stacks.lora(stacks.llama(tok)).eval()
+    results = run_checks(model, tok, prompts=["the cat sat", "a dog ran on the mat"])
+    assert {r.name: r.status for r in results} == dict.fromkeys((r.name for r in results), "pass"), \
+        {r.name: r.explanation for r in results if r.status != "pass"}
+    assert "greedy_matches_generate" in {r.name for r in results}
+
+
+def test_unequal_lengths_keep_part_of_every_completion():
+    """The Trainer's first run makes a step's micro-batches unequal by leaving out the later
+    supervised positions of some batches; on completion-only rows (a prompt at -100) each row
+    keeps at least one supervised token, so no micro-batch is left with nothing to compare."""
+    from lmcheck._setup_results import _unequal_lengths
+
+    labels = torch.full((2, 12), -100)
+    labels[:, 9:] = 7  # the completion: the last 3 positions
+    collate = _unequal_lengths(lambda examples: {"input_ids": torch.zeros(2, 12, dtype=torch.long),
+                                                 "labels": labels.clone()})
+    kept = [int((collate([])["labels"] != -100).sum(dim=1).min()) for _ in range(4)]
+    assert min(kept) >= 1
+    assert len(set(kept)) > 1  # unequal across the micro-batches
+    assert kept[-1] == 3  # every fourth keeps the whole completion
