@@ -160,9 +160,8 @@ def special_ids(tokenizer: Any, collator: Any, model: torch.nn.Module) -> Specia
     bos = None
     base = hf_model(model) or model
     for config in (getattr(base, "config", None), getattr(base, "generation_config", None)):
-        eos = getattr(config, "eos_token_id", None)
-        ends |= {eos} if isinstance(eos, int) else {i for i in eos if isinstance(i, int)} \
-            if isinstance(eos, (list, tuple)) else set()
+        eos = getattr(config, "eos_token_id", None)  # an id, a list of them, or None
+        ends |= {i for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if isinstance(i, int) and not isinstance(i, bool)}
         bos = bos if bos is not None else getattr(config, "bos_token_id", None)
     bos = bos if isinstance(bos, int) and not isinstance(bos, bool) else None
     if ends or bos is not None:
@@ -393,6 +392,19 @@ def _take(batches: Iterable[Any], count: int, argument: str) -> list[Any]:
 
 
 # ---------------------------------------------------------------- the checks on the recordings
+
+
+def supervised_count(batch: Mapping[str, torch.Tensor]) -> int:
+    """The tokens a batch in lmcheck's form trains on: next-token targets, or labels after the shift."""
+    if "targets" in batch:
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# The reason the checks that need supervised tokens give where the batches have none: the root
+# cause is batch_supervision's to say, once.
+UNSUPERVISED = ("follows from batch_supervision: the first batches supervise no token (every label is -100), "
+                "so there is no loss to train on")
 
 
 def _loss_at_init(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], pretrained: bool | None) -> Result:
@@ -827,9 +839,7 @@ def _overfit(driver: Any, lm_batches: list[dict[str, torch.Tensor]], budget: int
     the accumulation steps, as the Trainer and nanoGPT return them), else their mean."""
     name = "overfits"
     budget_text = f"{budget} optimizer steps (overfit_steps)"
-    supervised = sum(int((b["targets"] if "targets" in b else b["labels"][:, 1:]).ne(IGNORE_INDEX).sum())
-                     for b in lm_batches)
-    if sum(_gathered(supervised)) == 0:
+    if sum(_gathered(sum(supervised_count(b) for b in lm_batches))) == 0:
         return Result.not_applicable(name, "the overfitting batches supervise no token (every label is -100), so "
                                      "there is nothing to memorize: see batch_supervision")
     state: dict[str, Any] = {"memorized": (0, 1), "at": None, "non_finite": None, "extended": False}
@@ -928,13 +938,11 @@ def _peak_lrs(steps: Sequence[OptimizerStep], snapshot: Snapshot, scheduler: Any
     return tuple(peaks) if any(p > 0 for p in peaks) else None
 
 
-def _sums_micro_batches(losses: Sequence[float], step: OptimizerStep, reference: float | None) -> bool:
+def _sums_micro_batches(part: Sequence[float], reference: float | None) -> bool:
     """Whether the user's step returns each micro-batch's share of the step's loss (their sum is
-    the loss) rather than each micro-batch's own loss (their mean is): the one nearer the
-    reference loss of the first step's micro-batches."""
-    k = step.micro_batches
-    part = list(losses[:k])
-    if k <= 1 or reference is None or not part or not all(math.isfinite(v) for v in part):
+    the loss) rather than each micro-batch's own loss (their mean is), from the losses it
+    returned for the first step's micro-batches: the one nearer their reference loss."""
+    if len(part) <= 1 or reference is None or not all(math.isfinite(v) for v in part):
         return False
     return abs(sum(part) - reference) < abs(sum(part) / len(part) - reference)
 

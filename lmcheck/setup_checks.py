@@ -65,6 +65,7 @@ from lmcheck._model import (
 from lmcheck._recording import Recorder, Snapshot
 from lmcheck._setup_results import (
     GRADIENT_RTOL,
+    UNSUPERVISED,
     _accumulation,
     _batch_checks,
     _call_rebuild,
@@ -102,6 +103,7 @@ from lmcheck._setup_results import (
     _unwrap_parallel,
     _world_size,
     special_ids,
+    supervised_count,
 )
 from lmcheck._validate import (
     check_callable,
@@ -810,12 +812,10 @@ def _battery(
     setup["eos and BOS from"] = special.source
     results = _batch_checks(lm_batches, special, expect_eos)
     results.append(_loss_at_init(model, lm_batches[0], pretrained))
-    if not any(_supervised_count(b) for b in lm_batches):
+    if not any(supervised_count(b) for b in lm_batches):
         # the root cause, said once by batch_supervision: what needs supervised tokens cannot run
-        reason = ("follows from batch_supervision: the first batches supervise no token (every label is -100), so "
-                  "there is no loss to train on")
-        results += [Result.not_applicable(n, reason) for n in ("loss_matches_reference", "gradient_flow",
-                                                              "params_update", "accumulation", "overfits")]
+        results += [Result.not_applicable(n, UNSUPERVISED) for n in ("loss_matches_reference", "gradient_flow",
+                                                                    "params_update", "accumulation", "overfits")]
         recorder, _, _ = driver.run(min(steps, 3), phase="first steps", dropout=False)
         results.append(_lr_schedule(recorder.steps, driver, schedule))
         results.append(_inputs_unchanged(driver.changed_inputs, collated))
@@ -850,20 +850,13 @@ def _battery(
     results.append(_lr_schedule(recorder.steps, driver, schedule))
     # the overfitting run: a handful of batches, the user's step at their schedule's peak rate
     peaks = _peak_lrs(recorder.steps, driver.snapshot, driver.scheduler)
-    summed = _sums_micro_batches([losses[i] for i in calls], dataclasses.replace(first, micro_batches=k),
-                                 accumulation.metrics.get("reference_loss"))
+    summed = _sums_micro_batches([losses[i] for i in calls], accumulation.metrics.get("reference_loss"))
     setup["overfitting learning rate"] = "peak of the schedule" if peaks is not None else "the schedule's"
     results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every,
                             peaks, summed))
     # after both runs (the first run's collator, made to give unequal lengths, copies the labels)
     results.append(_inputs_unchanged(driver.changed_inputs, collated))
     return results
-
-
-def _supervised_count(batch: Mapping[str, torch.Tensor]) -> int:
-    if "targets" in batch:
-        return int((batch["targets"] != -100).sum())
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 # What a check's failure can follow from: where one of these failed too, the failure is marked
@@ -892,8 +885,7 @@ def _root_causes_first(results: list[Result]) -> list[Result]:
 
 def _unsupervised(results: list[Result]) -> str | None:
     """The reason the battery gave where the batches supervise nothing, else None."""
-    return next((r.skip_reason or r.explanation for r in results if r.name == "overfits" and r.status == "n/a"
-                 and "follows from batch_supervision" in r.explanation), None)
+    return UNSUPERVISED if any(r.skip_reason == UNSUPERVISED for r in results) else None
 
 
 def _finite_or_fail(name: str, check: Callable[[], Result]) -> Result:

@@ -20,7 +20,6 @@ assistant's message (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), and any
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -136,7 +135,7 @@ def batch_supervision(
                         f"response template does this (trl #598)")
     masked_rows = 0
     if ends:
-        blank = _whitespace_ids(tokenizer, inputs) if tokenizer is not None else set()
+        blank = _Whitespace(tokenizer)
         pads = set(inputs[~real].unique().tolist())  # the ids the collator padded with
         if getattr(tokenizer, "pad_token_id", None) is not None:
             pads.add(tokenizer.pad_token_id)
@@ -189,7 +188,7 @@ class _Findings:
 
 
 def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor, ends: set[int],
-                  blank: set[int], expect_eos: bool, empty: set[int], pads: set[int]) -> _Findings:
+                  blank: _Whitespace, expect_eos: bool, empty: set[int], pads: set[int]) -> _Findings:
     """The end-of-sequence rules, row by row: at most one message per kind, the first row at fault."""
     found = _Findings()
     hidden: list[tuple[int, int]] = []  # (row, position) of an unsupervised end closing a span
@@ -214,26 +213,24 @@ def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor
                     no_eos.append((row, end, ids[end]))
             continue
         found.masked_rows += 1
-        # the supervised spans: maximal runs of supervised real positions
-        spans: list[tuple[int, int]] = []
+        # the supervised spans: maximal runs of supervised real positions, as (first, last)
+        # indices into ``positions``
+        spans: list[list[int]] = []
         for index, position in enumerate(positions):
-            if not is_target[position]:
-                continue
-            if spans and spans[-1][1] == positions[index - 1] and index > 0:
-                spans[-1] = (spans[-1][0], position)
-            else:
-                spans.append((position, position))
-        for start, stop in spans:
-            index = positions.index(stop)
-            end = index
-            while end > 0 and ids[positions[end]] in blank and is_target[positions[end - 1]] \
-                    and positions[end - 1] >= start:
+            if is_target[position]:
+                if spans and spans[-1][1] == index - 1:
+                    spans[-1][1] = index
+                else:
+                    spans.append([index, index])
+        for first, last in spans:
+            end = last  # the span's last token that is not trailing whitespace
+            while end > first and ids[positions[end]] in blank:
                 end -= 1
             if ids[positions[end]] in ends:
                 continue
-            if stop == last_real and (full or not expect_eos):
+            if positions[last] == last_real and (full or not expect_eos):
                 continue  # cut at max_length, or a packed row that goes on in the next one
-            following = positions[index + 1] if index + 1 < len(positions) else None
+            following = positions[last + 1] if last + 1 < len(positions) else None
             if following is not None and ids[following] in ends:
                 hidden.append((row, following))
             else:
@@ -263,26 +260,29 @@ def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor
     return found
 
 
-def _before_blank(ids: list[int], positions: list[int], index: int, blank: set[int]) -> int:
+def _before_blank(ids: list[int], positions: list[int], index: int, blank: _Whitespace) -> int:
     """The position of the last token of ``positions[:index + 1]`` that is not whitespace."""
     while index > 0 and ids[positions[index]] in blank:
         index -= 1
     return positions[index]
 
 
-def _whitespace_ids(tokenizer: Any, inputs: torch.Tensor) -> set[int]:
-    """The ids in ``inputs`` whose token is whitespace only (ChatML's ``\\n`` after ``<|im_end|>``)."""
-    special = frozenset(getattr(tokenizer, "all_special_ids", ()))
-    return {i for i in inputs.unique().tolist() if i not in special and _is_blank(tokenizer, i)}
+class _Whitespace:
+    """``token in blank``: whether the tokenizer decodes ``token`` to whitespace only (ChatML's
+    ``\n`` after ``<|im_end|>``); each id decoded once, and only those a rule asks about."""
 
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", ())) if tokenizer is not None else frozenset()
+        self.known: dict[int, bool] = {}
 
-@functools.lru_cache(maxsize=65536)
-def _blank_text(text: str) -> bool:
-    return text != "" and text.strip() == ""
-
-
-def _is_blank(tokenizer: Any, token: int) -> bool:
-    try:
-        return _blank_text(tokenizer.decode([token]))
-    except Exception:  # an id the tokenizer cannot decode is no whitespace
-        return False
+    def __contains__(self, token: object) -> bool:
+        if self.tokenizer is None or not isinstance(token, int) or token in self.special:
+            return False
+        if token not in self.known:
+            try:
+                text = self.tokenizer.decode([token])
+            except Exception:  # an id the tokenizer cannot decode is no whitespace
+                text = ""
+            self.known[token] = text != "" and text.strip() == ""
+        return self.known[token]
