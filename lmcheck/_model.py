@@ -16,6 +16,7 @@ lacks (a mask argument, a cache, ``generate``) gets :class:`NotApplicableError`.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -61,15 +62,72 @@ def hf_model(model: object) -> PreTrainedModel | None:
 
 
 def takes_mask(model: torch.nn.Module) -> bool:
-    """Whether the model can be given an attention mask (so pads can be skipped)."""
+    """Whether the model can be given an attention mask (so pads can be skipped).
+
+    A forward that names ``attention_mask`` takes one (an adapted model: a logits function of
+    two arguments). A Hugging Face forward that has only ``**kwargs`` for it is tried once: it
+    takes the mask when a mask with a pad changes the logits of the other positions (xLSTM's
+    ``**kwargs`` swallow it unused; Hugging Face's own call does not complain either).
+    """
     if isinstance(model, AdaptedLM):
         return model.takes_mask
-    return kind(model) == "transformers" or _names(model, "attention_mask")
+    if _names(model, "attention_mask"):
+        return True
+    if kind(model) != "transformers" or not _accepts(model, "attention_mask"):
+        return False
+    return _capability(model, "mask", _mask_changes_logits)
 
 
 def has_cache(model: torch.nn.Module) -> bool:
-    """Whether lmcheck can drive the model's KV cache (Hugging Face models only)."""
-    return kind(model) == "transformers"
+    """Whether lmcheck can drive the model's KV cache: a Hugging Face model that, called with
+    ``use_cache=True``, returns a cache (``cache`` or ``past_key_values``) and takes it back for
+    the next token. Found by trying once per model (two forwards of a few tokens): openai-gpt,
+    RWKV (its ``state`` is not a cache it can take back as one) and RecurrentGemma return none.
+    """
+    return kind(model) == "transformers" and _capability(model, "cache", _cache_round_trip)
+
+
+# capability -> model -> what trying found (weak keys: a model that goes away takes its entries)
+_CAPABILITIES: dict[str, weakref.WeakKeyDictionary[torch.nn.Module, bool]] = {}
+
+
+def _capability(model: torch.nn.Module, name: str, probe: Any) -> bool:
+    found = _CAPABILITIES.setdefault(name, weakref.WeakKeyDictionary())
+    if model not in found:
+        with eval_mode(model), torch.no_grad():
+            found[model] = bool(probe(model))
+    return found[model]
+
+
+def _trial_ids(model: torch.nn.Module, length: int) -> torch.Tensor:
+    vocab = input_vocabulary(model) or 2
+    # ids from the middle of the vocabulary: clear of the specials most tokenizers put first
+    return (torch.arange(length) * 7 + vocab // 2).remainder(vocab).reshape(1, length).to(model_device(model))
+
+
+def _cache_round_trip(model: torch.nn.Module) -> bool:
+    ids = _trial_ids(model, 4)
+    try:
+        output = _call_transformers(model, ids[:, :3], torch.ones_like(ids[:, :3]), None, True)
+        past = _cache_of(model, output)
+        if past is None:
+            return False
+        _call_transformers(model, ids[:, 3:], torch.ones_like(ids), past, True)
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, KeyError, NotImplementedError):
+        return False  # a cache it cannot take back is not one lmcheck can drive
+    return True
+
+
+def _mask_changes_logits(model: torch.nn.Module) -> bool:
+    ids = _trial_ids(model, 4)
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0  # the first position a pad
+    try:
+        plain = _logits_of(model(input_ids=ids), model, ids)
+        masked = _logits_of(model(input_ids=ids, attention_mask=mask), model, ids)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return not torch.equal(plain[:, 1:], masked[:, 1:])
 
 
 def can_generate(model: torch.nn.Module) -> bool:
@@ -142,8 +200,12 @@ def token_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def input_vocabulary(model: torch.nn.Module) -> int | None:
     """Rows of the model's token embedding table (ids must lie below it); None if unknown."""
-    rows = getattr(token_embedding(model), "num_embeddings", None)
-    return rows if isinstance(rows, int) else None
+    table = token_embedding(model)
+    rows = getattr(table, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    weight = getattr(table, "weight", None)  # an embedding of another class (ibert's QuantEmbedding)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def output_size(model: torch.nn.Module) -> int:
@@ -186,8 +248,25 @@ def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
     for key in _CONTEXT_KEYS:
         context = getattr(config, key, None)
         if isinstance(context, int) and not isinstance(context, bool):
+            offset = _position_offset(model, context)
+            if offset:
+                return context - offset, (f"config.{key} = {context} less {offset}: its positions "
+                                          f"are numbered from padding_idx + 1 = {offset}")
             return context, f"config.{key}"
     return None
+
+
+def _position_offset(model: torch.nn.Module, context: int) -> int:
+    """Positions a model's table holds below its first real position: ``padding_idx + 1`` where
+    the position table has a padding row (RoBERTa and its family number positions from
+    ``padding_idx + 1``, so roberta-base's 514 positions hold 512 tokens); else 0."""
+    for name, module in model.named_modules():
+        padding = getattr(module, "padding_idx", None)
+        weight = getattr(module, "weight", None)
+        rows = getattr(module, "num_embeddings", weight.shape[0] if isinstance(weight, torch.Tensor) else None)
+        if name.endswith("position_embeddings") and isinstance(padding, int) and rows == context:
+            return padding + 1  # an nn.Embedding, or another class of table (ibert's QuantEmbedding)
+    return 0
 
 
 def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: int, *,
@@ -274,7 +353,7 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
         mask = mask.to(ids.device)
     if kind(model) == "transformers":
         keep = {"logits_to_keep": last} if last and _names(model, "logits_to_keep") else {}
-        output = _call_transformers(model, ids, mask, past, use_cache, **keep)
+        output = _call_transformers(model, ids, _mask_for(model, mask), past, use_cache, **keep)
         cache = _cache_of(model, output) if use_cache else None
         if keep:
             output = output.logits  # (B, last, V)
@@ -397,10 +476,23 @@ def encoder_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -
     mask = None if mask is None else mask.to(device)
     if kind(model) == "transformers":
         accepted = inspect.signature(model.forward).parameters
-        output = model(**{k: v.to(device) for k, v in inputs.items() if k in accepted})
+        given = {k: v.to(device) for k, v in inputs.items() if k in accepted and k != "attention_mask"}
+        output = model(**given, **({} if mask is None else _encoder_mask(model, mask)))
     else:
         output = _call_plain(model, ids, _mask_for(model, mask))
     return _logits_of(output, model, ids)
+
+
+def _encoder_mask(model: torch.nn.Module, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"attention_mask": mask}`` for a model that takes one; nothing where the mask has no
+    pads; NotApplicableError where it has pads the model cannot be told of (FNet takes none)."""
+    if takes_mask(model):
+        return {"attention_mask": mask}
+    if bool((mask == 0).any()):
+        raise NotApplicableError(
+            f"the {type(model).__name__}'s forward takes no attention mask, so a padded batch "
+            f"cannot hide its pads from the real tokens")
+    return {}
 
 
 # ---------------------------------------------------------------- losses

@@ -151,6 +151,11 @@ def greedy_matches_generate(
             f"generation_config overrides {where}: {named}"
             + ("" if neutralize or not overrides else " (pass them explicitly to generate, or use "
                "neutralize=True)"))
+        if first["step"] > 0 and not has_cache(model):
+            explanation += ("; the hand loop recomputes the whole sequence at every step (the model "
+                            "returns no cache lmcheck can take back), while generate decodes from the "
+                            "model's own cached state: steps 0 to "
+                            f"{first['step'] - 1} agree, so the model's cached step is what differs")
     # How close it came to failing, in [0, 1] on a pass:
     # - a row that parted at a tie: headroom_below(its gap, tol), how near the gap came to tol;
     # - elsewhere only steps whose top-2 gap exceeds tol count (a flip there is a failure; one
@@ -231,7 +236,7 @@ def kv_cache_matches_full(
         explanation = (f"step {first['step']} (from 0) of {max_new_tokens}, row {first['row']}: logits with "
                        f"the cache differ from full recomputation by {first['max_abs_diff']:.3g} "
                        f"(token id {first['token']}), above {tol:g}; the worst is step "
-                       f"{worst['step']} ({worst['max_abs_diff']:.3g})")
+                       f"{worst['step']} ({worst['max_abs_diff']:.3g})" + _recurrent_note(model))
     else:
         explanation = (f"{max_new_tokens} steps: logits with the cache are within {tol:g} of full "
                        f"recomputation (largest difference {worst['max_abs_diff']:.3g}, step {worst['step']})")
@@ -319,6 +324,18 @@ def causality(
 
 
 
+def _recurrent_note(model: torch.nn.Module) -> str:
+    """For a model without attention layers (a recurrent or state-space LM, such as Mamba), the
+    mask convention the cache comparison followed, and what a failure then points at."""
+    if any("attention" in type(m).__name__.lower() for m in model.modules()):
+        return ""
+    return ("; the model has no attention layer (a recurrent or state-space LM): lmcheck gives each "
+            "cached step the attention mask of the whole sequence, as generate gives an attention "
+            "model, so a failure from the first cached step on means the cached step treats that "
+            "mask otherwise than the full pass does (transformers' generate drops the mask for "
+            "Mamba and FalconMamba, and trims it for Mamba2)")
+
+
 def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of ``ids`` computed from token embeddings that are a leaf requiring grad, so
     the gradient of an output with respect to each input position can be read. A forward hook on
@@ -333,7 +350,7 @@ def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> t
         if leaves or not (inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].shape == ids.shape):
             return None  # another call of the table (a tied output head, ...) is left alone
         leaves.append(output.detach().requires_grad_(True))
-        return leaves[0]
+        return leaves[0].clone()  # the model may scale it in place (CTRL does): never the leaf itself
 
     handle = table.register_forward_hook(swap)
     try:

@@ -7,7 +7,9 @@ arguments, and is called again with other seeds for the reproducibility check wh
 ``seed`` parameter.
 
 Exit status: 0 when every check passed (not-applicable ones aside, and at least one passed), 1
-when a check failed, 2 on bad arguments or a model or setup that cannot be loaded.
+when a check failed, 2 on bad arguments or a model or setup that cannot be loaded, 3 when a check
+could not run to a verdict (it raised: an ``error`` result, with the exception and where it came
+from; the other checks still ran and printed).
 """
 
 from __future__ import annotations
@@ -124,18 +126,25 @@ def _tutorial(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from lmcheck.report import Report, write_results_json
-    from lmcheck.suite import DEFAULT_PROMPTS, load_model_for_checks, model_family, run_checks
+    from lmcheck.suite import DEFAULT_PROMPTS, iter_checks, load_model_for_checks, model_family
 
     model, tokenizer = load_model_for_checks(args.model, args.tokenizer)
     report = Report()
     report.title(f"lmcheck check {args.model} ({model_family(model)} LM)")
-    for result in run_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS,
-                             cloze_threshold=args.cloze_threshold):
-        report.result(result)
+    for result in iter_checks(model, tokenizer, args.prompt or DEFAULT_PROMPTS,
+                              cloze_threshold=args.cloze_threshold):
+        report.result(result)  # printed as it finishes
     ok = report.summary(table=False)  # each result was printed once, as its line
     if args.json:
         report.text(f"results written to {write_results_json(report.results, args.json)}")
-    return 0 if ok else 1
+    return _exit_status(ok, report.results)
+
+
+def _exit_status(ok: bool, results: Sequence[Any]) -> int:
+    """0 when ``ok``; 3 where a check raised (it could not say), else 1 (a check failed)."""
+    if ok:
+        return 0
+    return 3 if any(r.status == "error" for r in results) else 1
 
 
 def _train_check(args: argparse.Namespace) -> int:
@@ -157,6 +166,8 @@ def _train_check(args: argparse.Namespace) -> int:
     ok = report.summary()  # the table: one row per check
     for result in checked.failures():  # the table shortens explanations: a failure's in full
         report.text(f"FAIL {result.name}: {result.explanation}")
+    for result in checked.errors():
+        report.text(f"ERROR {result.name}: {result.error}")
     if args.markdown:
         report.text(f"report written to {checked.to_markdown(args.markdown)}")
     if args.json:
@@ -164,7 +175,7 @@ def _train_check(args: argparse.Namespace) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(checked.to_dict(), indent=2, default=str))
         report.text(f"report written to {target}")
-    return 0 if ok else 1
+    return _exit_status(ok, checked.results)
 
 
 def _rank() -> int:

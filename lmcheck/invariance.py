@@ -16,7 +16,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lmcheck._finite import in_context, probe
 from lmcheck._greedy import compare_greedy_rows
-from lmcheck._model import check_causal_lm, check_context, takes_mask
+from lmcheck._model import (
+    check_causal_lm,
+    check_context,
+    eval_mode,
+    model_device,
+    model_forward,
+    takes_mask,
+)
 from lmcheck._validate import (
     check_int,
     check_max_new_tokens,
@@ -102,6 +109,25 @@ def batch_invariance(
                        pairs, model, tokenizer, atol)
 
 
+def mask_effect(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> str:
+    """A clause saying that the attention mask has no effect on the logits, where that is so:
+    ``ids`` run with ``mask`` (pads in it) and with every position attended give equal logits,
+    so the model takes the mask and ignores it (RWKV, RecurrentGemma, YOSO's rounded mask).
+    Empty where the mask does change them, or there are no pads."""
+    if bool(mask.all()):
+        return ""
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        masked, _ = model_forward(model, ids.to(device), mask.to(device), None, use_cache=False)
+        attended, _ = model_forward(model, ids.to(device), torch.ones_like(mask).to(device), None,
+                                    use_cache=False)
+    real = mask[0].bool()
+    if not torch.equal(masked[0, real.to(device)], attended[0, real.to(device)]):
+        return ""
+    return ("; the attention mask has no effect on the logits: with the pads masked they equal the "
+            "logits with the pads attended, so the model takes the mask and ignores it")
+
+
 def _require_mask(model: torch.nn.Module, what: str) -> None:
     if not takes_mask(model):
         raise NotApplicableError(f"{what}, which needs a model that takes an attention mask; the "
@@ -140,6 +166,9 @@ def _invariance(name: str, condition: str, side: str,
                             f"{first['gap']:.3g} (more than the tie tolerance {tie:g}): "
                             f"{tokenizer.decode([first['alone_token']])!r} alone, "
                             f"{tokenizer.decode([first[side + '_token']])!r} {condition}")
+        _, other, row = pairs[first["row"]]
+        explanation += mask_effect(model, other.sequences[row:row + 1, :other.prompt_length],
+                                   other.attention_mask[row:row + 1, :other.prompt_length])
     else:
         explanation = (f"{count_phrase(rows, 'prompt')} {condition}: logits within {tol:g} of each prompt alone "
                        f"(largest {worst['max_logit_diff']:.3g}) and the same {steps} greedy tokens")

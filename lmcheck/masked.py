@@ -26,7 +26,14 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from lmcheck._finite import probe, require_finite
-from lmcheck._model import encoder_logits, eval_mode, model_device
+from lmcheck._model import (
+    encoder_logits,
+    eval_mode,
+    input_vocabulary,
+    model_context,
+    model_device,
+    takes_mask,
+)
 from lmcheck._validate import (
     check_fraction,
     check_int,
@@ -196,10 +203,15 @@ def masked_loss_at_init(
     check_fraction(mlm_probability, "mlm_probability")
     check_seed(seed)
     rows = example_ids(tokenizer, examples, model)
-    collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    if not takes_mask(model):
+        batch_size = 1  # a model that takes no attention mask (FNet) gets unpadded examples
+    # the collator's own seed= raises in any multiprocessing child that is not a DataLoader
+    # worker; a seeded, forked generator masks alike and leaves the caller's generator alone
+    collate = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
     device = model_device(model)
     total, count = 0.0, 0
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in
                      collate([{"input_ids": r} for r in rows[start:start + batch_size]]).items()}
@@ -371,7 +383,7 @@ def check_masked_lm(model: object, tokenizer: object) -> int:
     if getattr(config, "is_decoder", False):
         raise ModelError(f"'model' must attend in both directions; {cls} has config.is_decoder=True "
                          f"(causal attention), so it cannot fill a mask from the right context")
-    embeddings = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+    embeddings = input_vocabulary(model) or len(tokenizer)
     if len(tokenizer) > embeddings:
         raise ModelError(f"'tokenizer' has {len(tokenizer):,} tokens but the model's input embeddings "
                          f"hold {embeddings:,}: ids from {embeddings} up would index past the table "
@@ -420,7 +432,8 @@ def _mask_probabilities(
     check_int(batch_size, "batch_size", 1, None, "")
     if tokenizer.pad_token_id is None:
         batch_size = 1  # nothing to pad with: one text per forward pass
-    limit = getattr(model.config, "max_position_embeddings", None)
+    found = model_context(model)
+    limit = None if found is None else found[0]
     with eval_mode(model):  # dropout off: predictions must not be random
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
@@ -432,7 +445,7 @@ def _mask_probabilities(
                                      f"{tokenizer.mask_token!r} (got {_excerpt(texts[index], tokenizer)!r})")
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
-                                 f"more than the model's {limit} positions")
+                                 f"more than the model's {limit} positions ({found[1]})")
             with torch.inference_mode():
                 logits = encoder_logits(model, encoded)  # (B, T, V)
             require_finite(logits, f"the logits of texts {start} to {start + len(ids) - 1}",
@@ -453,9 +466,10 @@ def example_ids(tokenizer: PreTrainedTokenizerBase, examples: Any, model: torch.
         column = list(column)  # a datasets column
     rows = _sequence(column, "examples")
     if all(isinstance(r, str) for r in rows):
-        limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        found = model_context(model)
+        limit = found[0] if found is not None else tokenizer.model_max_length
         return [list(ids) for ids in tokenizer(rows, truncation=True, max_length=limit)["input_ids"]]
-    vocab = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+    vocab = input_vocabulary(model) or len(tokenizer)
     for index, row in enumerate(rows):
         if isinstance(row, str) or not isinstance(row, Sequence) or not row \
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in row):

@@ -231,11 +231,14 @@ def lmcheck_setup_report(pytestconfig: pytest.Config) -> Any:
 
 
 def expect_pass(result: Result) -> None:
-    """Pass on a passed result, fail with its explanation, skip a not-applicable one with its reason."""
+    """Pass on a passed result, fail with its explanation, skip a not-applicable one with its
+    reason; a check that raised fails with the exception and where it came from."""
     if not isinstance(result, Result):
         raise TypeError(f"expect_pass takes a lmcheck Result (got {type(result).__name__})")
     if result.status == "n/a":
         pytest.skip(f"{result.name}: {result.explanation}")
+    if result.status == "error":
+        pytest.fail(f"{result.name}: could not run: {result.error}", pytrace=False)
     if not result.passed:
         pytest.fail(f"{result.name}: {result.explanation}", pytrace=False)
 

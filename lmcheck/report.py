@@ -59,13 +59,14 @@ class Report:
 
     def summary(self, *, table: bool = True) -> bool:
         """Print the table of all recorded results, or with ``table=False`` only the count (for a
-        report whose results were each printed already). True when none failed and at least one
-        passed: a not-applicable check is neither, and never counts as a pass."""
-        passed = sum(r.status == "pass" for r in self.results)
-        failed = sum(r.status == "fail" for r in self.results)
-        skipped = len(self.results) - passed - failed
-        count = f"{passed} of {len(self.results)} checks passed" + (f", {skipped} not applicable" if skipped else "")
-        ok = failed == 0 and passed > 0
+        report whose results were each printed already). True when none failed or raised and at
+        least one passed: a not-applicable check is neither, and never counts as a pass."""
+        counts = {status: sum(r.status == status for r in self.results) for status in _LABELS}
+        count = (f"{counts['pass']} of {len(self.results)} checks passed"
+                 + (f", {counts['fail']} failed" if counts["fail"] and counts["error"] else "")
+                 + (f", {counts['n/a']} not applicable" if counts["n/a"] else "")
+                 + (f", {counts['error']} could not run (error)" if counts["error"] else ""))
+        ok = counts["fail"] == 0 and counts["error"] == 0 and counts["pass"] > 0
         if not table:
             self.console.print(f"[bold]{count}")
             return ok
@@ -78,8 +79,8 @@ class Report:
         return ok
 
 
-_LABELS = {"pass": "PASS", "fail": "FAIL", "n/a": "n/a"}  # a Result's status as the report shows it
-_COLOURS = {"pass": "green", "fail": "red", "n/a": "yellow"}
+_LABELS = {"pass": "PASS", "fail": "FAIL", "n/a": "n/a", "error": "ERROR"}  # a Result's status as shown
+_COLOURS = {"pass": "green", "fail": "red", "n/a": "yellow", "error": "magenta"}
 
 
 def _cell(value: Any) -> str:

@@ -11,6 +11,11 @@ A probe that needs something the model lacks (an attention-mask argument, a KV c
 ``generate``) returns a *not-applicable* result (:meth:`Result.not_applicable`): ``status`` is
 ``"n/a"``, ``passed`` is False (it never counts as a pass) and ``skip_reason`` says why. The
 pytest plugin shows it as a skip, ``lmcheck check`` as "n/a".
+
+A check of a battery that raised (inside the model, or inside lmcheck) is an *error*
+(:meth:`Result.from_exception`): ``status`` is ``"error"``, ``passed`` is False, and ``error``
+holds the exception and where it was raised. It is neither a pass nor a failure of the model:
+the check could not say. The other checks of the battery still run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 from lmcheck.errors import InputError
 
-__all__ = ["Result", "headroom_above", "headroom_below"]
+__all__ = ["Result", "headroom_above", "headroom_below", "raised_at"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +45,8 @@ class Result:
         explanation: one or two sentences a person can act on.
         details: per-item rows (per case, per step, per parameter) for reports.
         skip_reason: why the check did not apply to this model; empty when it ran.
+        error: the exception that stopped the check and where it was raised (``"RuntimeError:
+            ... (modeling_ctrl.py:316, in forward)"``); empty when the check ran to its verdict.
     """
 
     name: str
@@ -50,6 +57,19 @@ class Result:
     explanation: str = ""
     details: tuple[Mapping[str, Any], ...] = ()
     skip_reason: str = ""
+    error: str = ""
+
+    @classmethod
+    def from_exception(cls, name: str, error: BaseException) -> Result:
+        """The outcome of a check that raised: ``status == "error"``, the exception and the
+        innermost frame it came from in ``error``, the whole chain's messages in the explanation."""
+        if not isinstance(error, BaseException):
+            raise InputError(f"'error' must be an exception (got {type(error).__name__})")
+        message = " ".join(str(error).split()) or "(no message)"
+        where = raised_at(error)
+        said = f"{type(error).__name__}: {message}" + (f" ({where})" if where else "")
+        return cls(name=name, passed=False, error=said,
+                   explanation=f"error: the check could not run to a verdict; it raised {said}")
 
     @classmethod
     def not_applicable(cls, name: str, reason: str) -> Result:
@@ -60,12 +80,16 @@ class Result:
 
     @property
     def status(self) -> str:
-        """``"pass"``, ``"fail"`` or ``"n/a"``."""
+        """``"pass"``, ``"fail"``, ``"n/a"`` or ``"error"``."""
+        if self.error:
+            return "error"
         return "n/a" if self.skip_reason else "pass" if self.passed else "fail"
 
     def __post_init__(self) -> None:
         if self.skip_reason and self.passed:
             raise InputError(f"a not-applicable result cannot pass ({self.name!r}: {self.skip_reason})")
+        if self.error and self.passed:
+            raise InputError(f"a result that raised cannot pass ({self.name!r}: {self.error})")
         if self.headroom is not None and math.isnan(self.headroom):
             object.__setattr__(self, "headroom", -math.inf)
             if self.passed:
@@ -97,10 +121,23 @@ class Result:
             "explanation": self.explanation,
             "details": _jsonable([dict(row) for row in self.details]),
             "skip_reason": self.skip_reason,
+            "error": self.error,
         }
 
     def __str__(self) -> str:
         return f"[{self.status.upper()}] {self.name}: {self.explanation}"
+
+
+def raised_at(error: BaseException) -> str:
+    """Where ``error`` was raised: the innermost frame's file, line and function
+    (``"modeling_ctrl.py:316, in forward"``); empty without a traceback."""
+    frame = error.__traceback__
+    if frame is None:
+        return ""
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    code = frame.tb_frame.f_code
+    return f"{code.co_filename.replace(chr(92), '/').rsplit('/', 1)[-1]}:{frame.tb_lineno}, in {code.co_name}"
 
 
 def headroom_below(value: float, threshold: float) -> float:

@@ -145,8 +145,9 @@ class SetupReport:
 
     @property
     def passed(self) -> bool:
-        """True when no check failed and at least one passed (n/a is neither)."""
-        return all(r.status != "fail" for r in self.results) and any(r.passed for r in self.results)
+        """True when no check failed or raised and at least one passed (n/a is neither)."""
+        return (all(r.status not in ("fail", "error") for r in self.results)
+                and any(r.passed for r in self.results))
 
     def __bool__(self) -> bool:
         return self.passed
@@ -168,6 +169,10 @@ class SetupReport:
         (its ``metrics["follows_from"]``) comes after the one it follows from."""
         failed = [r for r in self.results if r.status == "fail"]
         return sorted(failed, key=lambda r: "follows_from" in r.metrics)
+
+    def errors(self) -> list[Result]:
+        """The checks that raised instead of reaching a verdict (``status == "error"``)."""
+        return [r for r in self.results if r.status == "error"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "setup": self.setup, "results": [r.to_dict() for r in self.results],
@@ -810,18 +815,22 @@ def _battery(
     model = driver.model
     special = special_ids(tokenizer, collator, model)
     setup["eos and BOS from"] = special.source
-    results = _batch_checks(lm_batches, special, expect_eos)
-    results.append(_loss_at_init(model, lm_batches[0], pretrained))
+    try:
+        results = _batch_checks(lm_batches, special, expect_eos)
+    except Exception as error:  # noqa: BLE001 -- both batch checks' outcome, said in full
+        results = [Result.from_exception(n, error) for n in ("batch_supervision", "causal_batch")]
+    results.append(_finite_or_fail("loss_at_init", lambda: _loss_at_init(model, lm_batches[0], pretrained)))
     if not any(supervised_count(b) for b in lm_batches):
         # the root cause, said once by batch_supervision: what needs supervised tokens cannot run
         results += [Result.not_applicable(n, UNSUPERVISED) for n in ("loss_matches_reference", "gradient_flow",
                                                                     "params_update", "accumulation", "overfits")]
         recorder, _, _ = driver.run(min(steps, 3), phase="first steps", dropout=False)
-        results.append(_lr_schedule(recorder.steps, driver, schedule))
-        results.append(_inputs_unchanged(driver.changed_inputs, collated))
+        results.append(_finite_or_fail("lr_schedule", lambda: _lr_schedule(recorder.steps, driver, schedule)))
+        results.append(_finite_or_fail("inputs_unchanged", lambda: _inputs_unchanged(driver.changed_inputs, collated)))
         return results
     labelled = next((b for b in lm_batches if "labels" in b), None)
-    results.append(loss_matches_reference(model, _labels_form(labelled or lm_batches[0]))
+    results.append(_finite_or_fail("loss_matches_reference",
+                                   lambda: loss_matches_reference(model, _labels_form(labelled)))
                    if labelled is not None else
                    Result.not_applicable("loss_matches_reference", "the batches carry next-token targets, "
                                          "not labels, so the model's own loss is not called"))
@@ -839,23 +848,24 @@ def _battery(
     calls = range(first.micro_batches - k, first.micro_batches)
     step_batches = ([driver.seen[i] for i in calls] if isinstance(driver, _TrainerDriver)
                     else [driver.convert(driver.batches[used[i]], used[i]) for i in calls])
-    results.append(_gradient_flow(model, recorder.steps, driver.snapshot))
+    results.append(_finite_or_fail("gradient_flow", lambda: _gradient_flow(model, recorder.steps, driver.snapshot)))
     # the parameters as the run left them, before the accumulation check restores the saved ones
-    results.append(_params_update(model, driver.snapshot, {n: p.detach() for n, p in model.named_parameters()},
-                                  len(recorder.steps)))
+    left = {n: p.detach() for n, p in model.named_parameters()}
+    results.append(_finite_or_fail("params_update", lambda: _params_update(model, driver.snapshot, left,
+                                                                          len(recorder.steps))))
     rtol = getattr(driver, "gradient_rtol", None)
     accumulation = _finite_or_fail("accumulation", lambda: _accumulation(model, driver.snapshot, step_batches,
                                                                          first, max_grad_norm, rtol))
     results.append(accumulation)
-    results.append(_lr_schedule(recorder.steps, driver, schedule))
+    results.append(_finite_or_fail("lr_schedule", lambda: _lr_schedule(recorder.steps, driver, schedule)))
     # the overfitting run: a handful of batches, the user's step at their schedule's peak rate
     peaks = _peak_lrs(recorder.steps, driver.snapshot, driver.scheduler)
     summed = _sums_micro_batches([losses[i] for i in calls], accumulation.metrics.get("reference_loss"))
     setup["overfitting learning rate"] = "peak of the schedule" if peaks is not None else "the schedule's"
-    results.append(_overfit(driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every,
-                            peaks, summed))
+    results.append(_finite_or_fail("overfits", lambda: _overfit(
+        driver, driver.overfit_batches(overfit_batches), overfit_steps, check_every, peaks, summed)))
     # after both runs (the first run's collator, made to give unequal lengths, copies the labels)
-    results.append(_inputs_unchanged(driver.changed_inputs, collated))
+    results.append(_finite_or_fail("inputs_unchanged", lambda: _inputs_unchanged(driver.changed_inputs, collated)))
     return results
 
 
@@ -889,12 +899,15 @@ def _unsupervised(results: list[Result]) -> str | None:
 
 
 def _finite_or_fail(name: str, check: Callable[[], Result]) -> Result:
-    """The check's result, or its failure where a model output it reads is NaN or Inf (the
-    message says which output and where)."""
+    """The check's result, isolated: its failure where a model output it reads is NaN or Inf
+    (the message says which output and where), an ``error`` result where it raised anything
+    else, so that one check never loses the report."""
     try:
         return check()
     except NonFiniteError as error:
         return non_finite_result(name, str(error))
+    except Exception as error:  # noqa: BLE001 -- the check's outcome, with the exception and where
+        return Result.from_exception(name, error)
 
 
 def _check_options(steps: object, overfit_batches: object, overfit_steps: object, check_every: object,

@@ -12,7 +12,9 @@ check.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -25,6 +27,7 @@ from lmcheck._model import (
     check_causal_lm,
     eval_mode,
     has_own_loss,
+    hf_model,
     input_vocabulary,
     model_device,
     model_forward,
@@ -64,6 +67,8 @@ __all__ = [
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 Rows = Sequence[Sequence[int]] | Sequence[str] | torch.Tensor | Any  # Any: a datasets.Dataset
+LATER_STEPS = 3  # AdamW steps in which a gated parameter's gradient may arrive (doge, gemma3n, xLSTM: 1)
+_ROUTED_BATCH = (8, 64)  # the random batch an unreached expert or router gets (PhiMoE: reached at 8 x 64)
 
 
 # ---------------------------------------------------------------- probes that take a model
@@ -162,62 +167,90 @@ def memorizes(
 
 
 @probe("gradient_flow")
-def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collection[str] = ()) -> Result:
-    """One backward pass gives every trainable parameter a finite, non-zero gradient.
+def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collection[str] = (),
+                  steps: int = LATER_STEPS) -> Result:
+    """Every trainable parameter gets a finite, non-zero gradient: at the first backward pass,
+    or, behind a zero-initialised gate, within ``steps`` optimizer steps.
 
     Parameters named in ``expect_frozen`` must have ``requires_grad=False`` (so they get none);
     any other frozen parameter fails the check, since pretraining trains everything. The
     model's ``.grad`` fields are left untouched (gradients come from ``torch.autograd.grad``).
+
+    A gradient that is exactly zero (or absent) at the first pass is judged over time, as
+    training would meet it (:func:`_later_gradients`): a parameter behind a gate initialised to
+    zero (doge's ``dt_proj``, LoRA's ``lora_A`` behind ``lora_B``) gets one once the gate has
+    moved, after an AdamW step on the same batch (run on the model, put back afterwards); an
+    expert or router of a mixture of experts that this batch does not reach gets one from a
+    larger batch of random ids. Each case passes and is named; a parameter that gets none in
+    every case (detached, outside the loss's graph) fails.
     """
     names = _parameters(model)
     batch = _batch(batch, model)
-    problems = _frozen_problems(names, check_names(expect_frozen, "expect_frozen"))
+    check_int(steps, "steps", 0, 100)
+    problems = _frozen_problems(names, check_names(expect_frozen, "expect_frozen"), model)
     trainable = [(n, p) for n, p in names.items() if p.requires_grad]
     rows: list[dict[str, Any]] = []
+    silent: list[str] = []
     if trainable:
         loss = _loss(model, batch)  # NonFiniteError if the loss is NaN or Inf
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
         for (parameter_name, _), grad in zip(trainable, grads, strict=True):
             norm = None if grad is None else grad.float().norm().item()
             rows.append({"parameter": parameter_name, "grad_norm": norm})
-            if grad is None:
-                problems.append(f"{parameter_name} gets no gradient (it is not in the loss's graph)")
-            elif (found := locate(grad, ("index",) * grad.dim())) is not None:
+            if grad is not None and (found := locate(grad, ("index",) * grad.dim())) is not None:
                 problems.append(f"{parameter_name} has a non-finite gradient: {found}")
-            elif norm == 0.0:
-                problems.append(f"{parameter_name} has an all-zero gradient")
+            elif grad is None or norm == 0.0:
+                silent.append(parameter_name)
+    later = _later_gradients(model, batch, silent, steps) if silent else Later()
+    for parameter_name in silent:
+        if parameter_name not in later.found:
+            grad = next(r["grad_norm"] for r in rows if r["parameter"] == parameter_name)
+            problems.append(f"{parameter_name} gets no gradient (it is not in the loss's graph)" if grad is None
+                            else f"{parameter_name} has an all-zero gradient")
+    for row in rows:
+        if row["parameter"] in later.found:
+            row["first_gradient"] = later.found[row["parameter"]]
     passed = not problems
-    explanation = (f"all {len(trainable)} trainable parameters get finite, non-zero gradients"
-                   + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
-                   if passed else f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+    if passed:
+        explanation = (f"all {len(trainable)} trainable parameters get finite, non-zero gradients"
+                       + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
+                       + later.said())
+    else:
+        explanation = f"{len(problems)} problem(s): " + "; ".join(problems[:5]) + later.said(silent_only=False)
     return Result(name="gradient_flow", passed=passed,
-                  metrics={"trainable": len(trainable), "problems": len(problems)}, threshold=None,
-                  headroom=None, explanation=explanation, details=tuple(rows))
+                  metrics={"trainable": len(trainable), "problems": len(problems),
+                           "zero_at_first_step": len(silent), "gradient_later": len(later.found)},
+                  threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
 
 
 @probe("params_update")
 def params_update(
     model: torch.nn.Module, batch: Batch, *,
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
-    lr: float = 1e-3, expect_frozen: Collection[str] = (),
+    lr: float = 1e-3, expect_frozen: Collection[str] = (), steps: int = LATER_STEPS,
 ) -> Result:
-    """One optimizer step changes every trainable parameter (and no frozen one).
+    """One optimizer step changes every trainable parameter (and no frozen one); a parameter
+    whose gradient is zero at that step (behind a zero-initialised gate, or an expert this batch
+    does not reach) must change within ``steps`` more, or on a larger batch of random ids.
 
-    The step runs on ``model`` itself, and its parameters, buffers and ``.grad`` fields are put
+    The steps run on ``model`` itself, and its parameters, buffers and ``.grad`` fields are put
     back afterwards, so ``model`` is left as it was. (A deep copy would not do: the functions of
     a model wrapped by :func:`lmcheck.adapt` may call the original module.) ``optimizer`` builds
     the optimizer from the model (default ``AdamW(trainable parameters, lr=lr,
     weight_decay=0)``), so a user can pass their own:
-    ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``.
+    ``optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``. A parameter that had a
+    gradient and still did not change fails at once: the optimizer does not hold it, or its
+    learning rate is 0.
     """
     _parameters(model)
     batch = _batch(batch, model)
     check_number(lr, "lr", low=0, high=1e6)
+    check_int(steps, "steps", 0, 100)
     expect_frozen = check_names(expect_frozen, "expect_frozen")
     if optimizer is not None:
         check_callable(optimizer, "optimizer", "a function from the model to a torch.optim.Optimizer")
     names = _parameters(model)
-    problems = _frozen_problems(names, expect_frozen)
+    problems = _frozen_problems(names, expect_frozen, model)
     trainable = [p for p in names.values() if p.requires_grad]
     snapshot = Snapshot(model)  # the step runs on the model itself: put back whatever happens
     try:
@@ -228,9 +261,12 @@ def params_update(
             raise InputError(f"'optimizer' must return a torch.optim.Optimizer (got {describe(step)})")
         step.zero_grad(set_to_none=True)
         _loss(model, batch).backward()  # NonFiniteError if the loss is NaN or Inf
+        had_gradient = set()
         for parameter_name, parameter in names.items():
             if parameter.grad is not None:
                 require_finite(parameter.grad, f"the gradients of {parameter_name}", ("index",) * parameter.dim())
+                if bool(parameter.grad.any()):
+                    had_gradient.add(parameter_name)
         step.step()
         after = {n: p.detach().clone() for n, p in names.items()}
     finally:
@@ -247,16 +283,106 @@ def params_update(
             unchanged.append(parameter_name)
         elif not parameter.requires_grad and changed:
             problems.append(f"{parameter_name} is frozen but changed")
-    if unchanged:
-        problems.insert(0, f"{len(unchanged)} of {len(trainable)} trainable parameters did not change: "
-                        + ", ".join(unchanged[:5]) + (" ..." if len(unchanged) > 5 else "")
-                        + " (learning rate 0, a parameter missing from the optimizer, or no gradient)")
+    # a parameter whose gradient was zero at the step is judged over time, as gradient_flow does
+    waiting = [n for n in unchanged if n not in had_gradient]
+    later = _later_gradients(model, batch, waiting, steps) if waiting else Later()
+    stuck = [n for n in unchanged if n not in later.found]
+    for row in rows:
+        if row["parameter"] in later.found:
+            row["gradient_from"] = later.found[row["parameter"]]
+    if stuck:
+        why = ("learning rate 0, or a parameter missing from the optimizer: it had a gradient"
+               if all(n in had_gradient for n in stuck) else
+               "learning rate 0, a parameter missing from the optimizer, or no gradient")
+        problems.insert(0, f"{len(stuck)} of {len(trainable)} trainable parameters did not change: "
+                        + ", ".join(stuck[:5]) + (" ..." if len(stuck) > 5 else "") + f" ({why})")
     passed = not problems
     explanation = (f"all {len(trainable)} trainable parameters changed after one optimizer step"
+                   + (f" ({len(later.found)} of them once their gradient arrives:{later.said()[1:]})"
+                      if later.found else "")
                    if passed else "; ".join(problems[:5]))
     return Result(name="params_update", passed=passed,
-                  metrics={"trainable": len(trainable), "unchanged": len(unchanged)},
+                  metrics={"trainable": len(trainable), "unchanged": len(stuck),
+                           "unchanged_at_first_step": len(unchanged), "gradient_later": len(later.found)},
                   threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
+
+
+@dataclass
+class Later:
+    """What :func:`_later_gradients` found: parameter -> when its gradient arrived (``"step 2"``,
+    ``"a random 8 x 64 batch"``), and the gates that held them (parameters that are all zero)."""
+
+    found: dict[str, str] = field(default_factory=dict)
+    gates: list[str] = field(default_factory=list)
+    routed: bool = False
+
+    def said(self, *, silent_only: bool = True) -> str:
+        """A clause naming them; empty when there are none."""
+        if not self.found:
+            return ""
+        stepped = [n for n, when in self.found.items() if when.startswith("step")]
+        batch = [n for n, when in self.found.items() if not when.startswith("step")]
+        parts = []
+        if stepped:
+            gate = f" behind zero-initialised {_listed(self.gates, 3)}" if self.gates else " behind a zero-initialised gate"
+            parts.append(f"{len(stepped)} get a gradient only once training has moved the gate{gate} "
+                         f"(zero at the first step, non-zero by {self.found[stepped[0]]}: "
+                         f"{_listed(stepped, 3)})")
+        if batch:
+            parts.append(f"{len(batch)} get none from this batch and do from {self.found[batch[0]]} "
+                         f"(experts or a router of a mixture of experts that this batch does not reach; "
+                         f"the batch's shape, not the model: {_listed(batch, 3)})")
+        return "; " + "; ".join(parts)
+
+
+def _listed(names: Sequence[str], most: int) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _later_gradients(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], names: Sequence[str],
+                     steps: int) -> Later:
+    """When the parameters ``names``, whose gradient was zero or absent at the first pass, get a
+    non-zero one: after each of ``steps`` AdamW steps on ``batch`` (a gate initialised to zero
+    opens at the first), else from a larger batch of random ids at the original weights (an
+    expert the batch does not reach). Runs on the model; everything is put back."""
+    later = Later()
+    parameters = dict(model.named_parameters())
+    wanted = [n for n in names if n in parameters]
+    later.gates = [n for n, p in parameters.items() if p.requires_grad and p.numel() > 1 and not bool(p.detach().any())]
+    snapshot = Snapshot(model)
+    try:
+        optimizer = torch.optim.AdamW([p for p in parameters.values() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+        for step in range(1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            _loss(model, batch).backward()
+            optimizer.step()
+            waiting = [n for n in wanted if n not in later.found]
+            if not waiting:
+                break
+            for name, grad in zip(waiting, _gradients(model, batch, [parameters[n] for n in waiting]), strict=True):
+                if grad is not None and bool(grad.any()):
+                    later.found[name] = f"step {step + 1}"
+        snapshot.restore()
+        waiting = [n for n in wanted if n not in later.found]
+        if waiting:
+            vocab = input_vocabulary(model) or output_size(model)
+            rows, length = _ROUTED_BATCH
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(vocab, (rows, length), generator=generator).to(model_device(model))
+            larger = {"input_ids": ids, "labels": ids}
+            for name, grad in zip(waiting, _gradients(model, larger, [parameters[n] for n in waiting]), strict=True):
+                if grad is not None and bool(grad.any()):
+                    later.found[name] = f"a random {rows} x {length} batch"
+                    later.routed = True
+    finally:
+        snapshot.restore()
+    return later
+
+
+def _gradients(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+               parameters: list[torch.nn.Parameter]) -> tuple[torch.Tensor | None, ...]:
+    loss = _loss(model, batch)
+    return torch.autograd.grad(loss, parameters, allow_unused=True)
 
 
 @probe("loss_matches_reference")
@@ -533,15 +659,45 @@ def _parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())  # tied weights appear once, under their first name
 
 
-def _frozen_problems(names: Mapping[str, torch.nn.Parameter], expect_frozen: Collection[str]) -> list[str]:
+def _frozen_problems(names: Mapping[str, torch.nn.Parameter], expect_frozen: Collection[str],
+                     model: torch.nn.Module | None = None) -> list[str]:
     unknown = sorted(set(expect_frozen) - set(names))
     if unknown:
         raise InputError(f"'expect_frozen' must name parameters of the model (got unknown {unknown[:3]})")
+    frozen = [n for n, p in names.items() if not p.requires_grad and n not in expect_frozen]
+    designed = frozen_by_design(model) if model is not None and frozen else set()
     return [f"{n} is frozen (requires_grad=False) but pretraining trains every parameter; "
             f"name it in expect_frozen if that is intended"
-            for n, p in names.items() if not p.requires_grad and n not in expect_frozen] + [
+            for n in frozen if n not in designed] + [
             f"{n} should be frozen but has requires_grad=True"
             for n in expect_frozen if names[n].requires_grad]
+
+
+def frozen_by_design(model: torch.nn.Module) -> set[str]:
+    """The parameters a Hugging Face model's own class makes frozen: those with
+    ``requires_grad=False`` in a fresh instance of the class built from the same config (on the
+    meta device: no memory, no initialisation). DeepSeek-V3-style routers keep their
+    load-balancing bias so (afmoe's ``expert_bias``, ERNIE-4.5's ``e_score_correction_bias``):
+    it is updated outside the gradient, and is no mistake of the user's."""
+    base = hf_model(model)
+    if base is None:
+        return set()
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(base)(base.config)
+    except Exception:  # noqa: BLE001 -- a class that cannot be rebuilt so: nothing known by design
+        return set()
+    prefix = "" if base is model else _prefix_of(model, base)
+    return {prefix + n for n, p in fresh.named_parameters() if not p.requires_grad}
+
+
+def _prefix_of(model: torch.nn.Module, inner: torch.nn.Module) -> str:
+    """The name prefix of ``inner``'s parameters inside ``model`` (a PEFT wrapper's)."""
+    for name, module in model.named_modules():
+        if module is inner:
+            return f"{name}." if name else ""
+    return ""
 
 
 def _as_ids(

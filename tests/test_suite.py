@@ -132,11 +132,14 @@ def test_a_factory_that_fails_gets_one_line_naming_it(factory, message, factorie
 
 
 def test_a_nanogpt_factory_gets_the_adapt_advice(factories, capsys):
-    """Not a traceback from inside the model: lmcheck's one error, with the adapt call to write."""
-    assert main(["check", "my_lm:nanogpt"]) == 2
-    err = capsys.readouterr().err
-    assert "the last position's only" in err
-    assert "lmcheck.adapt" in err
+    """Not a traceback from inside the model: the check that calls it is an error with lmcheck's
+    message and the adapt call to write, the other checks' results are kept, exit status 3."""
+    assert main(["check", "my_lm:nanogpt"]) == 3
+    out = capsys.readouterr().out
+    assert "ERROR causality" in out
+    assert "the last position's only" in out
+    assert "lmcheck.adapt" in out
+    assert "4 not applicable, 1 could not run (error)" in out
 
 
 # ---------------------------------------------------------------- masked LMs in the ready suite

@@ -30,7 +30,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,10 +64,12 @@ __all__ = [
     "GREEDY_STEPS",
     "MASKED_CHECKS",
     "MASKED_TEXTS",
+    "iter_checks",
     "load_model_for_checks",
     "load_setup",
     "model_family",
     "run_causal_checks",
+    "run_check",
     "run_checks",
     "run_setup_checks",
 ]
@@ -160,12 +162,38 @@ def model_family(model: object) -> str:
     return "causal"
 
 
+def run_check(name: str, check: Callable[..., Result], *arguments: Any) -> Result:
+    """One check of a battery, isolated: its Result, or, where it raised (inside the model or
+    inside lmcheck), an ``error`` Result (:meth:`Result.from_exception`) with the exception and
+    the frame it came from, so that one check never loses the others' results."""
+    try:
+        return check(*arguments)
+    except Exception as error:  # noqa: BLE001 -- any exception is this check's outcome, said in full
+        return Result.from_exception(name, error)
+
+
+def iter_checks(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str] = DEFAULT_PROMPTS, *, max_new_tokens: int = GREEDY_STEPS,
+    cloze_threshold: float | None = None,
+) -> Iterator[Result]:
+    """The battery of the model's family (:func:`model_family`), each check's Result as soon as
+    it is known, in order; every check runs isolated (:func:`run_check`)."""
+    if model_family(model) == "masked":
+        for name, masked in MASKED_CHECKS.items():
+            yield run_check(name, masked, model, tokenizer, cloze_threshold)
+    else:
+        for name, causal in CAUSAL_CHECKS.items():
+            yield run_check(name, causal, model, tokenizer, prompts, max_new_tokens)
+
+
 def run_causal_checks(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] = DEFAULT_PROMPTS, *, max_new_tokens: int = GREEDY_STEPS,
 ) -> list[Result]:
-    """Every check of :data:`CAUSAL_CHECKS` on one model, in order."""
-    return [check(model, tokenizer, prompts, max_new_tokens) for check in CAUSAL_CHECKS.values()]
+    """Every check of :data:`CAUSAL_CHECKS` on one model, in order, each isolated."""
+    return [run_check(name, check, model, tokenizer, prompts, max_new_tokens)
+            for name, check in CAUSAL_CHECKS.items()]
 
 
 def run_checks(
@@ -173,10 +201,9 @@ def run_checks(
     prompts: Sequence[str] = DEFAULT_PROMPTS, *, max_new_tokens: int = GREEDY_STEPS,
     cloze_threshold: float | None = None,
 ) -> list[Result]:
-    """The battery of the model's family (:func:`model_family`), in order."""
-    if model_family(model) == "masked":
-        return [check(model, tokenizer, cloze_threshold) for check in MASKED_CHECKS.values()]
-    return run_causal_checks(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    """The battery of the model's family (:func:`model_family`), in order (see :func:`iter_checks`)."""
+    return list(iter_checks(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            cloze_threshold=cloze_threshold))
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

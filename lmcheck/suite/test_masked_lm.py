@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lmcheck.pytest_plugin import expect_pass
-from lmcheck.suite import MASKED_CHECKS, model_family
+from lmcheck.suite import MASKED_CHECKS, model_family, run_check
 
 
 @pytest.mark.parametrize("check", list(MASKED_CHECKS), ids=list(MASKED_CHECKS))
@@ -18,6 +18,6 @@ def test_masked_lm(check, lmcheck_model, lmcheck_cloze_threshold, lmcheck_result
     model, tokenizer = lmcheck_model
     if model_family(model) != "masked":
         pytest.skip("a causal LM: the causal battery runs instead")
-    result = MASKED_CHECKS[check](model, tokenizer, lmcheck_cloze_threshold)
+    result = run_check(check, MASKED_CHECKS[check], model, tokenizer, lmcheck_cloze_threshold)
     lmcheck_results.append(result)
     expect_pass(result)

@@ -1,0 +1,377 @@
+"""The architecture matrix: lmcheck's batteries and training probes on every transformers LM.
+
+Every class in transformers' causal-LM and masked-LM auto mappings is built at a tiny size by one
+rule (:func:`tiny_config`: width 64, 2 layers, 4 heads of 16, 2 KV heads, 4 experts of which 2
+per token, the tokenizer's vocabulary and special ids), with the few per-architecture settings in
+:data:`OVERRIDES`, randomly initialised with a fixed seed, and run through lmcheck's ready
+battery for its family and the training probes. :data:`LEFT_OUT` gives the reason for every class
+of the mappings that is not a decoder-only or masked language model lmcheck checks.
+
+Each cell is a probe's outcome (pass, fail, n/a, error). :data:`KNOWN_DEFECTS` lists the cells
+that fail (or raise inside the model's own code) because of the model, each with the words its
+explanation must contain and the cause; every other cell must pass or be not applicable. A class
+whose tiny model cannot be built, or whose own forward raises on a plain batch before any probe,
+is reported with that error as its reason.
+
+Run ``python tests/architectures.py --write docs/architectures.md`` to write the matrix as a
+docs page; ``tests/test_architectures.py`` holds each architecture to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+import lmcheck
+from lmcheck.results import Result, raised_at
+from lmcheck.suite import CAUSAL_CHECKS, DEFAULT_PROMPTS, GREEDY_STEPS, MASKED_CHECKS, run_check
+
+# ------------------------------------------------------------------ sizes by rule
+
+WIDTH, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
+# every size a config may name, set where the config has it (attribute maps included)
+SIZES: dict[str, Any] = {
+    "hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS, "intermediate_size": 4 * WIDTH, "num_heads": HEADS,
+    "max_position_embeddings": 512, "embedding_size": WIDTH, "rotary_dim": HEAD_DIM // 2,
+    # mixture of experts
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "n_shared_experts": 1, "moe_num_experts": 4, "moe_topk": 2,
+    "shared_expert_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    # latent attention
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    # state spaces and recurrences
+    "state_size": 8, "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1,
+    "ssm_state_size": 8, "time_step_rank": 8, "lru_width": WIDTH,
+}
+
+# per-architecture settings that the rule cannot give (each with why)
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # a decoder only with is_decoder=True, as transformers' warning says; else it attends both ways
+    "bert-generation": {"is_decoder": True},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},  # its default repeats 3 kinds
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # two layers cannot share a cache
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one global, one local layer
+    "mamba2": {"num_heads": 8, "head_dim": 16},  # heads x head_dim = expand x width
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # a Mamba layer, then attention
+    "bamba": {"attn_layer_indices": [1]},
+}
+
+# classes of the mappings that are not a decoder-only or masked LM lmcheck checks, and why
+LEFT_OUT: dict[str, str] = {
+    "trocr-causal": "the text decoder of an image-to-text encoder-decoder (its layers read encoder states)",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One class to check: its model type, family (``causal`` or ``masked``) and class name."""
+
+    model_type: str
+    family: str
+    class_name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_type}-{self.family}"
+
+
+def every_class() -> list[Architecture]:
+    """Every class of the installed transformers' causal-LM and masked-LM mappings."""
+    return [Architecture(model_type, family, class_name)
+            for family, mapping in (("causal", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                                    ("masked", MODEL_FOR_MASKED_LM_MAPPING_NAMES))
+            for model_type, class_name in sorted(mapping.items())]
+
+
+_PART_CONFIGS = {"attn_config", "ffn_config", "esmfold_config"}  # parts of one text model
+
+
+def left_out(arch: Architecture) -> str | None:
+    """Why lmcheck's matrix leaves the class out, or None: the rules, then :data:`LEFT_OUT`."""
+    if arch.key in LEFT_OUT:
+        return LEFT_OUT[arch.key]
+    config = CONFIG_MAPPING[arch.model_type]  # the class: some defaults cannot be built
+    if getattr(config, "is_encoder_decoder", False) or "decoder_layers" in getattr(config, "attribute_map", {}) \
+            or hasattr(config, "encoder_layers"):
+        return "an encoder-decoder model's decoder (its causal-LM class reads encoder states)"
+    if set(getattr(config, "sub_configs", None) or ()) - _PART_CONFIGS:
+        return ("a composite (multimodal or multi-part) config: its text model's own type is in "
+                "the matrix where transformers maps one")
+    if arch.family == "causal" and arch.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return ("an encoder with a decoder head (is_decoder=True): checked as the masked LM it is "
+                "built to be")
+    return None
+
+
+def architectures() -> list[Architecture]:
+    """Every class of the mappings that the matrix checks (:func:`left_out` gives None)."""
+    return [arch for arch in every_class() if left_out(arch) is None]
+
+
+def tiny_config(arch: Architecture, tokenizer: Any) -> PretrainedConfig:
+    """The architecture's config at the tiny size: each of :data:`SIZES` the config has, the
+    tokenizer's vocabulary and special ids, then :data:`OVERRIDES`."""
+    default = AutoConfig.for_model(arch.model_type)
+    kind = type(default)
+    settings = {key: value for key, value in SIZES.items()
+                if hasattr(default, key) and not isinstance(getattr(kind, key, None), property)}
+    if hasattr(default, "kv_lora_rank"):  # latent attention: every head has its own keys and values
+        settings["num_key_value_heads"] = HEADS
+    types = getattr(default, "layer_types", None)
+    if isinstance(types, list) and types and not isinstance(getattr(kind, "layer_types", None), property):
+        # one layer of each kind the default mixes (hybrids)
+        distinct = list(dict.fromkeys(types))
+        settings["layer_types"] = (distinct * LAYERS)[:max(LAYERS, len(distinct))]
+        settings["num_hidden_layers"] = len(settings["layer_types"])
+    settings["vocab_size"] = len(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and hasattr(default, name):
+            settings[name] = value
+    settings.update(OVERRIDES.get(arch.key, OVERRIDES.get(arch.model_type, {})))
+    return AutoConfig.for_model(arch.model_type, **settings)
+
+
+def build(arch: Architecture, tokenizer: Any, *, attention: str = "eager") -> torch.nn.Module:
+    """The tiny model, seeded, in eval mode, with the given attention implementation."""
+    config = tiny_config(arch, tokenizer)
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if arch.family == "causal" else AutoModelForMaskedLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_config(config, attn_implementation=attention)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ the probes of a cell
+
+Probe = Callable[[torch.nn.Module, Any], Result]
+
+
+def _ids(tokenizer: Any, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+_TEXTS = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old barn.",
+          "Swimming at the beach is a great way to spend a sunny afternoon with friends and family.",
+          "The capital of France is Paris, a city known for its museums, cafes and long history.",
+          "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)  # slow")
+
+
+def _unpadded_ids(tokenizer: Any) -> torch.Tensor:
+    """Four rows of 16 real tokens: what a loss at init is computed on."""
+    return tokenizer(list(_TEXTS), truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+
+
+def _training_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    rows = tokenizer(list(DEFAULT_PROMPTS) + ["The quick brown fox jumps over the lazy dog."],
+                     padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    labels = rows["input_ids"].clone()
+    labels[rows["attention_mask"] == 0] = -100
+    return {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": labels}
+
+
+def causal_probes() -> dict[str, Probe]:
+    probes: dict[str, Probe] = {name: partial(_battery_check, check, DEFAULT_PROMPTS, GREEDY_STEPS)
+                                for name, check in CAUSAL_CHECKS.items()}
+    probes["loss_at_init"] = lambda m, t: lmcheck.loss_at_init(m, _unpadded_ids(t), tolerance=1.0)
+    probes["loss_matches_reference"] = lambda m, t: lmcheck.loss_matches_reference(m, _training_batch(t))
+    probes["gradient_flow"] = lambda m, t: lmcheck.gradient_flow(m, _training_batch(t))
+    probes["params_update"] = lambda m, t: lmcheck.params_update(m, _training_batch(t))
+    return probes
+
+
+def masked_probes() -> dict[str, Probe]:
+    return {name: partial(_battery_check, check, None) for name, check in MASKED_CHECKS.items()}
+
+
+def _battery_check(check: Callable[..., Result], *arguments: Any) -> Result:
+    """A battery's check as the battery calls it: ``check(model, tokenizer, *arguments)``."""
+    model, tokenizer = arguments[-2:]
+    return check(model, tokenizer, *arguments[:-2])
+
+
+# cells that fail because of the model: (model type-family, probe) -> (status, words the
+# explanation must contain, the cause as the docs page states it)
+KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, str, str]] = {}
+
+# a dozen architectures, one of each family of design, that the default suite runs
+REPRESENTATIVE = ("gpt2-causal", "llama-causal", "qwen3_moe-causal", "phimoe-causal", "doge-causal",
+                  "ctrl-causal", "openai-gpt-causal", "rwkv-causal", "mamba-causal", "bert-masked",
+                  "roberta-masked", "fnet-masked", "ibert-masked")
+
+
+# ------------------------------------------------------------------ running a row
+
+
+@dataclass
+class Row:
+    """One architecture's outcomes: probe -> (status, explanation), and how long it took."""
+
+    arch: Architecture
+    attention: str
+    cells: dict[str, tuple[str, str]] = field(default_factory=dict)
+    build_error: str = ""
+    seconds: float = 0.0
+
+
+def run_row(arch: Architecture, tokenizer: Any, *, attention: str = "eager") -> Row:
+    row = Row(arch, attention)
+    start = time.perf_counter()
+    try:
+        model = build(arch, tokenizer, attention=attention)
+    except Exception as error:  # a config the rule cannot build: the row says why
+        row.build_error = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        row.seconds = time.perf_counter() - start
+        return row
+    try:  # the model's own forward at the tiny size, before any probe: a failure here is the config's
+        with _quiet(), torch.no_grad():
+            model(**{k: v for k, v in _training_batch(tokenizer).items() if k == "input_ids"})
+    except Exception as error:
+        row.build_error = (f"its own forward raises at the tiny size: {type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]} ({raised_at(error)})")
+        row.seconds = time.perf_counter() - start
+        return row
+    probes = causal_probes() if arch.family == "causal" else masked_probes()
+    for name, probe in probes.items():
+        with _quiet():
+            result = run_check(name, probe, model, tokenizer)  # isolated, as the battery runs it
+        row.cells[name] = (result.status, result.error or result.explanation)
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def tokenizers() -> Mapping[str, Any]:
+    causal = lmcheck.load_tokenizer("gpt2")
+    if causal.pad_token is None:
+        causal.pad_token = causal.eos_token
+    return {"causal": causal, "masked": lmcheck.load_tokenizer("bert-base-uncased")}
+
+
+_MARKS = {"pass": "pass", "fail": "**fail**", "n/a": "n/a", "error": "**error**"}
+
+
+def markdown(rows: list[Row]) -> str:
+    """The matrix as a docs page: one line per architecture and probe, then each failure's cause,
+    then every class left out and why."""
+    import platform
+
+    import transformers
+
+    checked = [r for r in rows if not r.build_error]
+    probes = list(dict.fromkeys(p for r in checked for p in r.cells))
+    lines = ["# Architecture matrix", "",
+             f"lmcheck's ready batteries and training probes on a tiny, randomly initialised model of "
+             f"every causal-LM and masked-LM class in transformers {transformers.__version__} (torch "
+             f"{torch.__version__}, {platform.machine()}, attention implementation eager). Written by "
+             f"`python tests/architectures.py --write docs/architectures.md`; "
+             f"`tests/test_architectures.py` holds every row to it.", "",
+             f"Sizes by one rule: width {WIDTH}, {LAYERS} layers (one of each kind a hybrid mixes), "
+             f"{HEADS} heads, {KV_HEADS} KV heads, 4 experts with 2 per token, the GPT-2 tokenizer's "
+             f"vocabulary for causal LMs and BERT's for masked LMs; per-architecture settings in "
+             f"`OVERRIDES`. {len(checked)} architectures checked, "
+             f"{sum(1 for r in checked if all(c[0] in ('pass', 'n/a') for c in r.cells.values()))} "
+             f"with no failure.", ""]
+    for family in ("causal", "masked"):
+        family_probes = [p for p in probes if any(p in r.cells for r in checked if r.arch.family == family)]
+        lines += [f"## {family.capitalize()} LMs", "", "| architecture | class | " + " | ".join(family_probes) + " |",
+                  "|---|---|" + "---|" * len(family_probes)]
+        for r in checked:
+            if r.arch.family == family:
+                cells = [_MARKS[r.cells[p][0]] if p in r.cells else "" for p in family_probes]
+                lines.append(f"| {r.arch.model_type} | {r.arch.class_name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Failures and their causes", "",
+              "Each is the model's, reproduced without lmcheck where a source is given.", ""]
+    for r in checked:
+        for probe, (status, text) in r.cells.items():
+            if status in ("fail", "error"):
+                cause = KNOWN_DEFECTS.get((r.arch.key, probe), ("", "", "not classified yet"))[2]
+                lines.append(f"- **{r.arch.model_type}**, `{probe}` ({status}): {cause}. lmcheck says: "
+                             f"{_cell(text)}")
+    lines += ["", "## Left out", ""]
+    for arch in every_class():
+        reason = left_out(arch)
+        if reason is not None:
+            lines.append(f"- {arch.model_type} ({arch.class_name}): {reason}")
+    for r in rows:
+        if r.build_error:
+            lines.append(f"- {r.arch.model_type} ({r.arch.class_name}): the tiny model cannot be built "
+                         f"or run by the rule: {_cell(r.build_error)}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")[:400]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("only", nargs="*", help="model types to run (default: all)")
+    parser.add_argument("--family", choices=("causal", "masked"))
+    parser.add_argument("--write", metavar="PATH", help="write the matrix as a Markdown page to PATH")
+    args = parser.parse_args(argv)
+    rows = []
+    toks = tokenizers()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for arch in architectures():
+        if args.only and arch.model_type not in args.only:
+            continue
+        if args.family and arch.family != args.family:
+            continue
+        row = run_row(arch, toks[arch.family])
+        rows.append(row)
+        if row.build_error:
+            print(f"{arch.key:32} BUILD {row.build_error}", flush=True)
+            continue
+        bad = {k: v for k, v in row.cells.items() if v[0] not in ("pass",)}
+        print(f"{arch.key:32} {row.seconds:5.1f}s " + ("ok" if not bad else ""), flush=True)
+        for name, (status, text) in bad.items():
+            print(f"    {status:5} {name}: {text[:400]}", flush=True)
+    if args.write:
+        from pathlib import Path
+
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(markdown(rows))
+        print(f"written to {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
