@@ -4,6 +4,7 @@
     python3 dev.py tutorial   # make .venv if needed, install lmcheck, run `lmcheck tutorial`
     python3 dev.py test       # same environment, then run the test suite
     python3 dev.py slow       # same environment, then the slow tests (chapter 4's 49-chunk run)
+    python3 dev.py matrix     # same environment, then the architecture matrix (every LM class)
     python3 dev.py bench      # same environment, then run the benchmarks
     python3 dev.py gpu        # on a CUDA machine: the gpu-marked tests, then the benchmarks,
                               # numbers and plots kept in benchmarks/results/gpu/ (commit them)
@@ -56,7 +57,11 @@ def main(argv: list[str]) -> int:
         "test": [str(BIN / "python"), "-m", "pytest", "-n", "auto", "--maxprocesses", "8",
                  "--dist", "loadfile", "--durations=15"],
         # one process with every core: the slow tier is one long training run and its checks
-        "slow": [str(BIN / "python"), "-m", "pytest", "-m", "slow", "--durations=15"],
+        "slow": [str(BIN / "python"), "-m", "pytest", "-m", "slow and not architectures", "--durations=15"],
+        # the architecture matrix: many small models, one worker per core, tests spread one by one
+        "matrix": [str(BIN / "python"), "-m", "pytest", "tests/test_architectures.py", "-m",
+                   "slow and architectures", "-n", "auto", "--maxprocesses", "8", "--dist", "load",
+                   "--durations=10"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
         "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
     }

@@ -130,6 +130,23 @@ def _mask_changes_logits(model: torch.nn.Module) -> bool:
     return not torch.equal(plain[:, 1:], masked[:, 1:])
 
 
+def recurrent_note(model: torch.nn.Module, *, cached: bool) -> str:
+    """For a model without attention layers (a recurrent or state-space LM: Mamba, RWKV), the
+    mask convention lmcheck followed and what a failure then points at; empty for any other.
+    ``cached``: the failure compares cached steps with full passes (else padded with unpadded)."""
+    if any("attention" in type(m).__name__.lower() for m in model.modules()):
+        return ""
+    convention = ("lmcheck gives each cached step the attention mask of the whole sequence, as "
+                  "generate gives an attention model" if cached else
+                  "lmcheck left-pads as generate does (mask 0 at the pads, positions counted over "
+                  "the real tokens) and decodes with the model's cache, each step given the whole "
+                  "sequence's mask")
+    return (f"; the model has no attention layer (a recurrent or state-space LM): {convention}, so a "
+            f"failure after the prompt means its recurrent state takes in what the mask should keep "
+            f"out (transformers' generate drops the mask for Mamba and FalconMamba, and trims it for "
+            f"Mamba2)")
+
+
 def can_generate(model: torch.nn.Module) -> bool:
     """Whether the model has Hugging Face's ``generate`` to compare a greedy loop with."""
     base = hf_model(model)
@@ -247,7 +264,7 @@ def model_context(model: torch.nn.Module) -> tuple[int, str] | None:
     config = getattr(model, "config", None)
     for key in _CONTEXT_KEYS:
         context = getattr(config, key, None)
-        if isinstance(context, int) and not isinstance(context, bool):
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:  # XLNet's -1: no limit
             offset = _position_offset(model, context)
             if offset:
                 return context - offset, (f"config.{key} = {context} less {offset}: its positions "

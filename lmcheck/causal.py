@@ -34,6 +34,7 @@ from lmcheck._model import (
     model_device,
     model_forward,
     parameter_dtype,
+    recurrent_note,
     token_embedding,
 )
 from lmcheck._validate import (
@@ -46,7 +47,7 @@ from lmcheck._validate import (
 )
 from lmcheck.comparison import LOGIT_ATOL, TIE_ATOL, tolerance_for
 from lmcheck.decoding import greedy_decode
-from lmcheck.errors import InputError, ModelError, NotApplicableError
+from lmcheck.errors import InputError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
 __all__ = [
@@ -236,7 +237,7 @@ def kv_cache_matches_full(
         explanation = (f"step {first['step']} (from 0) of {max_new_tokens}, row {first['row']}: logits with "
                        f"the cache differ from full recomputation by {first['max_abs_diff']:.3g} "
                        f"(token id {first['token']}), above {tol:g}; the worst is step "
-                       f"{worst['step']} ({worst['max_abs_diff']:.3g})" + _recurrent_note(model))
+                       f"{worst['step']} ({worst['max_abs_diff']:.3g})" + recurrent_note(model, cached=True))
     else:
         explanation = (f"{max_new_tokens} steps: logits with the cache are within {tol:g} of full "
                        f"recomputation (largest difference {worst['max_abs_diff']:.3g}, step {worst['step']})")
@@ -285,10 +286,15 @@ def causality(
                 logits, _ = model_forward(model, perturbed, None, None, use_cache=False,
                                           what=f"the logits with the tokens after position {t} changed")
                 change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
-        logits, embeds = _logits_from_leaf_embeddings(model, ids)  # (B, T, V), (B, T, D)
-        projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
-        ratios = []
-        for t in range(length - 1):
+        ratios: list[tuple[float, int]] = []
+        unread = ""
+        try:
+            logits, embeds = _logits_from_leaf_embeddings(model, ids)  # (B, T, V), (B, T, D)
+        except _NoLeaf as error:  # the logit criterion alone; the reason is said
+            unread, ratios = str(error), [(0.0, t + 1) for t in range(length - 1)]
+        if not unread:
+            projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
+        for t in range(length - 1 if not unread else 0):
             (grad,) = torch.autograd.grad((logits[:, t] * projection).sum(), embeds, retain_graph=True)
             require_finite(grad, f"the gradients of the output at position {t} with respect to the "
                            f"input embeddings", ("row", "position", "feature"))
@@ -305,35 +311,28 @@ def causality(
     if leaks:
         t = leaks[0]
         explanation = (f"position {t} of {length} sees the future: its logits change by "
-                       f"{change[t]:.3g} (tolerance {tol:g}) when the tokens after it change, and "
-                       f"its gradient with respect to the input embedding at position "
-                       f"{ratios[t][1]} is {ratios[t][0]:.3g} of the largest one at or before it")
+                       f"{change[t]:.3g} (tolerance {tol:g}) when the tokens after it change"
+                       + ("" if unread else
+                          f", and its gradient with respect to the input embedding at position "
+                          f"{ratios[t][1]} is {ratios[t][0]:.3g} of the largest one at or before it"))
     else:
         explanation = (f"{length} positions: changing later tokens moves earlier logits by at most "
-                       f"{worst:.3g} (tolerance {tol:g}) and their gradients with respect to later "
-                       f"inputs are {max(r for r, _ in ratios):.3g} of the largest (tolerance {grad_tol:g})")
+                       f"{worst:.3g} (tolerance {tol:g})"
+                       + ("" if unread else
+                          f" and their gradients with respect to later inputs are "
+                          f"{max(r for r, _ in ratios):.3g} of the largest (tolerance {grad_tol:g})"))
+    if unread:
+        explanation += f"; the gradient criterion was not read: {unread}"
     max_ratio = max(r for r, _ in ratios)
     return Result(
         name="causality", passed=not leaks,
         metrics={"max_logit_change": worst, "max_future_gradient_ratio": max_ratio,
                  "first_leaking_position": leaks[0] if leaks else None, "positions": length,
-                 "grad_tol": grad_tol},
+                 "grad_tol": grad_tol, "gradient_criterion": not unread},
         # threshold: the logit criterion's; the headroom is the nearer of the two criteria
         threshold=tol, headroom=min(headroom_below(worst, tol), headroom_below(max_ratio, grad_tol)),
         explanation=explanation, details=rows)
 
-
-
-def _recurrent_note(model: torch.nn.Module) -> str:
-    """For a model without attention layers (a recurrent or state-space LM, such as Mamba), the
-    mask convention the cache comparison followed, and what a failure then points at."""
-    if any("attention" in type(m).__name__.lower() for m in model.modules()):
-        return ""
-    return ("; the model has no attention layer (a recurrent or state-space LM): lmcheck gives each "
-            "cached step the attention mask of the whole sequence, as generate gives an attention "
-            "model, so a failure from the first cached step on means the cached step treats that "
-            "mask otherwise than the full pass does (transformers' generate drops the mask for "
-            "Mamba and FalconMamba, and trims it for Mamba2)")
 
 
 def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,9 +358,15 @@ def _logits_from_leaf_embeddings(model: torch.nn.Module, ids: torch.Tensor) -> t
     finally:
         handle.remove()
     if not leaves:
-        raise ModelError(f"the token embedding ({type(table).__name__}) was not called with the "
-                         f"input ids, so the gradient with respect to each position cannot be read")
+        raise _NoLeaf(f"the token embedding ({type(table).__name__}) was not called with the "
+                      f"{tuple(ids.shape)} input ids themselves (the model embeds more tokens than it "
+                      f"is given, as CPM-Ant, which prepends its prompt, does), so no input "
+                      f"position's gradient can be told apart")
     return logits, leaves[0]
+
+
+class _NoLeaf(Exception):
+    """The token embedding was not called with the input ids: no gradient per input position."""
 
 
 # --- helpers of greedy_matches_generate ------------------------------------------------------

@@ -18,6 +18,7 @@ from lmcheck._model import (
     check_causal_lm,
     check_context,
     eval_mode,
+    has_cache,
     input_vocabulary,
     model_device,
     model_forward,
@@ -106,6 +107,7 @@ def greedy_decode(
     prompt_length = ids.shape[1]
     steps: list[torch.Tensor] = []
     past = None
+    use_cache = use_cache and has_cache(model)  # a cache the model cannot take back is not used
     cache_used = use_cache
     with eval_mode(model), torch.no_grad():
         for step in range(max_new_tokens):

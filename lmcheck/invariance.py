@@ -22,6 +22,7 @@ from lmcheck._model import (
     eval_mode,
     model_device,
     model_forward,
+    recurrent_note,
     takes_mask,
 )
 from lmcheck._validate import (
@@ -169,6 +170,7 @@ def _invariance(name: str, condition: str, side: str,
         _, other, row = pairs[first["row"]]
         explanation += mask_effect(model, other.sequences[row:row + 1, :other.prompt_length],
                                    other.attention_mask[row:row + 1, :other.prompt_length])
+        explanation += recurrent_note(model, cached=False)
     else:
         explanation = (f"{count_phrase(rows, 'prompt')} {condition}: logits within {tol:g} of each prompt alone "
                        f"(largest {worst['max_logit_diff']:.3g}) and the same {steps} greedy tokens")

@@ -291,17 +291,31 @@ def bidirectionality(
             changes.append(float((logits - base).abs().max()))
     largest = max(changes)
     passed = largest > tol
+    left_change = None
+    left = [t for t in range(position) if int(ids[0, t]) not in special]
+    if not passed and left:  # does the left side move it? If not, the model mixes no tokens at all
+        with eval_mode(model), torch.no_grad():
+            changed = {k: v.clone() for k, v in encoded.items()}
+            changed["input_ids"][0, left] = ordinary[torch.randint(len(ordinary), (len(left),), generator=generator)]
+            left_logits = encoder_logits(model, changed)[0, position].float()
+        require_finite(left_logits, "the logits at the mask with the left context changed", ("token id",))
+        left_change = float((left_logits - base).abs().max())
     words = f"{len(right)} token{'s' if len(right) > 1 else ''} to its right"
     explanation = (f"the logits at the mask (position {position}) move by up to {largest:.3g} when the "
                    f"{words} change ({trials} trials; more than {tol:g}): the model reads both sides"
                    if passed else
                    f"the logits at the mask (position {position}) move by at most {largest:.3g} (tolerance "
-                   f"{tol:g}) when the {words} change: the model does not read the right context; it "
-                   f"attends causally (a decoder config or a causal attention mask), so it cannot fill a "
-                   f"blank from both sides")
+                   f"{tol:g}) when the {words} change: the model does not read the right context; "
+                   + (f"nor the left one (changing the {len(left)} tokens to its left moves them by "
+                      f"{left_change:.3g}): at this input of {ids.shape[1]} tokens the prediction at a "
+                      f"mask depends on no other token, so the model mixes nothing across positions "
+                      f"(attention that never reaches them, or blocks or patches longer than the input)"
+                      if left_change is not None and left_change <= tol else
+                      "it attends causally (a decoder config or a causal attention mask), so it cannot "
+                      "fill a blank from both sides"))
     return Result(name="bidirectionality", passed=passed,
                   metrics={"max_logit_change": largest, "mask_position": position, "changed_tokens": len(right),
-                           "trials": trials},
+                           "trials": trials, "left_context_change": left_change},
                   threshold=tol, headroom=headroom_above(largest, tol) if tol > 0 else (1.0 if passed else -1.0),
                   explanation=explanation, details=tuple({"trial": i, "max_logit_change": c}
                                                          for i, c in enumerate(changes)))

@@ -4,7 +4,8 @@ ready battery and training probes (``tests/architectures.py`` builds and runs th
 A healthy architecture must pass every probe or be not applicable; a cell that fails because of
 the model is listed in ``KNOWN_DEFECTS`` with the words its explanation must contain, so a real
 defect keeps failing and keeps being explained; no cell may be an error that is not listed. A
-dozen representative architectures run in the default suite, the rest in the slow tier.
+dozen representative architectures run in the default suite with eager attention; the whole
+matrix, with sdpa too where a class has it, runs as ``python3 dev.py matrix`` (CI runs it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import architectures as matrix
 import pytest
 
 ARCHITECTURES = matrix.architectures()
+FULL = (pytest.mark.slow, pytest.mark.architectures)  # python3 dev.py matrix
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +22,12 @@ def matrix_tokenizers():
     return matrix.tokenizers()
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param(a, id=a.key, marks=() if a.key in matrix.REPRESENTATIVE else pytest.mark.slow)
-    for a in ARCHITECTURES])
-def test_architecture(arch, matrix_tokenizers):
-    row = matrix.run_row(arch, matrix_tokenizers[arch.family])
+@pytest.mark.parametrize(("arch", "attention"), [
+    pytest.param(a, attention, id=f"{a.key}-{attention}",
+                 marks=() if a.key in matrix.REPRESENTATIVE and attention == "eager" else FULL)
+    for a in ARCHITECTURES for attention in matrix.attentions(a)])
+def test_architecture(arch, attention, matrix_tokenizers):
+    row = matrix.run_row(arch, matrix_tokenizers[arch.family], attention=attention)
     if row.build_error:
         pytest.skip(f"the tiny {arch.class_name} cannot be built or run by the rule: {row.build_error}")
     surprises = []
