@@ -403,7 +403,7 @@ def check_masked_lm(model: object, tokenizer: object) -> int:
                          f"hold {embeddings:,}: ids from {embeddings} up would index past the table "
                          f"(use the model's own tokenizer, or resize_token_embeddings)")
     output = model.get_output_embeddings()  # type: ignore[operator]
-    return int(getattr(output, "out_features", None) or getattr(config, "vocab_size", embeddings))
+    return int(getattr(output, "out_features", None) or getattr(config, "vocab_size", None) or embeddings)
 
 
 def _sequence(value: object, argument: str) -> list[Any]:
@@ -447,7 +447,7 @@ def _mask_probabilities(
     if tokenizer.pad_token_id is None:
         batch_size = 1  # nothing to pad with: one text per forward pass
     found = model_context(model)
-    limit = None if found is None else found[0]
+    limit, where = (None, "") if found is None else found
     with eval_mode(model):  # dropout off: predictions must not be random
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
@@ -459,7 +459,7 @@ def _mask_probabilities(
                                      f"{tokenizer.mask_token!r} (got {_excerpt(texts[index], tokenizer)!r})")
             if limit is not None and ids.shape[1] > limit:
                 raise InputError(f"texts {start} to {start + len(ids) - 1} encode to {ids.shape[1]} tokens, "
-                                 f"more than the model's {limit} positions ({found[1]})")
+                                 f"more than the model's {limit} positions ({where})")
             with torch.inference_mode():
                 logits = encoder_logits(model, encoded)  # (B, T, V)
             require_finite(logits, f"the logits of texts {start} to {start + len(ids) - 1}",

@@ -27,7 +27,7 @@ from typing import Any
 
 from lmcheck.errors import InputError
 
-__all__ = ["Result", "headroom_above", "headroom_below", "raised_at"]
+__all__ = ["Result", "headroom_above", "headroom_below"]
 
 
 @dataclass(frozen=True, kw_only=True)

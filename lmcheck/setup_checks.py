@@ -817,6 +817,8 @@ def _battery(
     setup["eos and BOS from"] = special.source
     try:
         results = _batch_checks(lm_batches, special, expect_eos)
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001 -- both batch checks' outcome, said in full
         results = [Result.from_exception(n, error) for n in ("batch_supervision", "causal_batch")]
     results.append(_finite_or_fail("loss_at_init", lambda: _loss_at_init(model, lm_batches[0], pretrained)))
@@ -901,11 +903,14 @@ def _unsupervised(results: list[Result]) -> str | None:
 def _finite_or_fail(name: str, check: Callable[[], Result]) -> Result:
     """The check's result, isolated: its failure where a model output it reads is NaN or Inf
     (the message says which output and where), an ``error`` result where it raised anything
-    else, so that one check never loses the report."""
+    else, so that one check never loses the report. An InputError (the setup itself is unfit:
+    a streaming train set, a bad option) still stops the checks with its message."""
     try:
         return check()
     except NonFiniteError as error:
         return non_finite_result(name, str(error))
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001 -- the check's outcome, with the exception and where
         return Result.from_exception(name, error)
 

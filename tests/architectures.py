@@ -338,6 +338,31 @@ KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, str, str]] = {
         "patches are 32 positions)"),
 }
 
+# what the matrix shows that a reader may not expect, said on the docs page
+NOTES: dict[str, str] = {
+    "recurrent_gemma": (
+        "passes padding and batch invariance although its recurrent layers do not read the mask: they "
+        "reset their state where position_ids is 0 (modeling_recurrent_gemma.py), and lmcheck, as "
+        "generate, numbers positions over the real tokens, so the first real token is position 0 and "
+        "the state the pads left is dropped; its cache is not one lmcheck can take back, so "
+        "kv_cache_matches_full is n/a"),
+    "openai-gpt": "returns no cache: kv_cache_matches_full is n/a, the greedy loop recomputes",
+    "xlstm": ("its forward has no attention_mask parameter, only **kwargs, and a mask with a pad leaves "
+              "its logits unchanged: the padded checks are n/a, found by trying"),
+    "fnet": "takes no attention mask: encoder_padding_invariance is n/a, and its loss at init runs unpadded",
+    "doge": ("its dt_proj sits behind a zero-initialised gate: zero gradient at the first step, non-zero "
+             "from the second; gradient_flow and params_update pass and name it"),
+    "phimoe": ("its router and some experts get no gradient from the 4 x 16 batch and do from a random "
+               "8 x 64 one: the probes pass and say the batch is the reason"),
+    "afmoe": "its expert_bias is frozen by the class itself (a load-balancing bias): not counted as a mistake",
+    "ernie4_5_moe": "its e_score_correction_bias is frozen by the class itself: not counted as a mistake",
+    "ctrl": "scales its input embeddings in place: causality's gradient criterion hands it a copy of the leaf",
+    "roberta": ("numbers positions from padding_idx + 1: lmcheck's context is max_position_embeddings - "
+                "padding_idx - 1 (roberta-base's 514 positions hold 512 tokens; the tiny one's 512 hold 510), "
+                "for its whole family: XLM-R, CamemBERT, data2vec-text, RoBERTa-PreLayerNorm, MPNet"),
+    "ibert": "its QuantEmbedding has no num_embeddings: the vocabulary is read from the table's weight",
+}
+
 # a dozen architectures, one of each family of design, that the default suite runs
 REPRESENTATIVE = ("gpt2-causal", "llama-causal", "qwen3_moe-causal", "phimoe-causal", "doge-causal",
                   "ctrl-causal", "openai-gpt-causal", "rwkv-causal", "mamba-causal", "bert-masked",
@@ -459,6 +484,8 @@ def markdown(rows: list[Row]) -> str:
                 lines.append(f"- **{r.arch.model_type}** ({r.arch.family}, {r.arch.class_name}, "
                              f"{r.attention}), `{probe}` ({status}): {cause}. lmcheck says: "
                              f"{_cell(text)}")
+    lines += ["", "## Notes", ""]
+    lines += [f"- **{model_type}**: {note}." for model_type, note in NOTES.items()]
     lines += ["", "## Left out", ""]
     for arch in every_class():
         reason = left_out(arch)

@@ -113,7 +113,8 @@ def test_results_are_written_to_json(user_project):
     result.assert_outcomes(passed=1)
     written = json.loads(target.read_text())
     assert written == [{"name": "probe", "passed": True, "status": "pass", "metrics": {}, "threshold": None,
-                        "headroom": None, "explanation": "fine", "details": [], "skip_reason": ""}]
+                        "headroom": None, "explanation": "fine", "details": [], "skip_reason": "",
+                        "error": ""}]
 
 
 def test_options_are_documented_in_help(user_project):
