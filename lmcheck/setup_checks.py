@@ -185,13 +185,15 @@ class SetupReport:
         target.parent.mkdir(parents=True, exist_ok=True)
         passed = sum(r.status == "pass" for r in self.results)
         skipped = sum(r.status == "n/a" for r in self.results)
+        errors = len(self.errors())
         lines = [f"# lmcheck training-setup report: {'PASS' if self.passed else 'FAIL'}", "",
                  f"{passed} of {len(self.results)} checks passed"
-                 + (f", {skipped} not applicable" if skipped else "") + ".", "",
+                 + (f", {skipped} not applicable" if skipped else "")
+                 + (f", {errors} could not run (error)" if errors else "") + ".", "",
                  "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {_md(v)} |" for k, v in self.setup.items()]
         lines += ["", "| check | result | explanation |", "|---|---|---|"]
-        lines += [f"| {r.name} | {r.status.upper()} | {_md(r.explanation)} |" for r in self.results]
+        lines += [f"| {r.name} | {r.status.upper()} | {_md(r.error or r.explanation)} |" for r in self.results]
         if plot and self.curve.train:
             from lmcheck.report import plot_loss_curve
 

@@ -216,7 +216,7 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
                        + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
                        + later.said())
     else:
-        explanation = f"{len(problems)} problem(s): " + "; ".join(problems[:5]) + later.said(silent_only=False)
+        explanation = f"{len(problems)} problem(s): " + "; ".join(problems[:5]) + later.said()
     return Result(name="gradient_flow", passed=passed,
                   metrics={"trainable": len(trainable), "problems": len(problems),
                            "zero_at_first_step": len(silent), "gradient_later": len(later.found)},
@@ -314,9 +314,8 @@ class Later:
 
     found: dict[str, str] = field(default_factory=dict)
     gates: list[str] = field(default_factory=list)
-    routed: bool = False
 
-    def said(self, *, silent_only: bool = True) -> str:
+    def said(self) -> str:
         """A clause naming them; empty when there are none."""
         if not self.found:
             return ""
@@ -348,7 +347,9 @@ def _later_gradients(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], 
     later = Later()
     parameters = dict(model.named_parameters())
     wanted = [n for n in names if n in parameters]
-    later.gates = [n for n, p in parameters.items() if p.requires_grad and p.numel() > 1 and not bool(p.detach().any())]
+    # the likely gates: weights that start all zero (zero biases are everywhere and gate nothing)
+    later.gates = [n for n, p in parameters.items() if p.requires_grad and p.numel() > 1
+                   and not n.endswith("bias") and not bool(p.detach().any())]
     snapshot = Snapshot(model)
     try:
         optimizer = torch.optim.AdamW([p for p in parameters.values() if p.requires_grad], lr=1e-3, weight_decay=0.0)
@@ -373,7 +374,6 @@ def _later_gradients(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], 
             for name, grad in zip(waiting, _gradients(model, larger, [parameters[n] for n in waiting]), strict=True):
                 if grad is not None and bool(grad.any()):
                     later.found[name] = f"a random {rows} x {length} batch"
-                    later.routed = True
     finally:
         snapshot.restore()
     return later

@@ -23,8 +23,7 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -43,6 +42,9 @@ from transformers.models.auto.modeling_auto import (
 )
 
 import lmcheck
+from lmcheck._setup_results import (
+    _quiet,  # the Trainer driver's: transformers' logs and warnings off
+)
 from lmcheck.results import Result, raised_at
 from lmcheck.suite import CAUSAL_CHECKS, DEFAULT_PROMPTS, GREEDY_STEPS, MASKED_CHECKS, run_check
 
@@ -407,20 +409,6 @@ def run_row(arch: Architecture, tokenizer: Any, *, attention: str = "eager") -> 
         row.cells[name] = (result.status, result.error or result.explanation)
     row.seconds = time.perf_counter() - start
     return row
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    from transformers.utils import logging as transformers_logging
-
-    level = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers_logging.set_verbosity(level)
 
 
 def tokenizers() -> Mapping[str, Any]:

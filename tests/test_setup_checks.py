@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from lmcheck.errors import InputError, ModelError
+from lmcheck.results import Result
 from lmcheck.setup_checks import SETUP_CHECKS, SetupReport, check_loop, check_trainer
 from tests import setups
 
@@ -910,3 +911,22 @@ def test_check_trainer_leaves_accelerates_gradient_state_as_it_was(tok, tmp_path
     check_trainer(trainer, **SHORT)
     assert not GradientState().in_dataloader
     assert GradientState._shared_state == before
+
+
+def test_a_setup_check_that_raises_is_an_error_and_the_report_is_kept(tok, monkeypatch, tmp_path):
+    """One check raising inside lmcheck does not lose the others: it is an error result with the
+    exception and where it came from, the report does not pass, and Markdown says so."""
+    import lmcheck.setup_checks as setup_checks
+
+    def broken(*args: Any, **kwargs: Any) -> Result:
+        raise RuntimeError("the schedule check broke")
+
+    monkeypatch.setattr(setup_checks, "_lr_schedule", broken)
+    report = plain(tok)
+    assert [r.name for r in report.errors()] == ["lr_schedule"]
+    assert "RuntimeError: the schedule check broke" in report["lr_schedule"].error
+    assert "in broken" in report["lr_schedule"].error
+    assert not report.passed
+    assert report["gradient_flow"].status == "pass"
+    assert report["accumulation"].status == "pass"
+    assert "1 could not run (error)" in report.to_markdown(tmp_path / "report.md", plot=False).read_text()
