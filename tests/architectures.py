@@ -20,12 +20,14 @@ docs page; ``tests/test_architectures.py`` holds each architecture to it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,7 +139,9 @@ def left_out(arch: Architecture) -> str | None:
     config = CONFIG_MAPPING[arch.model_type]  # the class: some defaults cannot be built
     if getattr(config, "is_encoder_decoder", False) or "decoder_layers" in getattr(config, "attribute_map", {}) \
             or hasattr(config, "encoder_layers"):
-        return "an encoder-decoder model's decoder (its causal-LM class reads encoder states)"
+        return ("an encoder-decoder model's decoder (its causal-LM class reads encoder states)"
+                if arch.family == "causal" else
+                "an encoder-decoder model: its masked-LM class generates a sequence from an encoded one")
     if set(getattr(config, "sub_configs", None) or ()) - _PART_CONFIGS:
         return ("a composite (multimodal or multi-part) config: its text model's own type is in "
                 "the matrix where transformers maps one")
@@ -268,10 +272,13 @@ _DSA = ("by design, and a trap for training: a DeepSeek Sparse Attention indexer
         "keys by top-k, an index with no gradient, so the language-model loss never reaches its "
         "weights; DeepSeek-V3.2 trains it with a separate loss (KL to the main attention, its input "
         "detached) that transformers' forward does not compute, so training with the LM loss alone "
-        "leaves the indexer at its initialisation")
+        "leaves the indexer at its initialisation (upstream: transformers PR #48863, 'currently the "
+        "indexer can't be trained on these models and is inference-only'; torchtitan #4802 for V4)")
 _MAMBA = ("the cached step treats the whole sequence's attention mask otherwise than the full pass "
           "(transformers' generate drops the mask for Mamba and FalconMamba, and trims it for Mamba2); "
-          "the prompt pass agrees to 1e-6 and the steps after it part")
+          "the prompt pass agrees to 1e-6 and the steps after it part (related upstream reports: "
+          "transformers #31540, padded or batched Mamba generation differs; PR #47087, the "
+          "recurrent layers' padding mask skipped on continued forwards)")
 _NO_EFFECT = "the attention mask it takes has no effect on its logits"
 _CPMANT_MASK = ("CPM-Ant's forward takes attention_mask as a 'dummy parameter for the text-generation "
                 "pipeline' (its signature's comment) and ignores it")
@@ -280,10 +287,10 @@ KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, str, str]] = {
         "fail", "the model's cached step is what differs",
         "RWKV's cached step (its `state`) returns (B, B, V) logits for a batch of B > 1, and generate reads "
         "them as (B, 1, V); reproduced without lmcheck: `model(ids[:, 5:], state=model(ids[:, :5], "
-        "use_cache=True).state).logits.shape` is (3, 3, V) for 3 rows"),
-    ("rwkv-causal", "padding_invariance"): ("fail", "the attention mask has no effect", f"{_NO_EFFECT}: RWKV "
-                                            "documents attention_mask as unused; reproduced: logits with "
-                                            "and without a mask of pads are equal"),
+        "use_cache=True).state).logits.shape` is (3, 3, V) for 3 rows; no upstream report found"),
+    ("rwkv-causal", "padding_invariance"): ("fail", "the attention mask has no effect", f"{_NO_EFFECT}: RWKV's "
+                                            "forward logs that attention_mask 'is unused in this model'; "
+                                            "reproduced: the logits with and without a mask of pads are equal"),
     ("rwkv-causal", "batch_invariance"): ("fail", "the attention mask has no effect", f"{_NO_EFFECT} (as above)"),
     ("mamba-causal", "kv_cache_matches_full"): ("fail", "no attention layer", _MAMBA),
     ("mamba-causal", "padding_invariance"): ("fail", "no attention layer", _MAMBA),
@@ -321,19 +328,23 @@ KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, str, str]] = {
        for p in ("gradient_flow", "params_update")},
     ("convbert-masked", "encoder_padding_invariance"): (
         "fail", "the pads reach the real tokens",
-        "ConvBERT's span-based dynamic convolution runs over the sequence, padded positions included, "
-        "before any mask"),
+        "ConvBERT's span-based convolution (key_conv_attn_layer in modeling_convbert.py) runs over the "
+        "hidden states unmasked; the attention mask reaches only the attention scores, so neighbouring "
+        "pads enter the real tokens' outputs"),
     ("nystromformer-masked", "encoder_padding_invariance"): (
         "fail", "the pads reach the real tokens",
-        "Nystromformer's depthwise convolution of the values (conv_kernel_size) reads the padded positions"),
+        "Nystromformer adds a depthwise convolution of the unmasked values to the attention's output "
+        "(context_layer += self.conv(value_layer), modeling_nystromformer.py): the pads beside the last "
+        "real tokens enter them"),
     ("yoso-masked", "encoder_padding_invariance"): (
         "fail", "the pads reach the real tokens",
         "YOSO rebuilds a 0/1 mask from transformers' additive one as (1.0 + mask / 10000.0).int() "
         "(modeling_yoso.py), made for a -10000 mask; the pads still reach the real tokens"),
     ("mra-masked", "bidirectionality"): (
         "fail", "depends on no other token",
-        "at a 20-token input MRA's block attention mixes no tokens: the logits at a mask move by exactly "
-        "0 when any other token changes, left or right (its blocks are 32 positions)"),
+        "at a 20-token input the logits at a mask move by exactly 0 when any other token changes, left or "
+        "right: MRA's attention works on blocks of 32 positions (modeling_mra.py) and mixes nothing in an "
+        "input shorter than one; not reduced further"),
     ("neomme-masked", "bidirectionality"): (
         "fail", "depends on no other token",
         "at a 20-token input the prediction at a mask depends on no other token, left or right (its "
@@ -349,6 +360,9 @@ NOTES: dict[str, str] = {
         "the state the pads left is dropped; its cache is not one lmcheck can take back, so "
         "kv_cache_matches_full is n/a"),
     "openai-gpt": "returns no cache: kv_cache_matches_full is n/a, the greedy loop recomputes",
+    "minimax": ("passes with one full-attention and one linear-attention layer (its default's order): "
+                "the decode-step mask sized from a linear-attention layer that an earlier sweep met does "
+                "not show at this size in this transformers"),
     "xlstm": ("its forward has no attention_mask parameter, only **kwargs, and a mask with a pad leaves "
               "its logits unchanged: the padded checks are n/a, found by trying"),
     "fnet": "takes no attention mask: encoder_padding_invariance is n/a, and its loss at init runs unpadded",
@@ -495,7 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("only", nargs="*", help="model types to run (default: all)")
     parser.add_argument("--family", choices=("causal", "masked"))
     parser.add_argument("--write", metavar="PATH", help="write the matrix as a Markdown page to PATH")
+    parser.add_argument("--rows", metavar="PATH",
+                        help="with --write: keep the outcomes in PATH (JSON), or render from it if it exists")
     args = parser.parse_args(argv)
+    if args.write and args.rows and Path(args.rows).is_file():
+        rows = [_row_from(item) for item in json.loads(Path(args.rows).read_text())]
+        return _write(args.write, rows)
     rows = []
     toks = tokenizers()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -514,13 +533,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch.key:32} {attention:5} {row.seconds:5.1f}s " + ("ok" if not bad else ""), flush=True)
             for name, (status, text) in bad.items():
                 print(f"    {status:5} {name}: {text[:400]}", flush=True)
-    if args.write:
-        from pathlib import Path
+    if args.write and args.rows:
+        Path(args.rows).write_text(json.dumps([_row_to(r) for r in rows]))
+    return _write(args.write, rows) if args.write else 0
 
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(markdown(rows))
-        print(f"written to {args.write}")
+
+def _write(path: str, rows: list[Row]) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(markdown(rows))
+    print(f"written to {path}")
     return 0
+
+
+def _row_to(row: Row) -> dict[str, Any]:
+    return {"model_type": row.arch.model_type, "family": row.arch.family, "class_name": row.arch.class_name,
+            "attention": row.attention, "cells": row.cells, "build_error": row.build_error,
+            "seconds": row.seconds}
+
+
+def _row_from(item: dict[str, Any]) -> Row:
+    return Row(Architecture(item["model_type"], item["family"], item["class_name"]), item["attention"],
+               {k: (v[0], v[1]) for k, v in item["cells"].items()}, item["build_error"], item["seconds"])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ that returns a model or ``(model, tokenizer)``::
 
 The model's family picks the battery: a causal LM runs :data:`CAUSAL_CHECKS`, a masked LM
 :data:`MASKED_CHECKS`, one test (or one report line) each. A check that needs what the model lacks
-(an attention-mask argument, a KV cache, ``generate``) is reported as not applicable.
+(an attention-mask argument, a KV cache, ``generate``) is reported as not applicable; one that
+raises is an error (:func:`run_check`), and the others still run.
 
 Your training setup gets the setup checks (:data:`lmcheck.setup_checks.SETUP_CHECKS`) through a
 function ``package.module:function`` that returns your ``transformers.Trainer``, ``(model,
