@@ -82,6 +82,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
     "xlnet": {"d_head": WIDTH // HEADS},  # its default 64 assumes its default width
     "helium": {"head_dim": WIDTH // HEADS},  # its output projection assumes heads x head_dim = width
+    # head_dim left None by default, and read as if set (getattr(config, "head_dim", default))
+    **{name: {"head_dim": HEAD_DIM} for name in ("ministral", "hunyuan_v1_dense", "hunyuan_v1_moe")},
     "dory": {"head_dim": WIDTH // HEADS},
     "xglm": {"pad_token_id": 1},  # its sinusoidal table's padding row must lie inside the table
     "esmc": {"num_key_value_heads": HEADS},  # no grouped-query attention
@@ -444,6 +446,7 @@ def markdown(rows: list[Row]) -> str:
 
     import transformers
 
+    rows = sorted(rows, key=lambda r: (r.arch.family, r.arch.model_type, r.attention))
     checked = [r for r in rows if not r.build_error and r.attention == "eager"]
     sdpa = {r.arch.key: r for r in rows if not r.build_error and r.attention == "sdpa"}
     probes = list(dict.fromkeys(p for r in checked for p in r.cells))
