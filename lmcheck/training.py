@@ -68,7 +68,7 @@ __all__ = [
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 Rows = Sequence[Sequence[int]] | Sequence[str] | torch.Tensor | Any  # Any: a datasets.Dataset
 LATER_STEPS = 3  # AdamW steps in which a gated parameter's gradient may arrive (doge, gemma3n, xLSTM: 1)
-_ROUTED_BATCH = (8, 64)  # the random batch an unreached expert or router gets (PhiMoE: reached at 8 x 64)
+_ROUTED_BATCH = (8, 64)  # the random batch an unreached expert gets (a sweep saw PhiMoE's router reached at 8 x 64, not 2 x 16)
 
 
 # ---------------------------------------------------------------- probes that take a model
@@ -323,10 +323,11 @@ class Later:
         batch = [n for n, when in self.found.items() if not when.startswith("step")]
         parts = []
         if stepped:
-            gate = f" behind zero-initialised {_listed(self.gates, 3)}" if self.gates else " behind a zero-initialised gate"
-            parts.append(f"{len(stepped)} get a gradient only once training has moved the gate{gate} "
-                         f"(zero at the first step, non-zero by {self.found[stepped[0]]}: "
-                         f"{_listed(stepped, 3)})")
+            behind = (f"behind zero-initialised weights ({_listed(self.gates, 3)}) that training moves first"
+                      if self.gates else
+                      "no weight starts at zero: a router or branch that is off at the first step")
+            parts.append(f"{len(stepped)} have an exactly zero gradient at the first step and a non-zero "
+                         f"one by {self.found[stepped[0]]} ({_listed(stepped, 3)}): {behind}")
         if batch:
             parts.append(f"{len(batch)} get none from this batch and do from {self.found[batch[0]]} "
                          f"(experts or a router of a mixture of experts that this batch does not reach; "

@@ -370,8 +370,9 @@ NOTES: dict[str, str] = {
     "fnet": "takes no attention mask: encoder_padding_invariance is n/a, and its loss at init runs unpadded",
     "doge": ("its dt_proj sits behind a zero-initialised gate: zero gradient at the first step, non-zero "
              "from the second; gradient_flow and params_update pass and name it"),
-    "phimoe": ("its router and some experts get no gradient from the 4 x 16 batch and do from a random "
-               "8 x 64 one: the probes pass and say the batch is the reason"),
+    "phimoe": ("its router's gradient is exactly zero at the first step of the 4 x 16 batch and non-zero "
+               "at the second: the probes pass and name it (an expert no batch of the user's reaches "
+               "is given a random 8 x 64 batch instead)"),
     "afmoe": "its expert_bias is frozen by the class itself (a load-balancing bias): not counted as a mistake",
     "ernie4_5_moe": "its e_score_correction_bias is frozen by the class itself: not counted as a mistake",
     "ctrl": "scales its input embeddings in place: causality's gradient criterion hands it a copy of the leaf",
