@@ -131,7 +131,7 @@ def _mask_changes_logits(model: torch.nn.Module) -> bool:
 
 
 def recurrent_note(model: torch.nn.Module, *, cached: bool) -> str:
-    """For a model without attention layers (a recurrent or state-space LM: Mamba, RWKV), the
+    """For a model without attention layers (a recurrent or state-space LM, such as Mamba), the
     mask convention lmcheck followed and what a failure then points at; empty for any other.
     ``cached``: the failure compares cached steps with full passes (else padded with unpadded)."""
     if any("attention" in type(m).__name__.lower() for m in model.modules()):

@@ -286,22 +286,23 @@ def causality(
                 logits, _ = model_forward(model, perturbed, None, None, use_cache=False,
                                           what=f"the logits with the tokens after position {t} changed")
                 change.append(float((logits[:, : t + 1] - base[:, : t + 1]).abs().max()))
-        ratios: list[tuple[float, int]] = []
+        # per position: the future gradient's share, and the future position it is largest at
+        ratios: list[tuple[float, int]] = [(0.0, t + 1) for t in range(length - 1)]
         unread = ""
         try:
             logits, embeds = _logits_from_leaf_embeddings(model, ids)  # (B, T, V), (B, T, D)
         except _NoLeaf as error:  # the logit criterion alone; the reason is said
-            unread, ratios = str(error), [(0.0, t + 1) for t in range(length - 1)]
+            unread = str(error)
         if not unread:
             projection = torch.randn(logits.shape[-1], generator=generator).to(logits)
-        for t in range(length - 1 if not unread else 0):
-            (grad,) = torch.autograd.grad((logits[:, t] * projection).sum(), embeds, retain_graph=True)
-            require_finite(grad, f"the gradients of the output at position {t} with respect to the "
-                           f"input embeddings", ("row", "position", "feature"))
-            past = float(grad[:, : t + 1].abs().max())
-            future = grad[:, t + 1:].abs().amax(dim=(0, 2))  # (T - t - 1,)
-            ratios.append((float(future.max()) / past if past > 0 else float(future.max()),
-                           t + 1 + int(future.argmax())))
+            for t in range(length - 1):
+                (grad,) = torch.autograd.grad((logits[:, t] * projection).sum(), embeds, retain_graph=True)
+                require_finite(grad, f"the gradients of the output at position {t} with respect to the "
+                               f"input embeddings", ("row", "position", "feature"))
+                past = float(grad[:, : t + 1].abs().max())
+                future = grad[:, t + 1:].abs().amax(dim=(0, 2))  # (T - t - 1,)
+                ratios[t] = (float(future.max()) / past if past > 0 else float(future.max()),
+                             t + 1 + int(future.argmax()))
     tol = tolerance_for(LOGIT_ATOL, model) if atol is None else atol
     grad_tol = 1e-6  # masked attention weights are exactly 0, so a causal model gives exactly 0
     leaks = [t for t in range(length - 1) if change[t] > tol or ratios[t][0] > grad_tol]

@@ -110,7 +110,7 @@ def batch_invariance(
                        pairs, model, tokenizer, atol)
 
 
-def mask_effect(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> str:
+def _mask_effect(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> str:
     """A clause saying that the attention mask has no effect on the logits, where that is so:
     ``ids`` run with ``mask`` (pads in it) and with every position attended give equal logits,
     so the model takes the mask and ignores it (RWKV, RecurrentGemma, YOSO's rounded mask).
@@ -168,7 +168,7 @@ def _invariance(name: str, condition: str, side: str,
                             f"{tokenizer.decode([first['alone_token']])!r} alone, "
                             f"{tokenizer.decode([first[side + '_token']])!r} {condition}")
         _, other, row = pairs[first["row"]]
-        explanation += mask_effect(model, other.sequences[row:row + 1, :other.prompt_length],
+        explanation += _mask_effect(model, other.sequences[row:row + 1, :other.prompt_length],
                                    other.attention_mask[row:row + 1, :other.prompt_length])
         explanation += recurrent_note(model, cached=False)
     else:

@@ -26,7 +26,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +248,7 @@ def _training_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
 
 
 def causal_probes() -> dict[str, Probe]:
-    probes: dict[str, Probe] = {name: partial(_battery_check, check, DEFAULT_PROMPTS, GREEDY_STEPS)
+    probes: dict[str, Probe] = {name: lambda m, t, check=check: check(m, t, DEFAULT_PROMPTS, GREEDY_STEPS)
                                 for name, check in CAUSAL_CHECKS.items()}
     probes["loss_at_init"] = lambda m, t: lmcheck.loss_at_init(m, _unpadded_ids(t), tolerance=1.0)
     probes["loss_matches_reference"] = lambda m, t: lmcheck.loss_matches_reference(m, _training_batch(t))
@@ -259,13 +258,7 @@ def causal_probes() -> dict[str, Probe]:
 
 
 def masked_probes() -> dict[str, Probe]:
-    return {name: partial(_battery_check, check, None) for name, check in MASKED_CHECKS.items()}
-
-
-def _battery_check(check: Callable[..., Result], *arguments: Any) -> Result:
-    """A battery's check as the battery calls it: ``check(model, tokenizer, *arguments)``."""
-    model, tokenizer = arguments[-2:]
-    return check(model, tokenizer, *arguments[:-2])
+    return {name: lambda m, t, check=check: check(m, t, None) for name, check in MASKED_CHECKS.items()}
 
 
 # cells that fail because of the model: (model type-family, probe) -> (status, words the
@@ -294,12 +287,8 @@ KNOWN_DEFECTS: dict[tuple[str, str], tuple[str, str, str]] = {
                                             "forward logs that attention_mask 'is unused in this model'; "
                                             "reproduced: the logits with and without a mask of pads are equal"),
     ("rwkv-causal", "batch_invariance"): ("fail", "the attention mask has no effect", f"{_NO_EFFECT} (as above)"),
-    ("mamba-causal", "kv_cache_matches_full"): ("fail", "no attention layer", _MAMBA),
-    ("mamba-causal", "padding_invariance"): ("fail", "no attention layer", _MAMBA),
-    ("mamba-causal", "batch_invariance"): ("fail", "no attention layer", _MAMBA),
-    ("falcon_mamba-causal", "kv_cache_matches_full"): ("fail", "no attention layer", _MAMBA),
-    ("falcon_mamba-causal", "padding_invariance"): ("fail", "no attention layer", _MAMBA),
-    ("falcon_mamba-causal", "batch_invariance"): ("fail", "no attention layer", _MAMBA),
+    **{(f"{m}-causal", p): ("fail", "no attention layer", _MAMBA) for m in ("mamba", "falcon_mamba")
+       for p in ("kv_cache_matches_full", "padding_invariance", "batch_invariance")},
     ("cpmant-causal", "greedy_matches_generate"): (
         "fail", "the model's cached step is what differs",
         "CPM-Ant's cached step raises when given its cache back (the mask it builds is 36 wide for a "
