@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import pytest  # noqa: E402
 
 from lmcheck._allocator import keep_freed_blocks  # noqa: E402
-from lmcheck.defaults import DEFAULTS  # noqa: E402
+from lmcheck.recipes import DEFAULTS  # noqa: E402
 
 if TYPE_CHECKING:  # the rest is imported where it is used: xdist's controller starts the workers
     import datasets  # without waiting for transformers and datasets, which only the workers need

@@ -8,6 +8,7 @@
     python3 dev.py bench      # same environment, then run the benchmarks
     python3 dev.py gpu        # on a CUDA machine: the gpu-marked tests, then the benchmarks,
                               # numbers and plots kept in benchmarks/results/gpu/ (commit them)
+    python3 dev.py docs       # same environment, then build the docs site strictly into site/
 
 Extra arguments go to the command (``python3 dev.py test -k chunk``). The environment is made
 once and reused; it is refreshed when pyproject.toml changes. ``LMCHECK_TORCH`` picks the torch
@@ -64,6 +65,9 @@ def main(argv: list[str]) -> int:
                    "--durations=10"],
         "bench": [str(BIN / "python"), "-m", "pytest", "benchmarks", "--benchmark-only"],
         "gpu": [str(BIN / "python"), "-m", "pytest", "-m", "gpu", "-v", "-rs"],
+        # the docs site (mkdocs.yml): every warning fails, the site goes to site/ (git-ignored)
+        "docs": [str(BIN / "python"), "-m", "mkdocs", "build", "--strict", "--site-dir",
+                 str(ROOT / "site")],
     }
     if not argv or argv[0] not in commands:
         print(f"usage: python3 dev.py {{{'|'.join(commands)}}} [args...]", file=sys.stderr)

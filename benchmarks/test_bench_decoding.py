@@ -1,7 +1,7 @@
 """Benchmarks of chapter 3's greedy loop: the hand loop with the KV cache against ``generate``, and
 the cache against full recomputation.
 
-The tutorial's loop (:func:`lmcheck.greedy_decode`) and ``model.generate(do_sample=False)``
+The tutorial's loop (:func:`lmcheck.decoding.greedy_decode`) and ``model.generate(do_sample=False)``
 decode the same prompt for the same number of tokens in the same process, on SmolLM2-135M (the
 real model of chapter 3) and on a small GPT-2 configuration; each is timed as the best of a few
 rounds after a warm-up. The hand loop must reach 0.9x ``generate``'s tokens/s: it is the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from lmcheck import chunk_documents
-from lmcheck.defaults import DEFAULTS
+from lmcheck.recipes import DEFAULTS
 
 
 def test_chunk_documents_throughput(benchmark, gpt2_tokenizer, wiki_split):

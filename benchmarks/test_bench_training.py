@@ -3,7 +3,7 @@ loop's MFU, and the Trainer's overhead.
 
 Every reference is measured in the same process, on the same device:
 
-- time to memorization runs the embedded default (``lmcheck.defaults.PRETRAIN_CPU``, or
+- time to memorization runs the embedded default (``lmcheck.recipes.PRETRAIN_CPU``, or
   ``PRETRAIN_GPU`` where there is a GPU) end to end, data and model building included, and
   confirms the stop with greedy decoding;
 - the memorization checks are timed inside that run against its training time (goal: under 5%),
@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from lmcheck._model import loss_of, model_device
-from lmcheck.defaults import PRETRAIN_CPU, PRETRAIN_GPU
 from lmcheck.loops._step import adamw, optimizer_step
 from lmcheck.loops.pretraining import (
     PretrainRun,
@@ -38,6 +37,7 @@ from lmcheck.loops.pretraining import (
     pretraining_data,
 )
 from lmcheck.models import gpt2_from_scratch
+from lmcheck.recipes import PRETRAIN_CPU, PRETRAIN_GPU
 from lmcheck.training import memorizes, verbatim_rows
 
 CUDA = torch.cuda.is_available()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -524,6 +524,19 @@ def shifted_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return total, int((targets != IGNORE_INDEX).sum())
 
 
+def token_loss_sum(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Summed cross-entropy over the supervised tokens, their count, and the count the shift
+    would drop (``labels != -100`` before the shift, transformers #46204's mistake)."""
+    if "targets" in batch:
+        scores, targets = logits, batch["targets"].to(logits.device)
+        unshifted = int((targets != IGNORE_INDEX).sum())
+        total = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, unshifted, unshifted
+    total, count = shifted_loss_sum(logits, batch["labels"])
+    return total, count, int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Shifted cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored; the mean is
     over the supervised tokens (computed in float32)."""
@@ -580,3 +593,21 @@ def training_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *,
     loss = loss_of(model, batch)
     require_finite(loss, what, ())
     return loss
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+              loss: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None) -> float:
+    """The mean loss over ``batches`` in eval mode, each batch weighted by its rows: ``loss(batch)``
+    (on the model's device), by default :func:`training_loss` (NaN or Inf refused, naming the rows)."""
+    total, rows = 0.0, 0
+    device = model_device(model)
+    with eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            count = batch["input_ids"].shape[0]
+            value = loss(batch) if loss is not None else training_loss(
+                model, batch, what=f"the loss of rows {rows} to {rows + count - 1}")
+            total += float(value.float()) * count
+            rows += count
+    return total / max(rows, 1)

@@ -125,8 +125,8 @@ def _tutorial(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from lmcheck.batteries import DEFAULT_PROMPTS, iter_checks, load_model_for_checks, model_family
     from lmcheck.report import Report, write_results_json
-    from lmcheck.suite import DEFAULT_PROMPTS, iter_checks, load_model_for_checks, model_family
 
     model, tokenizer = load_model_for_checks(args.model, args.tokenizer)
     report = Report()
@@ -150,8 +150,8 @@ def _exit_status(ok: bool, results: Sequence[Any]) -> int:
 def _train_check(args: argparse.Namespace) -> int:
     import json
 
+    from lmcheck.batteries import run_setup_checks
     from lmcheck.report import Report
-    from lmcheck.suite import run_setup_checks
 
     options = {name: value for name, value in (("steps", args.steps), ("overfit_steps", args.overfit_steps))
                if value is not None}

@@ -64,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for option, metavar, text in _BUDGET_OPTIONS:
         group.addoption(option, default=None, type=int, metavar=metavar, help=text)
     group.addoption("--lmcheck-prompt", action="append", default=None, metavar="TEXT",
-                    help="prompt for lmcheck.suite (repeatable; default: lmcheck.suite.DEFAULT_PROMPTS)")
+                    help="prompt for lmcheck.suite (repeatable; default: lmcheck.batteries.DEFAULT_PROMPTS)")
 
 
 # the setup checks' budget, for --lmcheck-trainer (check_trainer's and check_loop's arguments)
@@ -199,8 +199,8 @@ def lmcheck_model(pytestconfig: pytest.Config) -> Any:
     name = pytestconfig.getoption("--lmcheck-model")
     if not name:
         pytest.skip("no model given: pass --lmcheck-model NAME_OR_PATH or package.module:function")
+    from lmcheck.batteries import load_model_for_checks
     from lmcheck.errors import LmcheckError
-    from lmcheck.suite import load_model_for_checks
 
     try:
         return load_model_for_checks(name, pytestconfig.getoption("--lmcheck-tokenizer"))
@@ -216,13 +216,13 @@ def lmcheck_cloze_threshold(pytestconfig: pytest.Config) -> float | None:
 
 @pytest.fixture(scope="session")
 def lmcheck_setup_report(pytestconfig: pytest.Config) -> Any:
-    """The :class:`~lmcheck.setup_checks.SetupReport` of the training setup named by
+    """The :class:`~lmcheck.setup.SetupReport` of the training setup named by
     ``--lmcheck-trainer``, run once per session; skips when none is given."""
     spec = pytestconfig.getoption("--lmcheck-trainer")
     if not spec:
         pytest.skip("no training setup given: pass --lmcheck-trainer package.module:function")
+    from lmcheck.batteries import run_setup_checks
     from lmcheck.errors import LmcheckError
-    from lmcheck.suite import run_setup_checks
 
     try:
         return run_setup_checks(spec, **budget_options(pytestconfig))
@@ -246,7 +246,7 @@ def expect_pass(result: Result) -> None:
 @pytest.fixture(scope="session")
 def lmcheck_prompts(pytestconfig: pytest.Config) -> list[str]:
     """The prompts given with ``--lmcheck-prompt``, or lmcheck.suite's defaults."""
-    from lmcheck.suite import DEFAULT_PROMPTS
+    from lmcheck.batteries import DEFAULT_PROMPTS
 
     return list(pytestconfig.getoption("--lmcheck-prompt") or DEFAULT_PROMPTS)
 

@@ -29,6 +29,7 @@ from lmcheck._model import (
     has_own_loss,
     hf_model,
     input_vocabulary,
+    mean_loss,
     model_device,
     model_forward,
     output_size,
@@ -90,7 +91,8 @@ def loss_at_init(
     vocab = output_size(model)
     ids = _as_ids(input_ids, "input_ids", vocab=min(vocab, input_vocabulary(model) or vocab))
     expected = math.log(vocab)
-    loss = mean_loss(model, ids, batch_size=batch_size)  # NonFiniteError names the batch
+    rows = ({"input_ids": part, "labels": part} for part in ids.split(batch_size))
+    loss = mean_loss(model, rows)  # NonFiniteError names the rows
     difference = loss - expected
     passed = abs(difference) <= tolerance
     explanation = f"loss {loss:.3f} at init, ln({vocab:,}) = {expected:.3f}: off by {difference:+.3f} (allowed ±{tolerance})"
@@ -544,21 +546,6 @@ def causal_batch(
 
 
 # ---------------------------------------------------------------- helpers shared with the loops
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 16) -> float:
-    """Mean next-token loss (nats) of ``model`` on rows of token ids, in eval mode."""
-    total, count = 0.0, 0
-    device = model_device(model)
-    with eval_mode(model):
-        for part in input_ids.split(batch_size):
-            part = part.to(device)
-            what = f"the loss of rows {count} to {count + part.shape[0] - 1}"
-            loss = training_loss(model, {"input_ids": part, "labels": part}, what=what).float().item()
-            total += loss * part.shape[0]
-            count += part.shape[0]
-    return total / max(count, 1)
 
 
 def memorized_fraction(

@@ -43,11 +43,11 @@ from transformers.models.auto.modeling_auto import (
 )
 
 import lmcheck
-from lmcheck._setup_results import (
-    _quiet,  # the Trainer driver's: transformers' logs and warnings off
-)
+from lmcheck.batteries import CAUSAL_CHECKS, DEFAULT_PROMPTS, GREEDY_STEPS, MASKED_CHECKS, run_check
 from lmcheck.results import Result, raised_at
-from lmcheck.suite import CAUSAL_CHECKS, DEFAULT_PROMPTS, GREEDY_STEPS, MASKED_CHECKS, run_check
+from lmcheck.setup.trainer import (
+    quiet as _quiet,  # the Trainer driver's: transformers' logs and warnings off
+)
 
 # ------------------------------------------------------------------ sizes by rule
 

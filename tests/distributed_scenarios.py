@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import setups  # noqa: E402
 
 import lmcheck  # noqa: E402
-from lmcheck import distributed  # noqa: E402
+from lmcheck.setup import distributed  # noqa: E402
 
 BACKEND = os.environ.get("LMCHECK_DIST_BACKEND", "gloo")  # "nccl": the gpu(count=2) variant
 DEVICE = torch.device("cpu")

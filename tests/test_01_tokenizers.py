@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 
 from lmcheck import chunk_documents, inspect_tokens, round_trip
-from lmcheck.defaults import DEFAULTS
+from lmcheck.recipes import DEFAULTS
 from lmcheck.tutorial import expected
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."

@@ -31,11 +31,11 @@ import torch
 from transformers import BertForMaskedLM
 
 from lmcheck.cloze import cloze_cases
-from lmcheck.defaults import DEFAULTS
 from lmcheck.loops.masked import MEMORIZATION_RUN
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
 from lmcheck.models import bert_from_scratch
 from lmcheck.pytest_plugin import cached_repo
+from lmcheck.recipes import DEFAULTS
 from lmcheck.tutorial import expected
 
 SENTENCE = DEFAULTS["masked_sentence"]  # "Life is like a [MASK] of chocolates."

@@ -23,14 +23,14 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmcheck.batteries import CAUSAL_CHECKS, GREEDY_STEPS
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.comparison import LOGIT_ATOL
 from lmcheck.decoding import greedy_decode, next_token_logits
-from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError
 from lmcheck.invariance import batch_invariance, padding_invariance
 from lmcheck.models import gpt2_from_scratch, load_causal_lm
-from lmcheck.suite import CAUSAL_CHECKS, GREEDY_STEPS
+from lmcheck.recipes import DEFAULTS
 from lmcheck.tokens import load_tokenizer
 from lmcheck.tutorial import expected
 

@@ -1,7 +1,7 @@
 """Chapter 4 at full size: the tutorial's own configuration, on one GPU (``pytest -m gpu``).
 
 GPT-2 124M from scratch, every 128-token chunk of the 50 training documents, Hugging Face's
-Trainer, bf16 where the GPU supports it (``lmcheck.defaults.PRETRAIN_GPU``). It trains until every
+Trainer, bf16 where the GPU supports it (``lmcheck.recipes.PRETRAIN_GPU``). It trains until every
 training chunk is memorized (32-token prefix, 32 greedy tokens) or 100 epochs, writes the loss
 curve, and checks the chapter's probes. The same function runs on the CPU with a tiny preset
 (the last test), so the GPU path is not untested code.
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
-from lmcheck.defaults import PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.loops.pretraining import pretrain_default
+from lmcheck.recipes import PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.report import plot_loss_curve, write_results_json
 from lmcheck.results import Result
 from lmcheck.training import memorizes

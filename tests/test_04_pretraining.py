@@ -6,7 +6,7 @@ checks memorization: given the start of a training article, greedy generation co
 verbatim. The point is a practice: before paying for a full run, overfit a tiny subset and check
 that the loss starts where it should, falls, reaches zero, and that every parameter learns.
 
-On a CPU the embedded default (``lmcheck.defaults.PRETRAIN_CPU``) does this with a 2-layer, 160-wide GPT-2
+On a CPU the embedded default (``lmcheck.recipes.PRETRAIN_CPU``) does this with a 2-layer, 160-wide GPT-2
 that keeps GPT-2's full 50,257-token vocabulary, trained by a lean AdamW loop on the first chunk
 of each of the 50 training documents (49 chunks: one document is shorter than a chunk, from the
 openings of "Android (robot)", "Alaska", "Anthropology" and "Achilles" on). It stops as soon as
@@ -36,7 +36,6 @@ from lmcheck.curves import (
     overfits,
     reproducible,
 )
-from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PRETRAIN_CPU_QUICK
 from lmcheck.loops.pretraining import (
     PretrainingData,
     PretrainRun,
@@ -46,6 +45,7 @@ from lmcheck.loops.pretraining import (
     recipe_data,
 )
 from lmcheck.models import gpt2_from_scratch
+from lmcheck.recipes import DEFAULTS, PRETRAIN_CPU, PRETRAIN_CPU_QUICK
 from lmcheck.report import plot_loss_curve
 from lmcheck.training import (
     causal_batch,

@@ -15,6 +15,10 @@ import pytest
 import torch
 
 import lmcheck
+import lmcheck.adapters
+import lmcheck.decoding
+import lmcheck.models
+import lmcheck.training
 from lmcheck.errors import ModelError, NotApplicableError
 from tests.plain_models import (
     NanoGPT,
@@ -29,13 +33,13 @@ from tests.plain_models import (
 PROMPTS = ["Swimming at the beach is", "The capital of France is", "def fibonacci(n):"]
 
 
-def adapted_nanogpt(fault: str | None = None, *, shift: int = 1) -> lmcheck.AdaptedLM:
+def adapted_nanogpt(fault: str | None = None, *, shift: int = 1) -> lmcheck.adapters.AdaptedLM:
     gpt = NanoGPT(fault=fault).eval()
     return lmcheck.adapt(gpt, logits=nanogpt_logits(gpt), loss=nanogpt_loss(gpt, shift=shift))
 
 
 @pytest.fixture(scope="module")
-def nanogpt() -> lmcheck.AdaptedLM:
+def nanogpt() -> lmcheck.adapters.AdaptedLM:
     return adapted_nanogpt()
 
 
@@ -46,7 +50,7 @@ def rotary() -> RotaryLM:
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(gpt2_tokenizer_with_pad):
-    return lmcheck.gpt2_from_scratch(gpt2_tokenizer_with_pad, preset="gpt2-tiny-cpu").eval()
+    return lmcheck.models.gpt2_from_scratch(gpt2_tokenizer_with_pad, preset="gpt2-tiny-cpu").eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def batch(gpt2_tokenizer) -> torch.Tensor:
 def test_a_nanogpt_forward_gets_one_error_that_says_what_to_write(ids):
     """nanoGPT without targets returns (B, 1, V): lmcheck names the shape and the adapt call."""
     with pytest.raises(ModelError) as caught:
-        lmcheck.greedy_decode(NanoGPT().eval(), ids, max_new_tokens=2)
+        lmcheck.decoding.greedy_decode(NanoGPT().eval(), ids, max_new_tokens=2)
     message = str(caught.value)
     assert f"(1, 1, 50257) for input ids of shape (1, {ids.shape[1]})" in message
     assert "the last position's only" in message
@@ -101,7 +105,7 @@ def test_a_forward_that_returns_no_logits_is_named(ids):
             return "logits"
 
     with pytest.raises(ModelError, match="returned 'logits'"):
-        lmcheck.greedy_decode(Strings(), ids, max_new_tokens=1)
+        lmcheck.decoding.greedy_decode(Strings(), ids, max_new_tokens=1)
 
 
 def test_a_hugging_face_model_works_through_adapt_too(tiny_gpt2, ids):
@@ -111,8 +115,8 @@ def test_a_hugging_face_model_works_through_adapt_too(tiny_gpt2, ids):
     for result in (lmcheck.causality(model, ids[:, :8]), lmcheck.loss_matches_reference(model, ids),
                    lmcheck.gradient_flow(model, ids)):
         assert result, result.explanation
-    direct = lmcheck.greedy_decode(tiny_gpt2, ids, max_new_tokens=4, use_cache=False)
-    adapted = lmcheck.greedy_decode(model, ids, max_new_tokens=4)
+    direct = lmcheck.decoding.greedy_decode(tiny_gpt2, ids, max_new_tokens=4, use_cache=False)
+    adapted = lmcheck.decoding.greedy_decode(model, ids, max_new_tokens=4)
     assert torch.equal(direct.sequences, adapted.sequences)
     assert not adapted.cache_used  # an adapted model re-feeds the whole sequence
 
@@ -157,7 +161,7 @@ def test_a_healthy_plain_model_passes_every_applicable_probe(family, probe, requ
 
 def test_memorization_and_decoding_run_on_a_plain_module(rotary, batch):
     """memorized_fraction (teacher-forced) and memorizes (greedy) agree on an untrained model."""
-    fraction = lmcheck.memorized_fraction(rotary, batch, prefix_length=2, continuation_length=3)
+    fraction = lmcheck.training.memorized_fraction(rotary, batch, prefix_length=2, continuation_length=3)
     result = lmcheck.memorizes(rotary, None, batch, prefix_length=2, continuation_length=3)
     assert fraction == result.metrics["verbatim_rate"] == 0.0
     assert not result
@@ -167,9 +171,9 @@ def test_a_plain_module_without_a_mask_cannot_decode_a_padded_batch(nanogpt, ids
     padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(ids)], dim=1)
     with pytest.raises(NotApplicableError, match="takes no attention mask"):
-        lmcheck.greedy_decode(nanogpt, padded, attention_mask=mask, max_new_tokens=1)
+        lmcheck.decoding.greedy_decode(nanogpt, padded, attention_mask=mask, max_new_tokens=1)
     # an all-ones mask carries nothing to skip: it is dropped, nothing is lost
-    assert lmcheck.greedy_decode(nanogpt, ids, attention_mask=torch.ones_like(ids), max_new_tokens=1)
+    assert lmcheck.decoding.greedy_decode(nanogpt, ids, attention_mask=torch.ones_like(ids), max_new_tokens=1)
 
 
 # ---------------------------------------------------------------- broken twins are caught

@@ -1,61 +1,90 @@
-"""The public surface: the facade lists every public module's ``__all__`` and nothing else."""
+"""The public surface: a curated top level, namespaces for the rest, and the layering."""
 
 from __future__ import annotations
 
+import ast
 import importlib
-import pkgutil
+from pathlib import Path
+
+from public import NAMESPACES, public_names
 
 import lmcheck
 
-# modules users import directly: each __all__ lists what users call; plumbing lives in _modules
-PUBLIC_MODULES = sorted(
-    info.name.removeprefix("lmcheck.") for info in pkgutil.walk_packages(lmcheck.__path__, "lmcheck.")
-    if not info.name.split(".")[-1].startswith("_") and not info.ispkg
-    and info.name.split(".")[1] not in {"assets", "cli", "pytest_plugin", "suite", "tutorial"}
-    # the assets command's, pytest's, the ready suite's and the tutorial's own surfaces
-)
+# what `import lmcheck` gives, pinned: a name joins or leaves it only here
+TOP_LEVEL = sorted("""
+    round_trip inspect_tokens
+    fill_mask mask_fill_accuracy masked_loss_at_init bidirectionality encoder_padding_invariance
+    greedy_matches_generate kv_cache_matches_full causality padding_invariance batch_invariance
+    loss_at_init gradient_flow params_update loss_matches_reference causal_batch memorizes batch_supervision
+    loss_decreases overfits generalization_gap reproducible finite_loss LossCurve
+    check_loop check_trainer check_lightning SetupReport
+    Result LmcheckError InputError ModelError NonFiniteError NotApplicableError AssetError GoldenMissingError
+    adapt load_tokenizer load_language_model load_causal_lm load_documents chunk_documents Report
+""".split())
 
 
-def test_the_facade_is_exactly_the_public_modules_all():
-    exported = {}
-    for name in PUBLIC_MODULES:
-        module = importlib.import_module(f"lmcheck.{name}")
-        for public in getattr(module, "__all__", []):
-            exported[public] = f"lmcheck.{name}"
-    assert exported == lmcheck._EXPORTS
-    assert lmcheck.__all__ == sorted(exported)
+def test_the_top_level_is_the_curated_list():
+    assert lmcheck.__all__ == TOP_LEVEL
+    assert len(TOP_LEVEL) <= 45
 
 
-def test_every_public_name_resolves_to_a_public_module():
+def test_every_top_level_name_is_its_namespaces_own():
+    """Each top-level name is the object its home namespace exports, and that home is public."""
     for name in lmcheck.__all__:
-        value = getattr(lmcheck, name)
+        home = lmcheck._EXPORTS[name]
+        assert home in NAMESPACES, f"{name} comes from {home}, which is not a public namespace"
+        module = importlib.import_module(home)
+        assert name in module.__all__, f"{home}.__all__ does not list {name}"
+        assert getattr(lmcheck, name) is getattr(module, name)
+
+
+def test_every_namespace_name_resolves_and_none_is_private():
+    for name, value in public_names().items():
+        assert not name.startswith("_"), name
         home = getattr(value, "__module__", None)
         if isinstance(home, str) and home.startswith("lmcheck."):
-            assert not home.split(".")[1].startswith("_"), f"{name} comes from the private {home}"
+            assert not any(part.startswith("_") for part in home.split(".")[1:]), f"{name} comes from {home}"
 
 
-ABOVE_THE_PROBES = ("lmcheck.loops", "lmcheck.cli", "lmcheck.pytest_plugin", "lmcheck.suite", "lmcheck.tutorial")
+ROOT = Path(lmcheck.__file__).parent
+ABOVE_THE_PROBES = ("lmcheck.loops", "lmcheck.cli", "lmcheck.pytest_plugin", "lmcheck.suite", "lmcheck.tutorial",
+                    "lmcheck.batteries", "lmcheck.setup")
 
 
-def test_no_probe_imports_a_loop_or_a_front_end():
-    """The layering: probes and plumbing never import the loops, the CLI, the plugin, the ready
-    suite or the tutorial (the loops may import probes, never the reverse)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(lmcheck.__file__).parent
-    offenders = []
-    for path in root.rglob("*.py"):
-        module = "lmcheck." + ".".join(path.relative_to(root).with_suffix("").parts)
-        if module.startswith(ABOVE_THE_PROBES) or module == "lmcheck.__init__":
-            continue
+def _imports() -> list[tuple[str, str, list[str]]]:
+    """(importing module, imported module, names) for every import in lmcheck."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        module = "lmcheck." + ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            offenders += [f"{module} imports {name}" for name in names if name.startswith(ABOVE_THE_PROBES)]
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.append((module, node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                found += [(module, alias.name, []) for alias in node.names]
+    return found
+
+
+def test_no_probe_imports_a_loop_a_front_end_or_the_setup_wing():
+    """The layering: probes and plumbing never import the loops, the setup wing, the batteries,
+    the CLI, the plugin, the ready suite or the tutorial (those may import probes, never the reverse)."""
+    offenders = [f"{module} imports {imported}" for module, imported, _ in _imports()
+                 if not module.startswith(ABOVE_THE_PROBES) and module != "lmcheck"
+                 and imported.startswith(ABOVE_THE_PROBES)]
     assert offenders == []
 
 
+def test_no_private_name_crosses_a_package_boundary():
+    """An underscore name is imported only within its own package (``lmcheck.setup.*`` among
+    themselves): everything else reaches a module through its public names."""
+    def package(module: str) -> str:
+        is_package = (ROOT / Path(*module.split(".")[1:]) / "__init__.py").is_file()
+        return module if is_package else module.rpartition(".")[0]
+
+    offenders = [f"{module} imports {name} from {imported}" for module, imported, names in _imports()
+                 if imported.startswith("lmcheck") for name in names
+                 if name.startswith("_") and package(imported) != package(module)]
+    assert offenders == []
 def test_the_heap_is_frozen_only_within_the_block_and_only_where_nothing_was():
     """``heap_frozen`` (around each ``Trainer.train()`` that check_trainer runs, whose full
     ``gc.collect()`` it spares the objects that already exist) restores the collector as it was,

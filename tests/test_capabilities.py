@@ -20,8 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lmcheck
 from lmcheck._model import has_cache, takes_mask
+from lmcheck.batteries import CAUSAL_CHECKS, run_causal_checks
 from lmcheck.cli import main
-from lmcheck.suite import CAUSAL_CHECKS, run_causal_checks
 
 VOCAB = 97
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmcheck.cli import main
-from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.setup import SETUP_CHECKS
 
 
 def test_tutorial_chapter_one_prints_tokens_and_a_summary(tmp_path, capsys):

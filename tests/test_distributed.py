@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 import lmcheck
-from lmcheck import distributed
+import lmcheck.models
+import lmcheck.setup
 from lmcheck.errors import InputError
+from lmcheck.setup import distributed
 
 HERE = Path(__file__).parent
 
@@ -107,7 +109,7 @@ def test_each_documented_ddp_bug_is_caught_by_its_probe(reports, scenario, names
 
 
 def test_the_probes_refuse_to_run_outside_a_process_group():
-    model = lmcheck.gpt2_from_scratch(lmcheck.load_tokenizer("gpt2"), preset=dict(n_layer=1, n_head=2, n_embd=16))
+    model = lmcheck.models.gpt2_from_scratch(lmcheck.load_tokenizer("gpt2"), preset=dict(n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(InputError, match="init_process_group"):
         distributed.same_init(model)
 
@@ -119,7 +121,7 @@ def test_check_loop_runs_unchanged_under_torchrun_on_a_healthy_ddp_loop(reports)
     first, second = (report["check_loop"] for report in reports)
     assert [r["status"] for r in first["results"]] == [r["status"] for r in second["results"]]
     names = [r["name"] for r in first["results"]]
-    assert names == list(lmcheck.SETUP_CHECKS + lmcheck.DISTRIBUTED_CHECKS)
+    assert names == list(lmcheck.setup.SETUP_CHECKS + lmcheck.setup.DISTRIBUTED_CHECKS)
     not_passed = {r["name"]: r["status"] for r in first["results"] if r["status"] != "pass"}
     assert not_passed == {"reproducible": "n/a", "rank_randomness": "n/a"}, first["results"]
     assert first["setup"]["world size"] == 2
@@ -137,7 +139,7 @@ def test_check_trainer_runs_unchanged_under_torchrun(reports):
     """A Trainer that runs DDP itself: every check passes on both ranks, nothing is written."""
     for report in (r["check_trainer"] for r in reports):
         assert report["passed"], [r for r in report["results"] if r["status"] != "pass"]
-        assert [r["name"] for r in report["results"]] == list(lmcheck.SETUP_CHECKS + lmcheck.DISTRIBUTED_CHECKS)
+        assert [r["name"] for r in report["results"]] == list(lmcheck.setup.SETUP_CHECKS + lmcheck.setup.DISTRIBUTED_CHECKS)
         assert report["setup"]["world size"] == 2
         assert report["written"] == []
         # the Trainer is left able to train: evaluate() marked the model prepared, which would

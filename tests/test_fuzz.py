@@ -1,6 +1,6 @@
 """Fuzzed public API: any argument a user can get wrong gives a clear error or a valid Result.
 
-For every public entry point (collected from ``lmcheck.__all__``, so a new one cannot be added
+For every public entry point (collected from ``lmcheck.__all__`` and every public namespace's, so a new one cannot be added
 without a row here), hypothesis replaces one argument of a valid call with something else:
 ``None``, wrong types, NaN and Inf, empty and huge ids, ids out of the vocabulary, tensors of
 random shapes and dtypes, masks of the wrong shape, tensors on the ``meta`` device (a device other
@@ -21,8 +21,22 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from public import public_names
 
 import lmcheck
+import lmcheck.adapters
+import lmcheck.cloze
+import lmcheck.comparison
+import lmcheck.corpus
+import lmcheck.decoding
+import lmcheck.golden
+import lmcheck.loops
+import lmcheck.models
+import lmcheck.report
+import lmcheck.results
+import lmcheck.supervision
+import lmcheck.tokens
+import lmcheck.training
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, ModelError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
@@ -102,7 +116,7 @@ def world(tmp_path_factory, gpt2_tokenizer_with_pad, bert_tokenizer) -> World:
     folder = tmp_path_factory.mktemp("fuzz")
     golden = folder / "golden.json"
     world = World(causal, masked, gpt2, bert, {"folder": folder, "golden": golden})
-    lmcheck.record_golden([world.curve()], golden, steps=10, key="fuzz")
+    lmcheck.golden.record_golden([world.curve()], golden, steps=10, key="fuzz")
     (folder / "dump.xml").write_text("<mediawiki></mediawiki>")
     return world
 
@@ -147,11 +161,11 @@ ENTRIES: dict[str, Entry] = {
          "atol": garbage}),
     "causality": Entry(lmcheck.causality, lambda w: dict(model=w.causal, input_ids=w.ids(4)),
                        {"model": garbage, "input_ids": ids_like, "atol": garbage, "seed": garbage}),
-    "greedy_decode": Entry(lmcheck.greedy_decode, lambda w: dict(
+    "greedy_decode": Entry(lmcheck.decoding.greedy_decode, lambda w: dict(
         model=w.causal, input_ids=w.ids(), max_new_tokens=2),
         {"model": garbage, "input_ids": ids_like, "max_new_tokens": garbage, "attention_mask": ids_like,
-         "use_cache": garbage}, returns=lmcheck.GreedyOutput),
-    "next_token_logits": Entry(lmcheck.next_token_logits, lambda w: dict(
+         "use_cache": garbage}, returns=lmcheck.decoding.GreedyOutput),
+    "next_token_logits": Entry(lmcheck.decoding.next_token_logits, lambda w: dict(
         model=w.causal, inputs={"input_ids": w.ids()}),
         {"model": garbage, "inputs": garbage}, returns=torch.Tensor),
     # probes of a training setup
@@ -166,7 +180,7 @@ ENTRIES: dict[str, Entry] = {
                                     {"model": garbage, "batch": ids_like, "rtol": garbage, "atol": garbage}),
     "adapt": Entry(lmcheck.adapt, lambda w: dict(module=w.causal, logits=lambda ids: w.causal(ids).logits),
                    {"module": garbage, "logits": garbage, "loss": garbage, "context_length": garbage},
-                   returns=lmcheck.AdaptedLM),
+                   returns=lmcheck.adapters.AdaptedLM),
     "memorizes": Entry(lmcheck.memorizes, lambda w: dict(
         model=w.causal, tokenizer=None, chunks=w.ids(), prefix_length=2, continuation_length=2),
         {"model": garbage, "tokenizer": garbage, "chunks": ids_like, "prefix_length": garbage,
@@ -178,7 +192,7 @@ ENTRIES: dict[str, Entry] = {
         batch={"input_ids": w.ids(), "labels": w.ids().clone(), "attention_mask": torch.ones_like(w.ids())},
         tokenizer=w.gpt2), {"batch": garbage, "tokenizer": garbage, "min_supervised_fraction": garbage,
                             "expect_eos": garbage, "end_ids": garbage, "bos_id": garbage}),
-    "end_of_turn_ids": Entry(lmcheck.end_of_turn_ids, lambda w: dict(tokenizer=w.gpt2),
+    "end_of_turn_ids": Entry(lmcheck.supervision.end_of_turn_ids, lambda w: dict(tokenizer=w.gpt2),
                              {"tokenizer": garbage}, returns=set),
     # masked LMs
     "fill_mask": Entry(lmcheck.fill_mask, lambda w: dict(
@@ -200,7 +214,7 @@ ENTRIES: dict[str, Entry] = {
     "encoder_padding_invariance": Entry(lmcheck.encoder_padding_invariance, lambda w: dict(
         model=w.masked, tokenizer=w.bert, texts=["paris is the capital of france.", "a city."]),
         {"model": garbage, "tokenizer": garbage, "texts": garbage, "atol": garbage}),
-    "cloze_cases": Entry(lmcheck.cloze_cases, lambda w: dict(tokenizer=w.bert, documents=_documents(), n=2),
+    "cloze_cases": Entry(lmcheck.cloze.cloze_cases, lambda w: dict(tokenizer=w.bert, documents=_documents(), n=2),
                          {"tokenizer": garbage, "documents": garbage, "n": garbage, "seed": garbage,
                           "context": garbage}, returns=(list, tuple)),
     # loss curves and golden values
@@ -213,21 +227,21 @@ ENTRIES: dict[str, Entry] = {
     "finite_loss": Entry(lmcheck.finite_loss, lambda w: dict(curve=w.curve()), {"curve": garbage}),
     "reproducible": Entry(lmcheck.reproducible, lambda w: dict(first=w.curve(), second=w.curve()),
                           {"first": garbage, "second": garbage, "steps": garbage, "atol": garbage}),
-    "matches_golden": Entry(lmcheck.matches_golden, lambda w: dict(
+    "matches_golden": Entry(lmcheck.golden.matches_golden, lambda w: dict(
         curve=w.curve(), path=w.extra["golden"], key="fuzz"),
         {"curve": garbage, "path": not_str, "key": not_str, "rtol": garbage, "atol": garbage},
         also_raises=(lmcheck.GoldenMissingError,)),  # key=None: this device, which has no entry
-    "record_golden": Entry(lmcheck.record_golden, lambda w: dict(
+    "record_golden": Entry(lmcheck.golden.record_golden, lambda w: dict(
         curves=[w.curve()], path=w.extra["folder"] / "recorded.json", steps=3, key="fuzz"),
         {"curves": garbage, "path": not_str, "steps": garbage, "key": not_str}, returns=dict),
-    "plot_loss_curve": Entry(lmcheck.plot_loss_curve, lambda w: dict(
+    "plot_loss_curve": Entry(lmcheck.report.plot_loss_curve, lambda w: dict(
         curve=w.curve(), path=w.extra["folder"] / "curve.png"),
         {"curve": garbage, "path": not_str, "title": not_str}, returns=object),
     # tokenizers and documents
     "round_trip": Entry(lmcheck.round_trip, lambda w: dict(tokenizer=w.gpt2, texts=["Hello"]),
                         {"tokenizer": garbage, "texts": garbage}),
     "inspect_tokens": Entry(lmcheck.inspect_tokens, lambda w: dict(tokenizer=w.gpt2, text="Hello there"),
-                            {"tokenizer": garbage, "text": garbage}, returns=lmcheck.TokenTable),
+                            {"tokenizer": garbage, "text": garbage}, returns=lmcheck.tokens.TokenTable),
     "load_tokenizer": Entry(lmcheck.load_tokenizer, lambda w: dict(name_or_path="gpt2"),
                             {"name_or_path": not_str}, returns=object),
     "load_documents": Entry(lmcheck.load_documents, lambda w: dict(source=w.extra["folder"]),
@@ -235,15 +249,15 @@ ENTRIES: dict[str, Entry] = {
     "chunk_documents": Entry(lmcheck.chunk_documents, lambda w: dict(
         tokenizer=w.gpt2, documents=_documents(), context_length=8),
         {"tokenizer": garbage, "documents": garbage, "context_length": garbage}, returns=object),
-    "split_documents": Entry(lmcheck.split_documents, lambda w: dict(
+    "split_documents": Entry(lmcheck.corpus.split_documents, lambda w: dict(
         documents=__import__("datasets").Dataset.from_dict({"text": _documents() * 2}), n_train=2, n_valid=2),
         {"documents": garbage, "n_train": garbage, "n_valid": garbage, "seed": garbage}, returns=object),
     # builders and loaders
-    "gpt2_from_scratch": Entry(lmcheck.gpt2_from_scratch, lambda w: dict(
+    "gpt2_from_scratch": Entry(lmcheck.models.gpt2_from_scratch, lambda w: dict(
         tokenizer=w.gpt2, preset=dict(n_layer=1, n_head=1, n_embd=8, n_positions=16)),
         {"tokenizer": garbage, "preset": garbage, "seed": garbage, "context_length": garbage},
         returns=torch.nn.Module),
-    "bert_from_scratch": Entry(lmcheck.bert_from_scratch, lambda w: dict(
+    "bert_from_scratch": Entry(lmcheck.models.bert_from_scratch, lambda w: dict(
         tokenizer=w.bert, preset=dict(num_hidden_layers=1, num_attention_heads=1, hidden_size=8,
                                       intermediate_size=8)),
         {"tokenizer": garbage, "preset": garbage, "seed": garbage}, returns=torch.nn.Module),
@@ -251,38 +265,38 @@ ENTRIES: dict[str, Entry] = {
                             {"name_or_path": not_str}, returns=object),
     "load_language_model": Entry(lmcheck.load_language_model, lambda w: dict(
         name_or_path=w.extra["folder"] / "none"), {"name_or_path": not_str}, returns=object),
-    "causal_lm_collator": Entry(lmcheck.causal_lm_collator, lambda w: dict(tokenizer=w.gpt2),
+    "causal_lm_collator": Entry(lmcheck.loops.causal_lm_collator, lambda w: dict(tokenizer=w.gpt2),
                                 {"tokenizer": garbage}, returns=object),
-    "device_key": Entry(lmcheck.device_key, lambda w: dict(device="cpu"), {"device": not_str}, returns=str),
-    "gpt2_config": Entry(lmcheck.gpt2_config, lambda w: dict(tokenizer=w.gpt2, preset="gpt2-tiny-cpu"),
+    "device_key": Entry(lmcheck.golden.device_key, lambda w: dict(device="cpu"), {"device": not_str}, returns=str),
+    "gpt2_config": Entry(lmcheck.models.gpt2_config, lambda w: dict(tokenizer=w.gpt2, preset="gpt2-tiny-cpu"),
                          {"tokenizer": garbage, "preset": garbage, "context_length": garbage}, returns=object),
-    "bert_config": Entry(lmcheck.bert_config, lambda w: dict(tokenizer=w.bert, preset="bert-tiny-cpu"),
+    "bert_config": Entry(lmcheck.models.bert_config, lambda w: dict(tokenizer=w.bert, preset="bert-tiny-cpu"),
                          {"tokenizer": garbage, "preset": garbage}, returns=object),
-    "check_model_fits": Entry(lmcheck.check_model_fits, lambda w: dict(
+    "check_model_fits": Entry(lmcheck.loops.check_model_fits, lambda w: dict(
         model=w.causal, tokenizer=w.gpt2, context_length=8),
         {"model": garbage, "tokenizer": garbage, "context_length": garbage}, returns=type(None)),
-    "verbatim_rows": Entry(lmcheck.verbatim_rows, lambda w: dict(
+    "verbatim_rows": Entry(lmcheck.training.verbatim_rows, lambda w: dict(
         model=w.causal, input_ids=w.ids(), prefix_length=2, continuation_length=2),
         {"model": garbage, "input_ids": ids_like, "prefix_length": garbage, "continuation_length": garbage,
          "batch_size": garbage}, returns=torch.Tensor),
-    "memorized_fraction": Entry(lmcheck.memorized_fraction, lambda w: dict(
+    "memorized_fraction": Entry(lmcheck.training.memorized_fraction, lambda w: dict(
         model=w.causal, input_ids=w.ids(), prefix_length=2, continuation_length=2),
         {"model": garbage, "input_ids": ids_like, "prefix_length": garbage, "continuation_length": garbage,
          "batch_size": garbage}, returns=float),
-    "check_memorization_lengths": Entry(lmcheck.check_memorization_lengths, lambda w: dict(
+    "check_memorization_lengths": Entry(lmcheck.training.check_memorization_lengths, lambda w: dict(
         prefix_length=2, continuation_length=2, chunk_length=8),
         {"prefix_length": garbage, "continuation_length": garbage, "chunk_length": garbage},
         returns=type(None)),
-    "tolerance_for": Entry(lmcheck.tolerance_for, lambda w: dict(table=lmcheck.LOGIT_ATOL, model=w.causal),
+    "tolerance_for": Entry(lmcheck.comparison.tolerance_for, lambda w: dict(table=lmcheck.comparison.LOGIT_ATOL, model=w.causal),
                            {"table": garbage, "model": garbage}, returns=float),
-    "headroom_above": Entry(lmcheck.headroom_above, lambda w: dict(value=0.5, threshold=0.25),
+    "headroom_above": Entry(lmcheck.results.headroom_above, lambda w: dict(value=0.5, threshold=0.25),
                             {"value": garbage, "threshold": garbage}, returns=float),
-    "headroom_below": Entry(lmcheck.headroom_below, lambda w: dict(value=0.5, threshold=0.25),
+    "headroom_below": Entry(lmcheck.results.headroom_below, lambda w: dict(value=0.5, threshold=0.25),
                             {"value": garbage, "threshold": garbage}, returns=float),
-    "write_results_json": Entry(lmcheck.write_results_json, lambda w: dict(
+    "write_results_json": Entry(lmcheck.report.write_results_json, lambda w: dict(
         results=[lmcheck.Result(name="a", passed=True)], path=w.extra["folder"] / "results.json"),
         {"results": garbage, "path": not_str}, returns=object),
-    "parse_wiki_dump": Entry(lmcheck.parse_wiki_dump, lambda w: dict(path=w.extra["folder"] / "dump.xml"),
+    "parse_wiki_dump": Entry(lmcheck.corpus.parse_wiki_dump, lambda w: dict(path=w.extra["folder"] / "dump.xml"),
                              {"path": not_str}, returns=object),
 }
 
@@ -300,14 +314,17 @@ NOT_FUZZED = {
     "check_loop": "runs the user's training loop; its arguments are checked in tests/test_setup_checks.py",
     "check_trainer": "runs the user's Trainer; its arguments are checked in tests/test_setup_checks.py",
     "check_lightning": "runs the user's Lightning fit; its arguments are checked in tests/test_lightning.py",
+    **{name: "a ready battery or the loader of a named model or setup (lmcheck.batteries); its arguments are "
+             "checked in tests/test_suite.py"
+       for name in ("iter_checks", "load_model_for_checks", "load_setup", "model_family", "run_causal_checks",
+                    "run_check", "run_checks", "run_setup_checks")},
     **{name: "collective: needs a process group; run under torchrun in tests/test_distributed.py"
        for name in ("same_init", "data_sharding", "grads_synchronized", "ddp_matches_single", "rank_randomness")},
 }
 
 
 def public_functions() -> set[str]:
-    return {name for name in lmcheck.__all__
-            if callable(getattr(lmcheck, name)) and not isinstance(getattr(lmcheck, name), type)}
+    return {name for name, value in public_names().items() if callable(value) and not isinstance(value, type)}
 
 
 def test_every_public_function_is_fuzzed():

@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 import lmcheck
-from lmcheck.setup_checks import SETUP_CHECKS
+from lmcheck.setup import SETUP_CHECKS
 
 pl = pytest.importorskip("lightning.pytorch")
 

@@ -21,11 +21,11 @@ from transformers import (
 )
 
 from lmcheck.cloze import ClozeCase, cloze_cases
-from lmcheck.defaults import DEFAULTS
 from lmcheck.errors import InputError, ModelError
 from lmcheck.loops.masked import MEMORIZATION_RUN, train_masked_lm
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
 from lmcheck.models import bert_from_scratch
+from lmcheck.recipes import DEFAULTS
 from lmcheck.tokens import tokenizer_folder
 
 SENTENCE = DEFAULTS["masked_sentence"]

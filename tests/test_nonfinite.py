@@ -31,13 +31,16 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 import lmcheck
+import lmcheck.decoding
+import lmcheck.golden
+import lmcheck.setup.distributed
+from lmcheck.batteries import CAUSAL_CHECKS, MASKED_CHECKS
 from lmcheck.cli import main
 from lmcheck.curves import LossCurve
 from lmcheck.errors import NonFiniteError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
 from lmcheck.results import Result, headroom_above, headroom_below
-from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
-from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS
+from lmcheck.setup import DISTRIBUTED_CHECKS, SETUP_CHECKS
 from tests import setups
 
 SETUP_TESTS = len(SETUP_CHECKS) + len(DISTRIBUTED_CHECKS)  # the ready setup suite's tests
@@ -130,8 +133,8 @@ class Case:
 
 def _golden(case: Case, tmp_path: Any) -> Result:
     path = tmp_path / "golden.json"
-    lmcheck.record_golden([_finite_curve()], path, steps=10, key="test")
-    return lmcheck.matches_golden(case.curve(), path, key="test")
+    lmcheck.golden.record_golden([_finite_curve()], path, steps=10, key="test")
+    return lmcheck.golden.matches_golden(case.curve(), path, key="test")
 
 
 def _finite_curve() -> LossCurve:
@@ -178,11 +181,11 @@ def _on_one_rank(call: Callable[[Case], Result]) -> Callable[[Case, Any], Result
 
 
 CALLS: dict[str, Callable[[Case, Any], Result]] = {
-    "grads_synchronized": _on_one_rank(lambda c: lmcheck.grads_synchronized(
+    "grads_synchronized": _on_one_rank(lambda c: lmcheck.setup.distributed.grads_synchronized(
         c.causal, _sgd_step(c.causal), [c.ids()], steps=1)),
-    "ddp_matches_single": _on_one_rank(lambda c: lmcheck.ddp_matches_single(
+    "ddp_matches_single": _on_one_rank(lambda c: lmcheck.setup.distributed.ddp_matches_single(
         c.causal, _sgd_step(c.causal), [c.ids()])),
-    "rank_randomness": _on_one_rank(lambda c: lmcheck.rank_randomness(c.causal, c.ids())),
+    "rank_randomness": _on_one_rank(lambda c: lmcheck.setup.distributed.rank_randomness(c.causal, c.ids())),
     "greedy_matches_generate": lambda c, _: lmcheck.greedy_matches_generate(
         c.causal, c.gpt2, PROMPTS, max_new_tokens=4),
     "kv_cache_matches_full": lambda c, _: lmcheck.kv_cache_matches_full(c.causal, c.ids(2), max_new_tokens=4),
@@ -313,7 +316,7 @@ def test_data_functions_raise_instead_of_returning_meaningless_tokens(healthy_ca
                                                                       bert_tokenizer):
     """greedy_decode and fill_mask return data, not a verdict: on NaN logits they raise."""
     with pytest.raises(NonFiniteError, match=r"decoding step 0 \(from 0\): nan at row 0, position 1"):
-        lmcheck.greedy_decode(broken(healthy_causal, "nan_weights"), [[464, 3139]], max_new_tokens=2)
+        lmcheck.decoding.greedy_decode(broken(healthy_causal, "nan_weights"), [[464, 3139]], max_new_tokens=2)
     with pytest.raises(NonFiniteError, match="the logits of texts 0 to 0: inf at text 0"):
         lmcheck.fill_mask(broken(healthy_masked, "inf_logit"), bert_tokenizer, "a [MASK] b")
 
@@ -340,7 +343,7 @@ def test_check_command_exits_1_on_a_saved_nan_model(nan_model_folder, capsys):
 def test_check_command_exits_1_on_each_broken_model(fault, healthy_causal, gpt2_tokenizer_with_pad,
                                                    monkeypatch, capsys):
     model = broken(healthy_causal, fault)
-    monkeypatch.setattr("lmcheck.suite.load_model_for_checks", lambda *_: (model, gpt2_tokenizer_with_pad))
+    monkeypatch.setattr("lmcheck.batteries.load_model_for_checks", lambda *_: (model, gpt2_tokenizer_with_pad))
     # the long prompt first: causality runs on the first, and nan_later is finite on 2 tokens
     assert main(["check", "broken", "--prompt", PROMPTS[1], "--prompt", PROMPTS[0]]) == 1
     out = capsys.readouterr().out

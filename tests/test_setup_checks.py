@@ -1,4 +1,4 @@
-"""Negative controls of the setup checks (``lmcheck.setup_checks``).
+"""Negative controls of the setup checks (``lmcheck.setup``).
 
 Each test below puts one documented training-setup bug into a tiny GPT-2 on the CPU, through a
 plain loop or a ``transformers.Trainer`` (both where that is cheap), and asserts that the check
@@ -35,7 +35,7 @@ from transformers import (
 
 from lmcheck.errors import InputError, ModelError
 from lmcheck.results import Result
-from lmcheck.setup_checks import SETUP_CHECKS, SetupReport, check_loop, check_trainer
+from lmcheck.setup import SETUP_CHECKS, SetupReport, check_loop, check_trainer
 from tests import setups
 
 SHORT = {"overfit_steps": 5}  # where the overfitting run is not the subject
@@ -916,12 +916,12 @@ def test_check_trainer_leaves_accelerates_gradient_state_as_it_was(tok, tmp_path
 def test_a_setup_check_that_raises_is_an_error_and_the_report_is_kept(tok, monkeypatch, tmp_path):
     """One check raising inside lmcheck does not lose the others: it is an error result with the
     exception and where it came from, the report does not pass, and Markdown says so."""
-    import lmcheck.setup_checks as setup_checks
+    import lmcheck.setup.battery as battery
 
     def broken(*args: Any, **kwargs: Any) -> Result:
         raise RuntimeError("the schedule check broke")
 
-    monkeypatch.setattr(setup_checks, "_lr_schedule", broken)
+    monkeypatch.setattr(battery, "lr_schedule", broken)
     report = plain(tok)
     assert [r.name for r in report.errors()] == ["lr_schedule"]
     assert "RuntimeError: the schedule check broke" in report["lr_schedule"].error

@@ -21,7 +21,7 @@ from plain_models import Config, NanoGPT
 from transformers import DataCollatorForLanguageModeling, Trainer
 
 import lmcheck
-from lmcheck.setup_checks import SETUP_CHECKS, SetupReport, check_loop, check_trainer
+from lmcheck.setup import SETUP_CHECKS, SetupReport, check_loop, check_trainer
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -269,7 +269,7 @@ def test_an_unknown_sampling_mode_is_named(tok):
 
 def test_a_peft_model_passes_the_causal_battery(tok):
     """A LoRA model is a Hugging Face model for every purpose: generate, its cache, its mask."""
-    from lmcheck.suite import run_checks
+    from lmcheck.batteries import run_checks
 
     model = stacks.lora(stacks.llama(tok)).eval()
     results = run_checks(model, tok, prompts=["the cat sat", "a dog ran on the mat"])
@@ -282,7 +282,7 @@ def test_unequal_lengths_keep_part_of_every_completion():
     """The Trainer's first run makes a step's micro-batches unequal by leaving out the later
     supervised positions of some batches; on completion-only rows (a prompt at -100) each row
     keeps at least one supervised token, so no micro-batch is left with nothing to compare."""
-    from lmcheck._setup_results import _unequal_lengths
+    from lmcheck.setup.trainer import unequal_lengths as _unequal_lengths
 
     labels = torch.full((2, 12), -100)
     labels[:, 9:] = 7  # the completion: the last 3 positions

@@ -14,11 +14,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lmcheck
+from lmcheck.batteries import CAUSAL_CHECKS, MASKED_CHECKS, load_setup, run_checks
 from lmcheck.cli import main
 from lmcheck.errors import InputError
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
-from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
-from lmcheck.suite import CAUSAL_CHECKS, MASKED_CHECKS, load_setup, run_checks
+from lmcheck.setup import DISTRIBUTED_CHECKS, SETUP_CHECKS
 
 SETUP_TESTS = len(SETUP_CHECKS) + len(DISTRIBUTED_CHECKS)  # the ready setup suite's tests
 
@@ -301,7 +301,7 @@ def test_load_setup_names_what_it_cannot_take(spec, message, setup_factories):
 def test_a_factory_may_return_its_trainer_with_a_budget(setup_factories):
     """``{"trainer": trainer, "overfit_steps": 3}``: the budget travels with the setup; an option
     given by the caller (the command line) wins over it."""
-    from lmcheck.suite import run_setup_checks
+    from lmcheck.batteries import run_setup_checks
 
     report = run_setup_checks("setup_factories:trainer_with_budget", steps=2)
     assert report["overfits"].metrics["budget"] == 3

@@ -28,6 +28,8 @@ import pytest
 import torch
 
 import lmcheck
+import lmcheck.adapters
+import lmcheck.decoding
 
 x_transformers = pytest.importorskip("x_transformers")
 
@@ -45,7 +47,7 @@ def tiny(vocab: int, *, layers: type = x_transformers.Decoder, **options) -> tor
     return model.eval()
 
 
-def with_mask(model: torch.nn.Module, *, positions_from_mask: bool = False) -> lmcheck.AdaptedLM:
+def with_mask(model: torch.nn.Module, *, positions_from_mask: bool = False) -> lmcheck.adapters.AdaptedLM:
     """``model`` wrapped so that lmcheck can hand it an attention mask.
 
     lmcheck's mask is a ``(B, T)`` LongTensor of 1 for tokens and 0 for pads (None when there
@@ -150,7 +152,7 @@ def test_the_decoder_as_is_says_what_it_lacks(probe, decoder, gpt2_tokenizer_wit
 def test_greedy_decode_runs_on_the_decoder_as_is(decoder, ids):
     """``greedy_decode`` returns data, not a verdict: the prompt and the new tokens, with the
     logits of each step. Without a KV cache, every step feeds the whole sequence again."""
-    out = lmcheck.greedy_decode(decoder, ids, max_new_tokens=4)
+    out = lmcheck.decoding.greedy_decode(decoder, ids, max_new_tokens=4)
     assert out.sequences.shape == (1, ids.shape[1] + 4)
     assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
     assert out.logits.shape == (1, 4, 50257)

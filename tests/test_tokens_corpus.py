@@ -17,9 +17,8 @@ from lmcheck import (
     load_documents,
     load_tokenizer,
     round_trip,
-    split_documents,
 )
-from lmcheck.corpus import wiki_to_text
+from lmcheck.corpus import split_documents, wiki_to_text
 
 
 @pytest.mark.parametrize(("text", "match"), [("", "must be a non-empty str"), (None, "must be a str"), (42, "must be a str")],

@@ -27,7 +27,6 @@ from lmcheck.curves import (
     overfits,
     reproducible,
 )
-from lmcheck.defaults import MASKED_CPU, PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
 from lmcheck.loops.pretraining import (
     PretrainRun,
@@ -38,6 +37,7 @@ from lmcheck.loops.pretraining import (
     recipe_data,
 )
 from lmcheck.models import bert_from_scratch, gpt2_from_scratch
+from lmcheck.recipes import MASKED_CPU, PRETRAIN_CPU, PRETRAIN_GPU, PretrainConfig
 from lmcheck.training import (
     causal_batch,
     gradient_flow,

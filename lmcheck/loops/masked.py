@@ -20,10 +20,10 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 from lmcheck._model import model_device
 from lmcheck._validate import check_number
 from lmcheck.corpus import chunk_documents
-from lmcheck.defaults import MASKED_CPU, MaskedRunConfig
 from lmcheck.loops._step import adamw, optimizer_step, seeded_batches
 from lmcheck.masked import check_masked_lm, example_ids
 from lmcheck.models import bert_from_scratch
+from lmcheck.recipes import MASKED_CPU, MaskedRunConfig
 
 __all__ = [
     "MEMORIZATION_RUN",
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # Chapter 2's from-scratch run (tests, tutorial and benchmarks share it): the recipe itself is
-# lmcheck.defaults.MASKED_CPU, with its measurements.
+# lmcheck.recipes.MASKED_CPU, with its measurements.
 MEMORIZATION_RUN: MaskedRunConfig = MASKED_CPU
 
 _Batch = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
@@ -61,7 +61,7 @@ def train_masked_lm(
         examples: a ``datasets.Dataset`` with ``input_ids`` (e.g. ``chunk_documents``' chunks),
             a list of id lists, or a list of str (tokenized, truncated to the model's positions).
         config: the loop's settings (``steps``, ``lr``, ``batch_size``, ``mlm_probability``,
-            ``seed``), default :data:`~lmcheck.defaults.MASKED_CPU`, with ``overrides`` applied
+            ``seed``), default :data:`~lmcheck.recipes.MASKED_CPU`, with ``overrides`` applied
             (``steps=50``) and checked first. Steps are AdamW (no weight decay, gradient norm
             clipped to ``max_grad_norm``); examples are drawn in a seeded shuffled order (a fresh one each epoch), epoch
             by epoch.

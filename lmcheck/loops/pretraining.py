@@ -4,7 +4,7 @@
 Both train on chunks from :func:`pretraining_data`, log the training loss every step and the
 validation loss every ``eval_every`` steps, stop at the first non-finite loss (naming the step),
 and can stop as soon as every training chunk is memorized. :func:`pretrain_default` runs a recipe
-(:class:`~lmcheck.defaults.PretrainConfig`): the embedded CPU default, the GPU test's full
+(:class:`~lmcheck.recipes.PretrainConfig`): the embedded CPU default, the GPU test's full
 tutorial configuration, or any variation of either.
 """
 
@@ -31,16 +31,16 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from lmcheck._model import eval_mode, has_dropout, loss_and_logits, loss_of, model_device
+from lmcheck._model import eval_mode, has_dropout, loss_and_logits, loss_of, mean_loss, model_device
 from lmcheck._validate import check_int, check_tokenizer, describe
 from lmcheck.corpus import ChunkStats, chunk_documents, load_documents, split_documents
 from lmcheck.curves import LossCurve
-from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PretrainConfig
 from lmcheck.errors import InputError, ModelError
 from lmcheck.golden import GOLDEN_STEPS
 from lmcheck.loops._fused_loss import linear_cross_entropy
 from lmcheck.loops._step import adamw, optimizer_step, seeded_batches, warmup_then_decay
 from lmcheck.models import gpt2_from_scratch, parameter_count
+from lmcheck.recipes import DEFAULTS, PRETRAIN_CPU, PretrainConfig
 from lmcheck.tokens import load_tokenizer
 from lmcheck.training import causal_batch, check_memorization_lengths, verbatim_rows
 
@@ -174,7 +174,7 @@ def pretrain(
 ) -> LossCurve:
     """Train ``model`` on ``train`` chunks and record a LossCurve; the model is trained in place.
 
-    The loop's settings come from ``config`` (default :data:`~lmcheck.defaults.PRETRAIN_CPU`)
+    The loop's settings come from ``config`` (default :data:`~lmcheck.recipes.PRETRAIN_CPU`)
     with ``overrides`` applied (``pretrain(..., lr=1e-3)``), all checked before any work; the
     data and model fields of the config are the caller's business here (see :func:`pretrain_default`).
 
@@ -494,20 +494,14 @@ def fused_causal_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     return fused
 
 
-@torch.no_grad()
 def _validation_loss(model: torch.nn.Module, valid_ids: torch.Tensor, collator: Collator, batch_size: int,
                      fused: Fused | None = None) -> float:
     """Mean loss over validation chunks, batched by the training collator as the Trainer does
     (through ``fused`` where the loop trains with it: the same loss without the full logits)."""
-    total = 0.0
-    device = model_device(model)
     nothing = torch.zeros(valid_ids.shape[1] - 1, dtype=torch.bool)  # no argmax wanted
-    with eval_mode(model):
-        for part in valid_ids.split(batch_size):
-            batch = {k: v.to(device) for k, v in collator([{"input_ids": row.tolist()} for row in part]).items()}
-            loss = fused(batch, nothing)[0] if fused is not None else loss_of(model, batch)
-            total += loss.float().item() * len(part)
-    return total / len(valid_ids)
+    batches = (collator([{"input_ids": row.tolist()} for row in part]) for part in valid_ids.split(batch_size))
+    return mean_loss(model, batches, loss=(lambda batch: fused(batch, nothing)[0]) if fused is not None
+                     else (lambda batch: loss_of(model, batch)))
 
 
 def _synchronize() -> None:
@@ -547,8 +541,8 @@ def pretrain_default(
 ) -> PretrainRun:
     """Run a recipe end to end: the data, the model and :func:`pretrain`.
 
-    ``config`` is the recipe (default :data:`~lmcheck.defaults.PRETRAIN_CPU`, chapter 4's CPU
-    default; :data:`~lmcheck.defaults.PRETRAIN_GPU` is the tutorial's own); ``overrides`` change
+    ``config`` is the recipe (default :data:`~lmcheck.recipes.PRETRAIN_CPU`, chapter 4's CPU
+    default; :data:`~lmcheck.recipes.PRETRAIN_GPU` is the tutorial's own); ``overrides`` change
     its fields (``pretrain_default(lr=1e-3, max_steps=20)``) and are checked before the documents
     are read. ``documents`` replaces the wiki sample, ``tokenizer`` the GPT-2 tokenizer, ``model``
     the model built from the recipe's ``preset``.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from lmcheck.batteries import CAUSAL_CHECKS, GREEDY_STEPS, model_family, run_check
 from lmcheck.pytest_plugin import expect_pass
-from lmcheck.suite import CAUSAL_CHECKS, GREEDY_STEPS, model_family, run_check
 
 
 @pytest.mark.parametrize("check", list(CAUSAL_CHECKS), ids=list(CAUSAL_CHECKS))

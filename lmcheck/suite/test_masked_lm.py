@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from lmcheck.batteries import MASKED_CHECKS, model_family, run_check
 from lmcheck.pytest_plugin import expect_pass
-from lmcheck.suite import MASKED_CHECKS, model_family, run_check
 
 
 @pytest.mark.parametrize("check", list(MASKED_CHECKS), ids=list(MASKED_CHECKS))

@@ -4,7 +4,7 @@
     pytest -m gpu --pyargs lmcheck.suite --lmcheck-trainer my_project.train:make_trainer
 
 The function returns your ``transformers.Trainer``, ``(model, train_step, batches)`` or a mapping
-of ``check_loop``'s arguments (see ``lmcheck.suite.load_setup``); the battery runs once per
+of ``check_loop``'s arguments (see ``lmcheck.batteries.load_setup``); the battery runs once per
 session, and each check of ``SETUP_CHECKS`` is one test.
 
 The ``gpu`` marker: where a CUDA device is visible these tests carry it, since your setup trains
@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from lmcheck.pytest_plugin import cuda_device_count, expect_pass
-from lmcheck.setup_checks import DISTRIBUTED_CHECKS, SETUP_CHECKS
+from lmcheck.setup import DISTRIBUTED_CHECKS, SETUP_CHECKS
 
 pytestmark = [pytest.mark.gpu] if cuda_device_count() else []
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmcheck.corpus import chunk_documents, load_documents, split_documents
-from lmcheck.defaults import DEFAULTS
+from lmcheck.recipes import DEFAULTS
 from lmcheck.report import Report
 from lmcheck.tokens import inspect_tokens, load_tokenizer, round_trip
 from lmcheck.tutorial import expect_equal, expected

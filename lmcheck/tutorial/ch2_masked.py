@@ -9,10 +9,10 @@ import torch
 
 from lmcheck.cloze import cloze_cases
 from lmcheck.corpus import load_documents, split_documents
-from lmcheck.defaults import DEFAULTS
 from lmcheck.loops.masked import MEMORIZATION_RUN, memorize_chunks
 from lmcheck.masked import fill_mask, mask_fill_accuracy, masked_loss_at_init
 from lmcheck.models import bert_from_scratch
+from lmcheck.recipes import DEFAULTS
 from lmcheck.report import Report
 from lmcheck.tokens import inspect_tokens, load_tokenizer
 from lmcheck.tutorial import expect, expect_equal, expected

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from lmcheck.batteries import GREEDY_STEPS, run_causal_checks
 from lmcheck.decoding import greedy_decode
-from lmcheck.defaults import DEFAULTS
 from lmcheck.models import GPT2_PRESETS, gpt2_from_scratch, load_smollm2
+from lmcheck.recipes import DEFAULTS
 from lmcheck.report import Report
 from lmcheck.results import Result
-from lmcheck.suite import GREEDY_STEPS, run_causal_checks
 from lmcheck.tokens import load_tokenizer
 from lmcheck.tutorial import expected
 

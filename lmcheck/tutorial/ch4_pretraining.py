@@ -7,11 +7,11 @@ import os
 import torch
 
 from lmcheck.curves import finite_loss, generalization_gap, loss_decreases, overfits
-from lmcheck.defaults import DEFAULTS, PRETRAIN_CPU, PRETRAIN_CPU_QUICK
 from lmcheck.errors import GoldenMissingError
 from lmcheck.golden import matches_golden
 from lmcheck.loops.pretraining import causal_lm_collator, pretrain_default
 from lmcheck.models import gpt2_from_scratch
+from lmcheck.recipes import DEFAULTS, PRETRAIN_CPU, PRETRAIN_CPU_QUICK
 from lmcheck.report import Report, plot_loss_curve
 from lmcheck.training import causal_batch, gradient_flow, loss_at_init, memorizes, params_update
 from lmcheck.tutorial import expect

@@ -7,7 +7,7 @@ offline tokenizers and models it uses.
 
 from __future__ import annotations
 
-from lmcheck.defaults import DEFAULTS
+from lmcheck.recipes import DEFAULTS
 
 __all__ = [
     "BERT_BASE_STRUCTURE",

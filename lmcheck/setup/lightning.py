@@ -2,7 +2,7 @@
 
 :func:`check_lightning` takes the user's ``lightning.pytorch.Trainer``, their ``LightningModule``
 and (optionally) their ``LightningDataModule``, and runs the battery of
-:func:`lmcheck.setup_checks.check_loop` on them. Each run is a ``Trainer.fit`` of the user's
+:func:`lmcheck.setup.check_loop` on them. Each run is a ``Trainer.fit`` of the user's
 module, on a Trainer made with the user's Trainer's settings (accumulation, clipping, precision,
 device), stopped after the optimizer steps the check needs: so Lightning's own accumulation,
 clipping, scheduler interval and precision plugin are what is checked, not a copy of its loop.
@@ -26,24 +26,26 @@ import torch
 
 from lmcheck._model import hf_model, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._setup_results import (
-    GRADIENT_RTOL,
-    _call_rebuild,
-    _collating_problems,
-    _converter,
-    _data_order_of_loop,
-    _eval_twice,
-    _ids_copy,
-    _loss_value,
-    _note_changed_ids,
-    _quiet,
-    _reproducible,
-    _take,
-)
 from lmcheck._validate import check_callable, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.results import Result
+from lmcheck.setup.batches import (
+    Collated,
+    call_rebuild,
+    converter,
+    ids_copy,
+    loader_collating,
+    loss_value,
+    note_changed_ids,
+    take,
+)
+from lmcheck.setup.battery import DISTRIBUTED_CHECKS, Progress, Run, SetupBudget, run_battery
+from lmcheck.setup.gradients import GRADIENT_RTOL
+from lmcheck.setup.order import Epochs, loop_epochs
+from lmcheck.setup.report import SetupReport
+from lmcheck.setup.seeds import evaluate_twice
+from lmcheck.setup.trainer import quiet
 
 __all__ = ["check_lightning"]
 
@@ -52,9 +54,9 @@ def check_lightning(
     trainer: Any, module: Any, datamodule: Any = None, *, model: torch.nn.Module | None = None,
     tokenizer: Any = None, as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
     pretrained: bool | None = None, rebuild: Callable[[int], Any] | None = None, seed: int = 0,
-    steps: int = 8, overfit_batches: int = 4, overfit_steps: int = 200, check_every: int = 5,
-    expect_eos: bool | None = None, progress: Callable[[str, int, int], None] | None = None,
-) -> Any:
+    steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
+    check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
+) -> SetupReport:
     """Run the setup checks on a Lightning setup through ``Trainer.fit``, and leave it as it was.
 
     Args:
@@ -64,26 +66,25 @@ def check_lightning(
         model: the language model inside ``module`` that lmcheck's own forwards call (a Hugging
             Face model, a plain module returning logits, or one made by :func:`lmcheck.adapt`);
             default: the module's only Hugging Face model, else the module itself.
-        tokenizer, as_batch, pretrained, steps, overfit_batches, overfit_steps, check_every,
-        expect_eos, progress: as :func:`lmcheck.check_loop`.
+        tokenizer: as :func:`~lmcheck.setup.check_loop`.
+        as_batch: as :func:`~lmcheck.setup.check_loop`.
+        pretrained: as :func:`~lmcheck.setup.check_loop`.
         rebuild: ``rebuild(seed)`` returns ``(trainer, module)`` or ``(trainer, module,
             datamodule)`` built afresh, for the reproducibility check (n/a without it).
         seed: the seed given to ``rebuild``.
+        steps: the budget, as :class:`~lmcheck.setup.SetupBudget`.
+        overfit_batches: the budget, as :class:`~lmcheck.setup.SetupBudget`.
+        overfit_steps: the budget, as :class:`~lmcheck.setup.SetupBudget`.
+        check_every: the budget, as :class:`~lmcheck.setup.SetupBudget`.
+        expect_eos: as :func:`~lmcheck.setup.check_loop`.
+        progress: as :func:`~lmcheck.setup.check_loop`.
     """
     try:
         import lightning.pytorch as pl
     except ImportError as error:
         raise InputError("check_lightning needs Lightning: pip install lightning") from error
-    from lmcheck.setup_checks import (
-        SetupReport,
-        _battery,
-        _check_options,
-        _finite_or_fail,
-        _ordered,
-        _root_causes_first,
-        _unsupervised,
-    )
-
+    budget = SetupBudget.of(steps=steps, overfit_batches=overfit_batches, overfit_steps=overfit_steps,
+                            check_every=check_every)
     if not isinstance(trainer, pl.Trainer):
         raise InputError(f"'trainer' must be a lightning.pytorch.Trainer (got {describe(trainer)})")
     if not isinstance(module, pl.LightningModule):
@@ -91,48 +92,13 @@ def check_lightning(
     if datamodule is not None and not isinstance(datamodule, pl.LightningDataModule):
         raise InputError(f"'datamodule' must be a lightning.pytorch.LightningDataModule or None "
                          f"(got {describe(datamodule)})")
-    _check_options(steps, overfit_batches, overfit_steps, check_every, None)
     for argument, value in (("as_batch", as_batch), ("rebuild", rebuild), ("progress", progress)):
         if value is not None:
             check_callable(value, argument, "a function")
     lm = _language_model(module, model)
-    loader = _train_loader(module, datamodule)
-    driver = _LightningDriver(trainer, module, lm, loader, as_batch, progress, steps, overfit_batches)
-    lm_batches = [driver.convert(b, i) for i, b in enumerate(driver.batches[:8])]
-    setup: dict[str, Any] = {
-        "kind": "lightning Trainer.fit", "module": type(module).__name__, "model": type(lm).__name__,
-        "dtype": str(parameter_dtype(lm)).replace("torch.", ""), "precision": str(trainer.precision),
-        "accumulate_grad_batches": driver.accumulate, "gradient_clip_val": trainer.gradient_clip_val,
-        "gradient_clip_algorithm": str(trainer.gradient_clip_algorithm or "norm"), "batches seen": len(driver.batches),
-    }
-    try:
-        results = _battery(driver, lm_batches, tokenizer=tokenizer, schedule=None,
-                           max_grad_norm=driver.max_grad_norm, pretrained=pretrained, evaluate=None,
-                           expect_eos=expect_eos, steps=steps, overfit_batches=overfit_batches,
-                           overfit_steps=overfit_steps, check_every=check_every, setup=setup,
-                           collated=_collated(loader), collator=getattr(loader, "collate_fn", None))
-        setup["scheduler interval"] = driver.interval or "none"
-        results.append(_data_order_of_loop(loader, driver.convert))
-        unsupervised = _unsupervised(results)
-        if unsupervised is not None:
-            results += [Result.not_applicable(n, unsupervised) for n in ("reproducible", "eval_deterministic")]
-        else:
-            results.append(driver.reproducible(rebuild, seed, steps) if rebuild is not None else
-                           Result.not_applicable("reproducible", "no rebuild(seed) was given, so the setup "
-                                                 "cannot be built again with another seed"))
-            results.append(_finite_or_fail("eval_deterministic", lambda: _eval_twice(lm, lm_batches, None)))
-    finally:
-        driver.restore()
-    return SetupReport(results=_root_causes_first(_ordered(results)), curve=driver.curve, setup=setup)
-
-
-def _collated(loader: Any) -> tuple[list[str], int, int]:
-    """The loader's first examples against what its collate_fn makes of them, as check_loop does."""
-    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
-    if getattr(loader, "batch_size", None) is None or not callable(collate) \
-            or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        return [], 0, 0
-    return _collating_problems(dataset, collate, lambda examples: examples)
+    driver = LightningDriver(trainer, module, lm, _train_loader(module, datamodule), as_batch, progress, budget)
+    driver.tokenizer, driver.rebuild, driver.seed = tokenizer, rebuild, seed
+    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
 
 
 def _language_model(module: torch.nn.Module, model: torch.nn.Module | None) -> torch.nn.Module:
@@ -148,7 +114,7 @@ def _language_model(module: torch.nn.Module, model: torch.nn.Module | None) -> t
 def _train_loader(module: Any, datamodule: Any) -> Any:
     owner = datamodule if datamodule is not None else module
     try:
-        with _quiet():
+        with quiet():
             return owner.train_dataloader()
     except LmcheckError:
         raise
@@ -157,12 +123,12 @@ def _train_loader(module: Any, datamodule: Any) -> Any:
                          f"{type(error).__name__}: {error}") from error
 
 
-class _LightningDriver:
+class LightningDriver:
     """Runs ``fit`` of the user's module on a Trainer made like theirs, watched and then undone."""
 
     def __init__(self, trainer: Any, module: Any, model: torch.nn.Module, loader: Any, as_batch: Any,
-                 progress: Any, steps: int, overfit_batches: int) -> None:
-        self.user_trainer, self.module, self.model = trainer, module, model
+                 progress: Progress | None, budget: SetupBudget) -> None:
+        self.user_trainer, self.module, self.model, self.loader = trainer, module, model, loader
         self.progress = progress
         self.accumulate = int(trainer.accumulate_grad_batches)
         chosen = trainer.gradient_clip_algorithm  # None: Lightning's default, by norm
@@ -172,8 +138,16 @@ class _LightningDriver:
         self.max_grad_norm = float(clip) if clip and algorithm == "norm" else (None if clip else 0.0)
         precision = str(trainer.precision)
         self.gradient_rtol = GRADIENT_RTOL[torch.bfloat16] if "mixed" in precision or "16" in precision else None
-        self.batches = _take(loader, max(steps * 8, overfit_batches * self.accumulate, 8), "the train dataloader")
-        self.convert = _converter(as_batch)
+        self.batches = take(loader, max(budget.steps * 8, budget.overfit_batches * self.accumulate, 8),
+                            "the train dataloader")
+        self.convert = converter(as_batch)
+        self.lm_batches = [self.convert(b, i) for i, b in enumerate(self.batches[:8])]
+        self.calls = min(budget.steps, 3)  # the first losses the reproducibility check compares
+        self.tokenizer: Any = None
+        self.collator = getattr(loader, "collate_fn", None)
+        self.schedule: Callable[[int], float] | None = None
+        self.rebuild: Callable[[int], Any] | None = None
+        self.seed = 0
         self.module_attributes = dict(vars(module))
         self.snapshot = Snapshot(model)
         self.curve = LossCurve()
@@ -181,6 +155,13 @@ class _LightningDriver:
         self.scheduler: Any = None
         self.interval: str | None = None
         self._running: Any = None
+        self.setup: dict[str, Any] = {
+            "kind": "lightning Trainer.fit", "module": type(module).__name__, "model": type(model).__name__,
+            "dtype": str(parameter_dtype(model)).replace("torch.", ""), "precision": str(trainer.precision),
+            "accumulate_grad_batches": self.accumulate, "gradient_clip_val": trainer.gradient_clip_val,
+            "gradient_clip_algorithm": str(trainer.gradient_clip_algorithm or "norm"),
+            "batches seen": len(self.batches),
+        }
 
     def restore(self) -> None:
         self.snapshot.restore()
@@ -202,90 +183,118 @@ class _LightningDriver:
     def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
         return [self.convert(b, i) for i, b in enumerate(self.batches[:count])]
 
-    def run(self, optimizer_steps: int, *, batches: Sequence[int] | None = None, grad_steps: int = 0,
-            flag_steps: int = 0, peak_lrs: tuple[float, ...] | None = None, phase: str = "",
-            after_step: Callable[[int], bool] | None = None,
-            dropout: bool = True) -> tuple[Recorder, list[float], list[int]]:
-        """``fit`` from the saved state until ``optimizer_steps`` optimizer steps, on the first
-        batches (or those ``batches`` index), in order, each epoch whole accumulation windows."""
+    def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+        """``fit`` from the saved state until ``steps`` optimizer steps, on the first batches (or
+        those ``batches`` index), in order, each epoch whole accumulation windows."""
         import lightning.pytorch as pl
 
         self.snapshot.restore()
-        recorder = Recorder(self.model, grad_steps=grad_steps, flag_steps=flag_steps, peak_lrs=peak_lrs,
-                            on_first_sight=self._first_sight)
+        recorder = Recorder(self.model, grad_steps=int(first), flag_steps=steps if first else 0,
+                            peak_lrs=peak_lrs, on_first_sight=self._first_sight)
         order = list(batches) if batches is not None else list(range(len(self.batches)))
         # Lightning steps on an epoch's last, partial window too: whole windows only
         feed_index = [order[j % len(order)] for j in range(len(order) * self.accumulate)]
-        feed = [self.batches[i] for i in feed_index]
-        losses: list[float] = []
-        used: list[int] = []
-        driver = self
+        run = Run(recorder.steps, [], [])
         module = self.module
-        original = module.training_step
-
-        def training_step(batch: Any, batch_idx: int, *rest: Any, **kwargs: Any) -> Any:
-            recorder.calls += 1
-            before = _ids_copy(batch)
-            out = original(batch, batch_idx, *rest, **kwargs)
-            _note_changed_ids(driver.changed_inputs, before, _ids_copy(batch), f"micro-batch {recorder.calls}")
-            loss = out.get("loss") if isinstance(out, Mapping) else out
-            losses.append(_loss_value(loss, f"the module's training_step on micro-batch {recorder.calls}"))
-            used.append(feed_index[batch_idx % len(feed_index)])
-            return out
-
-        stepped = [0]  # optimizer steps already shown to after_step
-
-        class Watch(pl.Callback):
-            def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-                if len(recorder.steps) == stepped[0]:
-                    return
-                stepped[0] = len(recorder.steps)
-                if driver.progress is not None:
-                    driver.progress(phase, stepped[0], optimizer_steps)
-                if after_step is not None and after_step(stepped[0]):
-                    trainer.should_stop = True
-
-        quiet = contextlib.nullcontext() if dropout else no_dropout(self.model)
+        quiet_dropout = no_dropout(self.model) if first else contextlib.nullcontext()
         with tempfile.TemporaryDirectory(prefix="lmcheck-setup-") as folder, _lightning_quiet(), \
-                recorder.active(), quiet:
+                recorder.active(), quiet_dropout:
             fitter = pl.Trainer(
-                max_steps=optimizer_steps, max_epochs=-1, accumulate_grad_batches=self.accumulate,
+                max_steps=steps, max_epochs=-1, accumulate_grad_batches=self.accumulate,
                 gradient_clip_val=self.clip_value, gradient_clip_algorithm=self.clip_algorithm,
                 precision=self.user_trainer.precision, accelerator=self.user_trainer.strategy.root_device.type,
                 devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Watch()],
-                default_root_dir=folder)
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                callbacks=[_stopper(recorder, steps, phase, after_step, self.progress)], default_root_dir=folder)
             self._running = fitter
-            module.training_step = training_step
+            module.training_step = self._recording_step(recorder, run, feed_index)
             try:
-                fitter.fit(module, train_dataloaders=_Feed(feed))
+                fitter.fit(module, train_dataloaders=_Feed([self.batches[i] for i in feed_index]))
             except LmcheckError:
                 raise
             except Exception as error:  # the user's module or data: named, traceback chained
                 raise InputError(f"'module': Trainer.fit raised {type(error).__name__} while lmcheck ran "
-                                 f"{optimizer_steps} steps ({phase}): {error}") from error
+                                 f"{steps} steps ({phase}): {error}") from error
             finally:
                 del module.training_step
                 self._running = None
-        return recorder, losses, used
+        return run
 
-    def reproducible(self, rebuild: Callable[[int], Any], seed: int, steps: int) -> Result:
-        runs = min(steps, 3)
+    def _recording_step(self, recorder: Recorder, run: Run, feed_index: list[int]) -> Callable[..., Any]:
+        original, changed = self.module.training_step, self.changed_inputs
 
-        def first_losses(value: int) -> list[float]:
-            built = _call_rebuild(rebuild, value)
-            if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
-                raise InputError(f"'rebuild' must return (trainer, module) or (trainer, module, datamodule) "
-                                 f"(got {describe(built)})")
-            trainer, module, *rest = built
-            other = _LightningDriver(trainer, module, _language_model(module, None),
-                                     _train_loader(module, rest[0] if rest else None), None, None, runs, 1)
-            try:
-                return other.run(runs, phase="reproducibility")[1]
-            finally:
-                other.restore()
+        def training_step(batch: Any, batch_idx: int, *rest: Any, **kwargs: Any) -> Any:
+            recorder.calls += 1
+            before = ids_copy(batch)
+            out = original(batch, batch_idx, *rest, **kwargs)
+            note_changed_ids(changed, before, ids_copy(batch), f"micro-batch {recorder.calls}")
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            run.losses.append(loss_value(loss, f"the module's training_step on micro-batch {recorder.calls}"))
+            run.batches.append(feed_index[batch_idx % len(feed_index)])
+            return out
 
-        return _reproducible([first_losses(seed), first_losses(seed), first_losses(seed + 1)], seed, "rebuilt with")
+        return training_step
+
+    def step_batches(self, run: Run, calls: range) -> list[dict[str, torch.Tensor]]:
+        return [self.convert(self.batches[run.batches[i]], run.batches[i]) for i in calls]
+
+    def collating(self) -> Collated:
+        return loader_collating(self.loader)
+
+    def epochs(self) -> Epochs:
+        self.setup["scheduler interval"] = self.interval or "none"  # known once fit has run
+        return loop_epochs(self.loader, self.convert)
+
+    def seeding(self) -> tuple[int, str] | str:
+        if self.rebuild is None:
+            return "no rebuild(seed) was given, so the setup cannot be built again with another seed"
+        return self.seed, "rebuilt with"
+
+    def first_losses(self, seed: int) -> list[float]:
+        if self.rebuild is None:
+            raise InputError("'rebuild' is needed to build the setup again with another seed")
+        built = call_rebuild(self.rebuild, seed)
+        if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
+            raise InputError(f"'rebuild' must return (trainer, module) or (trainer, module, datamodule) "
+                             f"(got {describe(built)})")
+        trainer, module, *rest = built
+        other = LightningDriver(trainer, module, _language_model(module, None),
+                                _train_loader(module, rest[0] if rest else None), None, None,
+                                SetupBudget(steps=self.calls, overfit_batches=1))
+        try:
+            return other.run(self.calls, phase="reproducibility").losses
+        finally:
+            other.restore()
+
+    def evaluate_twice(self) -> tuple[list[float], str] | str:
+        return evaluate_twice(self.model, self.lm_batches, None)
+
+    def rank_checks(self) -> list[Result]:
+        return [Result.not_applicable(name, "check_lightning runs Lightning's fit on one device; under torchrun "
+                                      "use check_loop or check_trainer") for name in DISTRIBUTED_CHECKS]
+
+
+def _stopper(recorder: Recorder, steps: int, phase: str, after_step: Callable[[int], bool] | None,
+             progress: Progress | None) -> Any:
+    """A Lightning callback that shows each new optimizer step to ``progress`` and ``after_step``
+    and stops ``fit`` where ``after_step`` says so. (Made here: Lightning is optional, so its
+    Callback class cannot be a base at import time.)"""
+    import lightning.pytorch as pl
+
+    class Stop(pl.Callback):
+        shown = 0  # optimizer steps already shown to after_step
+
+        def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+            if len(recorder.steps) == self.shown:
+                return
+            self.shown = len(recorder.steps)
+            if progress is not None:
+                progress(phase, self.shown, steps)
+            if after_step is not None and after_step(self.shown):
+                trainer.should_stop = True
+
+    return Stop()
 
 
 class _Feed:
@@ -309,7 +318,7 @@ def _lightning_quiet() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with _quiet():
+        with quiet():
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):

@@ -35,23 +35,23 @@ import torch
 import torch.distributed as dist
 
 from lmcheck._finite import probe, require_finite
-from lmcheck._model import has_dropout, model_device, model_forward, no_dropout, parameter_dtype
-from lmcheck._recording import Recorder, Snapshot, rng_state, set_rng_state
-from lmcheck._setup_results import (
-    _converter,
-    _epoch_keys,
-    _fingerprint,
-    _gathered,
-    _loss_value,
-    _take,
-    _token_loss_sum,
-    _unwrap_parallel,
+from lmcheck._model import (
+    has_dropout,
+    model_device,
+    model_forward,
+    no_dropout,
+    parameter_dtype,
+    token_loss_sum,
 )
+from lmcheck._ranks import fingerprint, gathered, local, rank_and_world, unwrap_parallel
+from lmcheck._recording import Recorder, Snapshot, rng_state, set_rng_state
 from lmcheck._validate import check_callable, check_int, check_model, check_number
 from lmcheck.errors import InputError, LmcheckError, NotApplicableError
 from lmcheck.results import Result, headroom_below
+from lmcheck.setup.batches import converter, loss_value, take
+from lmcheck.setup.order import epoch_keys
 
-__all__ = ["data_sharding", "ddp_matches_single", "grads_synchronized", "rank_randomness", "same_init"]
+__all__ = ["SyncWatch", "data_sharding", "ddp_matches_single", "grads_synchronized", "rank_randomness", "same_init"]
 
 # Relative L2 error allowed between DDP's synchronized gradient and one process's, by dtype.
 # Gloo's all-reduce sums in another order than one backward does: on a 2-core x86 CPU the two
@@ -60,19 +60,10 @@ __all__ = ["data_sharding", "ddp_matches_single", "grads_synchronized", "rank_ra
 DDP_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
-def _world() -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise InputError("the distributed probes must be called on every rank of an initialized "
-                         "torch.distributed process group (launch with torchrun or accelerate launch, "
-                         "then call torch.distributed.init_process_group)")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor; a plain tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+def _check_as_batch(as_batch: object) -> None:
+    if as_batch is not None:
+        check_callable(as_batch, "as_batch", "a function from one of the user's batches to a mapping "
+                       "with 'input_ids' and 'labels' or 'targets'")
 
 
 def _differences(prints: list[dict[str, str]], what: str) -> list[str]:
@@ -95,9 +86,9 @@ def same_init(model: torch.nn.Module) -> Result:
     this probe but not from FSDP, hand-written all-reduce or the data each rank saw before.
     """
     check_model(model)
-    _, world = _world()
-    inner = _unwrap_parallel(model)
-    prints = _gathered({n: _fingerprint(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()]})
+    _, world = rank_and_world()
+    inner = unwrap_parallel(model)
+    prints = gathered({n: fingerprint(t) for n, t in [*inner.named_parameters(), *inner.named_buffers()]})
     problems = _differences(prints, "weights")
     passed = not problems
     return Result(name="same_init", passed=passed, metrics={"world_size": world, "ranks_differing": len(problems)},
@@ -123,8 +114,9 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
     check_callable(batches_of_epoch, "batches_of_epoch", "a function from the epoch number to its batches")
     check_int(epochs, "epochs", 2, 100)
     check_int(max_rows, "max_rows", 1)
-    _, world = _world()
-    convert = _converter(as_batch)
+    _check_as_batch(as_batch)
+    _, world = rank_and_world()
+    convert = converter(as_batch)
     orders = []
     for epoch in range(epochs):
         try:
@@ -133,8 +125,8 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
             raise
         except Exception as error:  # the user's code
             raise InputError(f"'batches_of_epoch({epoch})' raised {type(error).__name__}: {error}") from error
-        orders.append(_epoch_keys(batches, convert, max_rows)[0])
-    everyone = _gathered(orders)  # [rank][epoch] -> keys
+        orders.append(epoch_keys(batches, convert, max_rows)[0])
+    everyone = gathered(orders)  # [rank][epoch] -> keys
     problems = []
     for epoch in range(epochs):
         owners: dict[str, list[int]] = {}
@@ -173,7 +165,7 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
                grad_steps: int = 0) -> tuple[Recorder, Snapshot]:
     """Call the user's step on the batches (cycling) until ``steps`` optimizer steps; the state
     is restored afterwards by the caller through the returned snapshot (here if the step raises)."""
-    inner = _unwrap_parallel(model)  # names without DDP's "module." prefix
+    inner = unwrap_parallel(model)  # names without DDP's "module." prefix
     snapshot = Snapshot(inner)
     recorder = Recorder(inner, grad_steps=grad_steps, on_first_sight=snapshot.add)
     calls = 0
@@ -190,7 +182,7 @@ def _run_steps(model: torch.nn.Module, train_step: Callable[[Any], Any], batches
                 except Exception as error:  # the user's code, with the traceback chained
                     raise InputError(f"'train_step' raised {type(error).__name__} on batch "
                                      f"{calls % len(batches)}: {error}") from error
-                _loss_value(loss, f"'train_step' on batch {calls % len(batches)}")
+                loss_value(loss, f"'train_step' on batch {calls % len(batches)}")
                 calls += 1
     except BaseException:
         snapshot.restore()  # the user's step raised: their model and optimizer as they were
@@ -211,16 +203,16 @@ def grads_synchronized(model: torch.nn.Module, train_step: Callable[[Any], Any],
     check_int(steps, "steps", 1, 1000)
     if max_grad_norm is not None:
         check_number(max_grad_norm, "max_grad_norm", low=0)
-    _, world = _world()
-    taken = _take(batches, 64 * steps, "batches")
-    watch = _SyncWatch(_unwrap_parallel(model), max_grad_norm)
+    _, world = rank_and_world()
+    taken = take(batches, 64 * steps, "batches")
+    watch = SyncWatch(unwrap_parallel(model), max_grad_norm)
     with watch.active():
         recorder, snapshot = _run_steps(model, train_step, taken, steps)
     snapshot.restore()
     return watch.result()
 
 
-class _SyncWatch:
+class SyncWatch:
     """While active, hooks every step of an optimizer over ``model``'s parameters: before it,
     the gradients' fingerprints and global norm; after it, whether the gradients, and then the
     parameters, agree across ranks (and, with ``max_grad_norm``, the applied norm stays within it).
@@ -241,20 +233,20 @@ class _SyncWatch:
             return
         for name, parameter in self.model.named_parameters():
             if parameter.grad is not None:  # equal NaNs on every rank are no synchronisation
-                require_finite(_local(parameter.grad), f"at optimizer step {len(self.pending) + 1}, the "
+                require_finite(local(parameter.grad), f"at optimizer step {len(self.pending) + 1}, the "
                                f"gradient of {name}", ("index",) * parameter.dim())
-        self.pending.append({n: _fingerprint(p.grad) for n, p in self.model.named_parameters()})
+        self.pending.append({n: fingerprint(p.grad) for n, p in self.model.named_parameters()})
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        own = _gathered(sum((float(_local(g).float().pow(2).sum()) for g in grads), 0.0) ** 0.5)
-        sharded = any(_local(g) is not g for g in grads)  # FSDP2: the shards add up; DDP: replicas
+        own = gathered(sum((float(local(g).float().pow(2).sum()) for g in grads), 0.0) ** 0.5)
+        sharded = any(local(g) is not g for g in grads)  # FSDP2: the shards add up; DDP: replicas
         self.norms.append(((sum(n * n for n in own) ** 0.5) if sharded else own[0], own))
 
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._owns(optimizer):
             return
         step = len(self.pending)
-        grads = _differences(_gathered(self.pending[-1]), "gradients")
-        weights = _differences(_gathered({n: _fingerprint(p) for n, p in self.model.named_parameters()}),
+        grads = _differences(gathered(self.pending[-1]), "gradients")
+        weights = _differences(gathered({n: fingerprint(p) for n, p in self.model.named_parameters()}),
                                "parameters")
         total, each = self.norms[-1]
         if self.problems:
@@ -272,7 +264,7 @@ class _SyncWatch:
                                  f"own norm, not the global one (pytorch #170862)")
 
     @contextmanager
-    def active(self) -> Iterator[_SyncWatch]:
+    def active(self) -> Iterator[SyncWatch]:
         from torch.optim.optimizer import (
             register_optimizer_step_post_hook,
             register_optimizer_step_pre_hook,
@@ -309,15 +301,16 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
     """
     check_model(model)
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
-    _, world = _world()
-    taken = _take(batches, 64, "batches")
-    inner = _unwrap_parallel(model)
-    convert = _converter(as_batch)
+    _check_as_batch(as_batch)
+    _, world = rank_and_world()
+    taken = take(batches, 64, "batches")
+    inner = unwrap_parallel(model)
+    convert = converter(as_batch)
     with no_dropout(inner):
         recorder, snapshot = _run_steps(model, train_step, taken, 1, grad_steps=1)
     step = recorder.steps[0]
     local = [{k: v.cpu() for k, v in convert(taken[i % len(taken)], i).items()} for i in range(step.micro_batches)]
-    everyone = _gathered(local)
+    everyone = gathered(local)
     snapshot.restore()
     names = [n for n, p in inner.named_parameters() if p.requires_grad]
     parameters = [p for n, p in inner.named_parameters() if p.requires_grad]
@@ -335,7 +328,7 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits, _ = model_forward(inner, batch["input_ids"], batch.get("attention_mask"), None,
                                           use_cache=False, what="the logits of a gathered micro-batch")
-                summed, count, _ = _token_loss_sum(logits, batch)
+                summed, count, _ = token_loss_sum(logits, batch)
                 require_finite(summed.detach(), "the reference loss of a gathered micro-batch", ())
                 grads = torch.autograd.grad(summed, parameters, allow_unused=True)
                 flat = torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1)
@@ -401,10 +394,11 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
     check_model(model)
     if sample is not None:
         check_callable(sample, "sample", "a function that draws the data-side randomness")
-    _, world = _world()
-    inner = _unwrap_parallel(model)
-    weights = _differences(_gathered({n: _fingerprint(p) for n, p in inner.named_parameters()}), "weights")
-    shared = _gathered(_converter(as_batch)(batch, 0) if dist.get_rank() == 0 else None)[0]
+    _check_as_batch(as_batch)
+    _, world = rank_and_world()
+    inner = unwrap_parallel(model)
+    weights = _differences(gathered({n: fingerprint(p) for n, p in inner.named_parameters()}), "weights")
+    shared = gathered(converter(as_batch)(batch, 0) if dist.get_rank() == 0 else None)[0]
     state = rng_state()
     problems = list(weights)
     draws: list[str] = []
@@ -418,7 +412,7 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
                                           what="the logits with dropout on")
             inner.train(was)
             require_finite(logits, "the logits with dropout on", ("row", "position", "token id"))
-            masks = _gathered(_fingerprint(logits))
+            masks = gathered(fingerprint(logits))
             if len(set(masks)) < world:
                 same = [r for r in range(1, world) if masks[r] == masks[0]]
                 problems.append(f"rank {same[0]} draws the same dropout masks as rank 0: every rank was seeded with "
@@ -433,7 +427,7 @@ def rank_randomness(model: torch.nn.Module, batch: Any, *,
             except Exception as error:  # the user's code
                 raise InputError(f"'sample' must return numbers or a tensor (it raised "
                                  f"{type(error).__name__}: {error})") from error
-            values = _gathered(_fingerprint(drawn))
+            values = gathered(fingerprint(drawn))
             if len(set(values)) < world:
                 problems.append("sample() draws the same values on two ranks: the data-side randomness "
                                 "(augmentation, worker seeds) ignores the rank (transformers #37932)")

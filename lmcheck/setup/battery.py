@@ -1,0 +1,432 @@
+"""The setup battery: every setup check in one ordered table, the budget of the runs, and the
+typed protocol through which the battery runs the user's code.
+
+A driver (the plain loop, the Trainer, Lightning) knows how to run the user's own steps and
+read their data; the battery decides what to run and when, and hands what the runs recorded to
+the judges of each check family (``batches``, ``gradients``, ``schedule``, ``overfit``,
+``order``, ``seeds``), none of which sees a driver. A new check is one judge and one row of
+:data:`CHECKS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+
+from lmcheck._finite import non_finite_result
+from lmcheck._model import hf_model
+from lmcheck._ranks import gathered, world_size
+from lmcheck._recording import OptimizerStep, Snapshot
+from lmcheck._validate import check_bool, check_int
+from lmcheck.curves import LossCurve
+from lmcheck.errors import InputError, NonFiniteError
+from lmcheck.results import Result
+from lmcheck.setup.batches import (
+    UNSUPERVISED,
+    Collated,
+    batch_checks,
+    inputs_unchanged,
+    labels_form,
+    special_ids,
+    supervised_count,
+)
+from lmcheck.setup.gradients import accumulation, gradient_flow, params_update
+from lmcheck.setup.order import Epochs, data_order
+from lmcheck.setup.overfit import (
+    MemorizationWatch,
+    nothing_to_memorize,
+    overfits,
+    record_curve,
+    sums_micro_batches,
+)
+from lmcheck.setup.report import SetupReport
+from lmcheck.setup.schedule import lr_schedule, peak_lrs
+from lmcheck.setup.seeds import eval_deterministic, reproducible
+from lmcheck.training import loss_at_init, loss_matches_reference
+
+__all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "Run", "SetupBudget", "run_battery"]
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class SetupBudget:
+    """How much of the user's training the setup checks run; checked when made.
+
+    Attributes:
+        steps: optimizer steps of the first run (gradients, accumulation, schedule).
+        overfit_batches: how many micro-batches the overfitting run cycles through.
+        overfit_steps: the overfitting run's budget in optimizer steps (doubled for a run whose
+            loss still falls fast at the budget).
+        check_every: optimizer steps between memorization checks while overfitting.
+    """
+
+    steps: int = 8
+    overfit_batches: int = 4
+    overfit_steps: int = 200
+    check_every: int = 5
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "steps", 1, 10_000)
+        check_int(self.overfit_batches, "overfit_batches", 1, 64)
+        check_int(self.overfit_steps, "overfit_steps", 1)
+        check_int(self.check_every, "check_every", 1)
+
+    @classmethod
+    def of(cls, **values: int | None) -> SetupBudget:
+        """The budget with the given fields, the defaults where a value is None."""
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+
+@dataclass
+class Run:
+    """What one run of the user's code recorded."""
+
+    steps: list[OptimizerStep]  # every optimizer step, in order
+    losses: list[float]  # the loss the user's step returned at each call
+    batches: list[int]  # the index of the batch each call trained on
+
+
+class Driver(Protocol):
+    """Runs the user's own training code, watched and then undone, and reads their data.
+
+    Attributes:
+        model: the language model lmcheck's own forwards call (inside any DDP wrapper).
+        snapshot: the saved state (weights, optimizer and scheduler, random generators) every
+            run starts from and every run is undone to.
+        scheduler: the torch scheduler the user's code steps (once seen), or None.
+        curve: the overfitting run's loss curve, filled by the battery.
+        changed_inputs: what the runs found changed in place in the user's batches.
+        lm_batches: the first batches in lmcheck's form (``input_ids``, ``labels`` or ``targets``).
+        setup: what is known about the setup, for the report.
+        tokenizer, collator: where the eos and BOS ids may come from (None where unknown).
+        schedule: the expected learning rate at optimizer step i, where the user gave one.
+        max_grad_norm: the clipping norm of the first run (0: it does not clip; None: not said).
+        gradient_rtol: the accumulation tolerance where the setup computes in mixed precision.
+    """
+
+    model: torch.nn.Module
+    snapshot: Snapshot
+    scheduler: Any
+    curve: LossCurve
+    changed_inputs: list[str]
+    lm_batches: list[dict[str, torch.Tensor]]
+    setup: dict[str, Any]
+    tokenizer: Any
+    collator: Any
+    schedule: Callable[[int], float] | None
+    max_grad_norm: float | None
+    gradient_rtol: float | None
+
+    def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+        """The user's steps from the saved state until ``steps`` optimizer steps (``after_step(n)``
+        may stop earlier) on the first batches, or those ``batches`` index. ``first``: the run whose
+        update is compared: gradients kept at step 1, dropout off, no clipping where it can be
+        turned off. ``peak_lrs``: each parameter group's learning rate, held at every step."""
+        ...
+
+    def step_batches(self, run: Run, calls: range) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of those calls of ``run``, in lmcheck's form."""
+        ...
+
+    def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """The batches the overfitting run trains on, in lmcheck's form (``run(batches=...)`` indexes them)."""
+        ...
+
+    def collating(self) -> Collated:
+        """The dataset's first examples against what the collator makes of them."""
+        ...
+
+    def epochs(self) -> Epochs:
+        """Two epochs of the user's data (or its draws), for ``data_order``."""
+        ...
+
+    def seeding(self) -> tuple[int, str] | str:
+        """(the seed, how it is applied) for ``reproducible``, or why it is not applicable."""
+        ...
+
+    def first_losses(self, seed: int) -> list[float]:
+        """The first losses of the setup run (or built afresh) with ``seed``."""
+        ...
+
+    def evaluate_twice(self) -> tuple[list[float], str] | str:
+        """Two evaluations' losses and how they were made, or why there are none."""
+        ...
+
+    def rank_checks(self) -> list[Result]:
+        """Under torchrun: the results of :data:`DISTRIBUTED_CHECKS`, in that order."""
+        ...
+
+    def restore(self) -> None:
+        """Put back everything the runs changed: the user's objects as they were before."""
+        ...
+
+
+@dataclass
+class FirstRun:
+    """The first run and what the checks of its step read."""
+
+    run: Run
+    calls: range  # the calls whose micro-batches make the first optimizer step
+    micro_batches: list[dict[str, torch.Tensor]]  # those micro-batches, in lmcheck's form
+    left: dict[str, torch.Tensor]  # the parameters as the run left them (before any restore)
+
+
+class Session:
+    """One battery over one driver: the options and what the runs have recorded so far."""
+
+    def __init__(self, driver: Driver, budget: SetupBudget, pretrained: bool | None,
+                 expect_eos: bool | None) -> None:
+        self.driver, self.budget = driver, budget
+        self.pretrained, self.expect_eos = pretrained, expect_eos
+        self.collated = driver.collating()
+        self.special = special_ids(driver.tokenizer, driver.collator, driver.model)
+        driver.setup["eos and BOS from"] = self.special.source
+        self.supervised = any(supervised_count(b) for b in driver.lm_batches)
+        self.results: dict[str, Result] = {}
+        self._batches: list[Result] | None = None
+        self._first: FirstRun | None = None
+        self._ranks: dict[str, Result] | None = None
+
+    def batch_result(self, index: int) -> Result:
+        if self._batches is None:
+            try:
+                self._batches = batch_checks(self.driver.lm_batches, self.special, self.expect_eos)
+            except InputError:
+                raise
+            except Exception as error:  # noqa: BLE001 -- both batch checks' outcome, said in full
+                self._batches = [Result.from_exception(n, error) for n in ("batch_supervision", "causal_batch")]
+        return self._batches[index]
+
+    @property
+    def first(self) -> FirstRun:
+        if self._first is None:
+            self._first = self._first_run()
+        return self._first
+
+    def _first_run(self) -> FirstRun:
+        driver = self.driver
+        if not self.supervised:  # only the learning rates are read
+            run = driver.run(min(self.budget.steps, 3), phase="first steps", first=True)
+            return FirstRun(run, range(0), [], {})
+        run = driver.run(self.budget.steps, phase="first steps", first=True)
+        first = run.steps[0]
+        # k: the fewest calls between two steps. More before the first step means steps were skipped
+        # (an AMP loss scaler that met an overflow skips optimizer.step and the gradients are zeroed):
+        # the first step's gradient holds the last k micro-batches only.
+        k = min(s.micro_batches for s in run.steps)
+        driver.setup["micro-batches per optimizer step"] = k
+        optimizers = {type(o).__name__ for o, _ in driver.snapshot.objects.values()
+                      if isinstance(o, torch.optim.Optimizer)}
+        driver.setup["optimizer"] = ", ".join(sorted(optimizers)) or "?"
+        calls = range(first.micro_batches - k, first.micro_batches)
+        left = {n: p.detach() for n, p in driver.model.named_parameters()}
+        return FirstRun(run, calls, driver.step_batches(run, calls), left)
+
+    def rank_result(self, name: str) -> Result:
+        if self._ranks is None:
+            self._ranks = {r.name: r for r in self.driver.rank_checks()}
+        return self._ranks[name]
+
+
+# ---------------------------------------------------------------- the judges' calls
+
+
+def _loss_at_init(s: Session) -> Result:
+    model, pretrained = s.driver.model, s.pretrained
+    if pretrained is None:
+        base = hf_model(model)  # a PEFT model's base: loaded from a checkpoint, or not
+        pretrained = base is not None and bool(getattr(base.config, "_name_or_path", ""))
+    if check_bool(pretrained, "pretrained"):
+        return Result.not_applicable("loss_at_init", "the model is pretrained (loaded from a checkpoint), "
+                                     "so its loss is not near ln V; pass pretrained=False to check it")
+    return loss_at_init(model, s.driver.lm_batches[0]["input_ids"])
+
+
+def _loss_matches_reference(s: Session) -> Result:
+    labelled = next((b for b in s.driver.lm_batches if "labels" in b), None)
+    if labelled is None:
+        return Result.not_applicable("loss_matches_reference", "the batches carry next-token targets, not "
+                                     "labels, so the model's own loss is not called")
+    return loss_matches_reference(s.driver.model, labels_form(labelled))
+
+
+def _accumulation(s: Session) -> Result:
+    d, first = s.driver, s.first
+    return accumulation(d.model, d.snapshot, first.micro_batches, first.run.steps[0], d.max_grad_norm,
+                        d.gradient_rtol)
+
+
+def _overfits(s: Session) -> Result:
+    """A handful of batches, the user's step at their schedule's peak rate, until memorized."""
+    d, first = s.driver, s.first
+    peaks = peak_lrs(first.run.steps, d.snapshot, d.scheduler)
+    reference = s.results["accumulation"].metrics.get("reference_loss")
+    summed = sums_micro_batches([first.run.losses[i] for i in first.calls], reference)
+    d.setup["overfitting learning rate"] = "peak of the schedule" if peaks is not None else "the schedule's"
+    batches = d.overfit_batches(s.budget.overfit_batches)
+    empty = nothing_to_memorize(batches)
+    if empty is not None:
+        return empty
+    watch = MemorizationWatch(d.model, batches, s.budget.overfit_steps, s.budget.check_every)
+    run = d.run(watch.limit, phase="overfitting", batches=list(range(len(batches))), after_step=watch,
+                peak_lrs=peaks)
+    record_curve(d.curve, run.steps, run.losses, summed, memorized=watch.at is not None)
+    return overfits(watch, run.steps, d.curve, peaks)
+
+
+def _reproducible(s: Session) -> Result:
+    plan = s.driver.seeding()
+    if isinstance(plan, str):
+        return Result.not_applicable("reproducible", plan)
+    seed, how = plan
+    return reproducible([s.driver.first_losses(value) for value in (seed, seed, seed + 1)], seed, how)
+
+
+def _eval_deterministic(s: Session) -> Result:
+    made = s.driver.evaluate_twice()
+    if isinstance(made, str):
+        return Result.not_applicable("eval_deterministic", made)
+    return eval_deterministic(*made)
+
+
+# ---------------------------------------------------------------- the table
+
+
+BATCHES, FIRST_RUN, OVERFITTING, AFTER_THE_RUNS, RANKS = range(5)  # the stages, in the order they run
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the battery.
+
+    Attributes:
+        name: the result's name.
+        stage: when it runs (its results come in table order all the same): ``BATCHES`` before any
+            run, ``FIRST_RUN`` on the first run, ``OVERFITTING``, ``AFTER_THE_RUNS``, and ``RANKS``
+            only under torchrun.
+        judge: the session in, the result out.
+        supervised: it needs supervised tokens: not applicable where the first batches have none.
+        follows: the checks its failure can follow from; where one of them failed too, the
+            failure is marked as following from the first, which leads.
+    """
+
+    name: str
+    stage: int
+    judge: Callable[[Session], Result]
+    supervised: bool = False
+    follows: tuple[str, ...] = ()
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("batch_supervision", BATCHES, lambda s: s.batch_result(0)),
+    Check("causal_batch", BATCHES, lambda s: s.batch_result(1)),
+    # after both runs (the first run's collator, made to give unequal lengths, copies the labels);
+    # labels aliasing the inputs are one cause with two signs
+    Check("inputs_unchanged", AFTER_THE_RUNS, lambda s: inputs_unchanged(s.driver.changed_inputs, s.collated),
+          follows=("batch_supervision",)),
+    Check("loss_at_init", BATCHES, _loss_at_init),
+    Check("loss_matches_reference", BATCHES, _loss_matches_reference, supervised=True),
+    Check("gradient_flow", FIRST_RUN, lambda s: gradient_flow(s.driver.model, s.first.run.steps, s.driver.snapshot),
+          supervised=True),
+    # the parameters as the first run left them: judged before accumulation restores the saved ones
+    Check("params_update", FIRST_RUN, lambda s: params_update(s.driver.model, s.driver.snapshot, s.first.left,
+                                                              len(s.first.run.steps)),
+          supervised=True, follows=("gradient_flow", "lr_schedule")),
+    Check("accumulation", FIRST_RUN, _accumulation, supervised=True,
+          follows=("batch_supervision", "loss_matches_reference", "gradient_flow")),
+    Check("lr_schedule", FIRST_RUN, lambda s: lr_schedule(s.first.run.steps, s.driver.scheduler, s.driver.snapshot,
+                                                          s.driver.schedule)),
+    Check("overfits", OVERFITTING, _overfits, supervised=True,
+          follows=("batch_supervision", "causal_batch", "loss_matches_reference", "gradient_flow",
+                   "params_update", "accumulation", "lr_schedule")),
+    Check("data_order", AFTER_THE_RUNS, lambda s: data_order(s.driver.epochs())),
+    Check("reproducible", AFTER_THE_RUNS, _reproducible, supervised=True, follows=("gradient_flow",)),
+    Check("eval_deterministic", AFTER_THE_RUNS, _eval_deterministic, supervised=True),
+    # last: after every other run, a Trainer must still sync its ranks
+    Check("grads_synchronized", RANKS, lambda s: s.rank_result("grads_synchronized")),
+    Check("data_sharding", RANKS, lambda s: s.rank_result("data_sharding")),
+    Check("rank_randomness", RANKS, lambda s: s.rank_result("rank_randomness")),
+)
+
+# every report holds one result of each, in this order (and of each of these under torchrun)
+SETUP_CHECKS = tuple(c.name for c in CHECKS if c.stage != RANKS)
+DISTRIBUTED_CHECKS = tuple(c.name for c in CHECKS if c.stage == RANKS)
+
+
+def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None = None,
+                expect_eos: bool | None = None) -> SetupReport:
+    """Every check of :data:`CHECKS` on the driver's setup, stage by stage, each isolated: one
+    that raises is an ``error`` result and the rest still run (an InputError, the setup itself
+    unfit, stops them). Under torchrun every rank returns the same report. The driver's
+    ``restore()`` runs at the end, whatever happens."""
+    ranks = world_size() > 1
+    try:
+        session = Session(driver, budget, pretrained, expect_eos)
+        for check in sorted(CHECKS, key=lambda c: c.stage):
+            if check.stage == RANKS and not ranks:
+                continue
+            if check.supervised and not session.supervised:
+                # the root cause, said once by batch_supervision: what needs supervised tokens cannot run
+                session.results[check.name] = Result.not_applicable(check.name, UNSUPERVISED)
+                continue
+            session.results[check.name] = _isolated(check.name, partial(check.judge, session))
+    finally:
+        driver.restore()
+    if ranks:
+        driver.setup["world size"] = world_size()
+    results = [session.results[c.name] for c in CHECKS if c.name in session.results]
+    return SetupReport(results=_root_causes_first(_agree(results)), curve=driver.curve, setup=driver.setup)
+
+
+def _isolated(name: str, check: Callable[[], Result]) -> Result:
+    """The check's result: its failure where a model output it reads is NaN or Inf (the message
+    says which output and where), an ``error`` result where it raised anything else. An
+    InputError (the setup itself is unfit: a streaming train set, a bad option) still stops the
+    checks with its message."""
+    try:
+        return check()
+    except NonFiniteError as error:
+        return non_finite_result(name, str(error))
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- the check's outcome, with the exception and where
+        return Result.from_exception(name, error)
+
+
+def _root_causes_first(results: list[Result]) -> list[Result]:
+    follows = {c.name: c.follows for c in CHECKS}
+    failed = {r.name for r in results if r.status == "fail"}
+    out = []
+    for result in results:
+        cause = next((c for c in follows.get(result.name, ()) if c in failed), None)
+        if result.status == "fail" and cause is not None:
+            result = dataclasses.replace(result, metrics={**result.metrics, "follows_from": cause},
+                                         explanation=f"follows from {cause}, which failed first: {result.explanation}")
+        out.append(result)
+    return out
+
+
+def _agree(results: list[Result]) -> list[Result]:
+    """The same results on every rank: for each check, the first failing rank's result (its
+    explanation prefixed with the rank), else this rank's."""
+    if world_size() == 1:
+        return results
+    everyone = gathered([r.to_dict() for r in results])
+    agreed = []
+    for index, result in enumerate(results):
+        failing = next((rank for rank, rows in enumerate(everyone) if rows[index]["status"] == "fail"), None)
+        if failing is None:
+            agreed.append(result)
+        else:
+            row = everyone[failing][index]
+            agreed.append(Result(name=result.name, passed=False, metrics={**row["metrics"], "rank": failing},
+                                 explanation=f"on rank {failing}: {row['explanation']}"))
+    return agreed
+

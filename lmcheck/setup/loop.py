@@ -1,0 +1,288 @@
+"""The setup checks on a plain training loop: :func:`check_loop` and the driver that calls the
+user's own ``train_step`` on their batches under the optimizer-step hook."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+
+from lmcheck._model import no_dropout, parameter_dtype
+from lmcheck._ranks import unwrap_parallel
+from lmcheck._recording import Recorder, Snapshot
+from lmcheck._validate import check_callable, check_model, check_number, describe
+from lmcheck.curves import LossCurve
+from lmcheck.errors import InputError, LmcheckError
+from lmcheck.results import Result
+from lmcheck.setup.batches import (
+    Collated,
+    call_rebuild,
+    converter,
+    epoch_batches,
+    ids_copy,
+    loader_collating,
+    loader_state,
+    loss_value,
+    note_changed_ids,
+    put_ids_back,
+    take,
+)
+from lmcheck.setup.battery import Progress, Run, SetupBudget, run_battery
+from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
+from lmcheck.setup.report import SetupReport
+from lmcheck.setup.seeds import evaluate_twice
+
+__all__ = ["check_loop"]
+
+_SAMPLING = ("epochs", "with_replacement")
+
+
+def check_loop(
+    model: torch.nn.Module, train_step: Callable[[Any], Any],
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]], *, tokenizer: Any = None,
+    as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
+    scheduler: Any = None, schedule: Callable[[int], float] | None = None,
+    max_grad_norm: float | None = None, pretrained: bool | None = None,
+    evaluate: Callable[[], float] | None = None,
+    rebuild: Callable[[int], Any] | None = None, seed: int = 0,
+    steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
+    check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
+    stateful: Sequence[Any] = (), sampling: str = "epochs",
+) -> SetupReport:
+    """Run the battery on a plain training loop, and leave its objects as they were.
+
+    Every argument is checked before any of the user's objects is touched.
+
+    Args:
+        model: the module ``train_step`` trains (a Hugging Face model, a plain module returning
+            logits, or one wrapped by :func:`lmcheck.adapt`).
+        train_step: the user's own step, called once per micro-batch as ``train_step(batch)``:
+            forward, backward and, every k-th call where it accumulates, clipping, the
+            optimizer's and scheduler's steps; it returns the loss (a tensor or a float).
+        batches: the user's batches, as their loop gets them (a DataLoader, a list), or a
+            function from the epoch number to that epoch's batches, doing what the loop does at
+            the start of an epoch (``lambda e: (sampler.set_epoch(e), loader)[1]``). Each batch
+            is a mapping with ``input_ids`` (``labels`` and ``attention_mask`` optional), a
+            (B, T) tensor of ids, or an ``(x, y)`` pair of inputs and next-token targets
+            (nanoGPT); otherwise give ``as_batch``.
+        tokenizer: for the eos and BOS checks of the batches (optional).
+        as_batch: turns one of the user's batches into a mapping with ``input_ids`` and either
+            ``labels`` (unshifted, -100 ignored) or ``targets`` (next-token targets, as nanoGPT's
+            ``y``), and ``attention_mask`` where there is padding.
+        scheduler: the learning-rate scheduler ``train_step`` steps: its state is restored, and
+            the learning rate at each optimizer step is compared with its value for that step.
+        schedule: the expected learning rate at optimizer step i (0-based), instead of replaying
+            ``scheduler``.
+        max_grad_norm: the clipping norm of ``train_step``, to check the clipped update; 0 when it
+            does not clip (then an update shrunk as a whole is a fault). Left None, an update
+            shrunk as a whole passes as clipped.
+        pretrained: skip ``loss_at_init``; default: a Hugging Face model loaded from a checkpoint.
+        evaluate: the user's evaluation, returning a loss; default: lmcheck's, in eval mode.
+        rebuild: ``rebuild(seed)`` builds the setup afresh (model, train_step, batches, like the
+            arguments here) for the reproducibility check; without it that check is n/a.
+        seed: the seed given to ``rebuild``.
+        steps, overfit_batches, overfit_steps, check_every: the budget of the runs, as
+            :class:`~lmcheck.setup.SetupBudget` (its defaults where None).
+        expect_eos: every row must end with a supervised eos; default: when rows are padded
+            (whole examples, not packed chunks).
+        progress: called as ``progress(phase, done, total)`` while the runs go.
+        stateful: other objects ``train_step`` changes that have ``state_dict()`` and
+            ``load_state_dict()`` (an AMP ``GradScaler``, an EMA of the weights): saved first and
+            put back after every run, as the model, the optimizer and ``scheduler`` are.
+        sampling: how the loop draws its data: ``"epochs"`` (each epoch a new order of the same
+            examples: ``data_order`` compares two epochs) or ``"with_replacement"`` (random rows
+            or windows at every step, as nanoGPT's ``get_batch``: ``data_order`` checks that the
+            rows differ from step to step; ``reproducible`` checks that the seed matters).
+
+    Under ``torchrun`` (an initialized process group of more than one rank), call it on every
+    rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
+    micro-batches, the overfitting run stops on all ranks together, the distributed probes
+    (:data:`lmcheck.setup.DISTRIBUTED_CHECKS`) are added, and every rank returns the same
+    report, a failure on one rank naming it.
+    """
+    budget = SetupBudget.of(steps=steps, overfit_batches=overfit_batches, overfit_steps=overfit_steps,
+                            check_every=check_every)
+    check_model(model)
+    check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
+    scheduler = _checked_options(max_grad_norm, scheduler, stateful, sampling, as_batch=as_batch,
+                                 schedule=schedule, evaluate=evaluate, rebuild=rebuild, progress=progress)
+    batches_of_epoch = batches if callable(batches) and not isinstance(batches, Iterable) else None
+    loader = epoch_batches(batches_of_epoch, 0) if batches_of_epoch is not None else cast(Iterable[Any], batches)
+    put_back = loader_state(loader)  # reading batches advances a DataLoader's generator
+    try:
+        driver = LoopDriver(model, train_step, loader, budget, scheduler=scheduler, stateful=tuple(stateful),
+                            as_batch=as_batch, progress=progress, put_back=put_back)
+    except BaseException:
+        put_back()
+        raise
+    driver.tokenizer, driver.schedule, driver.max_grad_norm = tokenizer, schedule, max_grad_norm
+    driver.evaluate, driver.rebuild, driver.seed = evaluate, rebuild, seed
+    driver.batches_of_epoch, driver.sampling = batches_of_epoch, sampling
+    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
+
+
+def _checked_options(max_grad_norm: object, scheduler: Any, stateful: object, sampling: object,
+                     **functions: object) -> Any:
+    """Every option of check_loop but the model, the step and the batches, checked; the torch
+    scheduler inside accelerate's wrapper, where ``scheduler`` is one."""
+    if max_grad_norm is not None:
+        check_number(max_grad_norm, "max_grad_norm", low=0)
+    for argument, value in functions.items():
+        if value is not None:
+            check_callable(value, argument, "a function")
+    if type(scheduler).__name__ == "AcceleratedScheduler":  # accelerate's wrapper: the torch scheduler inside
+        scheduler = getattr(scheduler, "scheduler", scheduler)
+    if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")):
+        raise InputError(f"'scheduler' must be a learning-rate scheduler with step() and state_dict() "
+                         f"(got {describe(scheduler)})")
+    if sampling not in _SAMPLING:
+        raise InputError(f"'sampling' must be 'epochs' (each epoch a new order of the same examples) or "
+                         f"'with_replacement' (random rows or windows drawn at each step, as nanoGPT's "
+                         f"get_batch) (got {sampling!r})")
+    if isinstance(stateful, (str, bytes)) or not isinstance(stateful, Sequence) or not all(
+            hasattr(item, "state_dict") and hasattr(item, "load_state_dict") for item in stateful):
+        raise InputError(f"'stateful' must be a list of objects with state_dict() and load_state_dict() "
+                         f"(got {describe(stateful)})")
+    return scheduler
+
+
+class LoopDriver:
+    """Runs the user's step on chosen batches under the recorder, from the saved state."""
+
+    def __init__(self, model: torch.nn.Module, train_step: Callable[[Any], Any], loader: Iterable[Any],
+                 budget: SetupBudget, *, scheduler: Any, stateful: tuple[Any, ...], as_batch: Any,
+                 progress: Progress | None, put_back: Callable[[], None]) -> None:
+        self.user_model, self.model = model, unwrap_parallel(model)
+        self.train_step, self.loader, self.as_batch = train_step, loader, as_batch
+        self.batches = take(loader, max(budget.steps * 8, budget.overfit_batches, 8), "batches")
+        self.convert = converter(as_batch)
+        self.lm_batches = [self.convert(b, i) for i, b in enumerate(self.batches[:8])]
+        self.calls = max(3, min(budget.steps, 4))  # the first losses the reproducibility check compares
+        self.scheduler, self.progress, self.put_back = scheduler, progress, put_back
+        self.snapshot = Snapshot(self.model, ((scheduler,) if scheduler is not None else ()) + stateful)
+        self.curve = LossCurve()
+        self.changed_inputs: list[str] = []
+        self.collator = getattr(loader, "collate_fn", None)
+        self.tokenizer: Any = None
+        self.schedule: Callable[[int], float] | None = None
+        self.max_grad_norm: float | None = None
+        self.gradient_rtol: float | None = None
+        self.evaluate: Callable[[], float] | None = None
+        self.rebuild: Callable[[int], Any] | None = None
+        self.seed = 0
+        self.batches_of_epoch: Callable[[int], Iterable[Any]] | None = None
+        self.sampling = "epochs"
+        self.setup: dict[str, Any] = {"kind": "plain loop", "model": type(self.model).__name__,
+                                      "dtype": str(parameter_dtype(self.model)).replace("torch.", ""),
+                                      "batches seen": len(self.batches)}
+
+    def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+        """Restore the saved state, then call ``train_step`` on the batches (cycling) until
+        ``steps`` optimizer steps were taken; ``after_step(n)`` may stop the run early."""
+        self.snapshot.restore()
+        recorder = Recorder(self.model, grad_steps=int(first), flag_steps=steps if first else 0,
+                            peak_lrs=peak_lrs, on_first_sight=self.snapshot.add)
+        order = list(batches) if batches is not None else list(range(len(self.batches)))
+        run = Run(recorder.steps, [], [])
+        quiet = no_dropout(self.model) if first else contextlib.nullcontext()
+        with recorder.active(), quiet:
+            while len(recorder.steps) < steps:
+                self._refuse_a_stuck_step(len(run.batches), len(recorder.steps), steps)
+                index = order[len(run.batches) % len(order)]
+                done = len(recorder.steps)
+                recorder.calls += 1
+                run.losses.append(self._call(index))
+                run.batches.append(index)
+                if len(recorder.steps) > done:
+                    if self.progress is not None:
+                        self.progress(phase, len(recorder.steps), steps)
+                    if after_step is not None and after_step(len(recorder.steps)):
+                        break
+        return run
+
+    @staticmethod
+    def _refuse_a_stuck_step(calls: int, taken: int, wanted: int) -> None:
+        """An InputError where the step took 64 calls per optimizer step wanted (64 before the first)."""
+        if calls >= wanted * 64 or (not taken and calls >= 64):
+            raise InputError(f"'train_step' took {calls} calls without "
+                             + ("stepping an optimizer over the model's parameters" if not taken
+                                else f"reaching {wanted} optimizer steps")
+                             + ": it must call optimizer.step() (every k-th call where it accumulates)")
+
+    def _call(self, index: int) -> float:
+        """The user's step on batch ``index``; a change it makes to the batch's ids is noted and undone."""
+        batch = self.batches[index]
+        before = ids_copy(batch)
+        try:
+            loss = self.train_step(batch)
+        except LmcheckError:
+            raise
+        except Exception as error:  # the user's code: reported with the batch, traceback chained
+            raise InputError(f"'train_step' raised {type(error).__name__} on batch {index}: {error}") from error
+        value = loss_value(loss, f"'train_step' on batch {index}")
+        if before is not None and note_changed_ids(self.changed_inputs, before, ids_copy(batch), f"batch {index}"):
+            put_ids_back(batch, before)  # the next call of this batch sees the user's ids
+        return value
+
+    def step_batches(self, run: Run, calls: range) -> list[dict[str, torch.Tensor]]:
+        return [self.convert(self.batches[run.batches[i]], run.batches[i]) for i in calls]
+
+    def overfit_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        return [self.convert(b, i) for i, b in enumerate(self.batches[:count])]
+
+    def collating(self) -> Collated:
+        return loader_collating(self.loader)
+
+    def epochs(self) -> Epochs:
+        self.setup["sampling"] = self.sampling.replace("_", " ")
+        if self.sampling == "epochs":
+            return loop_epochs(self.loader, self.convert, self.batches_of_epoch)
+        return sampled_epochs(self.batches, self.convert)
+
+    def seeding(self) -> tuple[int, str] | str:
+        if self.rebuild is None:
+            return "no rebuild(seed) was given, so the setup cannot be built again with another seed"
+        return self.seed, "rebuilt with"
+
+    def first_losses(self, seed: int) -> list[float]:
+        """The first losses of the setup ``rebuild(seed)`` builds: its step on its first batches."""
+        if self.rebuild is None:
+            raise InputError("'rebuild' is needed to build the setup again with another seed")
+        built = call_rebuild(self.rebuild, seed)
+        model: Any
+        step: Any
+        batches: Any
+        if isinstance(built, Mapping):
+            model, step, batches = built.get("model"), built.get("train_step"), built.get("batches")
+        elif isinstance(built, (tuple, list)) and len(built) >= 3:
+            model, step, batches = built[:3]
+        else:
+            raise InputError(f"'rebuild' must return (model, train_step, batches) or a mapping with those keys "
+                             f"(got {describe(built)})")
+        check_model(model)
+        check_callable(step, "train_step", "the rebuilt step function")
+        taken = take(batches, self.calls, "the rebuilt batches")
+        return [loss_value(step(taken[i % len(taken)]), f"the rebuilt train_step on batch {i}")
+                for i in range(self.calls)]
+
+    def evaluate_twice(self) -> tuple[list[float], str] | str:
+        return evaluate_twice(self.model, self.lm_batches, self.evaluate)
+
+    def rank_checks(self) -> list[Result]:
+        from lmcheck.setup import distributed
+
+        results = [distributed.grads_synchronized(self.user_model, self.train_step, self.batches)]
+        results.append(distributed.data_sharding(self.batches_of_epoch, as_batch=self.as_batch)
+                       if self.batches_of_epoch is not None else
+                       Result.not_applicable("data_sharding", "'batches' is not a function of the epoch, so the "
+                                             "ranks' epochs cannot be compared; pass lambda e: "
+                                             "(sampler.set_epoch(e), loader)[1]"))
+        results.append(distributed.rank_randomness(self.user_model, self.batches[0], as_batch=self.as_batch))
+        return results
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+        self.put_back()
