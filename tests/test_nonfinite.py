@@ -1,7 +1,7 @@
 """A NaN never passes: every public probe fails on non-finite values and says where they were.
 
 ``NaN > tol`` is False, so a check written as ``difference > tolerance`` passes a model full of
-NaNs. Each public probe (collected from ``lmcheck.__all__``, so a new probe cannot be added without
+NaNs. Each public probe (collected from ``lmcheck.__all__`` and its namespaces', so a new probe cannot be added without
 a row here) meets three broken models, and must fail with an explanation that names the
 non-finite value:
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from public import public_names
 from transformers import PreTrainedTokenizerBase
 
 import lmcheck
@@ -218,10 +219,11 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
 
 
 def public_probes() -> dict[str, Callable[..., Any]]:
-    """Every public name of lmcheck whose return annotation is Result."""
+    """Every public name of lmcheck and its namespaces whose return annotation is Result."""
     found = {}
-    for name in lmcheck.__all__:
-        value = getattr(lmcheck, name)
+    for name, value in public_names().items():
+        if getattr(value, "__module__", "") == "lmcheck.batteries":
+            continue  # run_check runs the probes here, row by row (its isolation: test_capabilities.py)
         if callable(value) and not isinstance(value, type) and \
                 inspect.signature(value).return_annotation in (Result, "Result"):
             found[name] = value

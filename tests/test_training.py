@@ -19,6 +19,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
 import lmcheck
+from lmcheck._model import mean_loss
 from lmcheck.curves import (
     LossCurve,
     finite_loss,
@@ -42,7 +43,6 @@ from lmcheck.training import (
     causal_batch,
     gradient_flow,
     loss_at_init,
-    mean_loss,
     memorized_fraction,
     memorizes,
     params_update,
@@ -360,7 +360,7 @@ def test_a_prefix_and_continuation_longer_than_the_chunks_are_refused(model, bat
 
 
 @pytest.mark.parametrize("helper", [
-    lambda model, ids: mean_loss(model, ids),
+    lambda model, ids: mean_loss(model, [{"input_ids": ids, "labels": ids}]),
     lambda model, ids: memorized_fraction(model, ids, prefix_length=8, continuation_length=24),
 ], ids=["mean_loss", "memorized_fraction"])
 def test_a_failing_forward_leaves_the_model_in_training_mode(helper, model, batch) -> None:
