@@ -1,8 +1,8 @@
 """Causal-LM probes: what must agree with the tutorial's greedy loop.
 
 The loop itself, :func:`~lmcheck.decoding.greedy_decode`, lives in :mod:`lmcheck.decoding`. The
-probes check the mismatches that users of such loops keep reporting (transformers #15206, #36536,
-#2401, #41060): a loop that differs from ``generate`` because the model's generation_config injects
+probes check the mismatches that users of such loops keep reporting (transformers #15206,
+#36536, #2401, #41060): a loop that differs from ``generate`` because the model's generation_config injects
 sampling or a penalty (:func:`greedy_matches_generate`), a cache that differs from full
 recomputation (:func:`kv_cache_matches_full`), and an attention mask that lets a position see the
 future (:func:`causality`). Padding or batching that changes outputs is checked in

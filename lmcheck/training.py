@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from lmcheck._finite import in_context, locate, probe, require_finite
+from lmcheck._finite import in_context, locate, non_finite_result, probe, require_finite
 from lmcheck._model import (
     IGNORE_INDEX,
     check_causal_lm,
@@ -191,38 +191,73 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
     check_int(steps, "steps", 0, 100)
     problems = _frozen_problems(names, check_names(expect_frozen, "expect_frozen"), model)
     trainable = [(n, p) for n, p in names.items() if p.requires_grad]
-    rows: list[dict[str, Any]] = []
-    silent: list[str] = []
+    grads: dict[str, torch.Tensor | None] = {}
     if trainable:
         loss = _loss(model, batch)  # NonFiniteError if the loss is NaN or Inf
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
-        for (parameter_name, _), grad in zip(trainable, grads, strict=True):
-            norm = None if grad is None else grad.float().norm().item()
-            rows.append({"parameter": parameter_name, "grad_norm": norm})
-            if grad is not None and (found := locate(grad, ("index",) * grad.dim())) is not None:
-                problems.append(f"{parameter_name} has a non-finite gradient: {found}")
-            elif grad is None or norm == 0.0:
-                silent.append(parameter_name)
+        found = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        grads = dict(zip([n for n, _ in trainable], found, strict=True))
+    silent = [n for n, g in grads.items() if g is None or not bool(g.any())]
     later = _later_gradients(model, batch, silent, steps) if silent else Later()
-    for parameter_name in silent:
-        if parameter_name not in later.found:
-            grad = next(r["grad_norm"] for r in rows if r["parameter"] == parameter_name)
-            problems.append(f"{parameter_name} gets no gradient (it is not in the loss's graph)" if grad is None
-                            else f"{parameter_name} has an all-zero gradient")
-    for row in rows:
-        if row["parameter"] in later.found:
-            row["first_gradient"] = later.found[row["parameter"]]
-    passed = not problems
-    if passed:
-        explanation = (f"all {len(trainable)} trainable parameters get finite, non-zero gradients"
-                       + (f"; {len(names) - len(trainable)} frozen as expected" if len(trainable) < len(names) else "")
-                       + later.said())
-    else:
-        explanation = f"{len(problems)} problem(s): " + "; ".join(problems[:5]) + later.said()
-    return Result(name="gradient_flow", passed=passed,
-                  metrics={"trainable": len(trainable), "problems": len(problems),
-                           "zero_at_first_step": len(silent), "gradient_later": len(later.found)},
-                  threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
+    return gradient_flow_result(model, grads, later, problems=problems, frozen=len(names) - len(trainable))
+
+
+def gradient_flow_result(model: torch.nn.Module, grads: Mapping[str, torch.Tensor | None], later: Later, *,
+                         problems: Sequence[str] = (), frozen: int = 0, within: str = "",
+                         **metrics: Any) -> Result:
+    """The judgement of ``gradient_flow``, the probe's and the setup checks' alike.
+
+    Args:
+        model: the model (for the checkpointing hint).
+        grads: each trainable parameter's gradient at the first backward pass (None: it got none).
+        later: when the gradients that were zero or absent there arrived, and the gates that held them.
+        problems: mistakes found before the pass (parameters frozen that should train).
+        frozen: how many parameters are frozen as expected.
+        within: where the gradients were seen (``"within the first 8 optimizer steps"``).
+        metrics: more metrics for the result.
+    """
+    non_finite = [f"{n} has a non-finite gradient: {found}" for n, g in grads.items()
+                  if g is not None and (found := locate(g, ("index",) * g.dim())) is not None]
+    silent = [n for n, g in grads.items() if g is None or not bool(g.any())]
+    missing = [f"{n} gets no gradient (it is not in the loss's graph)" if grads[n] is None
+               else f"{n} has an all-zero gradient" for n in silent if n not in later.found]
+    problems = [*non_finite, *problems, *missing]
+    rows = [{"parameter": n, "grad_norm": None if g is None else float(g.float().norm()),
+             **({"first_gradient": later.found[n]} if n in later.found else {})} for n, g in grads.items()]
+    metrics = {"trainable": len(grads), "problems": len(problems), "zero_at_first_step": len(silent),
+               "gradient_later": len(later.found), **metrics}
+    where = f" {within}" if within else ""
+    if not problems:
+        explanation = (f"all {len(grads)} trainable parameters get finite, non-zero gradients{where}"
+                       + (f"; {frozen} frozen as expected" if frozen else "") + later.said())
+        return Result(name="gradient_flow", passed=True, metrics=metrics, explanation=explanation, details=tuple(rows))
+    explanation = (f"{len(problems)} problem(s){where}: " + "; ".join(problems[:5])
+                   + (f"; {len(problems) - 5} more" if len(problems) > 5 else ""))
+    if non_finite:
+        explanation += ". A NaN or Inf gradient comes from a non-finite loss or weight, or an overflow in half precision"
+    if missing and _checkpointed(model):
+        explanation += (". Reentrant gradient checkpointing with frozen embeddings leaves the checkpointed blocks "
+                        "without gradients (transformers #21381): use use_reentrant=False or "
+                        "model.enable_input_require_grads()")
+    elif missing:
+        explanation += (". The parameter is not used by the forward, or its path to the loss is cut (a detach(), "
+                        "a torch.no_grad() block, an output that is not used)")
+    explanation += later.said()
+    if non_finite:
+        return non_finite_result("gradient_flow", explanation, details=rows, **metrics)
+    return Result(name="gradient_flow", passed=False, metrics=metrics, explanation=explanation, details=tuple(rows))
+
+
+def _checkpointed(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on anywhere in the model (transformers' flag)."""
+    if bool(getattr(model, "is_gradient_checkpointing", False)):
+        return True
+    return any(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
+
+
+def zero_weights(parameters: Mapping[str, torch.Tensor], trainable: Collection[str]) -> list[str]:
+    """The likely gates: trainable weights that are all zero (zero biases are everywhere and gate nothing)."""
+    return [n for n, p in parameters.items() if n in trainable and p.numel() > 1
+            and not n.endswith("bias") and not bool(p.detach().any())]
 
 
 @probe("params_update")
@@ -273,40 +308,57 @@ def params_update(
         after = {n: p.detach().clone() for n, p in names.items()}
     finally:
         snapshot.restore()
-    rows = []
-    unchanged = []
+    changed = {}
     for parameter_name, parameter in names.items():
         # NaN differs from every number, so a parameter that became NaN "changed": refuse it first
         require_finite(after[parameter_name], f"after one optimizer step, the values of {parameter_name}",
                        ("index",) * parameter.dim())
-        changed = not torch.equal(before[parameter_name], after[parameter_name])
-        rows.append({"parameter": parameter_name, "trainable": parameter.requires_grad, "changed": changed})
-        if parameter.requires_grad and not changed:
-            unchanged.append(parameter_name)
-        elif not parameter.requires_grad and changed:
-            problems.append(f"{parameter_name} is frozen but changed")
+        changed[parameter_name] = not torch.equal(before[parameter_name], after[parameter_name])
+    trainable_names = [n for n, p in names.items() if p.requires_grad]
     # a parameter whose gradient was zero at the step is judged over time, as gradient_flow does
-    waiting = [n for n in unchanged if n not in had_gradient]
+    waiting = [n for n in trainable_names if not changed[n] and n not in had_gradient]
     later = _later_gradients(model, batch, waiting, steps) if waiting else Later()
+    return params_update_result(changed, trainable_names, later, after_text="after one optimizer step",
+                                had_gradient=had_gradient, problems=problems)
+
+
+def params_update_result(changed: Mapping[str, bool], trainable: Sequence[str], later: Later, *, after_text: str,
+                         had_gradient: Collection[str] | None = None, problems: Sequence[str] = (),
+                         non_finite: Sequence[str] = ()) -> Result:
+    """The judgement of ``params_update``, the probe's and the setup checks' alike.
+
+    Args:
+        changed: whether each parameter changed.
+        trainable: the parameters that require a gradient.
+        later: when the gradients of the ones that had none at the step arrived.
+        after_text: what the parameters went through (``"after one optimizer step"``).
+        had_gradient: the parameters that had a non-zero gradient at the step, where known.
+        problems: mistakes found before the step (parameters frozen that should train).
+        non_finite: parameters that hold NaN or Inf afterwards, said where.
+    """
+    unchanged = [n for n in trainable if not changed[n]]
     stuck = [n for n in unchanged if n not in later.found]
-    for row in rows:
-        if row["parameter"] in later.found:
-            row["gradient_from"] = later.found[row["parameter"]]
+    problems = [f"{n} is frozen (requires_grad=False) but changed: weight decay or an optimizer step reaches it"
+                for n, moved in changed.items() if moved and n not in trainable] + list(problems)
     if stuck:
         why = ("learning rate 0, or a parameter missing from the optimizer: it had a gradient"
-               if all(n in had_gradient for n in stuck) else
+               if had_gradient is not None and all(n in had_gradient for n in stuck) else
                "learning rate 0, a parameter missing from the optimizer, or no gradient")
-        problems.insert(0, f"{len(stuck)} of {len(trainable)} trainable parameters did not change: "
+        problems.insert(0, f"{len(stuck)} of {len(trainable)} trainable parameters did not change {after_text}: "
                         + ", ".join(stuck[:5]) + (" ..." if len(stuck) > 5 else "") + f" ({why})")
-    passed = not problems
-    explanation = (f"all {len(trainable)} trainable parameters changed after one optimizer step"
+    metrics = {"trainable": len(trainable), "unchanged": len(stuck), "unchanged_at_first_step": len(unchanged),
+               "gradient_later": len(later.found)}
+    rows = [{"parameter": n, "trainable": n in trainable, "changed": moved,
+             **({"gradient_from": later.found[n]} if n in later.found else {})} for n, moved in changed.items()]
+    if non_finite:
+        return non_finite_result("params_update", "; ".join(non_finite[:4]), details=rows, **metrics)
+    frozen = len(changed) - len(trainable)
+    explanation = (f"all {len(trainable)} trainable parameters changed {after_text}"
                    + (f" ({len(later.found)} of them once their gradient arrives:{later.said()[1:]})"
-                      if later.found else "")
-                   if passed else "; ".join(problems[:5]))
-    return Result(name="params_update", passed=passed,
-                  metrics={"trainable": len(trainable), "unchanged": len(stuck),
-                           "unchanged_at_first_step": len(unchanged), "gradient_later": len(later.found)},
-                  threshold=None, headroom=None, explanation=explanation, details=tuple(rows))
+                      if later.found else "") + (f", and none of the {frozen} frozen ones" if frozen else "")
+                   if not problems else "; ".join(problems[:5]))
+    return Result(name="params_update", passed=not problems, metrics=metrics, explanation=explanation,
+                  details=tuple(rows))
 
 
 @dataclass
@@ -351,8 +403,7 @@ def _later_gradients(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], 
     parameters = dict(model.named_parameters())
     wanted = [n for n in names if n in parameters]
     # the likely gates: weights that start all zero (zero biases are everywhere and gate nothing)
-    later.gates = [n for n, p in parameters.items() if p.requires_grad and p.numel() > 1
-                   and not n.endswith("bias") and not bool(p.detach().any())]
+    later.gates = zero_weights(parameters, {n for n, p in parameters.items() if p.requires_grad})
     snapshot = Snapshot(model)
     try:
         # plain SGD: any step moves a gate whose gradient is non-zero, and it holds no state. AdamW's

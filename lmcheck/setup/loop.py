@@ -83,8 +83,11 @@ def check_loop(
         rebuild: ``rebuild(seed)`` builds the setup afresh (model, train_step, batches, like the
             arguments here) for the reproducibility check; without it that check is n/a.
         seed: the seed given to ``rebuild``.
-        steps, overfit_batches, overfit_steps, check_every: the budget of the runs, as
-            :class:`~lmcheck.setup.SetupBudget` (its defaults where None).
+        steps: optimizer steps of the first run (:class:`~lmcheck.setup.SetupBudget`'s default
+            where None, as for the next three).
+        overfit_batches: how many micro-batches the overfitting run cycles through.
+        overfit_steps: the overfitting run's budget in optimizer steps.
+        check_every: optimizer steps between memorization checks while overfitting.
         expect_eos: every row must end with a supervised eos; default: when rows are padded
             (whole examples, not packed chunks).
         progress: called as ``progress(phase, done, total)`` while the runs go.
