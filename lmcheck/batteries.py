@@ -27,6 +27,7 @@ reproducibility check::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -53,7 +54,7 @@ from lmcheck.masked import (
     masked_loss_at_init,
 )
 from lmcheck.models import load_language_model
-from lmcheck.recipes import DEFAULTS
+from lmcheck.recipes import DEFAULTS, SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.trainer import is_trainer
 from lmcheck.tokens import load_tokenizer
@@ -369,8 +370,8 @@ def run_setup_checks(spec: str, *, progress: Callable[[str, int, int], None] | N
     return check_loop(**arguments, progress=progress)
 
 
-# the budget's fields (lmcheck.setup.SetupBudget) and the two switches every entry point takes
-_SETUP_OPTIONS = ("steps", "overfit_batches", "overfit_steps", "check_every", "expect_eos", "pretrained")
+# the budget's fields and the two switches every entry point takes
+_SETUP_OPTIONS = (*(f.name for f in dataclasses.fields(SetupBudget)), "expect_eos", "pretrained")
 
 
 def _trainer_of(rebuild: Callable[[int], Any] | None) -> Callable[[int], Any] | None:

@@ -21,15 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Before torch is imported: idle OpenMP threads sleep rather than spin. On small or shared
-# machines spinning threads slowed the tutorial's training 2-3x; on an idle 2-core machine
-# sleeping costs about 7% (80 steps of chapter 4's recipe: 12.4-12.9 s against 11.2-12.1 s with
-# libgomp's default short spin). Set it yourself to override.
+# Before torch is imported: idle OpenMP threads sleep rather than spin, which on small or shared
+# machines slowed the tutorial's training 2-3x (the measurements: docs/performance.md). Set it
+# yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lmcheck import assets
 from lmcheck._allocator import keep_freed_blocks, release_freed_blocks
 from lmcheck.errors import LmcheckError
+from lmcheck.recipes import SetupBudget
+
+BUDGET = SetupBudget()  # the setup checks' defaults, said in the help
 
 __all__ = ["main"]
 
@@ -81,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--markdown", metavar="PATH",
                        help="also write the report as Markdown to PATH, the loss curve as a PNG beside it")
     train.add_argument("--steps", type=int, default=None, metavar="N",
-                       help="optimizer steps of the first run (default 8)")
+                       help=f"optimizer steps of the first run (default {BUDGET.steps})")
     train.add_argument("--overfit-steps", type=int, default=None, metavar="N",
-                       help="the overfitting run's budget in optimizer steps (default 200)")
+                       help=f"the overfitting run's budget in optimizer steps (default {BUDGET.overfit_steps})")
     train.set_defaults(handler=_train_check)
 
     golden = commands.add_parser("golden", help="compare the default recipe's losses with this device's golden values")

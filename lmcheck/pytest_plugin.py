@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from lmcheck.recipes import SetupBudget
 from lmcheck.report import write_results_json
 from lmcheck.results import Result
 
@@ -68,11 +69,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # the setup checks' budget, for --lmcheck-trainer (check_trainer's and check_loop's arguments)
+_BUDGET = SetupBudget()
 _BUDGET_OPTIONS = (
-    ("--lmcheck-steps", "N", "setup checks: optimizer steps of the first run (default 8)"),
-    ("--lmcheck-overfit-steps", "N", "setup checks: the overfitting run's budget in optimizer steps (default 200)"),
-    ("--lmcheck-overfit-batches", "N", "setup checks: micro-batches the overfitting run memorizes (default 4)"),
-    ("--lmcheck-check-every", "N", "setup checks: optimizer steps between memorization checks (default 5)"),
+    ("--lmcheck-steps", "N", f"setup checks: optimizer steps of the first run (default {_BUDGET.steps})"),
+    ("--lmcheck-overfit-steps", "N", f"setup checks: the overfitting run's budget in optimizer steps "
+                                     f"(default {_BUDGET.overfit_steps})"),
+    ("--lmcheck-overfit-batches", "N", f"setup checks: micro-batches the overfitting run memorizes "
+                                       f"(default {_BUDGET.overfit_batches})"),
+    ("--lmcheck-check-every", "N", f"setup checks: optimizer steps between memorization checks "
+                                   f"(default {_BUDGET.check_every})"),
 )
 
 

@@ -3,7 +3,7 @@
 
 :data:`DEFAULTS` names the data; each recipe is a frozen, keyword-only dataclass whose presets
 are complete instances (:data:`PRETRAIN_CPU`, :data:`PRETRAIN_CPU_QUICK`, :data:`PRETRAIN_GPU`,
-:data:`MASKED_CPU`). A recipe checks every field when it is made, so a mistyped value or an
+:data:`MASKED_CPU`); :class:`SetupBudget` is how much of a user's training the setup checks run. A recipe checks every field when it is made, so a mistyped value or an
 unknown name (``PRETRAIN_CPU.replace(lrr=1e-3)``) fails at once, naming itself, before any data
 is read or any model built.
 """
@@ -28,7 +28,7 @@ from lmcheck._validate import (
 from lmcheck.errors import InputError
 
 __all__ = ["DEFAULTS", "MASKED_CPU", "PRETRAIN_CPU", "PRETRAIN_CPU_QUICK", "PRETRAIN_GPU", "MaskedRunConfig",
-           "PretrainConfig"]
+           "PretrainConfig", "SetupBudget"]
 
 R = TypeVar("R", bound="_Recipe")
 
@@ -245,3 +245,35 @@ MASKED_CPU = MaskedRunConfig(
     embedding_lr=1e-2, betas=(0.8, 0.95), batch_size=8, mlm_probability=0.15, cases=40, case_seed=0,
     memorized_min=0.9, heldout_max=0.2,
 )
+
+
+# ---------------------------------------------------------------- the setup checks' budget
+
+
+@dataclass(frozen=True)
+class SetupBudget:
+    """How much of the user's training the setup checks run; checked when made.
+
+    Attributes:
+        steps: optimizer steps of the first run (gradients, accumulation, schedule).
+        overfit_batches: how many micro-batches the overfitting run cycles through.
+        overfit_steps: the overfitting run's budget in optimizer steps (doubled for a run whose
+            loss still falls fast at the budget).
+        check_every: optimizer steps between memorization checks while overfitting.
+    """
+
+    steps: int = 8
+    overfit_batches: int = 4
+    overfit_steps: int = 200
+    check_every: int = 5
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "steps", 1, 10_000)
+        check_int(self.overfit_batches, "overfit_batches", 1, 64)
+        check_int(self.overfit_steps, "overfit_steps", 1)
+        check_int(self.check_every, "check_every", 1)
+
+    @classmethod
+    def of(cls, **values: int | None) -> SetupBudget:
+        """The budget with the given fields, the defaults where a value is None."""
+        return cls(**{name: value for name, value in values.items() if value is not None})

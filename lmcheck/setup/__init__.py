@@ -45,7 +45,8 @@ step or parameter at fault:
 ==========================  ====================================================================
 """
 
-from lmcheck.setup.battery import CHECKS, DISTRIBUTED_CHECKS, SETUP_CHECKS, Check, SetupBudget
+from lmcheck.recipes import SetupBudget
+from lmcheck.setup.battery import CHECKS, DISTRIBUTED_CHECKS, SETUP_CHECKS, Check
 from lmcheck.setup.lightning import check_lightning
 from lmcheck.setup.loop import check_loop
 from lmcheck.setup.report import SetupReport

@@ -22,9 +22,10 @@ from lmcheck._finite import non_finite_result
 from lmcheck._model import hf_model
 from lmcheck._ranks import gathered, world_size
 from lmcheck._recording import OptimizerStep, Snapshot
-from lmcheck._validate import check_bool, check_int
+from lmcheck._validate import check_bool
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
+from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     UNSUPERVISED,
@@ -49,38 +50,9 @@ from lmcheck.setup.schedule import lr_schedule, peak_lrs
 from lmcheck.setup.seeds import eval_deterministic, reproducible
 from lmcheck.training import loss_at_init, loss_matches_reference
 
-__all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "Run", "SetupBudget", "run_battery"]
+__all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "Run", "run_battery"]
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-@dataclass(frozen=True)
-class SetupBudget:
-    """How much of the user's training the setup checks run; checked when made.
-
-    Attributes:
-        steps: optimizer steps of the first run (gradients, accumulation, schedule).
-        overfit_batches: how many micro-batches the overfitting run cycles through.
-        overfit_steps: the overfitting run's budget in optimizer steps (doubled for a run whose
-            loss still falls fast at the budget).
-        check_every: optimizer steps between memorization checks while overfitting.
-    """
-
-    steps: int = 8
-    overfit_batches: int = 4
-    overfit_steps: int = 200
-    check_every: int = 5
-
-    def __post_init__(self) -> None:
-        check_int(self.steps, "steps", 1, 10_000)
-        check_int(self.overfit_batches, "overfit_batches", 1, 64)
-        check_int(self.overfit_steps, "overfit_steps", 1)
-        check_int(self.check_every, "check_every", 1)
-
-    @classmethod
-    def of(cls, **values: int | None) -> SetupBudget:
-        """The budget with the given fields, the defaults where a value is None."""
-        return cls(**{name: value for name, value in values.items() if value is not None})
 
 
 @dataclass

@@ -314,34 +314,14 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
     snapshot.restore()
     names = [n for n, p in inner.named_parameters() if p.requires_grad]
     parameters = [p for n, p in inner.named_parameters() if p.requires_grad]
-    device = model_device(inner)
+    try:
+        rank_sums, per_rank_tokens = _rank_gradients(inner, parameters, everyone)
+    finally:
+        snapshot.restore()
     total = None
-    tokens = 0
-    per_rank_tokens = []
-    rank_sums: list[torch.Tensor] = []
-    with no_dropout(inner):
-        inner.train()
-        for rank_batches in everyone:
-            rank_total = None
-            rank_tokens = 0
-            for batch in rank_batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits, _ = model_forward(inner, batch["input_ids"], batch.get("attention_mask"), None,
-                                          use_cache=False, what="the logits of a gathered micro-batch")
-                summed, count, _ = token_loss_sum(logits, batch)
-                require_finite(summed.detach(), "the reference loss of a gathered micro-batch", ())
-                grads = torch.autograd.grad(summed, parameters, allow_unused=True)
-                flat = torch.cat([(torch.zeros_like(p) if g is None else g).float().reshape(-1)
-                                  for p, g in zip(parameters, grads, strict=True)])
-                rank_total = flat if rank_total is None else rank_total + flat
-                rank_tokens += count
-            if rank_total is None:
-                raise NotApplicableError("a rank took its first optimizer step before any micro-batch")
-            rank_sums.append(rank_total)
-            per_rank_tokens.append(rank_tokens)
-            total = rank_total if total is None else total + rank_total
-            tokens += rank_tokens
-    snapshot.restore()
+    for rank_sum in rank_sums:
+        total = rank_sum if total is None else total + rank_sum
+    tokens = sum(per_rank_tokens)
     if total is None or tokens == 0:
         raise NotApplicableError("the first step's micro-batches supervise no token")
     reference = total / tokens
@@ -353,26 +333,61 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
     scale = float(user @ reference) / max(float(reference.norm()) ** 2, 1e-30)
     residual = float((user - scale * reference).norm()) / max(float(user.norm()), 1e-30)
     metrics = {"world_size": world, "relative_error": error, "scale": scale, "tokens_per_rank": per_rank_tokens}
-    counted = f"{world} ranks supervising {', '.join(map(str, per_rank_tokens))} tokens"
-    if error <= tol:
-        explanation = (f"the synchronized gradient over {counted} equals one process's gradient of the mean loss "
-                       f"over all of them (relative error {error:.1e}, allowed {tol:g})")
-    elif residual <= tol and abs(scale - world) <= 1e-2 * world:
-        explanation = (f"the synchronized gradient over {counted} is {scale:.3g} times one process's: the loss is "
-                       f"multiplied by the world size while DDP already averages the gradients (sparseml #135)")
-    elif residual <= tol:
-        explanation = (f"the synchronized gradient over {counted} points the right way but is {scale:.3g} times "
-                       f"one process's gradient")
-    else:
-        per_rank = torch.stack([g / max(c, 1) for g, c in zip(rank_sums, per_rank_tokens, strict=True)]).mean(0)
-        fitted = float((user - per_rank).norm() / max(float(per_rank.norm()), 1e-30))
-        explanation = (f"the synchronized gradient over {counted} differs from one process's by {error:.3g} "
-                       f"(relative, allowed {tol:g})"
-                       + (": each rank normalises by its own token count and DDP averages the ranks, so a "
-                          "rank with few tokens weighs as much as one with many; divide the summed loss by the "
-                          "global token count times the world size" if fitted <= tol else ""))
+    explanation = _ddp_explanation(user, rank_sums, per_rank_tokens, world, error, scale, residual, tol)
     return Result(name="ddp_matches_single", passed=error <= tol, metrics=metrics, threshold=tol,
                   headroom=headroom_below(error, tol), explanation=explanation)
+
+
+def _ddp_explanation(user: torch.Tensor, rank_sums: Sequence[torch.Tensor], per_rank_tokens: Sequence[int],
+                     world: int, error: float, scale: float, residual: float, tol: float) -> str:
+    """What ddp_matches_single says: equal; the world-size factor; another scale; or, where each
+    rank's own mean fits, the per-rank normalisation."""
+    counted = f"{world} ranks supervising {', '.join(map(str, per_rank_tokens))} tokens"
+    if error <= tol:
+        return (f"the synchronized gradient over {counted} equals one process's gradient of the mean loss "
+                f"over all of them (relative error {error:.1e}, allowed {tol:g})")
+    if residual <= tol and abs(scale - world) <= 1e-2 * world:
+        return (f"the synchronized gradient over {counted} is {scale:.3g} times one process's: the loss is "
+                f"multiplied by the world size while DDP already averages the gradients (sparseml #135)")
+    if residual <= tol:
+        return (f"the synchronized gradient over {counted} points the right way but is {scale:.3g} times "
+                f"one process's gradient")
+    per_rank = torch.stack([g / max(c, 1) for g, c in zip(rank_sums, per_rank_tokens, strict=True)]).mean(0)
+    fitted = float((user - per_rank).norm() / max(float(per_rank.norm()), 1e-30))
+    return (f"the synchronized gradient over {counted} differs from one process's by {error:.3g} "
+            f"(relative, allowed {tol:g})"
+            + (": each rank normalises by its own token count and DDP averages the ranks, so a "
+               "rank with few tokens weighs as much as one with many; divide the summed loss by the "
+               "global token count times the world size" if fitted <= tol else ""))
+
+
+def _rank_gradients(inner: torch.nn.Module, parameters: Sequence[torch.Tensor],
+                    everyone: Sequence[Sequence[Mapping[str, torch.Tensor]]]) -> tuple[list[torch.Tensor], list[int]]:
+    """Each rank's micro-batches' summed-loss gradient (flat, float32) and supervised tokens,
+    computed here with dropout off: one process's view of every rank's share of the step."""
+    device = model_device(inner)
+    rank_sums: list[torch.Tensor] = []
+    per_rank_tokens: list[int] = []
+    with no_dropout(inner):
+        inner.train()
+        for rank_batches in everyone:
+            rank_total = None
+            rank_tokens = 0
+            for batch in rank_batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits, _ = model_forward(inner, batch["input_ids"], batch.get("attention_mask"), None,
+                                          use_cache=False, what="the logits of a gathered micro-batch")
+                summed, count, _ = token_loss_sum(logits, batch)
+                require_finite(summed.detach(), "the reference loss of a gathered micro-batch", ())
+                grads = torch.autograd.grad(summed, list(parameters), allow_unused=True)
+                flat = torch.cat([_or_zeros(g, p) for p, g in zip(parameters, grads, strict=True)])
+                rank_total = flat if rank_total is None else rank_total + flat
+                rank_tokens += count
+            if rank_total is None:
+                raise NotApplicableError("a rank took its first optimizer step before any micro-batch")
+            rank_sums.append(rank_total)
+            per_rank_tokens.append(rank_tokens)
+    return rank_sums, per_rank_tokens
 
 
 def _or_zeros(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from lmcheck._recording import Recorder, Snapshot
 from lmcheck._validate import check_callable, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
+from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     Collated,
@@ -40,7 +41,7 @@ from lmcheck.setup.batches import (
     note_changed_ids,
     take,
 )
-from lmcheck.setup.battery import DISTRIBUTED_CHECKS, Progress, Run, SetupBudget, run_battery
+from lmcheck.setup.battery import DISTRIBUTED_CHECKS, Progress, Run, run_battery
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, loop_epochs
 from lmcheck.setup.report import SetupReport

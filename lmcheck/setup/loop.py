@@ -15,6 +15,7 @@ from lmcheck._recording import Recorder, Snapshot
 from lmcheck._validate import check_callable, check_model, check_number, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
+from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     Collated,
@@ -29,7 +30,7 @@ from lmcheck.setup.batches import (
     put_ids_back,
     take,
 )
-from lmcheck.setup.battery import Progress, Run, SetupBudget, run_battery
+from lmcheck.setup.battery import Progress, Run, run_battery
 from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
 from lmcheck.setup.report import SetupReport
 from lmcheck.setup.seeds import evaluate_twice

@@ -23,6 +23,7 @@ from lmcheck._recording import Recorder, Snapshot
 from lmcheck._validate import check_callable, check_model, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
+from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     Collated,
@@ -34,7 +35,7 @@ from lmcheck.setup.batches import (
     note_changed_ids,
     take,
 )
-from lmcheck.setup.battery import Progress, Run, SetupBudget, run_battery
+from lmcheck.setup.battery import Progress, Run, run_battery
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, dataset_keys, epoch_keys
 from lmcheck.setup.report import SetupReport

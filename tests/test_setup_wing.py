@@ -1,0 +1,211 @@
+"""The setup wing's shape: one battery table, one checked budget, and every argument checked
+before any of the user's objects is touched.
+
+A bad argument to ``check_loop``, ``check_trainer`` or a data-parallel probe raises an InputError
+that names it, and the user's loader (its generator), model and optimizer are exactly as they
+were: nothing was read, stepped or put back.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+import lmcheck.setup.battery as battery
+from lmcheck.errors import InputError
+from lmcheck.results import Result
+from lmcheck.setup import (
+    CHECKS,
+    DISTRIBUTED_CHECKS,
+    SETUP_CHECKS,
+    SetupBudget,
+    check_loop,
+    check_trainer,
+    distributed,
+)
+from tests import setups
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return setups.tokenizer()
+
+
+class Watched:
+    """The user's objects and a record of what touched them."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast) -> None:
+        self.model = setups.model(tok)
+        self.loop = setups.Loop(self.model)
+        self.loader = setups.loader(tok)
+        self.loop.step(next(iter(self.loader)))  # the optimizer holds state, the generator has moved
+        self.loop.step(next(iter(self.loader)))
+        self.generator = self.loader.generator.get_state()
+        self.weights = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.optimizer = copy.deepcopy(self.loop.optimizer.state_dict())
+        self.calls = self.loop.calls
+        self.epochs_asked = 0
+
+    def batches_of_epoch(self, epoch: int) -> Any:
+        self.epochs_asked += 1
+        return self.loader
+
+    def unchanged(self) -> bool:
+        weights = all(torch.equal(p, self.weights[n]) for n, p in self.model.named_parameters())
+        state = self.loop.optimizer.state_dict()["state"]
+        optimizer = all(torch.equal(state[i][k], v) for i, saved in self.optimizer["state"].items()
+                        for k, v in saved.items())
+        return (torch.equal(self.loader.generator.get_state(), self.generator) and weights and optimizer
+                and self.loop.calls == self.calls and self.epochs_asked == 0)
+
+
+LOOP_MISTAKES = [
+    ("stateful", "a GradScaler"), ("stateful", [object()]), ("sampling", "sometimes"), ("scheduler", object()),
+    ("steps", 0), ("overfit_batches", 65), ("overfit_steps", -1), ("check_every", 1.5), ("max_grad_norm", -1.0),
+    ("evaluate", 42), ("progress", "a bar"), ("as_batch", 1), ("rebuild", "again"), ("schedule", 3e-4),
+]
+
+
+@pytest.mark.parametrize(("argument", "value"), LOOP_MISTAKES, ids=[f"{a}={v!r}" for a, v in LOOP_MISTAKES])
+@pytest.mark.parametrize("batches", ["loader", "function"])
+def test_check_loop_refuses_a_bad_argument_before_touching_anything(tok, argument, value, batches):
+    user = Watched(tok)
+    given = user.loader if batches == "loader" else user.batches_of_epoch
+    with pytest.raises(InputError, match=f"'{argument}'"):
+        check_loop(user.model, user.loop.step, given, **{argument: value})
+    assert user.unchanged()
+
+
+def test_a_loader_that_fails_while_read_is_put_back(tok):
+    """The first batches are read after every argument is checked; a loader that raises on its
+    second batch leaves its generator where it was."""
+    user = Watched(tok)
+    collate = user.loader.collate_fn
+    seen = [0]
+
+    def breaks(examples: Any) -> Any:
+        seen[0] += 1
+        if seen[0] == 2:
+            raise RuntimeError("a broken example")
+        return collate(examples)
+
+    user.loader.collate_fn = breaks
+    with pytest.raises(InputError, match="'batches' raised RuntimeError"):
+        check_loop(user.model, user.loop.step, user.loader)
+    user.loader.collate_fn = collate
+    assert user.unchanged()
+
+
+TRAINER_MISTAKES = [("steps", 0), ("overfit_steps", 0), ("rebuild", 42), ("progress", "a bar"),
+                    ("check_every", -2)]
+
+
+@pytest.mark.parametrize(("argument", "value"), TRAINER_MISTAKES, ids=[f"{a}={v!r}" for a, v in TRAINER_MISTAKES])
+def test_check_trainer_refuses_a_bad_argument_before_touching_the_trainer(tok, tmp_path, argument, value):
+    trainer = setups.trainer(tok, str(tmp_path))
+    dataset = trainer.train_dataset
+    read = [0]
+
+    class Counted(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, index: int) -> Any:
+            read[0] += 1
+            return dataset[index]
+
+    trainer.train_dataset = Counted()
+    attributes = dict(vars(trainer))
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(InputError, match=f"'{argument}'"):
+        check_trainer(trainer, **{argument: value})
+    assert read[0] == 0
+    assert dict(vars(trainer)) == attributes
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
+
+
+def _probe_calls(user: Watched) -> list[tuple[str, Any]]:
+    batch = next(iter(user.loader))
+    user.generator = user.loader.generator.get_state()
+    return [
+        ("steps", lambda: distributed.grads_synchronized(user.model, user.loop.step, user.loader, steps=0)),
+        ("max_grad_norm", lambda: distributed.grads_synchronized(user.model, user.loop.step, user.loader,
+                                                                 max_grad_norm=-1)),
+        ("as_batch", lambda: distributed.ddp_matches_single(user.model, user.loop.step, user.loader, as_batch=7)),
+        ("epochs", lambda: distributed.data_sharding(user.batches_of_epoch, epochs=1)),
+        ("as_batch", lambda: distributed.data_sharding(user.batches_of_epoch, as_batch="no")),
+        ("sample", lambda: distributed.rank_randomness(user.model, batch, sample=3)),
+        ("train_step", lambda: distributed.grads_synchronized(user.model, None, user.loader)),
+    ]
+
+
+def test_the_data_parallel_probes_refuse_a_bad_argument_before_anything_else(tok):
+    """Even before the process group is looked for: these run in one process, without one."""
+    user = Watched(tok)
+    for argument, call in _probe_calls(user):
+        with pytest.raises(InputError, match=f"'{argument}'"):
+            call()
+        assert user.unchanged(), argument
+
+
+def test_without_a_process_group_the_probes_say_so():
+    user_model = torch.nn.Linear(2, 2)
+    with pytest.raises(InputError, match="initialized torch.distributed process group"):
+        distributed.same_init(user_model)
+
+
+# ---------------------------------------------------------------- the budget and the table
+
+
+def test_the_budget_is_one_frozen_checked_dataclass():
+    budget = SetupBudget()
+    assert (budget.steps, budget.overfit_batches, budget.overfit_steps, budget.check_every) == (8, 4, 200, 5)
+    assert SetupBudget.of(steps=None, overfit_steps=50) == SetupBudget(overfit_steps=50)
+    with pytest.raises(AttributeError):
+        budget.steps = 3  # type: ignore[misc]
+    for field, value in (("steps", 0), ("overfit_batches", 0), ("overfit_steps", True), ("check_every", "5")):
+        with pytest.raises(InputError, match=f"'{field}'"):
+            SetupBudget(**{field: value})
+
+
+def test_the_cli_and_the_plugin_say_the_budgets_defaults(capsys, pytester):
+    from lmcheck.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-check", "--help"])
+    cli = " ".join(capsys.readouterr().out.split())
+    plugin = " ".join(pytester.runpytest_inprocess("--help").stdout.str().split())
+    budget = SetupBudget()
+    assert f"(default {budget.steps})" in cli and f"(default {budget.overfit_steps})" in cli
+    for value in (budget.steps, budget.overfit_steps, budget.overfit_batches, budget.check_every):
+        assert f"(default {value})" in plugin
+
+
+def test_the_table_holds_every_check_once_in_report_order():
+    names = [c.name for c in CHECKS]
+    assert len(names) == len(set(names))
+    assert tuple(names) == SETUP_CHECKS + DISTRIBUTED_CHECKS
+    for check in CHECKS:
+        assert set(check.follows) <= set(names), check.name
+        assert all(names.index(cause) != names.index(check.name) for cause in check.follows)
+
+
+def test_a_new_check_is_one_row_of_the_table(tok, monkeypatch):
+    """A judge that reads what the session recorded, added as a row, reports with the rest."""
+    def first_step_lr(session: battery.Session) -> Result:
+        lr = session.first.run.steps[0].lrs[0]
+        return Result(name="first_lr_positive", passed=lr > 0, metrics={"lr": lr},
+                      explanation=f"the first optimizer step's learning rate is {lr:g}")
+
+    row = battery.Check("first_lr_positive", battery.FIRST_RUN, first_step_lr)
+    monkeypatch.setattr(battery, "CHECKS", (*battery.CHECKS, row))
+    net = setups.model(tok)
+    loop = setups.Loop(net)
+    report = check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
+                        max_grad_norm=1.0, overfit_steps=5)
+    assert [r.name for r in report][-1] == "first_lr_positive"
+    assert report["first_lr_positive"].passed
