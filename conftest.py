@@ -8,13 +8,11 @@ import os
 # For the processes the tests start (the torchrun ranks): idle OpenMP threads sleep instead of
 # spinning, since there they share the cores. This process itself has imported torch already
 # (lmcheck's pytest plugin loads before any conftest), so its threads keep libgomp's default, a
-# short spin: measured on the idle 2-core machine, 80 steps of chapter 4's recipe on two threads
-# took 11.2-12.1 s with the default and 12.4-12.9 s with PASSIVE; with another busy process beside
-# them, 22-34 s with the default and 23 s with PASSIVE.
+# short spin, which is the faster one on an idle machine (the measurements: docs/performance.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Under pytest-xdist each worker gets its share of the cores (and so do the processes it starts):
-# measured on 2 cores, two workers of one thread each ran the suite in 193 s, one process of two
-# threads in 234 s, and two workers of two threads each were slower than one process.
+# workers of one thread each beat one process of many threads, and oversubscribed workers lose
+# to both (the measurements: docs/performance.md).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -40,12 +38,12 @@ if _WORKERS > 1:
 keep_freed_blocks()  # the training steps reuse their freed gradients instead of faulting pages in
 
 
-# Test files that share the session's trained BERT (``memorized_bert``, 6-9 s to train).
+# Test files that share the session's trained BERT (``memorized_bert``, seconds to train).
 SHARE_THE_TRAINED_BERT = frozenset({"test_02_masked_lm.py", "test_masked.py", "test_cli.py"})
 # Under pytest-xdist the longest units start first and the short files come last, so that no
-# worker is left running a long file alone at the end (measured on 2 cores, one thread each: the
-# BERT files 66 s together, chapter 4's file 33 s, the training probes 32 s, the torchrun
-# launches 31 s, then 22 s and less each).
+# worker is left running a long file alone at the end (the longest: the files that share the
+# trained BERT, chapter 4's, the training probes', the torchrun launches'; pytest --durations
+# gives the current order).
 LONGEST_FIRST = (*sorted(SHARE_THE_TRAINED_BERT), "test_04_pretraining.py", "test_training.py",
                  "test_distributed.py", "test_03_causal_lm.py", "test_setup_checks.py", "test_suite.py",
                  "test_fuzz.py", "test_04_gpu.py", "test_golden.py", "test_01_tokenizers.py")

@@ -170,12 +170,11 @@ class PretrainConfig(_Recipe):
 
 
 # Chapter 4 on a CPU: a 2-layer, 160-wide GPT-2 (the full 50,257 vocabulary) memorizes the first
-# chunk of each of the 49 training documents that have one, within 20 epochs. The settings come
-# from a measured sweep (benchmarks/sweep_memorization.py): with one rate of 1e-3 to 1e-2 for every
-# parameter the loss was still near 5 after 20 epochs; giving the embedding tables their own rate
-# (4e-2) and AdamW betas of (0.8, 0.95), with a short warm-up and a linear decay over the 20
-# epochs, memorized 48 of 49 at width 128 and all 49 at width 160 (epoch 18). bf16 is off: this
-# CPU has no AVX512-BF16, and a bf16 matmul of the output layer's shape ran 3x slower than fp32.
+# chunk of each of the 49 training documents that have one, within 20 epochs. The embedding tables
+# get their own rate (4e-2) because with one rate for every parameter the loss stalled; AdamW's
+# betas are (0.8, 0.95), with a short warm-up and a linear decay over the 20 epochs. The sweep
+# behind these settings is benchmarks/sweep_memorization.py. bf16 is off: on a CPU without
+# AVX512-BF16 it is emulated, slower than fp32.
 PRETRAIN_CPU = PretrainConfig(
     context_length=128, chunks_per_document=1, n_train_chunks=None, n_valid_chunks=16,
     preset="gpt2-mini-cpu", dropout=0.0, seed=42,
@@ -184,8 +183,8 @@ PRETRAIN_CPU = PretrainConfig(
     memorization_every=1, prefix_length=32, continuation_length=32, bf16=False, eval_batch_size=32,
 )
 # The same recipe on the first 4 of those chunks (`lmcheck tutorial --quick` and the default test
-# suite; the 49 chunks run under `pytest -m slow`): all 4 memorized at step 17 of its 20 (one batch
-# an epoch), about 8 s on one thread of the 2-core AVX-512 machine, against 75-80 s for the 49.
+# suite; the 49 chunks run under `pytest -m slow`): all 4 are memorized within its 20 steps (one
+# batch an epoch).
 PRETRAIN_CPU_QUICK = PRETRAIN_CPU.replace(n_train_chunks=4, n_valid_chunks=4)
 # Chapter 4 as the tutorial runs it (pytest -m gpu): GPT-2 124M on every chunk of the 50 training
 # documents, Trainer, bf16; at most 100 epochs as in the tutorial, evaluated and checked for

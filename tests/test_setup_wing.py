@@ -63,8 +63,15 @@ class Watched:
                 and self.loop.calls == self.calls and self.epochs_asked == 0)
 
 
+class _Plain:
+    """Neither a scheduler nor a state to save."""
+
+    def __repr__(self) -> str:
+        return "plain"
+
+
 LOOP_MISTAKES = [
-    ("stateful", "a GradScaler"), ("stateful", [object()]), ("sampling", "sometimes"), ("scheduler", object()),
+    ("stateful", "a GradScaler"), ("stateful", [_Plain()]), ("sampling", "sometimes"), ("scheduler", _Plain()),
     ("steps", 0), ("overfit_batches", 65), ("overfit_steps", -1), ("check_every", 1.5), ("max_grad_norm", -1.0),
     ("evaluate", 42), ("progress", "a bar"), ("as_batch", 1), ("rebuild", "again"), ("schedule", 3e-4),
 ]

@@ -33,7 +33,6 @@ from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     Collated,
-    call_rebuild,
     converter,
     ids_copy,
     loader_collating,
@@ -45,7 +44,7 @@ from lmcheck.setup.battery import DISTRIBUTED_CHECKS, Progress, Run, run_battery
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, loop_epochs
 from lmcheck.setup.report import SetupReport
-from lmcheck.setup.seeds import evaluate_twice
+from lmcheck.setup.seeds import evaluate_twice, rebuilt, seeding
 from lmcheck.setup.trainer import quiet
 
 __all__ = ["check_lightning"]
@@ -248,14 +247,10 @@ class LightningDriver:
         return loop_epochs(self.loader, self.convert)
 
     def seeding(self) -> tuple[int, str] | str:
-        if self.rebuild is None:
-            return "no rebuild(seed) was given, so the setup cannot be built again with another seed"
-        return self.seed, "rebuilt with"
+        return seeding(self.rebuild, self.seed)
 
     def first_losses(self, seed: int) -> list[float]:
-        if self.rebuild is None:
-            raise InputError("'rebuild' is needed to build the setup again with another seed")
-        built = call_rebuild(self.rebuild, seed)
+        built = rebuilt(self.rebuild, seed)
         if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
             raise InputError(f"'rebuild' must return (trainer, module) or (trainer, module, datamodule) "
                              f"(got {describe(built)})")

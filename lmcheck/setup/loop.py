@@ -19,7 +19,6 @@ from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
     Collated,
-    call_rebuild,
     converter,
     epoch_batches,
     ids_copy,
@@ -33,7 +32,7 @@ from lmcheck.setup.batches import (
 from lmcheck.setup.battery import Progress, Run, run_battery
 from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
 from lmcheck.setup.report import SetupReport
-from lmcheck.setup.seeds import evaluate_twice
+from lmcheck.setup.seeds import evaluate_twice, rebuilt, seeding
 
 __all__ = ["check_loop"]
 
@@ -247,15 +246,11 @@ class LoopDriver:
         return sampled_epochs(self.batches, self.convert)
 
     def seeding(self) -> tuple[int, str] | str:
-        if self.rebuild is None:
-            return "no rebuild(seed) was given, so the setup cannot be built again with another seed"
-        return self.seed, "rebuilt with"
+        return seeding(self.rebuild, self.seed)
 
     def first_losses(self, seed: int) -> list[float]:
         """The first losses of the setup ``rebuild(seed)`` builds: its step on its first batches."""
-        if self.rebuild is None:
-            raise InputError("'rebuild' is needed to build the setup again with another seed")
-        built = call_rebuild(self.rebuild, seed)
+        built = rebuilt(self.rebuild, seed)
         model: Any
         step: Any
         batches: Any

@@ -12,8 +12,9 @@ import torch
 
 from lmcheck._finite import non_finite_result
 from lmcheck._model import mean_loss
+from lmcheck.errors import InputError
 from lmcheck.results import Result
-from lmcheck.setup.batches import labels_form, loss_value
+from lmcheck.setup.batches import call_rebuild, labels_form, loss_value
 
 
 def reproducible(runs: list[list[float]], seed: int, how: str) -> Result:
@@ -58,3 +59,17 @@ def eval_deterministic(losses: list[float], how: str) -> Result:
                                f"{how} twice gives {losses[0]:.6g} and {losses[1]:.6g}: dropout is still on in "
                                f"evaluation (model.eval() not called, or F.dropout(..., training=True) in the "
                                f"model's code)"))
+
+
+def seeding(rebuild: Callable[[int], Any] | None, seed: int) -> tuple[int, str] | str:
+    """(the seed, how it is applied) where the setup can be rebuilt with a seed, else why not."""
+    if rebuild is None:
+        return "no rebuild(seed) was given, so the setup cannot be built again with another seed"
+    return seed, "rebuilt with"
+
+
+def rebuilt(rebuild: Callable[[int], Any] | None, seed: int) -> Any:
+    """What ``rebuild(seed)`` returns (its exceptions said as an InputError naming it)."""
+    if rebuild is None:
+        raise InputError("'rebuild' is needed to build the setup again with another seed")
+    return call_rebuild(rebuild, seed)
