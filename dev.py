@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     commands = {
         "tutorial": [str(BIN / "lmcheck"), "tutorial"],
         # pytest-xdist: one worker per core (at most 8), each test file whole on one worker
-        # (conftest.py); measured on 2 cores, 193 s against 234 s in one process
+        # (conftest.py): faster than one process (docs/performance.md)
         "test": [str(BIN / "python"), "-m", "pytest", "-n", "auto", "--maxprocesses", "8",
                  "--dist", "loadfile", "--durations=15"],
         # one process with every core: the slow tier is one long training run and its checks
