@@ -26,7 +26,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-__all__ = ["OptimizerStep", "Recorder", "Snapshot", "rng_state", "set_rng_state"]
+__all__ = ["OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "rng_state", "set_rng_state"]
 
 
 @dataclass
@@ -101,8 +101,8 @@ class Recorder:
         def record(optimizer: torch.optim.Optimizer) -> None:
             grads = None
             if len(self.steps) < self.grad_steps:
-                grads = {n: None if p.grad is None else p.grad.detach().clone()
-                         for n, p in self.model.named_parameters()}
+                # on the CPU: the step's gradient is read by the judges after the run
+                grads = {n: None if p.grad is None else cpu_copy(p.grad) for n, p in self.model.named_parameters()}
             nonzero = None
             if len(self.steps) < self.flag_steps:
                 nonzero = frozenset(n for n, p in self.model.named_parameters()
@@ -135,6 +135,21 @@ class Recorder:
 
 
 @contextmanager
+def counted_steps() -> Iterator[list[int]]:
+    """Count every optimizer step taken while active, of any optimizer: ``[count]``."""
+    count = [0]
+
+    def counted(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        count[0] += 1
+
+    handle = register_optimizer_step_post_hook(counted)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
     """Note (total norm, max_norm) of every ``torch.nn.utils.clip_grad_norm_`` call while active:
     the step hook sees only clipped gradients, and a clipped update hides its scale (a loss not
@@ -163,12 +178,23 @@ def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
 
 class Snapshot:
     """The state of a model, the optimizers and schedulers added to it, and every random
-    generator; :meth:`restore` puts all of it back (as often as needed)."""
+    generator; :meth:`restore` puts all of it back (as often as needed).
+
+    Everything is saved on the CPU, once (pinned where CUDA is present, so that copying back is
+    fast): a checked setup needs no second model's worth of memory on its device. Tied tensors
+    share one copy; an FSDP2 parameter saves this rank's shard. An optimizer whose state has the
+    layout it had when saved is restored in place, without a second copy of its state.
+    """
 
     def __init__(self, model: torch.nn.Module, stateful: tuple[Any, ...] = ()) -> None:
         self.model = model
-        self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+        copies: dict[int, torch.Tensor] = {}  # one copy per tensor: tied weights are one Parameter
+        self.state: dict[str, torch.Tensor] = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            if id(value) not in copies:
+                copies[id(value)] = cpu_copy(value)
+            self.state[key] = copies[id(value)]
+        self.grads = {n: None if p.grad is None else cpu_copy(p.grad) for n, p in model.named_parameters()}
         self.modes = {module: module.training for module in model.modules()}  # each one's train/eval
         self.objects: dict[int, tuple[Any, Any]] = {}
         for item in stateful:
@@ -178,24 +204,83 @@ class Snapshot:
     def add(self, item: Any) -> None:
         """Save an optimizer's or a scheduler's state now, unless it is saved already."""
         if item is not None and id(item) not in self.objects:
-            self.objects[id(item)] = (item, copy.deepcopy(item.state_dict()))
+            self.objects[id(item)] = (item, _on_cpu(item.state_dict()))
 
     @torch.no_grad()
     def restore(self) -> None:
         for key, value in self.model.state_dict(keep_vars=True).items():
-            value.copy_(self.state[key])
+            _local(value).copy_(self.state[key])
         for name, parameter in self.model.named_parameters():
             saved = self.grads[name]
-            parameter.grad = None if saved is None else saved.clone()
+            parameter.grad = None if saved is None else saved.to(parameter.device, copy=True)
         for module, training in self.modes.items():
             module.training = training
         for item, state in self.objects.values():
-            item.load_state_dict(copy.deepcopy(state))
+            if not (isinstance(item, torch.optim.Optimizer) and _restored_in_place(item, state)):
+                item.load_state_dict(_on_cpu(state))  # a fresh copy: load_state_dict may keep what it is given
         set_rng_state(self.rng)
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """The saved values of the named parameters (tied ones once)."""
+        """The saved values of the named parameters (tied ones once), on the CPU."""
         return {n: self.state[n] for n, _ in self.model.named_parameters() if n in self.state}
+
+
+def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy on the CPU (pinned where CUDA is present; this rank's shard of a DTensor)."""
+    tensor = _local(tensor.detach())
+    if tensor.is_cuda:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        return out.copy_(tensor)
+    return tensor.to("cpu", copy=True)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _on_cpu(value: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return cpu_copy(value)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _restored_in_place(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> bool:
+    """Copy the saved state into the optimizer's own tensors where every parameter's state has
+    the saved keys, shapes and dtypes (the state after a run of the same optimizer); False, and
+    nothing changed, otherwise."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    states = saved.get("state", {})
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups) or set(states) != {i for i, p in enumerate(params)
+                                                                      if p in optimizer.state}:
+        return False
+    for index, values in states.items():
+        live = optimizer.state[params[index]]
+        if set(live) != set(values) or any(
+                isinstance(v, torch.Tensor) != isinstance(live[k], torch.Tensor)
+                or isinstance(v, torch.Tensor) and (v.shape != live[k].shape or v.dtype != live[k].dtype)
+                for k, v in values.items()):
+            return False
+    with torch.no_grad():
+        for index, values in states.items():
+            live = optimizer.state[params[index]]
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    live[key].copy_(value)
+                else:
+                    live[key] = copy.deepcopy(value)
+    for group, saved_group in zip(optimizer.param_groups, groups, strict=True):
+        for key in [k for k in group if k != "params" and k not in saved_group]:
+            del group[key]  # as load_state_dict would: a key added since (a scheduler's initial_lr) goes
+        group.update({k: copy.deepcopy(v) for k, v in saved_group.items() if k != "params"})
+    return True
 
 
 def rng_state() -> dict[str, Any]:

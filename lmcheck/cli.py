@@ -166,6 +166,7 @@ def _train_check(args: argparse.Namespace) -> int:
     report.text(", ".join(f"{name}: {value}" for name, value in checked.setup.items()))
     report.results.extend(checked.results)
     ok = report.summary()  # the table: one row per check
+    report.text(f"the checks ran {checked.optimizer_steps} optimizer steps of the setup in {checked.seconds:.1f} s")
     for result in checked.failures():  # the table shortens explanations: a failure's in full
         report.text(f"FAIL {result.name}: {result.explanation}")
     for result in checked.errors():

@@ -305,15 +305,14 @@ def params_update(
                 if bool(parameter.grad.any()):
                     had_gradient.add(parameter_name)
         step.step()
-        after = {n: p.detach().clone() for n, p in names.items()}
+        changed = {}
+        for parameter_name, parameter in names.items():  # compared in place: no copy of the model
+            # NaN differs from every number, so a parameter that became NaN "changed": refuse it first
+            require_finite(parameter.detach(), f"after one optimizer step, the values of {parameter_name}",
+                           ("index",) * parameter.dim())
+            changed[parameter_name] = not torch.equal(before[parameter_name].to(parameter.device), parameter.detach())
     finally:
         snapshot.restore()
-    changed = {}
-    for parameter_name, parameter in names.items():
-        # NaN differs from every number, so a parameter that became NaN "changed": refuse it first
-        require_finite(after[parameter_name], f"after one optimizer step, the values of {parameter_name}",
-                       ("index",) * parameter.dim())
-        changed[parameter_name] = not torch.equal(before[parameter_name], after[parameter_name])
     trainable_names = [n for n, p in names.items() if p.requires_grad]
     # a parameter whose gradient was zero at the step is judged over time, as gradient_flow does
     waiting = [n for n in trainable_names if not changed[n] and n not in had_gradient]

@@ -187,7 +187,8 @@ def test_the_cli_and_the_plugin_say_the_budgets_defaults(capsys, pytester):
     cli = " ".join(capsys.readouterr().out.split())
     plugin = " ".join(pytester.runpytest_inprocess("--help").stdout.str().split())
     budget = SetupBudget()
-    assert f"(default {budget.steps})" in cli and f"(default {budget.overfit_steps})" in cli
+    assert f"(default {budget.steps})" in cli
+    assert f"(default {budget.overfit_steps})" in cli
     for value in (budget.steps, budget.overfit_steps, budget.overfit_batches, budget.check_every):
         assert f"(default {value})" in plugin
 
@@ -216,3 +217,58 @@ def test_a_new_check_is_one_row_of_the_table(tok, monkeypatch):
                         max_grad_norm=1.0, overfit_steps=5)
     assert [r.name for r in report][-1] == "first_lr_positive"
     assert report["first_lr_positive"].passed
+
+
+# ---------------------------------------------------------------- cost and footprint
+
+
+def test_the_report_gives_each_checks_time_and_optimizer_steps(tok, tmp_path):
+    net = setups.model(tok)
+    loop = setups.Loop(net)
+    report = check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
+                        max_grad_norm=1.0, steps=4, overfit_steps=5)
+    assert set(report.costs) == set(SETUP_CHECKS)
+    assert report.costs["gradient_flow"]["optimizer_steps"] == 4  # the first run starts there
+    assert report.costs["batch_supervision"]["optimizer_steps"] == 0
+    assert report.costs["accumulation"]["optimizer_steps"] == 0  # backward passes only
+    assert 1 <= report.costs["overfits"]["optimizer_steps"] <= 10
+    assert report.optimizer_steps == sum(c["optimizer_steps"] for c in report.costs.values())
+    assert all(c["seconds"] >= 0 for c in report.costs.values())
+    text = report.to_markdown(tmp_path / "report.md", plot=False).read_text()
+    assert f"They ran {report.optimizer_steps} optimizer steps" in text
+    assert report.to_dict()["costs"] == report.costs
+
+
+def _large_tensors(floor: int) -> list[torch.Tensor]:
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() >= floor]
+
+
+@pytest.mark.parametrize("entry", ["check_loop", "check_trainer"])
+def test_nothing_model_sized_of_the_check_stays_alive(tok, tmp_path, entry):
+    """With the collector off, every model-sized tensor alive after the entry point returns was
+    alive before it (the user's weights, gradients and optimizer state): the snapshot, the
+    recorded gradients and the reference are freed as soon as the call returns."""
+    import gc
+
+    if entry == "check_loop":
+        net = setups.model(tok)
+        loop = setups.Loop(net)
+        run = lambda: check_loop(net, loop.step, setups.loader(tok), tokenizer=tok,  # noqa: E731
+                                 scheduler=loop.scheduler, max_grad_norm=1.0, steps=4, overfit_steps=5)
+    else:
+        trainer = setups.trainer(tok, str(tmp_path))
+        net = trainer.model
+        run = lambda: check_trainer(trainer, steps=4, overfit_steps=5)  # noqa: E731
+    floor = max(p.numel() for p in net.parameters())  # the largest parameter's size
+    gc.collect()
+    before = {id(t) for t in _large_tensors(floor)}
+    gc.disable()
+    try:
+        report = run()
+        left = [t for t in _large_tensors(floor) if id(t) not in before]
+    finally:
+        gc.enable()
+    assert report.results
+    assert [(tuple(t.shape), t.device.type) for t in left] == []

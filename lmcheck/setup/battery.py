@@ -11,6 +11,7 @@ the judges of each check family (``batches``, ``gradients``, ``schedule``, ``ove
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,7 @@ import torch
 from lmcheck._finite import non_finite_result
 from lmcheck._model import hf_model
 from lmcheck._ranks import gathered, world_size
-from lmcheck._recording import OptimizerStep, Snapshot
+from lmcheck._recording import OptimizerStep, Snapshot, counted_steps
 from lmcheck._validate import check_bool
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
@@ -162,6 +163,7 @@ class Session:
         driver.setup["eos and BOS from"] = self.special.source
         self.supervised = any(supervised_count(b) for b in driver.lm_batches)
         self.results: dict[str, Result] = {}
+        self.costs: dict[str, dict[str, float]] = {}  # check -> seconds and optimizer steps it ran
         self._batches: list[Result] | None = None
         self._first: FirstRun | None = None
         self._ranks: dict[str, Result] | None = None
@@ -348,13 +350,18 @@ def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None 
                 # the root cause, said once by batch_supervision: what needs supervised tokens cannot run
                 session.results[check.name] = Result.not_applicable(check.name, UNSUPERVISED)
                 continue
-            session.results[check.name] = _isolated(check.name, partial(check.judge, session))
+            started = time.perf_counter()
+            with counted_steps() as steps:
+                session.results[check.name] = _isolated(check.name, partial(check.judge, session))
+            session.costs[check.name] = {"seconds": round(time.perf_counter() - started, 3),
+                                         "optimizer_steps": steps[0]}
     finally:
         driver.restore()
     if ranks:
         driver.setup["world size"] = world_size()
     results = [session.results[c.name] for c in CHECKS if c.name in session.results]
-    return SetupReport(results=_root_causes_first(_agree(results)), curve=driver.curve, setup=driver.setup)
+    return SetupReport(results=_root_causes_first(_agree(results)), curve=driver.curve, setup=driver.setup,
+                       costs=session.costs)
 
 
 def _isolated(name: str, check: Callable[[], Result]) -> Result:

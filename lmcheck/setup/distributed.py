@@ -326,7 +326,8 @@ def ddp_matches_single(model: torch.nn.Module, train_step: Callable[[Any], Any],
         raise NotApplicableError("the first step's micro-batches supervise no token")
     reference = total / tokens
     grads_at_step = step.grads or {}
-    user = torch.cat([_or_zeros(grads_at_step.get(n), p) for n, p in zip(names, parameters, strict=True)])
+    user = torch.cat([_or_zeros(grads_at_step.get(n), p).to(reference.device)
+                      for n, p in zip(names, parameters, strict=True)])
     require_finite(user, "the synchronized gradient at the first optimizer step", ("index",))
     tol = DDP_RTOL.get(parameter_dtype(inner), DDP_RTOL[torch.float32])
     error = float((user - reference).norm() / max(float(reference.norm()), 1e-30))

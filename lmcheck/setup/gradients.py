@@ -6,7 +6,7 @@ supervised token of the step's micro-batches)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from lmcheck._model import (
 from lmcheck._ranks import gathered, world_size
 from lmcheck._recording import OptimizerStep, Snapshot
 from lmcheck.results import Result, headroom_below
+from lmcheck.setup.batches import supervised_count
 from lmcheck.training import Later, gradient_flow_result, params_update_result, zero_weights
 
 # Relative L2 error allowed between the user's gradient and the reference one, by parameter
@@ -62,80 +63,162 @@ def params_update(model: torch.nn.Module, snapshot: Snapshot, after: Mapping[str
     before = snapshot.parameters()
     non_finite = [f"{name} holds a non-finite value after the steps: {found}" for name, value in after.items()
                   if (found := locate(value, ("index",) * value.dim())) is not None]
-    changed = {name: not torch.equal(before[name], after[name]) for name, _ in model.named_parameters()}
+    changed = {name: not torch.equal(before[name].to(after[name].device), after[name])
+               for name, _ in model.named_parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     return params_update_result(changed, trainable, Later(), after_text=f"in {steps} optimizer steps of the user's "
                                 "loop", non_finite=non_finite)
 
 
+_CHUNK = 1 << 22  # elements compared at a time: a few MB of temporaries, however large a parameter
+
+
 @dataclass
 class _Reference:
-    """The reference side of ``accumulation``: flat gradients of the micro-batches' summed losses."""
+    """The reference side of ``accumulation``: the summed gradient of every micro-batch's summed
+    loss, left in each parameter's ``.grad``, and where asked the sum of their mean-loss
+    gradients (one float32 tensor per parameter)."""
 
-    summed: torch.Tensor  # the sum of the micro-batches' gradients of their summed losses
-    per_micro: torch.Tensor  # the sum of their gradients of their mean losses
     counts: list[int]  # supervised tokens per micro-batch, after the shift
     unshifted: list[int]  # the same counted before the shift (transformers #46204)
     loss: float  # the mean loss over every supervised token
+    per_micro: list[torch.Tensor] | None = None
 
 
 def _reference(model: torch.nn.Module, parameters: Sequence[torch.Tensor],
-               micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> _Reference | Result:
-    """Each micro-batch's summed loss backpropagated into ``.grad`` with dropout off (as the user's
-    step computes its own: torch.autograd.grad returns None for the parameters inside reentrant
-    checkpointed blocks); a non-finite result where a loss is NaN or Inf."""
+               micro_batches: Sequence[Mapping[str, torch.Tensor]], *, per_micro: bool = False) -> _Reference | Result:
+    """Each micro-batch's summed loss backpropagated into ``.grad`` with dropout off, as the user's
+    step computes its own (torch.autograd.grad returns None for the parameters inside reentrant
+    checkpointed blocks); a non-finite result where a loss is NaN or Inf.
+
+    The sum of the mean-loss gradients, sum_i g_i / n_i, is accumulated from the running sums
+    S_i = g_1 + ... + g_i that ``.grad`` holds: sum_i S_i (1/n_i - 1/n_(i+1)), so that no gradient
+    of a single micro-batch is ever copied."""
     device = model_device(model)
-    counts, unshifted, losses = [], [], []
-    summed: torch.Tensor | None = None
-    per_micro: torch.Tensor | None = None
+    counts = [max(supervised_count(b), 0) for b in micro_batches]
+    unshifted, losses = [], []
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters] if per_micro else None
+    for parameter in parameters:
+        parameter.grad = None
     with no_dropout(model):
         model.train()
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
                                       use_cache=False, what="the logits of a micro-batch")
             total, count, before_shift = token_loss_sum(logits, batch)
+            del logits
             if not bool(torch.isfinite(total)):
                 return non_finite_result("accumulation", f"the reference loss of a micro-batch of the first step "
                                                          f"is {float(total)}")
-            for parameter in parameters:
-                parameter.grad = None
             total.backward()
-            flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad.detach()).float().reshape(-1)
-                              for p in parameters])
             losses.append(float(total.detach()))
-            summed = flat if summed is None else summed + flat
-            per_micro = flat / max(count, 1) if per_micro is None else per_micro + flat / max(count, 1)
-            counts.append(count)
             unshifted.append(before_shift)
-    if summed is None or per_micro is None:
-        return Result.not_applicable("accumulation", "no micro-batch of the first step was seen")
+            if sums is not None:
+                following = 1 / max(counts[index + 1], 1) if index + 1 < len(counts) else 0.0
+                weight = 1 / max(count, 1) - following
+                for buffer, parameter in zip(sums, parameters, strict=True):
+                    if parameter.grad is not None:
+                        buffer.add_(parameter.grad.detach().float(), alpha=weight)
     if sum(counts) == 0:
         return Result.not_applicable("accumulation", "the first step's micro-batches supervise no token")
-    return _Reference(summed, per_micro, counts, unshifted, sum(losses) / sum(counts))
+    return _Reference(counts, unshifted, sum(losses) / sum(counts), sums)
 
 
-def _flat(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor:
-    """A gradient flattened in float32; zeros for a parameter that got none."""
-    return (grad if grad is not None else torch.zeros_like(parameter)).float().reshape(-1)
+@dataclass
+class _Compared:
+    """The user's update u against the mean-loss gradient c, summed over every trainable
+    parameter in float64 (float32 chunks, never a flat copy of either side)."""
+
+    uu: float = 0.0  # |u|^2
+    uc: float = 0.0  # u . c
+    cc: float = 0.0  # |c|^2
+    ee: float = 0.0  # |u - c|^2
+    worst: tuple[float, str] = (-1.0, "")  # (relative error, parameter) where they differ most
+
+    @property
+    def scale(self) -> float:
+        return self.uc / self.cc if self.cc else 0.0
+
+    @property
+    def error(self) -> float:
+        return math.sqrt(self.ee) / max(math.sqrt(self.cc), 1e-30)
 
 
-def _fit(user: torch.Tensor, direction: torch.Tensor) -> tuple[float, float]:
-    """(scale c, residual) of the user's gradient as c * direction."""
-    norm = float(direction.norm())
-    if norm == 0:
-        return 0.0, float("inf")
-    scale = float(user @ direction) / norm**2
-    return scale, float((user - scale * direction).norm()) / max(float(user.norm()), 1e-30)
+class _Sides:
+    """The three gradients of each trainable parameter, in float32 chunks on its device: the
+    user's (recorded on the CPU; divided by what clipping scaled it by), the mean-loss gradient
+    (``.grad`` divided by the step's token count) and, where computed, the per-micro-batch sum."""
+
+    def __init__(self, names: Sequence[str], parameters: Sequence[torch.Tensor],
+                 user: Mapping[str, torch.Tensor | None], tokens: int, divisor: float = 1.0) -> None:
+        self.names, self.parameters, self.user = names, parameters, user
+        self.tokens, self.divisor = tokens, divisor
+        self.per_micro: list[torch.Tensor] | None = None
+
+    def chunks(self, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        parameter, user = self.parameters[index], self.user.get(self.names[index])
+        size = parameter.numel()
+        for start in range(0, size, _CHUNK):
+            end = min(size, start + _CHUNK)
+            u = (torch.zeros(end - start, device=parameter.device) if user is None
+                 else user.reshape(-1)[start:end].to(parameter.device).float() / self.divisor)
+            c = (torch.zeros(end - start, device=parameter.device) if parameter.grad is None
+                 else parameter.grad.detach().reshape(-1)[start:end].float() / self.tokens)
+            m = self.per_micro[index].reshape(-1)[start:end] if self.per_micro is not None else None
+            yield u, c, m
+
+    def compared(self) -> _Compared:
+        out = _Compared()
+        for index, name in enumerate(self.names):
+            ee = cc = 0.0
+            for u, c, _ in self.chunks(index):
+                out.uu += float(torch.dot(u, u))
+                out.uc += float(torch.dot(u, c))
+                cc += float(torch.dot(c, c))
+                ee += float((u - c).square().sum())
+            out.cc, out.ee = out.cc + cc, out.ee + ee
+            error = math.sqrt(ee) / max(math.sqrt(cc), 1e-30)
+            if error > out.worst[0]:
+                out.worst = (error, f"{name} (relative error {error:.3g})")
+        return out
+
+    def fit(self, *, micro: bool = False) -> tuple[float, float]:
+        """(scale s, residual) of the user's update as s times the mean-loss gradient (or, with
+        ``micro``, the per-micro-batch sum): |u - s d| / |u|, computed directly, not from the
+        dot products, so that a small residual is not lost to cancellation."""
+        uu = ud = dd = 0.0
+        for index in range(len(self.names)):
+            for u, c, m in self.chunks(index):
+                d = m if micro and m is not None else c
+                uu, ud, dd = uu + float(torch.dot(u, u)), ud + float(torch.dot(u, d)), dd + float(torch.dot(d, d))
+        if dd == 0:
+            return 0.0, float("inf")
+        scale = ud / dd
+        left = 0.0
+        for index in range(len(self.names)):
+            for u, c, m in self.chunks(index):
+                d = m if micro and m is not None else c
+                left += float((u - scale * d).square().sum())
+        return scale, math.sqrt(left) / max(math.sqrt(uu), 1e-30)
+
+
+def _user_norm(names: Sequence[str], user: Mapping[str, torch.Tensor | None]) -> float:
+    total = 0.0
+    for name in names:
+        grad = user.get(name)
+        if grad is not None:
+            flat = grad.reshape(-1).float()
+            total += float(torch.dot(flat, flat))
+    return math.sqrt(total)
 
 
 def accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: Sequence[Mapping[str, torch.Tensor]],
                  step: OptimizerStep, max_grad_norm: float | None, rtol: float | None = None) -> Result:
     """The user's gradient at the first optimizer step against the gradient of the mean loss
-    over every supervised token of its micro-batches."""
-    name = "accumulation"
+    over every supervised token of its micro-batches, parameter by parameter."""
     if not micro_batches:
-        return Result.not_applicable(name, "no micro-batch of the first step was seen")
+        return Result.not_applicable("accumulation", "no micro-batch of the first step was seen")
     world = world_size()
     if world > 1:  # DDP averages the ranks' gradients: the reference covers every rank's tokens
         local = [{k: v.detach().cpu() for k, v in b.items()} for b in micro_batches]
@@ -143,50 +226,62 @@ def accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: Sequ
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     parameters = [p for n, p in model.named_parameters() if p.requires_grad]
     snapshot.restore()
+    try:
+        return _accumulation(model, names, parameters, micro_batches, step, max_grad_norm, rtol, world)
+    finally:
+        snapshot.restore()  # the reference's gradients and sums go
+
+
+def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequence[torch.Tensor],
+                  micro_batches: Sequence[Mapping[str, torch.Tensor]], step: OptimizerStep,
+                  max_grad_norm: float | None, rtol: float | None, world: int) -> Result:
+    name = "accumulation"
     reference = _reference(model, parameters, micro_batches)
-    snapshot.restore()
     if isinstance(reference, Result):
         return reference
-    k, counts = len(micro_batches), reference.counts
-    correct = reference.summed / sum(counts)
-    if not bool(correct.any()):
+    k, counts, user_grads = len(micro_batches), reference.counts, step.grads or {}
+    sides = _Sides(names, parameters, user_grads, sum(counts))
+    if not any(p.grad is not None and bool(p.grad.any()) for p in parameters):
         return Result.not_applicable(name, f"the gradient of the mean loss over the first step's {k} micro-batches "
                                      f"is exactly zero, so there is no update to compare the user's with")
-    user_grads = step.grads or {}
-    user = torch.cat([_flat(user_grads.get(n), p) for n, p in zip(names, parameters, strict=True)])
     tol = rtol if rtol is not None else GRADIENT_RTOL.get(parameter_dtype(model), GRADIENT_RTOL[torch.float32])
-    if (found := locate(user, ("index",))) is not None:
-        return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: {found}")
-    metrics: dict[str, Any] = {"micro_batches": k, "supervised_tokens": counts,
-                               "reference_norm": float(correct.norm()), "user_norm": float(user.norm()),
-                               "reference_loss": reference.loss}
-    clipped_by = _clipped_by(step.clip, float(user.norm()), tol)
+    for parameter_name in names:
+        grad = user_grads.get(parameter_name)
+        if grad is not None and (found := locate(grad, ("index",) * grad.dim())) is not None:
+            return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: "
+                                           f"{parameter_name} {found}")
+    user_norm = _user_norm(names, user_grads)
+    clipped_by = _clipped_by(step.clip, user_norm, tol)
     if clipped_by is not None:  # seen through the clipping: the update before it is compared
-        user = user / clipped_by
-        metrics.update(clip_coefficient=clipped_by, user_norm_before_clipping=float(user.norm()))
+        sides.divisor = clipped_by
+    compared = sides.compared()
+    metrics: dict[str, Any] = {"micro_batches": k, "supervised_tokens": counts,
+                               "reference_norm": math.sqrt(compared.cc), "user_norm": user_norm,
+                               "reference_loss": reference.loss}
+    if clipped_by is not None:
+        metrics.update(clip_coefficient=clipped_by, user_norm_before_clipping=math.sqrt(compared.uu))
         max_grad_norm = 0.0
-    scale, residual = _fit(user, correct)
-    error = float((user - correct).norm() / max(float(correct.norm()), 1e-30))
-    metrics.update(scale=scale, residual=residual, relative_error=error)
+    scale, residual = sides.fit()
+    metrics.update(scale=scale, residual=residual, relative_error=compared.error)
     counted = (f"{k} micro-batch{'es' if k > 1 else ''}" + (f" of {world} ranks" if world > 1 else "")
                + f" supervising {', '.join(map(str, counts))} tokens")
-    passed, explanation = _judged(model, user, correct, reference, names, parameters, step, counted,
-                                  scale, residual, error, tol, max_grad_norm, clipped_by)
+    passed, explanation = _judged(model, sides, compared, reference, micro_batches, step, counted,
+                                  scale, residual, tol, max_grad_norm, clipped_by)
     return Result(name=name, passed=passed, metrics=metrics, threshold=tol,
-                  headroom=headroom_below(residual if passed and abs(scale - 1) > tol else error, tol),
+                  headroom=headroom_below(residual if passed and abs(scale - 1) > tol else compared.error, tol),
                   explanation=explanation)
 
 
-def _judged(model: torch.nn.Module, user: torch.Tensor, correct: torch.Tensor, reference: _Reference,
-            names: Sequence[str], parameters: Sequence[torch.Tensor], step: OptimizerStep, counted: str,
-            scale: float, residual: float, error: float, tol: float, max_grad_norm: float | None,
+def _judged(model: torch.nn.Module, sides: _Sides, compared: _Compared, reference: _Reference,
+            micro_batches: Sequence[Mapping[str, torch.Tensor]], step: OptimizerStep, counted: str,
+            scale: float, residual: float, tol: float, max_grad_norm: float | None,
             clipped_by: float | None) -> tuple[bool, str]:
-    """(passed, explanation) of the user's update against the mean-loss gradient ``correct``."""
-    k, counts = len(reference.counts), reference.counts
+    """(passed, explanation) of the user's update against the mean-loss gradient."""
+    k, counts, error = len(reference.counts), reference.counts, compared.error
     unequal = len(set(counts)) > 1
     # max_grad_norm: None = not said (the step may clip), 0 = the step does not clip
     clipping = max_grad_norm is None or max_grad_norm > 0
-    clip = min(1.0, max_grad_norm / max(float(correct.norm()), 1e-30)) if max_grad_norm else None
+    clip = min(1.0, max_grad_norm / max(math.sqrt(compared.cc), 1e-30)) if max_grad_norm else None
     if residual <= tol and abs(scale - 1) <= tol:
         return True, (f"the user's update over {counted} equals the gradient of the mean loss over "
                       f"all their tokens (relative error {error:.1e}, allowed {tol:g})"
@@ -208,40 +303,45 @@ def _judged(model: torch.nn.Module, user: torch.Tensor, correct: torch.Tensor, r
                           f"unscale_ (Lightning #9330)")
         if not causes and scale < 1 and clipping and (clip is None or abs(scale - clip) <= tol):
             return True, (f"the user's update over {counted} is the mean-loss gradient clipped by "
-                          f"{scale:.3g} to norm {float(user.norm()):.3g}"
+                          f"{scale:.3g} to norm {math.sqrt(compared.uu):.3g}"
                           + ("" if clip is not None else " (pass max_grad_norm to check the norm)"))
         explanation = (f"the user's update over {counted} points the right way but is {scale:.4g} times the "
                        f"gradient of the mean loss" + (f": {'; '.join(causes)}" if causes else
                                                        " (and the step does not clip)" if not clipping else ""))
     else:
-        explanation = _not_the_mean_loss(user, correct, reference, names, parameters, counted, error, tol, unequal)
+        explanation = _not_the_mean_loss(model, sides, compared, micro_batches, counted, tol, unequal)
     if clipped_by is not None and step.clip:
         explanation += (f" (seen through the clipping: the step's clip_grad_norm_ measured {step.clip[0]:.4g} and "
                         f"clipped to {step.clip[1]:g})")
     return False, explanation
 
 
-def _not_the_mean_loss(user: torch.Tensor, correct: torch.Tensor, reference: _Reference, names: Sequence[str],
-                       parameters: Sequence[torch.Tensor], counted: str, error: float, tol: float,
+def _not_the_mean_loss(model: torch.nn.Module, sides: _Sides, compared: _Compared,
+                       micro_batches: Sequence[Mapping[str, torch.Tensor]], counted: str, tol: float,
                        unequal: bool) -> str:
     """Why an update that points elsewhere than the mean-loss gradient does: a per-micro-batch
-    mean where the counts differ, else the parameter where it differs most."""
-    k = len(reference.counts)
-    micro_scale, micro_residual = _fit(user, reference.per_micro)
-    if micro_residual <= tol and unequal:
-        # the sum of the means itself (scale 1, not 1/k): the k micro-batches' losses are not
-        # divided by k either (clipping that shrinks the update by exactly 1/k is unlikely)
-        undivided = k > 1 and abs(micro_scale - 1) <= 10 * tol
-        return (f"the user's update over {counted} is "
-                + ("the" if undivided else f"{micro_scale:.3g} times the")
-                + " sum of the micro-batches' mean losses, not the mean over all their tokens: each micro-batch "
-                "is normalised by its own token count, so short ones weigh as much as long ones "
-                "(transformers #34191, torchtune #1875)"
-                + (f", and the sum is not divided by the {k} accumulation steps either" if undivided else "")
-                + "; divide the summed loss by the step's total token count")
-    worst = _worst_parameter(user, correct, names, parameters)
+    mean where the counts differ (the reference run again, with the sum of the micro-batches'
+    mean-loss gradients), else the parameter where it differs most."""
+    k = len(micro_batches)
+    if unequal:
+        again = _reference(model, sides.parameters, micro_batches, per_micro=True)
+        if isinstance(again, _Reference):
+            sides.per_micro = again.per_micro
+            micro_scale, micro_residual = sides.fit(micro=True)
+            sides.per_micro = None
+            if micro_residual <= tol:
+                # the sum of the means itself (scale 1, not 1/k): the k micro-batches' losses are not
+                # divided by k either (clipping that shrinks the update by exactly 1/k is unlikely)
+                undivided = k > 1 and abs(micro_scale - 1) <= 10 * tol
+                return (f"the user's update over {counted} is "
+                        + ("the" if undivided else f"{micro_scale:.3g} times the")
+                        + " sum of the micro-batches' mean losses, not the mean over all their tokens: each "
+                        "micro-batch is normalised by its own token count, so short ones weigh as much as long "
+                        "ones (transformers #34191, torchtune #1875)"
+                        + (f", and the sum is not divided by the {k} accumulation steps either" if undivided else "")
+                        + "; divide the summed loss by the step's total token count")
     return (f"the user's update over {counted} differs from the gradient of the mean loss by "
-            f"{error:.3g} (relative, allowed {tol:g}); it differs most at {worst}. The loss "
+            f"{compared.error:.3g} (relative, allowed {tol:g}); it differs most at {compared.worst[1]}. The loss "
             f"the step minimises is not shifted cross-entropy over the supervised tokens")
 
 
@@ -270,14 +370,3 @@ def _loss_type_fix(model: torch.nn.Module) -> str:
             "model.loss_type = \"ForCausalLM\" before building the Trainer" if loss_type != "ForCausalLM" else "")
 
 
-def _worst_parameter(user: torch.Tensor, reference: torch.Tensor, names: Sequence[str],
-                     parameters: Sequence[torch.Tensor]) -> str:
-    offset, worst, where = 0, -1.0, ""
-    for name, parameter in zip(names, parameters, strict=True):
-        size = parameter.numel()
-        a, b = user[offset: offset + size], reference[offset: offset + size]
-        error = float((a - b).norm() / max(float(b.norm()), 1e-30))
-        if error > worst:
-            worst, where = error, f"{name} (relative error {error:.3g})"
-        offset += size
-    return where

@@ -23,11 +23,23 @@ class SetupReport:
         results: one :class:`~lmcheck.results.Result` per check of :data:`lmcheck.setup.SETUP_CHECKS`, in that order.
         curve: the training loss per optimizer step of the overfitting run.
         setup: what was found about the setup (kind, accumulation steps, optimizer, dtype, ...).
+        costs: for each check, the wall-clock ``seconds`` it took and the ``optimizer_steps`` it
+            ran (a run a check starts, such as the first run, is counted where it starts).
     """
 
     results: list[Result]
     curve: LossCurve
     setup: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Every optimizer step the checks ran."""
+        return int(sum(c.get("optimizer_steps", 0) for c in self.costs.values()))
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(c.get("seconds", 0.0) for c in self.costs.values()))
 
     @property
     def passed(self) -> bool:
@@ -62,7 +74,7 @@ class SetupReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "setup": self.setup, "results": [r.to_dict() for r in self.results],
-                "curve": self.curve.to_dict()}
+                "curve": self.curve.to_dict(), "costs": self.costs}
 
     def to_markdown(self, path: str | os.PathLike[str], *, plot: bool = True) -> Path:
         """Write a Markdown report and, with ``plot``, the loss curve beside it as
@@ -75,11 +87,14 @@ class SetupReport:
         lines = [f"# lmcheck training-setup report: {'PASS' if self.passed else 'FAIL'}", "",
                  f"{passed} of {len(self.results)} checks passed"
                  + (f", {skipped} not applicable" if skipped else "")
-                 + (f", {errors} could not run (error)" if errors else "") + ".", "",
-                 "| setting | value |", "|---|---|"]
+                 + (f", {errors} could not run (error)" if errors else "") + "."
+                 + (f" They ran {self.optimizer_steps} optimizer steps in {self.seconds:.1f} s." if self.costs else ""),
+                 "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {_md(v)} |" for k, v in self.setup.items()]
-        lines += ["", "| check | result | explanation |", "|---|---|---|"]
-        lines += [f"| {r.name} | {r.status.upper()} | {_md(r.error or r.explanation)} |" for r in self.results]
+        lines += ["", "| check | result | seconds | optimizer steps | explanation |", "|---|---|---|---|---|"]
+        lines += [f"| {r.name} | {r.status.upper()} | {self.costs.get(r.name, {}).get('seconds', '')} | "
+                  f"{self.costs.get(r.name, {}).get('optimizer_steps', '')} | {_md(r.error or r.explanation)} |"
+                  for r in self.results]
         if plot and self.curve.train:
             from lmcheck.report import plot_loss_curve
 
