@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
     ensure_environment()
     if argv[0] == "gpu":
         return gpu(commands, argv[1:])
-    return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT).returncode
+    # mkdocs-material's banner about its successor is not a warning of this site's
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"} if argv[0] == "docs" else None
+    return subprocess.run([*commands[argv[0]], *argv[1:]], cwd=ROOT, env=env).returncode
 
 
 def gpu(commands: dict[str, list[str]], extra: list[str]) -> int:
