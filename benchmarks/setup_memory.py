@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-SIZES = {"small": dict(n_layer=2, n_embd=128, n_head=4), "124m": dict(n_layer=12, n_embd=768, n_head=12)}
+SIZES = {"small": dict(n_layer=2, n_embd=128, n_head=4), "124m": dict(n_layer=12, n_embd=768, n_head=12),
+         "1b": dict(n_layer=24, n_embd=1792, n_head=16)}  # 1b: about 1.0 billion parameters, for a GPU
 BATCH, LENGTH, BATCHES = 4, 128, 8
 
 

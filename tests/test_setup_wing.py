@@ -272,3 +272,17 @@ def test_nothing_model_sized_of_the_check_stays_alive(tok, tmp_path, entry):
         gc.enable()
     assert report.results
     assert [(tuple(t.shape), t.device.type) for t in left] == []
+
+
+def test_a_check_that_runs_out_of_memory_is_not_applicable_and_the_rest_run(tok, monkeypatch):
+    def too_big(*args: Any, **kwargs: Any) -> Result:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(battery, "accumulation", too_big)
+    net = setups.model(tok)
+    loop = setups.Loop(net)
+    report = check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
+                        max_grad_norm=1.0, steps=4, overfit_steps=5)
+    assert report["accumulation"].status == "n/a"
+    assert "ran out of memory (OutOfMemoryError: CUDA out of memory" in report["accumulation"].skip_reason
+    assert report["gradient_flow"].status == "pass"

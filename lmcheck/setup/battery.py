@@ -366,13 +366,21 @@ def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None 
 
 def _isolated(name: str, check: Callable[[], Result]) -> Result:
     """The check's result: its failure where a model output it reads is NaN or Inf (the message
-    says which output and where), an ``error`` result where it raised anything else. An
+    says which output and where), not applicable where it ran out of memory, an ``error`` result
+    where it raised anything else. An
     InputError (the setup itself is unfit: a streaming train set, a bad option) still stops the
     checks with its message."""
     try:
         return check()
     except NonFiniteError as error:
         return non_finite_result(name, str(error))
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        # the check needs more memory than the setup leaves: said, and the rest still run
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return Result.not_applicable(name, f"the check ran out of memory ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0] if str(error) else 'no message'}): the setup "
+                                     f"leaves too little free for it; free memory or give a smaller batch")
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 -- the check's outcome, with the exception and where
