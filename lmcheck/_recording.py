@@ -26,7 +26,26 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-__all__ = ["OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "rng_state", "set_rng_state"]
+from lmcheck._finite import locate
+
+__all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "rng_state", "set_rng_state"]
+
+
+@dataclass(frozen=True)
+class GradientSeen:
+    """What a judge reads of one parameter's gradient at a step, without a copy of it."""
+
+    present: bool  # the parameter has a gradient at all
+    nonzero: bool  # it has a non-zero (or NaN) entry
+    norm: float | None  # its L2 norm, None where absent
+    non_finite: str | None  # where it holds NaN or Inf (the first entry and how many), else None
+
+    @classmethod
+    def of(cls, grad: torch.Tensor | None) -> GradientSeen:
+        if grad is None:
+            return cls(False, False, None, None)
+        grad = grad.detach()
+        return cls(True, bool(grad.any()), float(grad.float().norm()), locate(grad, ("index",) * grad.dim()))
 
 
 @dataclass
@@ -37,6 +56,7 @@ class OptimizerStep:
     micro_batches: int  # train_step calls (or training forwards) since the previous step
     lrs: tuple[float, ...]  # the learning rate of each parameter group, as used by this step
     grads: dict[str, torch.Tensor | None] | None = None  # at the step, for the first steps only
+    seen: dict[str, GradientSeen] | None = None  # what the judges read of each gradient, where kept
     nonzero: frozenset[str] | None = None  # parameters with a non-zero gradient, where flagged
     clip: tuple[float, float] | None = None  # (total norm before clipping, max_norm) of the last
     # torch.nn.utils.clip_grad_norm_ call since the previous step, if any
@@ -47,7 +67,10 @@ class Recorder:
     """Records every step of an optimizer that updates ``model``'s parameters while active.
 
     ``calls`` is advanced by the driver once per micro-batch; ``grad_steps`` is how many of the
-    first steps keep a copy of the gradients. ``on_first_sight`` is called with each optimizer
+    first steps keep a copy of the gradients (on the CPU), ``seen_steps`` how many keep what the
+    judges read of them (:class:`GradientSeen`, no copy). ``at_first_step`` is called at the first
+    step, before it is taken, with the calls so far and the last clipping seen (total norm,
+    max_norm): the gradients it reads are the update about to be applied. ``on_first_sight`` is called with each optimizer
     the first time it steps (before the step), so its state can be saved. ``flag_steps`` is how
     many of the first steps note which parameters have a non-zero gradient (a set of names, no
     copy). ``peak_lrs``, where given, is the learning rate of each parameter group for every step
@@ -57,9 +80,11 @@ class Recorder:
 
     model: torch.nn.Module
     grad_steps: int = 1
+    seen_steps: int = 0
     flag_steps: int = 0
     peak_lrs: tuple[float, ...] | None = None
     on_first_sight: Callable[[torch.optim.Optimizer], None] | None = None
+    at_first_step: Callable[[int, tuple[float, float] | None], None] | None = None
     steps: list[OptimizerStep] = field(default_factory=list)
     calls: int = 0
     _calls_at_last_step: int = 0
@@ -99,6 +124,11 @@ class Recorder:
             return (recorded, *args[1:]), kwargs
 
         def record(optimizer: torch.optim.Optimizer) -> None:
+            if not self.steps and self.at_first_step is not None:
+                self.at_first_step(self.calls, clips[-1] if clips else None)
+            seen = None
+            if len(self.steps) < self.seen_steps:
+                seen = {n: GradientSeen.of(p.grad) for n, p in self.model.named_parameters()}
             grads = None
             if len(self.steps) < self.grad_steps:
                 # on the CPU: the step's gradient is read by the judges after the run
@@ -113,7 +143,7 @@ class Recorder:
                     group["lr"] = lr
             self.steps.append(OptimizerStep(
                 index=len(self.steps) + 1, micro_batches=self.calls - self._calls_at_last_step,
-                lrs=tuple(float(group["lr"]) for group in optimizer.param_groups), grads=grads,
+                lrs=tuple(float(group["lr"]) for group in optimizer.param_groups), grads=grads, seen=seen,
                 nonzero=nonzero, clip=clips[-1] if clips else None))
             self._calls_at_last_step = self.calls
             clips.clear()

@@ -37,7 +37,7 @@ from lmcheck._model import (
     reference_loss,
     training_loss,
 )
-from lmcheck._recording import Snapshot
+from lmcheck._recording import GradientSeen, Snapshot
 from lmcheck._validate import (
     as_ids,
     check_callable,
@@ -196,33 +196,33 @@ def gradient_flow(model: torch.nn.Module, batch: Batch, *, expect_frozen: Collec
         loss = _loss(model, batch)  # NonFiniteError if the loss is NaN or Inf
         found = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
         grads = dict(zip([n for n, _ in trainable], found, strict=True))
-    silent = [n for n, g in grads.items() if g is None or not bool(g.any())]
+    seen = {n: GradientSeen.of(g) for n, g in grads.items()}
+    silent = [n for n, s in seen.items() if not s.nonzero]
     later = _later_gradients(model, batch, silent, steps) if silent else Later()
-    return gradient_flow_result(model, grads, later, problems=problems, frozen=len(names) - len(trainable))
+    return gradient_flow_result(model, seen, later, problems=problems, frozen=len(names) - len(trainable))
 
 
-def gradient_flow_result(model: torch.nn.Module, grads: Mapping[str, torch.Tensor | None], later: Later, *,
+def gradient_flow_result(model: torch.nn.Module, grads: Mapping[str, GradientSeen], later: Later, *,
                          problems: Sequence[str] = (), frozen: int = 0, within: str = "",
                          **metrics: Any) -> Result:
     """The judgement of ``gradient_flow``, the probe's and the setup checks' alike.
 
     Args:
         model: the model (for the checkpointing hint).
-        grads: each trainable parameter's gradient at the first backward pass (None: it got none).
+        grads: what each trainable parameter's gradient was at the first backward pass.
         later: when the gradients that were zero or absent there arrived, and the gates that held them.
         problems: mistakes found before the pass (parameters frozen that should train).
         frozen: how many parameters are frozen as expected.
         within: where the gradients were seen (``"within the first 8 optimizer steps"``).
         metrics: more metrics for the result.
     """
-    non_finite = [f"{n} has a non-finite gradient: {found}" for n, g in grads.items()
-                  if g is not None and (found := locate(g, ("index",) * g.dim())) is not None]
-    silent = [n for n, g in grads.items() if g is None or not bool(g.any())]
-    missing = [f"{n} gets no gradient (it is not in the loss's graph)" if grads[n] is None
+    non_finite = [f"{n} has a non-finite gradient: {s.non_finite}" for n, s in grads.items() if s.non_finite]
+    silent = [n for n, s in grads.items() if not s.nonzero]
+    missing = [f"{n} gets no gradient (it is not in the loss's graph)" if not grads[n].present
                else f"{n} has an all-zero gradient" for n in silent if n not in later.found]
     problems = [*non_finite, *problems, *missing]
-    rows = [{"parameter": n, "grad_norm": None if g is None else float(g.float().norm()),
-             **({"first_gradient": later.found[n]} if n in later.found else {})} for n, g in grads.items()]
+    rows = [{"parameter": n, "grad_norm": s.norm, **({"first_gradient": later.found[n]} if n in later.found else {})}
+            for n, s in grads.items()]
     metrics = {"trainable": len(grads), "problems": len(problems), "zero_at_first_step": len(silent),
                "gradient_later": len(later.found), **metrics}
     where = f" {within}" if within else ""

@@ -51,9 +51,11 @@ from lmcheck.setup.schedule import lr_schedule, peak_lrs
 from lmcheck.setup.seeds import eval_deterministic, reproducible
 from lmcheck.training import loss_at_init, loss_matches_reference
 
-__all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "Run", "run_battery"]
+__all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "FirstStep", "Run", "first_step_hook", "run_battery"]
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
+# (the micro-batches of some calls, the calls so far, the last clip_grad_norm_ seen), at the first step
+FirstStep = Callable[[Callable[[range], list[dict[str, torch.Tensor]]], int, "tuple[float, float] | None"], None]
 
 
 @dataclass
@@ -97,11 +99,15 @@ class Driver(Protocol):
     gradient_rtol: float | None
 
     def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
-            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None,
+            on_first_step: FirstStep | None = None) -> Run:
         """The user's steps from the saved state until ``steps`` optimizer steps (``after_step(n)``
         may stop earlier) on the first batches, or those ``batches`` index. ``first``: the run whose
-        update is compared: gradients kept at step 1, dropout off, no clipping where it can be
-        turned off. ``peak_lrs``: each parameter group's learning rate, held at every step."""
+        update is compared: what the judges read of the gradients kept at step 1, dropout off, no
+        clipping where it can be turned off. ``peak_lrs``: each parameter group's learning rate,
+        held at every step. ``on_first_step(batches_of, calls, clip)`` is called at the first
+        optimizer step, before it is taken: ``batches_of(range)`` gives those calls' micro-batches
+        in lmcheck's form, ``calls`` counts the calls so far, ``clip`` is the last clipping seen."""
         ...
 
     def step_batches(self, run: Run, calls: range) -> list[dict[str, torch.Tensor]]:
@@ -141,13 +147,21 @@ class Driver(Protocol):
         ...
 
 
+def first_step_hook(on_first_step: FirstStep | None, batches_of: Callable[[range], list[dict[str, torch.Tensor]]],
+                    ) -> Callable[[int, tuple[float, float] | None], None] | None:
+    """The recorder's ``at_first_step`` for a driver's run: ``on_first_step`` with the driver's
+    way to the micro-batches of some calls."""
+    if on_first_step is None:
+        return None
+    return lambda calls, clip: on_first_step(batches_of, calls, clip)
+
+
 @dataclass
 class FirstRun:
     """The first run and what the checks of its step read."""
 
     run: Run
     calls: range  # the calls whose micro-batches make the first optimizer step
-    micro_batches: list[dict[str, torch.Tensor]]  # those micro-batches, in lmcheck's form
     left: dict[str, torch.Tensor]  # the parameters as the run left them (before any restore)
 
 
@@ -166,6 +180,8 @@ class Session:
         self.costs: dict[str, dict[str, float]] = {}  # check -> seconds and optimizer steps it ran
         self._batches: list[Result] | None = None
         self._first: FirstRun | None = None
+        self._accumulation: Result | None = None  # judged at the first step of the first run
+        self._window: int | None = None  # the first step's calls to judge, where steps were skipped
         self._ranks: dict[str, Result] | None = None
 
     def batch_result(self, index: int) -> Result:
@@ -188,8 +204,8 @@ class Session:
         driver = self.driver
         if not self.supervised:  # only the learning rates are read
             run = driver.run(min(self.budget.steps, 3), phase="first steps", first=True)
-            return FirstRun(run, range(0), [], {})
-        run = driver.run(self.budget.steps, phase="first steps", first=True)
+            return FirstRun(run, range(0), {})
+        run = driver.run(self.budget.steps, phase="first steps", first=True, on_first_step=self._at_first_step)
         first = run.steps[0]
         # k: the fewest calls between two steps. More before the first step means steps were skipped
         # (an AMP loss scaler that met an overflow skips optimizer.step and the gradients are zeroed):
@@ -199,9 +215,27 @@ class Session:
         optimizers = {type(o).__name__ for o, _ in driver.snapshot.objects.values()
                       if isinstance(o, torch.optim.Optimizer)}
         driver.setup["optimizer"] = ", ".join(sorted(optimizers)) or "?"
-        calls = range(first.micro_batches - k, first.micro_batches)
         left = {n: p.detach() for n, p in driver.model.named_parameters()}
-        return FirstRun(run, calls, driver.step_batches(run, calls), left)
+        return FirstRun(run, range(first.micro_batches - k, first.micro_batches), left)
+
+    def _at_first_step(self, batches_of: Callable[[range], list[dict[str, torch.Tensor]]], calls: int,
+                       clip: tuple[float, float] | None) -> None:
+        """At the first optimizer step, before it is taken: the accumulation check, on the step's
+        micro-batches (the last ``window`` calls where steps were skipped before it, else all)."""
+        window = min(self._window or calls, calls)
+        micro_batches = batches_of(range(calls - window, calls))
+        d = self.driver
+        self._accumulation = _isolated("accumulation", lambda: accumulation(
+            d.model, micro_batches, clip, d.max_grad_norm, d.gradient_rtol))
+
+    def accumulation(self) -> Result:
+        first = self.first
+        if first.calls.start > 0:  # steps were skipped before the first: judged again on its last k calls
+            self._window, self._accumulation = len(first.calls), None
+            self.driver.run(1, phase="accumulation", first=True, on_first_step=self._at_first_step)
+        if self._accumulation is None:
+            return Result.not_applicable("accumulation", "no optimizer step of the first run was seen")
+        return self._accumulation
 
     def rank_result(self, name: str) -> Result:
         if self._ranks is None:
@@ -229,12 +263,6 @@ def _loss_matches_reference(s: Session) -> Result:
         return Result.not_applicable("loss_matches_reference", "the batches carry next-token targets, not "
                                      "labels, so the model's own loss is not called")
     return loss_matches_reference(s.driver.model, labels_form(labelled))
-
-
-def _accumulation(s: Session) -> Result:
-    d, first = s.driver, s.first
-    return accumulation(d.model, d.snapshot, first.micro_batches, first.run.steps[0], d.max_grad_norm,
-                        d.gradient_rtol)
 
 
 def _overfits(s: Session) -> Result:
@@ -313,7 +341,7 @@ CHECKS: tuple[Check, ...] = (
     Check("params_update", FIRST_RUN, lambda s: params_update(s.driver.model, s.driver.snapshot, s.first.left,
                                                               len(s.first.run.steps)),
           supervised=True, follows=("gradient_flow", "lr_schedule")),
-    Check("accumulation", FIRST_RUN, _accumulation, supervised=True,
+    Check("accumulation", FIRST_RUN, lambda s: s.accumulation(), supervised=True,
           follows=("batch_supervision", "loss_matches_reference", "gradient_flow")),
     Check("lr_schedule", FIRST_RUN, lambda s: lr_schedule(s.first.run.steps, s.driver.scheduler, s.driver.snapshot,
                                                           s.driver.schedule)),

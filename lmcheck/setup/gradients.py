@@ -22,7 +22,7 @@ from lmcheck._model import (
     token_loss_sum,
 )
 from lmcheck._ranks import gathered, world_size
-from lmcheck._recording import OptimizerStep, Snapshot
+from lmcheck._recording import GradientSeen, OptimizerStep, Snapshot, rng_state, set_rng_state
 from lmcheck.results import Result, headroom_below
 from lmcheck.setup.batches import supervised_count
 from lmcheck.training import Later, gradient_flow_result, params_update_result, zero_weights
@@ -40,19 +40,19 @@ def gradient_flow(model: torch.nn.Module, steps: Sequence[OptimizerStep], snapsh
     first step or soon after: a factor whose partner starts at zero (LoRA's ``lora_A``, PEFT starts
     ``lora_B`` at zero) or a branch behind a zero-initialised gate gets an exactly zero gradient at
     step 1 by design, and trains from step 2."""
-    grads = steps[0].grads or {}
+    seen = steps[0].seen or {}
     flagged = [s for s in steps if s.nonzero is not None]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     later = Later(gates=zero_weights(snapshot.parameters(), set(trainable)))
+    nothing = GradientSeen.of(None)
     for name in trainable:
-        grad = grads.get(name)
-        if grad is None or not bool(grad.any()):
+        if not seen.get(name, nothing).nonzero:
             at = next((s.index for s in flagged[1:] if name in (s.nonzero or ())), None)
             if at is not None:
                 later.found[name] = f"step {at}"
     within = (f"within the first {len(flagged)} optimizer steps" if len(flagged) > 1
               else "at the first optimizer step")
-    return gradient_flow_result(model, {n: grads.get(n) for n in trainable}, later, within=within,
+    return gradient_flow_result(model, {n: seen.get(n, nothing) for n in trainable}, later, within=within,
                                 steps_seen=len(flagged) or 1)
 
 
@@ -100,8 +100,7 @@ def _reference(model: torch.nn.Module, parameters: Sequence[torch.Tensor],
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in parameters] if per_micro else None
     for parameter in parameters:
         parameter.grad = None
-    with no_dropout(model):
-        model.train()
+    with no_dropout(model):  # the modules in the modes the user's step left them
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
@@ -213,10 +212,13 @@ def _user_norm(names: Sequence[str], user: Mapping[str, torch.Tensor | None]) ->
     return math.sqrt(total)
 
 
-def accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: Sequence[Mapping[str, torch.Tensor]],
-                 step: OptimizerStep, max_grad_norm: float | None, rtol: float | None = None) -> Result:
-    """The user's gradient at the first optimizer step against the gradient of the mean loss
-    over every supervised token of its micro-batches, parameter by parameter."""
+def accumulation(model: torch.nn.Module, micro_batches: Sequence[Mapping[str, torch.Tensor]],
+                 clip: tuple[float, float] | None, max_grad_norm: float | None, rtol: float | None = None) -> Result:
+    """At the user's first optimizer step, before it is taken: their update (each parameter's
+    ``.grad`` as the step is about to apply it) against the gradient of the mean loss over every
+    supervised token of the step's micro-batches, computed then, from the same weights, parameter
+    by parameter. The user's gradients are set aside meanwhile (no copy) and put back unchanged,
+    with the random generators. ``clip`` is the step's last ``clip_grad_norm_`` (total, max_norm)."""
     if not micro_batches:
         return Result.not_applicable("accumulation", "no micro-batch of the first step was seen")
     world = world_size()
@@ -225,21 +227,25 @@ def accumulation(model: torch.nn.Module, snapshot: Snapshot, micro_batches: Sequ
         micro_batches = [b for rank_batches in gathered(local) for b in rank_batches]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     parameters = [p for n, p in model.named_parameters() if p.requires_grad]
-    snapshot.restore()
+    user = {n: p.grad for n, p in zip(names, parameters, strict=True)}
+    state = rng_state()
     try:
-        return _accumulation(model, names, parameters, micro_batches, step, max_grad_norm, rtol, world)
+        return _accumulation(model, names, parameters, micro_batches, user, clip, max_grad_norm, rtol, world)
     finally:
-        snapshot.restore()  # the reference's gradients and sums go
+        for name, parameter in zip(names, parameters, strict=True):
+            parameter.grad = user[name]  # the user's own tensors: the step applies what it was to apply
+        set_rng_state(state)
 
 
 def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequence[torch.Tensor],
-                  micro_batches: Sequence[Mapping[str, torch.Tensor]], step: OptimizerStep,
-                  max_grad_norm: float | None, rtol: float | None, world: int) -> Result:
+                  micro_batches: Sequence[Mapping[str, torch.Tensor]], user_grads: Mapping[str, torch.Tensor | None],
+                  clip: tuple[float, float] | None, max_grad_norm: float | None, rtol: float | None,
+                  world: int) -> Result:
     name = "accumulation"
     reference = _reference(model, parameters, micro_batches)
     if isinstance(reference, Result):
         return reference
-    k, counts, user_grads = len(micro_batches), reference.counts, step.grads or {}
+    k, counts = len(micro_batches), reference.counts
     sides = _Sides(names, parameters, user_grads, sum(counts))
     if not any(p.grad is not None and bool(p.grad.any()) for p in parameters):
         return Result.not_applicable(name, f"the gradient of the mean loss over the first step's {k} micro-batches "
@@ -251,7 +257,7 @@ def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequ
             return non_finite_result(name, f"the gradient at the user's first optimizer step is not finite: "
                                            f"{parameter_name} {found}")
     user_norm = _user_norm(names, user_grads)
-    clipped_by = _clipped_by(step.clip, user_norm, tol)
+    clipped_by = _clipped_by(clip, user_norm, tol)
     if clipped_by is not None:  # seen through the clipping: the update before it is compared
         sides.divisor = clipped_by
     compared = sides.compared()
@@ -265,7 +271,7 @@ def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequ
     metrics.update(scale=scale, residual=residual, relative_error=compared.error)
     counted = (f"{k} micro-batch{'es' if k > 1 else ''}" + (f" of {world} ranks" if world > 1 else "")
                + f" supervising {', '.join(map(str, counts))} tokens")
-    passed, explanation = _judged(model, sides, compared, reference, micro_batches, step, counted,
+    passed, explanation = _judged(model, sides, compared, reference, micro_batches, clip, counted,
                                   scale, residual, tol, max_grad_norm, clipped_by)
     return Result(name=name, passed=passed, metrics=metrics, threshold=tol,
                   headroom=headroom_below(residual if passed and abs(scale - 1) > tol else compared.error, tol),
@@ -273,7 +279,7 @@ def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequ
 
 
 def _judged(model: torch.nn.Module, sides: _Sides, compared: _Compared, reference: _Reference,
-            micro_batches: Sequence[Mapping[str, torch.Tensor]], step: OptimizerStep, counted: str,
+            micro_batches: Sequence[Mapping[str, torch.Tensor]], clip_seen: tuple[float, float] | None, counted: str,
             scale: float, residual: float, tol: float, max_grad_norm: float | None,
             clipped_by: float | None) -> tuple[bool, str]:
     """(passed, explanation) of the user's update against the mean-loss gradient."""
@@ -288,7 +294,7 @@ def _judged(model: torch.nn.Module, sides: _Sides, compared: _Compared, referenc
                       + ("" if unequal or k == 1 else "; the counts are equal, so a per-micro-batch "
                          "mean could not be told apart: give batches of unequal length")
                       + (f"; compared before clip_grad_norm_, which clipped it by {clipped_by:.3g} to "
-                         f"norm {step.clip[1]:g}" if clipped_by is not None and step.clip else ""))
+                         f"norm {clip_seen[1]:g}" if clipped_by is not None and clip_seen else ""))
     if residual <= tol:
         causes = []
         if k > 1 and abs(scale - k) <= 10 * tol * k:
@@ -310,9 +316,9 @@ def _judged(model: torch.nn.Module, sides: _Sides, compared: _Compared, referenc
                                                        " (and the step does not clip)" if not clipping else ""))
     else:
         explanation = _not_the_mean_loss(model, sides, compared, micro_batches, counted, tol, unequal)
-    if clipped_by is not None and step.clip:
-        explanation += (f" (seen through the clipping: the step's clip_grad_norm_ measured {step.clip[0]:.4g} and "
-                        f"clipped to {step.clip[1]:g})")
+    if clipped_by is not None and clip_seen:
+        explanation += (f" (seen through the clipping: the step's clip_grad_norm_ measured {clip_seen[0]:.4g} and "
+                        f"clipped to {clip_seen[1]:g})")
     return False, explanation
 
 

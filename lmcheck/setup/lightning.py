@@ -20,6 +20,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,7 +41,14 @@ from lmcheck.setup.batches import (
     note_changed_ids,
     take,
 )
-from lmcheck.setup.battery import DISTRIBUTED_CHECKS, Progress, Run, run_battery
+from lmcheck.setup.battery import (
+    DISTRIBUTED_CHECKS,
+    FirstStep,
+    Progress,
+    Run,
+    first_step_hook,
+    run_battery,
+)
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, loop_epochs
 from lmcheck.setup.report import SetupReport
@@ -184,18 +192,21 @@ class LightningDriver:
         return [self.convert(b, i) for i, b in enumerate(self.batches[:count])]
 
     def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
-            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None,
+            on_first_step: FirstStep | None = None) -> Run:
         """``fit`` from the saved state until ``steps`` optimizer steps, on the first batches (or
         those ``batches`` index), in order, each epoch whole accumulation windows."""
         import lightning.pytorch as pl
 
         self.snapshot.restore()
-        recorder = Recorder(self.model, grad_steps=int(first), flag_steps=steps if first else 0,
-                            peak_lrs=peak_lrs, on_first_sight=self._first_sight)
+        run = Run([], [], [])
+        recorder = Recorder(self.model, grad_steps=0, seen_steps=int(first), flag_steps=steps if first else 0,
+                            peak_lrs=peak_lrs, on_first_sight=self._first_sight,
+                            at_first_step=first_step_hook(on_first_step, partial(self.step_batches, run)))
+        run.steps = recorder.steps
         order = list(batches) if batches is not None else list(range(len(self.batches)))
         # Lightning steps on an epoch's last, partial window too: whole windows only
         feed_index = [order[j % len(order)] for j in range(len(order) * self.accumulate)]
-        run = Run(recorder.steps, [], [])
         module = self.module
         quiet_dropout = no_dropout(self.model) if first else contextlib.nullcontext()
         with tempfile.TemporaryDirectory(prefix="lmcheck-setup-") as folder, _lightning_quiet(), \
@@ -226,12 +237,12 @@ class LightningDriver:
 
         def training_step(batch: Any, batch_idx: int, *rest: Any, **kwargs: Any) -> Any:
             recorder.calls += 1
+            run.batches.append(feed_index[batch_idx % len(feed_index)])  # before: the first step's check reads it
             before = ids_copy(batch)
             out = original(batch, batch_idx, *rest, **kwargs)
             note_changed_ids(changed, before, ids_copy(batch), f"micro-batch {recorder.calls}")
             loss = out.get("loss") if isinstance(out, Mapping) else out
             run.losses.append(loss_value(loss, f"the module's training_step on micro-batch {recorder.calls}"))
-            run.batches.append(feed_index[batch_idx % len(feed_index)])
             return out
 
         return training_step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -29,7 +30,7 @@ from lmcheck.setup.batches import (
     put_ids_back,
     take,
 )
-from lmcheck.setup.battery import Progress, Run, run_battery
+from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
 from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
 from lmcheck.setup.report import SetupReport
 from lmcheck.setup.seeds import evaluate_twice, rebuilt, seeding
@@ -182,14 +183,17 @@ class LoopDriver:
                                       "batches seen": len(self.batches)}
 
     def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
-            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None) -> Run:
+            peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None,
+            on_first_step: FirstStep | None = None) -> Run:
         """Restore the saved state, then call ``train_step`` on the batches (cycling) until
         ``steps`` optimizer steps were taken; ``after_step(n)`` may stop the run early."""
         self.snapshot.restore()
-        recorder = Recorder(self.model, grad_steps=int(first), flag_steps=steps if first else 0,
-                            peak_lrs=peak_lrs, on_first_sight=self.snapshot.add)
+        run = Run([], [], [])
+        recorder = Recorder(self.model, grad_steps=0, seen_steps=int(first), flag_steps=steps if first else 0,
+                            peak_lrs=peak_lrs, on_first_sight=self.snapshot.add,
+                            at_first_step=first_step_hook(on_first_step, partial(self.step_batches, run)))
+        run.steps = recorder.steps
         order = list(batches) if batches is not None else list(range(len(self.batches)))
-        run = Run(recorder.steps, [], [])
         quiet = no_dropout(self.model) if first else contextlib.nullcontext()
         with recorder.active(), quiet:
             while len(recorder.steps) < steps:
@@ -197,8 +201,8 @@ class LoopDriver:
                 index = order[len(run.batches) % len(order)]
                 done = len(recorder.steps)
                 recorder.calls += 1
+                run.batches.append(index)  # before the call: the first step's check reads it
                 run.losses.append(self._call(index))
-                run.batches.append(index)
                 if len(recorder.steps) > done:
                     if self.progress is not None:
                         self.progress(phase, len(recorder.steps), steps)

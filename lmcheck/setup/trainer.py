@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from lmcheck.setup.batches import (
     note_changed_ids,
     take,
 )
-from lmcheck.setup.battery import Progress, Run, run_battery
+from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, dataset_keys, epoch_keys
 from lmcheck.setup.report import SetupReport
@@ -197,7 +198,7 @@ class TrainerDriver:
 
     def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
             peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None,
-            seed: int | None = None) -> Run:
+            on_first_step: FirstStep | None = None, seed: int | None = None) -> Run:
         """``trainer.train()`` from the saved state until ``steps`` optimizer steps; ``batches``
         (indices into the overfitting batches) limits the train set to their examples; ``seed``
         replaces ``args.seed`` and seeds the generators with it. The first run turns clipping and
@@ -206,10 +207,12 @@ class TrainerDriver:
         trainer = self.trainer
         for name in ("optimizer", "lr_scheduler"):
             setattr(trainer, name, self.saved.attributes[name])
-        recorder = Recorder(self.model, grad_steps=int(first), flag_steps=steps if first else 0,
-                            peak_lrs=peak_lrs, on_first_sight=self._first_sight)
-        run = Run(recorder.steps, [], [])
+        run = Run([], [], [])
         self.seen = []
+        recorder = Recorder(self.model, grad_steps=0, seen_steps=int(first), flag_steps=steps if first else 0,
+                            peak_lrs=peak_lrs, on_first_sight=self._first_sight,
+                            at_first_step=first_step_hook(on_first_step, partial(self.step_batches, run)))
+        run.steps = recorder.steps
         changes = _changes(steps, first, batches, seed)
         quiet_dropout = no_dropout(self.model) if first else contextlib.nullcontext()
         with tempfile.TemporaryDirectory(prefix="lmcheck-setup-") as output_dir, \
