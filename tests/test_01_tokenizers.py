@@ -92,7 +92,7 @@ def test_chunking_keeps_only_full_blocks_and_reports_the_rest(gpt2_tokenizer, wi
     assert stats.tokens_kept + stats.tokens_dropped == stats.tokens_total
     # each document loses at most one partial block
     assert 0 < stats.tokens_dropped < 128 * stats.documents
-    # the README quotes these numbers for the default split's 50 training documents
+    # docs/tutorial/tokenizers.md quotes these numbers for the default split's 50 training documents
     assert stats.documents == 50
     assert (stats.chunks, stats.tokens_kept, stats.tokens_dropped) == (2_266, 290_048, 2_906)
 
