@@ -27,6 +27,7 @@ from torch.optim.optimizer import (
 )
 
 from lmcheck._finite import locate
+from lmcheck._ranks import local
 
 __all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "rng_state", "set_rng_state"]
 
@@ -79,7 +80,7 @@ class Recorder:
     """
 
     model: torch.nn.Module
-    grad_steps: int = 1
+    grad_steps: int = 0
     seen_steps: int = 0
     flag_steps: int = 0
     peak_lrs: tuple[float, ...] | None = None
@@ -239,7 +240,7 @@ class Snapshot:
     @torch.no_grad()
     def restore(self) -> None:
         for key, value in self.model.state_dict(keep_vars=True).items():
-            _local(value).copy_(self.state[key])
+            local(value).copy_(self.state[key])
         for name, parameter in self.model.named_parameters():
             saved = self.grads[name]
             parameter.grad = None if saved is None else saved.to(parameter.device, copy=True)
@@ -257,17 +258,11 @@ class Snapshot:
 
 def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A detached copy on the CPU (pinned where CUDA is present; this rank's shard of a DTensor)."""
-    tensor = _local(tensor.detach())
+    tensor = local(tensor.detach())
     if tensor.is_cuda:
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
         return out.copy_(tensor)
     return tensor.to("cpu", copy=True)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _on_cpu(value: Any) -> Any:

@@ -182,15 +182,19 @@ class _Sides:
                 out.worst = (error, f"{name} (relative error {error:.3g})")
         return out
 
-    def fit(self, *, micro: bool = False) -> tuple[float, float]:
+    def fit(self, *, micro: bool = False, known: _Compared | None = None) -> tuple[float, float]:
         """(scale s, residual) of the user's update as s times the mean-loss gradient (or, with
         ``micro``, the per-micro-batch sum): |u - s d| / |u|, computed directly, not from the
-        dot products, so that a small residual is not lost to cancellation."""
-        uu = ud = dd = 0.0
-        for index in range(len(self.names)):
-            for u, c, m in self.chunks(index):
-                d = m if micro and m is not None else c
-                uu, ud, dd = uu + float(torch.dot(u, u)), ud + float(torch.dot(u, d)), dd + float(torch.dot(d, d))
+        dot products, so that a small residual is not lost to cancellation. ``known``: the
+        mean-loss gradient's dot products, already summed by :meth:`compared`."""
+        if known is not None and not micro:
+            uu, ud, dd = known.uu, known.uc, known.cc
+        else:
+            uu = ud = dd = 0.0
+            for index in range(len(self.names)):
+                for u, c, m in self.chunks(index):
+                    d = m if micro and m is not None else c
+                    uu, ud, dd = uu + float(torch.dot(u, u)), ud + float(torch.dot(u, d)), dd + float(torch.dot(d, d))
         if dd == 0:
             return 0.0, float("inf")
         scale = ud / dd
@@ -267,7 +271,7 @@ def _accumulation(model: torch.nn.Module, names: Sequence[str], parameters: Sequ
     if clipped_by is not None:
         metrics.update(clip_coefficient=clipped_by, user_norm_before_clipping=math.sqrt(compared.uu))
         max_grad_norm = 0.0
-    scale, residual = sides.fit()
+    scale, residual = sides.fit(known=compared)
     metrics.update(scale=scale, residual=residual, relative_error=compared.error)
     counted = (f"{k} micro-batch{'es' if k > 1 else ''}" + (f" of {world} ranks" if world > 1 else "")
                + f" supervising {', '.join(map(str, counts))} tokens")

@@ -104,8 +104,8 @@ def check_lightning(
         if value is not None:
             check_callable(value, argument, "a function")
     lm = _language_model(module, model)
-    driver = LightningDriver(trainer, module, lm, _train_loader(module, datamodule), as_batch, progress, budget)
-    driver.tokenizer, driver.rebuild, driver.seed = tokenizer, rebuild, seed
+    driver = LightningDriver(trainer, module, lm, _train_loader(module, datamodule), as_batch, progress, budget,
+                             tokenizer=tokenizer, rebuild=rebuild, seed=seed)
     return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
 
 
@@ -135,7 +135,8 @@ class LightningDriver:
     """Runs ``fit`` of the user's module on a Trainer made like theirs, watched and then undone."""
 
     def __init__(self, trainer: Any, module: Any, model: torch.nn.Module, loader: Any, as_batch: Any,
-                 progress: Progress | None, budget: SetupBudget) -> None:
+                 progress: Progress | None, budget: SetupBudget, *, tokenizer: Any = None,
+                 rebuild: Callable[[int], Any] | None = None, seed: int = 0) -> None:
         self.user_trainer, self.module, self.model, self.loader = trainer, module, model, loader
         self.progress = progress
         self.accumulate = int(trainer.accumulate_grad_batches)
@@ -151,11 +152,9 @@ class LightningDriver:
         self.convert = converter(as_batch)
         self.lm_batches = [self.convert(b, i) for i, b in enumerate(self.batches[:8])]
         self.calls = min(budget.steps, 3)  # the first losses the reproducibility check compares
-        self.tokenizer: Any = None
+        self.tokenizer, self.rebuild, self.seed = tokenizer, rebuild, seed
         self.collator = getattr(loader, "collate_fn", None)
         self.schedule: Callable[[int], float] | None = None
-        self.rebuild: Callable[[int], Any] | None = None
-        self.seed = 0
         self.module_attributes = dict(vars(module))
         self.snapshot = Snapshot(model)
         self.curve = LossCurve()

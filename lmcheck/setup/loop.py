@@ -117,13 +117,12 @@ def check_loop(
     put_back = loader_state(loader)  # reading batches advances a DataLoader's generator
     try:
         driver = LoopDriver(model, train_step, loader, budget, scheduler=scheduler, stateful=tuple(stateful),
-                            as_batch=as_batch, progress=progress, put_back=put_back)
+                            as_batch=as_batch, progress=progress, put_back=put_back, tokenizer=tokenizer,
+                            schedule=schedule, max_grad_norm=max_grad_norm, evaluate=evaluate, rebuild=rebuild,
+                            seed=seed, batches_of_epoch=batches_of_epoch, sampling=sampling)
     except BaseException:
         put_back()
         raise
-    driver.tokenizer, driver.schedule, driver.max_grad_norm = tokenizer, schedule, max_grad_norm
-    driver.evaluate, driver.rebuild, driver.seed = evaluate, rebuild, seed
-    driver.batches_of_epoch, driver.sampling = batches_of_epoch, sampling
     return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
 
 
@@ -157,7 +156,12 @@ class LoopDriver:
 
     def __init__(self, model: torch.nn.Module, train_step: Callable[[Any], Any], loader: Iterable[Any],
                  budget: SetupBudget, *, scheduler: Any, stateful: tuple[Any, ...], as_batch: Any,
-                 progress: Progress | None, put_back: Callable[[], None]) -> None:
+                 progress: Progress | None, put_back: Callable[[], None], tokenizer: Any = None,
+                 schedule: Callable[[int], float] | None = None, max_grad_norm: float | None = None,
+                 evaluate: Callable[[], float] | None = None, rebuild: Callable[[int], Any] | None = None,
+                 seed: int = 0, batches_of_epoch: Callable[[int], Iterable[Any]] | None = None,
+                 sampling: str = "epochs") -> None:
+        """The options are check_loop's, checked there."""
         self.user_model, self.model = model, unwrap_parallel(model)
         self.train_step, self.loader, self.as_batch = train_step, loader, as_batch
         self.batches = take(loader, max(budget.steps * 8, budget.overfit_batches, 8), "batches")
@@ -169,15 +173,10 @@ class LoopDriver:
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
         self.collator = getattr(loader, "collate_fn", None)
-        self.tokenizer: Any = None
-        self.schedule: Callable[[int], float] | None = None
-        self.max_grad_norm: float | None = None
+        self.tokenizer, self.schedule, self.max_grad_norm = tokenizer, schedule, max_grad_norm
         self.gradient_rtol: float | None = None
-        self.evaluate: Callable[[], float] | None = None
-        self.rebuild: Callable[[int], Any] | None = None
-        self.seed = 0
-        self.batches_of_epoch: Callable[[int], Iterable[Any]] | None = None
-        self.sampling = "epochs"
+        self.evaluate, self.rebuild, self.seed = evaluate, rebuild, seed
+        self.batches_of_epoch, self.sampling = batches_of_epoch, sampling
         self.setup: dict[str, Any] = {"kind": "plain loop", "model": type(self.model).__name__,
                                       "dtype": str(parameter_dtype(self.model)).replace("torch.", ""),
                                       "batches seen": len(self.batches)}

@@ -141,7 +141,7 @@ class TrainerDriver:
         self.tokenizer, self.collator = trainer.processing_class, trainer.data_collator
         self.curve = LossCurve()
         self.changed_inputs: list[str] = []
-        self.seen: list[dict[str, torch.Tensor]] = []  # the last run's micro-batches (64 at most)
+        self.seen: list[dict[str, torch.Tensor]] = []  # the first run's micro-batches (64 at most)
         self.scheduler: Any = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
         try:
             self.loader_batches = self._first_batches(max(budget.overfit_batches, 8))
@@ -242,7 +242,7 @@ class TrainerDriver:
         smoother and a collator giving unequal lengths; all put back afterwards."""
         trainer = self.trainer
         dataset, collator, smoother = trainer.train_dataset, trainer.data_collator, trainer.label_smoother
-        trainer.training_step = self._recording_step(recorder, run)
+        trainer.training_step = self._recording_step(recorder, run, keep=first)
         if batches is not None:
             # the examples overfit_batches collated: under DDP each rank holds only its share of them
             trainer.train_dataset = subset(dataset, self.overfit_examples or
@@ -256,13 +256,15 @@ class TrainerDriver:
             trainer.train_dataset, trainer.data_collator, trainer.label_smoother = dataset, collator, smoother
             del trainer.training_step
 
-    def _recording_step(self, recorder: Recorder, run: Run) -> Callable[..., Any]:
+    def _recording_step(self, recorder: Recorder, run: Run, *, keep: bool) -> Callable[..., Any]:
+        """The Trainer's training step, counted, its loss and changes to its ids noted; with
+        ``keep``, its first 64 micro-batches copied (the first step's check reads them)."""
         original = self.trainer.training_step
         changed, seen = self.changed_inputs, self.seen
 
         def training_step(model: Any, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
             recorder.calls += 1
-            if len(seen) < 64:
+            if keep and len(seen) < 64:
                 seen.append({k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
             before = ids_copy(inputs)
             loss = original(model, inputs, *rest, **kwargs)
