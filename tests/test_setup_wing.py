@@ -286,3 +286,33 @@ def test_a_check_that_runs_out_of_memory_is_not_applicable_and_the_rest_run(tok,
     assert report["accumulation"].status == "n/a"
     assert "ran out of memory (OutOfMemoryError: CUDA out of memory" in report["accumulation"].skip_reason
     assert report["gradient_flow"].status == "pass"
+
+
+def test_the_liveness_count_sees_a_check_that_keeps_its_copies(tok, monkeypatch):
+    """The negative control of the test above: a battery that keeps its driver (and so its
+    snapshot) alive leaves model-sized tensors behind, and the count finds them."""
+    import gc
+
+    import lmcheck.setup.loop as loop_module
+
+    kept: list[Any] = []
+
+    def keeping(driver: Any, *args: Any, **kwargs: Any) -> Any:
+        kept.append(driver)
+        return battery.run_battery(driver, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "run_battery", keeping)
+    net = setups.model(tok)
+    loop = setups.Loop(net)
+    floor = max(p.numel() for p in net.parameters())
+    gc.collect()
+    before = {id(t) for t in _large_tensors(floor)}
+    gc.disable()
+    try:
+        check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
+                   max_grad_norm=1.0, steps=4, overfit_steps=5)
+        left = [t for t in _large_tensors(floor) if id(t) not in before]
+    finally:
+        gc.enable()
+    assert kept
+    assert left, "the snapshot kept by the driver should be found alive"
