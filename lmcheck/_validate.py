@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcheck.errors import InputError, ModelError
+
+# a function named for import: package.module:function
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 if TYPE_CHECKING:  # only for annotations: transformers is imported where first needed
     from transformers import PreTrainedTokenizerBase
@@ -105,6 +109,23 @@ def check_path(value: object, argument: str) -> Path:
 def check_callable(value: object, argument: str, expected: str) -> Callable[..., Any]:
     if not callable(value) or isinstance(value, torch.Tensor):
         raise InputError(f"'{argument}' must be {expected} (got {describe(value)})")
+    return value
+
+
+def check_checkpoint(value: object, argument: str) -> tuple[Callable[[str], Any], Callable[[str], Any]]:
+    """A ``(save, load)`` pair of functions of a folder; else InputError."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2 \
+            or not all(callable(f) for f in value):
+        raise InputError(f"'{argument}' must be (save, load): two functions of a folder, save(folder) writing the "
+                         f"setup's state into it and load(folder) reading it back (got {describe(value)})")
+    return value[0], value[1]
+
+
+def check_factory(value: object, argument: str = "factory") -> str:
+    """An importable ``package.module:function`` name; else InputError."""
+    if not isinstance(value, str) or FACTORY.match(value) is None:
+        raise InputError(f"'{argument}' must name the function that builds the setup as package.module:function "
+                         f"(got {describe(value)})")
     return value
 
 

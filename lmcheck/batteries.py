@@ -31,7 +31,6 @@ import dataclasses
 import importlib
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmcheck._finite import probe
-from lmcheck._validate import describe
+from lmcheck._validate import FACTORY, describe
 from lmcheck.causal import causality, greedy_matches_generate, kv_cache_matches_full
 from lmcheck.cloze import cloze_cases
 from lmcheck.corpus import load_documents, split_documents
@@ -210,7 +209,6 @@ def run_checks(
                             cloze_threshold=cloze_threshold))
 
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def load_model_for_checks(
@@ -231,7 +229,7 @@ def load_model_for_checks(
     if not isinstance(spec, str) or not spec:
         raise InputError(f"'model' must be a folder, a cached model name or package.module:function "
                          f"(got {describe(spec)})")
-    if _FACTORY.match(spec) and not os.path.exists(spec):
+    if FACTORY.match(spec) and not os.path.exists(spec):
         model, found = _from_factory(spec)
         if found is None:
             found = load_tokenizer(tokenizer or "gpt2")
@@ -302,7 +300,7 @@ _SETUP = "training setup"
 _LOOP_REQUIRED = ("model", "train_step", "batches")
 
 
-def load_setup(spec: str) -> tuple[Any, Callable[[int], Any] | None]:
+def load_setup(spec: str, *, seed: int | None = None) -> tuple[Any, Callable[[int], Any] | None]:
     """The user's training setup, from their function ``package.module:function``.
 
     The function returns a ``transformers.Trainer``, ``(model, train_step, batches)``, or a mapping
@@ -311,7 +309,8 @@ def load_setup(spec: str) -> tuple[Any, Callable[[int], Any] | None]:
     ``as_batch``, ...). Returns ``(setup, rebuild)``: the Trainer, or a dict of check_loop's
     arguments; and, where the function has a parameter named ``seed``, ``rebuild(seed)``, which
     calls ``function(seed=seed)`` and checks what it returns the same way (else None). A function
-    whose ``seed`` has no default is first called with ``seed=0``. A loop's dict, where the
+    whose ``seed`` has no default is first called with ``seed=0``; with ``seed`` given, the
+    function is called with it (it must take one). A loop's dict, where the
     function takes a ``seed``, holds ``seed``: its default (else 0), the one check_loop rebuilds
     with (and with the next).
 
@@ -319,22 +318,26 @@ def load_setup(spec: str) -> tuple[Any, Callable[[int], Any] | None]:
         InputError: ``spec`` is not ``package.module:function``, its import fails, the function
             raises or returns something else (one line that names ``spec``).
     """
-    if not isinstance(spec, str) or not _FACTORY.match(spec):
+    if not isinstance(spec, str) or not FACTORY.match(spec):
         raise InputError(f"the training setup must be named as package.module:function, a function "
                          f"returning a transformers.Trainer, (model, train_step, batches) or a "
                          f"mapping of check_loop's arguments (got {describe(spec)})")
     function = _import_function(spec, _SETUP)
-    seed = _seed_parameter(function)
-    first = {"seed": 0} if seed is not None and seed.default is inspect.Parameter.empty else {}
+    parameter = _seed_parameter(function)
+    first = {"seed": 0} if parameter is not None and parameter.default is inspect.Parameter.empty else {}
+    if seed is not None:
+        if parameter is None:
+            raise InputError(f"training setup {spec!r} takes no seed, so it cannot be built with seed {seed}")
+        first = {"seed": seed}
     setup = _setup_value(spec, _call_function(spec, _SETUP, function, **first))
-    if seed is None:
+    if parameter is None:
         return setup, None
 
     def rebuild(value: int) -> Any:
         return _setup_value(spec, _call_function(spec, _SETUP, function, seed=value))
 
     if not is_trainer(setup) and "trainer" not in setup and "seed" not in setup:  # the seed check_loop gives rebuild
-        default = seed.default
+        default = seed if seed is not None else parameter.default
         setup["seed"] = default if isinstance(default, int) and not isinstance(default, bool) else 0
     return setup, rebuild
 
@@ -358,13 +361,14 @@ def run_setup_checks(spec: str, *, progress: Callable[[str, int, int], None] | N
         raise InputError(f"unknown setup-check option {unknown[0]!r}: the options are "
                          f"{', '.join(_SETUP_OPTIONS)}")
     setup, rebuild = load_setup(spec)
+    factory = spec if rebuild is not None else None  # a fresh process builds the resumed runs with it
     if is_trainer(setup):
-        return check_trainer(setup, rebuild=rebuild, progress=progress, **options)
+        return check_trainer(setup, rebuild=rebuild, progress=progress, factory=factory, **options)
     if "trainer" in setup:  # the Trainer and the budget its function chose; options take precedence
         chosen = {k: v for k, v in setup.items() if k != "trainer"}
         return check_trainer(setup["trainer"], rebuild=_trainer_of(rebuild), progress=progress,
-                             **{**chosen, **options})
-    arguments = {**setup, **options}
+                             factory=factory, **{**chosen, **options})
+    arguments = {"factory": factory, **setup, **options}
     if rebuild is not None and "rebuild" not in setup:
         arguments["rebuild"] = rebuild
     return check_loop(**arguments, progress=progress)

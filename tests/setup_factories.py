@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 import setups
+import torch
 from transformers import Trainer
 
 # the Trainer's output_dir: lmcheck's runs go to a temporary folder, so nothing is written here
@@ -60,3 +61,31 @@ def unknown_key() -> dict[str, Any]:
 def trainer_with_budget(seed: int = 0) -> dict[str, Any]:
     """A Trainer and the budget its author chose for it."""
     return {"trainer": trainer(seed), "overfit_steps": 3, "check_every": 1}
+
+
+def resumable_loop(seed: int = 0) -> dict[str, Any]:
+    """A plain loop that checkpoints and resumes exactly (dropout, accumulation, a GradScaler)."""
+    return setups.ResumableLoop(seed).setup()
+
+
+def resumable_trainer(seed: int = 0) -> Trainer:
+    """A healthy Trainer with dropout on, over 24 examples: the resume check cuts its epochs short."""
+    tok = setups.tokenizer()
+    return setups.trainer(tok, OUTPUT_DIR, seed=seed, dropout=0.1, data=setups.examples(tok, 24))
+
+
+# each epoch's order, drawn from one generator the first time the epoch is asked for and kept in
+# this process's memory only: every run in one process sees the same orders, a fresh process others
+_ORDERS: dict[int, list[int]] = {}
+_DRAWS = torch.Generator().manual_seed(0)
+
+
+def _order_in_memory(epoch: int, count: int) -> list[int]:
+    if epoch not in _ORDERS:
+        _ORDERS[epoch] = torch.randperm(count, generator=_DRAWS).tolist()
+    return _ORDERS[epoch]
+
+
+def resumable_loop_order_in_memory(seed: int = 0) -> dict[str, Any]:
+    """The resumable loop whose data order lives in a module-level cache nobody saves."""
+    return setups.ResumableLoop(seed, order=_order_in_memory).setup()

@@ -9,8 +9,9 @@ memorizes a handful of batches in tens of steps.
 from __future__ import annotations
 
 import math
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -164,3 +165,92 @@ def trainer(tok: PreTrainedTokenizerFast, output_dir: str, *, seed: int = 0, acc
 
 def ln(vocab: int) -> float:
     return math.log(vocab)
+
+
+class ResumableLoop:
+    """A healthy plain loop that checkpoints and resumes exactly, as a careful user writes one:
+    fixed-length chunks of text (so the mean loss of a micro-batch, divided by k, is the step's
+    mean), dropout on, accumulation over ``accumulate`` micro-batches counted across epochs, an
+    AMP GradScaler (on the CPU), a warmup schedule, a new order each epoch, and a checkpoint that
+    holds the model, the optimizer, the scheduler, the scaler, the torch generator and how many
+    micro-batches were trained (where the data is: the first epoch after a resume skips what
+    was trained). ``fault`` names one documented resume bug to put in it instead."""
+
+    def __init__(self, seed: int = 0, *, fault: str | None = None, accumulate: int = 2, count: int = 20,
+                 batch_size: int = 4, dropout: float = 0.1,
+                 order: Callable[[int, int], list[int]] | None = None) -> None:
+        self.tok = tokenizer()
+        stream = [i for e in examples(self.tok, 2 * count) for i in e["input_ids"]]
+        self.data = [{"input_ids": stream[12 * i:12 * (i + 1)]} for i in range(count)]
+        self.collate = collator(self.tok)
+        self.model = model(self.tok, seed=seed, dropout=dropout)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
+        self.scheduler = warmup(self.optimizer)
+        # the scale doubles every 2 steps without an overflow: its state changes as the run goes
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        self.seed, self.fault, self.accumulate, self.batch_size = seed, fault, accumulate, batch_size
+        self.order = order or (lambda epoch, n: torch.randperm(
+            n, generator=torch.Generator().manual_seed(1000 * self.seed + epoch)).tolist())
+        self.calls = 0  # micro-batches trained: where the data is
+        self.steps = 0
+        self.resume_at: int | None = None  # after a load: the micro-batches trained before it
+
+    def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """What the loop does at an epoch's start, then the epoch's batches not trained yet."""
+        if self.fault == "zero_grad_each_epoch":  # ultralytics PR #11217: the partial accumulation is lost
+            self.optimizer.zero_grad(set_to_none=True)
+        order = self.order(epoch, len(self.data))
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        done = 0
+        if self.resume_at is not None:  # the epoch the resume falls in: its batches trained before it skipped
+            done, self.resume_at = self.resume_at - epoch * len(chunks), None
+        for chunk in chunks[max(done, 0):]:
+            yield self.collate([self.data[i] for i in chunk])
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.train()
+        loss = self.model(**batch).loss / self.accumulate
+        self.scaler.scale(loss).backward()
+        self.calls += 1
+        if self.calls % self.accumulate == 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps += 1
+        return loss.detach()
+
+    def save(self, folder: str) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": torch.get_rng_state(), "calls": self.calls, "steps": self.steps}
+        for fault, key in (("no_scheduler", "scheduler"), ("no_scaler", "scaler"), ("no_rng", "rng")):
+            if self.fault == fault:
+                del state[key]
+        torch.save(state, os.path.join(folder, "state.pt"))
+
+    def load(self, folder: str) -> None:
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+        self.model.load_state_dict(state["model"])
+        if self.fault != "adam_reset":  # Adam's moments left at zero (Megatron-Bridge PR #3832)
+            self.optimizer.load_state_dict(state["optimizer"])
+        for key, item in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if key in state:
+                item.load_state_dict(state[key])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        self.calls, self.steps = state["calls"], state["steps"]
+        self.resume_at = self.calls
+        per_epoch = -(-len(self.data) // self.batch_size)
+        if self.fault == "restart_epoch":  # the loader starts the epoch again: its first batches replayed
+            self.resume_at -= self.calls % per_epoch
+        if self.fault == "skip_steps":  # skips global_step batches, not global_step x k (transformers #5605)
+            self.resume_at = self.steps
+
+    def setup(self) -> dict[str, Any]:
+        """check_loop's arguments for this loop."""
+        return {"model": self.model, "train_step": self.step, "batches": self.batches,
+                "checkpoint": (self.save, self.load), "scheduler": self.scheduler, "stateful": [self.scaler],
+                "tokenizer": self.tok, "max_grad_norm": 1.0}

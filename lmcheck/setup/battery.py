@@ -47,6 +47,7 @@ from lmcheck.setup.overfit import (
     sums_micro_batches,
 )
 from lmcheck.setup.report import SetupReport
+from lmcheck.setup.resume import Resumable, resume
 from lmcheck.setup.schedule import lr_schedule, peak_lrs
 from lmcheck.setup.seeds import eval_deterministic, reproducible
 from lmcheck.training import loss_at_init, loss_matches_reference
@@ -140,6 +141,10 @@ class Driver(Protocol):
 
     def rank_checks(self) -> list[Result]:
         """Under torchrun: the results of :data:`DISTRIBUTED_CHECKS`, in that order."""
+        ...
+
+    def resumable(self) -> Resumable | str:
+        """The runs of the ``resume`` check, or why it does not apply."""
         ...
 
     def restore(self) -> None:
@@ -351,6 +356,8 @@ CHECKS: tuple[Check, ...] = (
     Check("data_order", AFTER_THE_RUNS, lambda s: data_order(s.driver.epochs())),
     Check("reproducible", AFTER_THE_RUNS, _reproducible, supervised=True, follows=("gradient_flow",)),
     Check("eval_deterministic", AFTER_THE_RUNS, _eval_deterministic, supervised=True),
+    Check("resume", AFTER_THE_RUNS, lambda s: resume(s.driver.resumable()), supervised=True,
+          follows=("reproducible",)),
     # last: after every other run, a Trainer must still sync its ranks
     Check("grads_synchronized", RANKS, lambda s: s.rank_result("grads_synchronized")),
     Check("data_sharding", RANKS, lambda s: s.rank_result("data_sharding")),

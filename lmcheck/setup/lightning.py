@@ -280,6 +280,10 @@ class LightningDriver:
         return [Result.not_applicable(name, "check_lightning runs Lightning's fit on one device; under torchrun "
                                       "use check_loop or check_trainer") for name in DISTRIBUTED_CHECKS]
 
+    def resumable(self) -> str:
+        return ("check_lightning does not drive Lightning's checkpointing yet: the resume check runs on "
+                "check_trainer and check_loop")
+
 
 def _stopper(recorder: Recorder, steps: int, phase: str, after_step: Callable[[int], bool] | None,
              progress: Progress | None) -> Any:

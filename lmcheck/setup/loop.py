@@ -4,8 +4,11 @@ user's own ``train_step`` on their batches under the optimizer-step hook."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -13,7 +16,14 @@ import torch
 from lmcheck._model import no_dropout, parameter_dtype
 from lmcheck._ranks import unwrap_parallel
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._validate import check_callable, check_model, check_number, describe
+from lmcheck._validate import (
+    check_callable,
+    check_checkpoint,
+    check_factory,
+    check_model,
+    check_number,
+    describe,
+)
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.recipes import SetupBudget
@@ -33,6 +43,7 @@ from lmcheck.setup.batches import (
 from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
 from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
 from lmcheck.setup.report import SetupReport
+from lmcheck.setup.resume import RESUME_STEPS, Plan, Resumable, RunWatch, Trace, plan_for
 from lmcheck.setup.seeds import evaluate_twice, rebuilt, seeding
 
 __all__ = ["check_loop"]
@@ -51,6 +62,7 @@ def check_loop(
     steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
     check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
     stateful: Sequence[Any] = (), sampling: str = "epochs",
+    checkpoint: tuple[Callable[[str], Any], Callable[[str], Any]] | None = None, factory: str | None = None,
 ) -> SetupReport:
     """Run the battery on a plain training loop, and leave its objects as they were.
 
@@ -99,6 +111,16 @@ def check_loop(
             examples: ``data_order`` compares two epochs) or ``"with_replacement"`` (random rows
             or windows at every step, as nanoGPT's ``get_batch``: ``data_order`` checks that the
             rows differ from step to step; ``reproducible`` checks that the seed matters).
+        checkpoint: ``(save, load)``, the loop's own checkpointing: ``save(folder)`` writes
+            everything a resume needs into ``folder`` (an existing, empty folder), ``load(folder)``
+            reads it into the objects of its setup, including where the data was: after it,
+            ``batches`` (or ``batches(epoch)`` for the epoch the resume falls in) yields what comes
+            next. With ``rebuild`` (which must return the setup's own ``checkpoint`` too), the
+            ``resume`` check stops a run, saves, loads into a fresh build and compares the rest
+            with a run never stopped.
+        factory: the importable ``package.module:function`` that builds this setup (as
+            ``lmcheck train-check`` takes it): where given, each resumed run of ``resume`` goes
+            to a fresh Python process, so that state kept only in memory is caught too.
 
     Under ``torchrun`` (an initialized process group of more than one rank), call it on every
     rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
@@ -112,6 +134,10 @@ def check_loop(
     check_callable(train_step, "train_step", "the user's step function: train_step(batch) -> loss")
     scheduler = _checked_options(max_grad_norm, scheduler, stateful, sampling, as_batch=as_batch,
                                  schedule=schedule, evaluate=evaluate, rebuild=rebuild, progress=progress)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, "checkpoint")
+    if factory is not None:
+        check_factory(factory)
     batches_of_epoch = batches if callable(batches) and not isinstance(batches, Iterable) else None
     loader = epoch_batches(batches_of_epoch, 0) if batches_of_epoch is not None else cast(Iterable[Any], batches)
     put_back = loader_state(loader)  # reading batches advances a DataLoader's generator
@@ -119,7 +145,8 @@ def check_loop(
         driver = LoopDriver(model, train_step, loader, budget, scheduler=scheduler, stateful=tuple(stateful),
                             as_batch=as_batch, progress=progress, put_back=put_back, tokenizer=tokenizer,
                             schedule=schedule, max_grad_norm=max_grad_norm, evaluate=evaluate, rebuild=rebuild,
-                            seed=seed, batches_of_epoch=batches_of_epoch, sampling=sampling)
+                            seed=seed, batches_of_epoch=batches_of_epoch, sampling=sampling,
+                            checkpoint=checkpoint, factory=factory)
     except BaseException:
         put_back()
         raise
@@ -160,7 +187,8 @@ class LoopDriver:
                  schedule: Callable[[int], float] | None = None, max_grad_norm: float | None = None,
                  evaluate: Callable[[], float] | None = None, rebuild: Callable[[int], Any] | None = None,
                  seed: int = 0, batches_of_epoch: Callable[[int], Iterable[Any]] | None = None,
-                 sampling: str = "epochs") -> None:
+                 sampling: str = "epochs", checkpoint: tuple[Callable[[str], Any], Callable[[str], Any]] | None = None,
+                 factory: str | None = None) -> None:
         """The options are check_loop's, checked there."""
         self.user_model, self.model = model, unwrap_parallel(model)
         self.train_step, self.loader, self.as_batch = train_step, loader, as_batch
@@ -177,6 +205,7 @@ class LoopDriver:
         self.gradient_rtol: float | None = None
         self.evaluate, self.rebuild, self.seed = evaluate, rebuild, seed
         self.batches_of_epoch, self.sampling = batches_of_epoch, sampling
+        self.checkpoint, self.factory = checkpoint, factory
         self.setup: dict[str, Any] = {"kind": "plain loop", "model": type(self.model).__name__,
                                       "dtype": str(parameter_dtype(self.model)).replace("torch.", ""),
                                       "batches seen": len(self.batches)}
@@ -253,22 +282,23 @@ class LoopDriver:
 
     def first_losses(self, seed: int) -> list[float]:
         """The first losses of the setup ``rebuild(seed)`` builds: its step on its first batches."""
-        built = rebuilt(self.rebuild, seed)
-        model: Any
-        step: Any
-        batches: Any
-        if isinstance(built, Mapping):
-            model, step, batches = built.get("model"), built.get("train_step"), built.get("batches")
-        elif isinstance(built, (tuple, list)) and len(built) >= 3:
-            model, step, batches = built[:3]
-        else:
-            raise InputError(f"'rebuild' must return (model, train_step, batches) or a mapping with those keys "
-                             f"(got {describe(built)})")
-        check_model(model)
-        check_callable(step, "train_step", "the rebuilt step function")
-        taken = take(batches, self.calls, "the rebuilt batches")
-        return [loss_value(step(taken[i % len(taken)]), f"the rebuilt train_step on batch {i}")
+        built = built_loop(rebuilt(self.rebuild, seed), self.as_batch)
+        taken = take(epoch_batches(built.batches, 0) if built.by_epoch else built.batches, self.calls,
+                     "the rebuilt batches")
+        return [loss_value(built.train_step(taken[i % len(taken)]), f"the rebuilt train_step on batch {i}")
                 for i in range(self.calls)]
+
+    def resumable(self) -> Resumable | str:
+        if self.checkpoint is None:
+            return ("no checkpoint=(save, load) was given: the loop's own functions that save its state to a "
+                    "folder and load it back")
+        if self.rebuild is None:
+            return ("no rebuild(seed) was given, so a resumed run cannot be built afresh to load the "
+                    "checkpoint into")
+        length = len(self.loader) if isinstance(self.loader, Sized) else None
+        return LoopResume(self.rebuild, self.seed, self.as_batch, factory=self.factory, epoch_calls=length,
+                          calls_per_step=int(self.setup.get("micro-batches per optimizer step", 1)),
+                          progress=self.progress)
 
     def evaluate_twice(self) -> tuple[list[float], str] | str:
         return evaluate_twice(self.model, self.lm_batches, self.evaluate)
@@ -288,3 +318,141 @@ class LoopDriver:
     def restore(self) -> None:
         self.snapshot.restore()
         self.put_back()
+
+
+@dataclass
+class Built:
+    """A setup as ``rebuild(seed)`` made it: (model, train_step, batches[, checkpoint]) or a
+    mapping with check_loop's keys."""
+
+    model: torch.nn.Module
+    train_step: Callable[[Any], Any]
+    batches: Any  # an iterable of batches, or a function of the epoch (``by_epoch``)
+    convert: Callable[[Any, int], dict[str, torch.Tensor]]
+    checkpoint: tuple[Callable[[str], Any], Callable[[str], Any]] | None = None
+    others: list[tuple[str, Any]] = field(default_factory=list)  # the scheduler and other stateful objects
+
+    @property
+    def by_epoch(self) -> bool:
+        return callable(self.batches) and not isinstance(self.batches, Iterable)
+
+
+def built_loop(made: Any, as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None = None) -> Built:
+    """What ``rebuild(seed)`` returned, checked; its own ``as_batch`` before the one given."""
+    if isinstance(made, Mapping):
+        model, step, batches = made.get("model"), made.get("train_step"), made.get("batches")
+        checkpoint, as_batch = made.get("checkpoint"), made.get("as_batch", as_batch)
+        scheduler, stateful = made.get("scheduler"), made.get("stateful", ())
+    elif isinstance(made, (tuple, list)) and len(made) >= 3:
+        model, step, batches = made[:3]
+        checkpoint, scheduler, stateful = (made[3] if len(made) > 3 else None), None, ()
+    else:
+        raise InputError(f"'rebuild' must return (model, train_step, batches), (model, train_step, batches, "
+                         f"checkpoint) or a mapping with those keys (got {describe(made)})")
+    model = check_model(model)
+    step = check_callable(step, "train_step", "the rebuilt step function")
+    if batches is None:
+        raise InputError("'rebuild' returned no batches")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, "the rebuilt checkpoint")
+    if type(scheduler).__name__ == "AcceleratedScheduler":  # accelerate's wrapper: the torch scheduler inside
+        scheduler = getattr(scheduler, "scheduler", scheduler)
+    others = [("scheduler", scheduler)] if scheduler is not None else []
+    others += [(type(item).__name__, item) for item in stateful or ()]
+    return Built(model, step, batches, converter(as_batch), checkpoint, others)
+
+
+class LoopResume:
+    """The runs of the ``resume`` check on a plain loop: each on a setup ``rebuild(seed)`` builds,
+    the user's step called on their batches epoch after epoch, as their loop would."""
+
+    kind = "loop"
+
+    def __init__(self, rebuild: Callable[[int], Any], seed: int,
+                 as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None, *, factory: str | None,
+                 epoch_calls: int | None = None, calls_per_step: int = 1, progress: Progress | None = None) -> None:
+        self.rebuild, self.seed, self.as_batch, self.factory = rebuild, seed, as_batch, factory
+        self.epoch_calls, self.calls_per_step, self.progress = epoch_calls, calls_per_step, progress
+
+    def plan(self) -> Plan | str:
+        """The resume points, from the first epoch's length: its len(), or its batches counted on a
+        fresh build (up to the furthest epoch end the check resumes at)."""
+        calls = self.epoch_calls
+        if calls is None:
+            built = self._build()
+            first = epoch_batches(built.batches, 0) if built.by_epoch else built.batches
+            limit = RESUME_STEPS * self.calls_per_step + 1
+            calls = sum(1 for _ in itertools.islice(first, limit))
+            if calls == limit:
+                calls = None
+        return plan_for(calls, self.calls_per_step, self.seed,
+                        why_unknown=f"the first epoch is longer than {RESUME_STEPS} optimizer steps")
+
+    def straight(self, plan: Plan) -> Trace:
+        return self._run(self._build(), plan, start=0, stop=plan.steps, keep=plan.saves, phase="resume: straight")
+
+    def first_half(self, plan: Plan, folder: Path) -> Trace:
+        return self._run(self._build(), plan, start=0, stop=plan.saves[-1], keep=plan.saves, save_to=folder,
+                         phase="resume: first half")
+
+    def resumed(self, plan: Plan, step: int, folder: Path) -> Trace:
+        built = self._build()
+        load = built.checkpoint[1] if built.checkpoint is not None else None
+        if load is not None:
+            _user(load, "load", str(folder / f"step-{step}"))
+        return self._run(built, plan, start=step, stop=plan.steps, keep=(step,), phase=f"resume: from step {step}")
+
+    def _build(self) -> Built:
+        built = built_loop(rebuilt(self.rebuild, self.seed), self.as_batch)
+        if built.checkpoint is None:
+            raise InputError("'rebuild' must return the setup's checkpoint=(save, load) too (a fourth item, or "
+                             "the mapping's 'checkpoint'): the resumed run loads into the objects it builds")
+        return built
+
+    def _run(self, built: Built, plan: Plan, *, start: int, stop: int, keep: Sequence[int],
+             save_to: Path | None = None, phase: str) -> Trace:
+        """The user's step on their batches from epoch to epoch until ``stop`` optimizer steps, a
+        checkpoint saved after each step of ``keep`` where ``save_to``."""
+        watch = RunWatch(built.model, start=start, capture=keep, others=lambda: built.others)
+        epoch = plan.epoch_after(plan.calls_at.get(start, 0))
+        empty = 0
+        with watch.active():
+            while watch.step < stop:
+                seen = 0
+                for batch in (epoch_batches(built.batches, epoch) if built.by_epoch else built.batches):
+                    seen += 1
+                    watch.begin_call(built.convert(batch, watch.calls))
+                    before = watch.step
+                    watch.end_call(_user(built.train_step, "train_step", batch))
+                    if watch.step > before:
+                        if self.progress is not None:
+                            self.progress(phase, watch.step - start, stop - start)
+                        if save_to is not None and built.checkpoint is not None and watch.step in keep:
+                            folder = save_to / f"step-{watch.step}"
+                            folder.mkdir(parents=True, exist_ok=True)
+                            _user(built.checkpoint[0], "save", str(folder))
+                    if watch.step >= stop:
+                        break
+                    if watch.calls >= 64 * max(stop - start, 1) * plan.calls_per_step:
+                        raise InputError(f"'train_step' took {watch.calls} calls without reaching optimizer step "
+                                         f"{stop} ({phase})")
+                empty = empty + 1 if not seen else 0
+                if empty >= 2:
+                    raise InputError(f"the batches yielded nothing for epochs {epoch - 1} and {epoch} ({phase}): "
+                                     f"a generator is iterated once; give a DataLoader, a list, or a function of "
+                                     f"the epoch")
+                epoch += 1
+        watch.keep_state(stop)
+        return watch.trace
+
+
+def _user(function: Callable[[Any], Any], what: str, argument: Any) -> Any:
+    """The user's ``train_step``, ``save`` or ``load`` on ``argument``: what it raises named, the
+    traceback chained; a step's loss as a float."""
+    try:
+        made = function(argument)
+    except LmcheckError:
+        raise
+    except Exception as error:  # the user's code
+        raise InputError(f"'{what}' raised {type(error).__name__} during the resume check: {error}") from error
+    return loss_value(made, f"'{what}'") if what == "train_step" else made

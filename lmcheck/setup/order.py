@@ -37,13 +37,18 @@ def epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, t
     ``limit`` rows (it stops at the batch that reaches it)."""
     keys: list[str] = []
     for index, batch in enumerate(batches):
-        lm = convert(batch, index)
-        ids, mask = lm["input_ids"], lm.get("attention_mask")
-        for row in range(ids.shape[0]):
-            keys.append(fingerprint(ids[row] if mask is None else ids[row][mask[row].bool()]))
+        keys += row_keys(convert(batch, index))
         if len(keys) >= limit:
             return keys, False
     return keys, True
+
+
+def row_keys(batch: Mapping[str, torch.Tensor]) -> list[str]:
+    """One key per row of a batch in lmcheck's form: the fingerprint of its unpadded ids."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if mask is not None and mask.shape != ids.shape:  # a 4-D mask: the ids as they are
+        mask = None
+    return [fingerprint(ids[row] if mask is None else ids[row][mask[row].bool()]) for row in range(ids.shape[0])]
 
 
 def _two_epochs(epochs: Sequence[tuple[list[str], bool]], dataset: list[str] | None) -> Result:

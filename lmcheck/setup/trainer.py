@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from transformers.trainer_callback import TrainerCallback
 from lmcheck._allocator import heap_frozen
 from lmcheck._model import IGNORE_INDEX, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._validate import check_callable, check_model, describe
+from lmcheck._validate import check_callable, check_factory, check_model, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.recipes import SetupBudget
@@ -40,6 +41,7 @@ from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, dataset_keys, epoch_keys
 from lmcheck.setup.report import SetupReport
+from lmcheck.setup.resume import Plan, Resumable, RunWatch, Trace, plan_for
 
 __all__ = ["check_trainer", "is_trainer"]
 
@@ -48,6 +50,7 @@ def check_trainer(
     trainer: Any, *, pretrained: bool | None = None, rebuild: Callable[[int], Any] | None = None,
     steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
     check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
+    factory: str | None = None,
 ) -> SetupReport:
     """Run the battery on a constructed ``transformers.Trainer``: its model, arguments
     (accumulation, clipping, schedule, seed), collator and datasets.
@@ -60,7 +63,12 @@ def check_trainer(
     back afterwards. ``rebuild(seed)``, where given, builds the Trainer afresh for the
     reproducibility check (otherwise the check reruns this Trainer with ``args.seed`` changed and
     the random generators seeded with it, as the Trainer's constructor does: that reaches the data
-    order and dropout, not the initialisation of the model, which is built already).
+    order and dropout, not the initialisation of the model, which is built already). It is also
+    what the ``resume`` check resumes on: the Trainer's own checkpoint, saved into a temporary
+    folder, loaded by a Trainer ``rebuild(args.seed)`` builds, with
+    ``train(resume_from_checkpoint=...)``; without ``rebuild`` that check is not applicable.
+    ``factory``, the ``package.module:function`` that builds the Trainer, sends each resumed run
+    to a fresh Python process (``lmcheck train-check`` and ``--lmcheck-trainer`` pass it).
     The other arguments are :func:`~lmcheck.setup.check_loop`'s; every one is checked before
     the Trainer is touched.
     """
@@ -73,8 +81,10 @@ def check_trainer(
     for argument, value in (("rebuild", rebuild), ("progress", progress)):
         if value is not None:
             check_callable(value, argument, "a function")
+    if factory is not None:
+        check_factory(factory)
     check_model(trainer.model, "trainer.model")
-    driver = TrainerDriver(trainer, budget, progress, rebuild)
+    driver = TrainerDriver(trainer, budget, progress, rebuild, factory)
     return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
 
 
@@ -127,8 +137,9 @@ class TrainerDriver:
     """Runs a Trainer's own ``train()`` for a few steps, watched and then undone."""
 
     def __init__(self, trainer: Any, budget: SetupBudget, progress: Progress | None,
-                 rebuild: Callable[[int], Any] | None = None) -> None:
+                 rebuild: Callable[[int], Any] | None = None, factory: str | None = None) -> None:
         self.trainer, self.model, self.progress, self.rebuild = trainer, trainer.model, progress, rebuild
+        self.factory = factory
         self.saved = TrainerState(trainer)
         self.snapshot = Snapshot(self.model, tuple(x for x in (trainer.optimizer, trainer.lr_scheduler)
                                                    if x is not None))
@@ -167,34 +178,8 @@ class TrainerDriver:
         with quiet():
             return take(self.trainer.get_train_dataloader(), count, "the Trainer's train dataloader")
 
-    @contextlib.contextmanager
-    def _arguments(self, output_dir: str, **changes: Any) -> Iterator[None]:
-        """The Trainer's arguments for lmcheck's runs: outputs to ``output_dir``, no saving,
-        evaluation, logging or hub, and only the flow callback (the user's own, early stopping,
-        logging, their state, are not part of the update and must not count lmcheck's steps)."""
-        from transformers.trainer_callback import DefaultFlowCallback
-        from transformers.trainer_utils import IntervalStrategy, SaveStrategy
-
-        original = self.trainer.args
-        fields = {f.name for f in dataclasses.fields(original)}
-        updates = {"output_dir": output_dir, "logging_dir": os.path.join(output_dir, "logs"),
-                   "save_strategy": SaveStrategy.NO, "eval_strategy": IntervalStrategy.NO,
-                   "logging_strategy": IntervalStrategy.NO, "report_to": [], "disable_tqdm": True,
-                   "load_best_model_at_end": False, "push_to_hub": False, "dataloader_num_workers": 0,
-                   "dataloader_persistent_workers": False, **changes}
-        handler = self.trainer.callback_handler
-        flow = [c for c in handler.callbacks if isinstance(c, DefaultFlowCallback)] or [DefaultFlowCallback()]
-        try:
-            changed = copy.copy(original)  # dataclasses.replace would rerun __post_init__, which resets accelerate
-            for key, value in updates.items():
-                if key in fields:
-                    setattr(changed, key, value)
-            self.trainer.args = changed
-            handler.callbacks[:] = flow
-            yield
-        finally:
-            self.trainer.args = original
-            handler.callbacks[:] = self.saved.callbacks
+    def _arguments(self, output_dir: str, **changes: Any) -> contextlib.AbstractContextManager[None]:
+        return lmcheck_arguments(self.trainer, output_dir, self.saved.callbacks, **changes)
 
     def run(self, steps: int, *, phase: str, first: bool = False, batches: Sequence[int] | None = None,
             peak_lrs: tuple[float, ...] | None = None, after_step: Callable[[int], bool] | None = None,
@@ -370,6 +355,169 @@ class TrainerDriver:
         return [watch.result(), distributed.data_sharding(lambda epoch: at_epoch(loader, epoch)),
                 distributed.rank_randomness(self.model, self.loader_batches[0])]
 
+    def resumable(self) -> Resumable | str:
+        if self.rebuild is None:
+            return ("no rebuild(seed) was given, so no Trainer can be built afresh to resume from the checkpoint "
+                    "(pass rebuild=lambda seed: make_trainer(seed), or name a function taking a seed to "
+                    "lmcheck train-check)")
+        return TrainerResume(self.trainer, self.rebuild, factory=self.factory, driver=self)
+
+
+class TrainerResume:
+    """The runs of the ``resume`` check on a Trainer: its own ``train()``, its own checkpoints
+    (``save_strategy`` aside, as the user's arguments make them: ``save_only_model``,
+    safetensors), resumed with ``train(resume_from_checkpoint=...)`` on a Trainer
+    ``rebuild(args.seed)`` builds. The train set is cut to ``2k + 1`` micro-batches per rank, so
+    that an epoch ends within a few steps and, with accumulation, on a partial one. The straight
+    run and the first half run on the user's Trainer (``driver``), put back after each."""
+
+    kind = "trainer"
+
+    def __init__(self, trainer: Any, rebuild: Callable[[int], Any], *, factory: str | None,
+                 driver: TrainerDriver | None = None) -> None:
+        self.trainer, self.rebuild, self.factory, self.driver = trainer, rebuild, factory, driver
+
+    def plan(self) -> Plan | str:
+        trainer = self.trainer
+        args = trainer.args
+        k = max(1, int(args.gradient_accumulation_steps))
+        dataset = trainer.train_dataset
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            return (f"the train set is not map-style ({describe(dataset)}), so it cannot be cut to a few steps "
+                    f"per epoch for the resumes")
+        examples = (2 * k + 1) * int(args.per_device_train_batch_size) * max(1, int(args.world_size))
+        trainer.train_dataset = subset(dataset, examples)
+        try:
+            with quiet():
+                epoch_calls = len(trainer.get_train_dataloader())
+            examples = len(trainer.train_dataset)
+        finally:
+            trainer.train_dataset = dataset
+        return plan_for(epoch_calls, k, int(args.seed), examples=examples)
+
+    def straight(self, plan: Plan) -> Trace:
+        with tempfile.TemporaryDirectory(prefix="lmcheck-resume-") as output_dir:
+            return self._run(self.trainer, plan, start=0, stop=plan.steps, keep=plan.saves, output_dir=output_dir)
+
+    def first_half(self, plan: Plan, folder: Path) -> Trace:
+        return self._run(self.trainer, plan, start=0, stop=plan.saves[-1], keep=plan.saves, output_dir=str(folder),
+                         save=True)
+
+    def resumed(self, plan: Plan, step: int, folder: Path) -> Trace:
+        built = call_rebuild(self.rebuild, plan.seed)
+        if not is_trainer(built):
+            raise InputError(f"'rebuild' must return a transformers.Trainer (got {describe(built)})")
+        saved = TrainerState(built)
+        try:
+            with tempfile.TemporaryDirectory(prefix="lmcheck-resume-") as output_dir:
+                return self._run(built, plan, start=step, stop=plan.steps, keep=(step,), output_dir=output_dir,
+                                 resume_from=str(folder / f"checkpoint-{step}"))
+        finally:
+            saved.after_run()
+
+    def _run(self, trainer: Any, plan: Plan, *, start: int, stop: int, keep: Sequence[int], output_dir: str,
+             save: bool = False, resume_from: str | None = None) -> Trace:
+        """The Trainer's own train() on the cut train set to optimizer step ``stop``, a checkpoint
+        saved at each step of ``keep`` where ``save``; dropout as the user has it."""
+        mine = self.driver is not None and trainer is self.trainer
+        if mine:
+            assert self.driver is not None
+            self.driver.snapshot.restore()
+            for name in ("optimizer", "lr_scheduler"):
+                setattr(trainer, name, self.driver.saved.attributes[name])
+
+        def others() -> list[tuple[str, Any]]:
+            scheduler = trainer.lr_scheduler
+            return [("scheduler", getattr(scheduler, "scheduler", scheduler)),
+                    ("grad scaler", getattr(trainer.accelerator, "scaler", None))]
+
+        watch = RunWatch(trainer.model, start=start, capture=keep, others=others)
+        original, dataset = trainer.training_step, trainer.train_dataset
+        convert = converter(None)
+
+        def training_step(model: Any, inputs: Any, *rest: Any, **kwargs: Any) -> Any:
+            watch.begin_call(convert(inputs, watch.calls))
+            loss = original(model, inputs, *rest, **kwargs)
+            watch.end_call(loss_value(loss, f"the Trainer's training step {watch.calls}"))
+            return loss
+
+        changes = {"max_steps": max(int(trainer.args.max_steps), plan.steps), "save_total_limit": None}
+        callbacks = list(trainer.callback_handler.callbacks)
+        trainer.training_step, trainer.train_dataset = training_step, subset(dataset, plan.examples or len(dataset))
+        try:
+            with lmcheck_arguments(trainer, output_dir, callbacks, **changes), watch.active():
+                trainer.callback_handler.callbacks.append(_Resume(watch, stop, keep if save else ()))
+                try:
+                    with quiet(), heap_frozen():
+                        trainer.train(resume_from_checkpoint=resume_from)
+                except LmcheckError:
+                    raise
+                except Exception as error:  # the user's Trainer, model or data: named, traceback chained
+                    raise InputError(f"'trainer': its train() raised {type(error).__name__} in the resume check "
+                                     + (f"(resuming from {os.path.basename(resume_from)})" if resume_from else "")
+                                     + f": {error}") from error
+        finally:
+            trainer.train_dataset = dataset
+            if "training_step" in vars(trainer):
+                del trainer.training_step
+            if mine:
+                assert self.driver is not None
+                self.driver.saved.after_run()
+        return watch.trace
+
+
+class _Resume(TrainerCallback):
+    """Saves a checkpoint at each step of ``saves`` and stops at ``stop`` (after its save, where
+    it saves there: a stop set before the save would be saved with it, and a resume from that
+    checkpoint would stop at once); keeps the state at the end of a run that does not save."""
+
+    def __init__(self, watch: RunWatch, stop: int, saves: Sequence[int]) -> None:
+        self.watch, self.stop, self.saves = watch, stop, tuple(saves)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.saves:
+            control.should_save = True
+        if state.global_step >= self.stop and state.global_step not in self.saves:
+            if not self.saves:
+                self.watch.keep_state(state.global_step)
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.stop:
+            control.should_training_stop = True
+
+
+
+@contextlib.contextmanager
+def lmcheck_arguments(trainer: Any, output_dir: str, callbacks: list[Any], **changes: Any) -> Iterator[None]:
+    """The Trainer's arguments for lmcheck's runs: outputs to ``output_dir``, no saving,
+    evaluation, logging or hub, and only the flow callback (the user's own, early stopping,
+    logging, their state, are not part of the update and must not count lmcheck's steps); its
+    arguments and ``callbacks`` put back after."""
+    from transformers.trainer_callback import DefaultFlowCallback
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    original = trainer.args
+    fields = {f.name for f in dataclasses.fields(original)}
+    updates = {"output_dir": output_dir, "logging_dir": os.path.join(output_dir, "logs"),
+               "save_strategy": SaveStrategy.NO, "eval_strategy": IntervalStrategy.NO,
+               "logging_strategy": IntervalStrategy.NO, "report_to": [], "disable_tqdm": True,
+               "load_best_model_at_end": False, "push_to_hub": False, "dataloader_num_workers": 0,
+               "dataloader_persistent_workers": False, **changes}
+    handler = trainer.callback_handler
+    flow = [c for c in handler.callbacks if isinstance(c, DefaultFlowCallback)] or [DefaultFlowCallback()]
+    try:
+        changed = copy.copy(original)  # dataclasses.replace would rerun __post_init__, which resets accelerate
+        for key, value in updates.items():
+            if key in fields:
+                setattr(changed, key, value)
+        trainer.args = changed
+        handler.callbacks[:] = flow
+        yield
+    finally:
+        trainer.args = original
+        handler.callbacks[:] = callbacks
+
 
 def _changes(steps: int, first: bool, batches: Sequence[int] | None, seed: int | None) -> dict[str, Any]:
     """The Trainer arguments one run changes: its step budget where it trains on chosen batches,
@@ -450,14 +598,17 @@ def quiet() -> Iterator[None]:
     """Silence the Trainer's warnings and logs while lmcheck drives it."""
     from transformers.utils import logging as transformers_logging
 
-    level = transformers_logging.get_verbosity()
+    level, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # a checkpoint's "Writing model shards"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         transformers_logging.set_verbosity(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _gradient_state() -> dict[str, Any]:
