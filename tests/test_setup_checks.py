@@ -112,33 +112,36 @@ def rebuild_plain(tok: PreTrainedTokenizerFast) -> Callable[[int], Any]:
 
 def test_healthy_plain_loop_passes_every_check(tok):
     """The healthy loop (accumulation by the step's token count, clipping, a warmup stepped once
-    per optimizer step, a reshuffling loader, a seeded rebuild) passes all 13 checks, the
-    overfitting run included, within its default budget."""
+    per optimizer step, a reshuffling loader, a seeded rebuild) passes every check, the
+    overfitting run included, within its default budget; it has no checkpoint functions, so
+    ``resume`` is not applicable (a loop that has them: ``test_resume.py``)."""
     net = setups.model(tok)
     loop = setups.Loop(net)
     report = check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
                         max_grad_norm=1.0, rebuild=rebuild_plain(tok))
     assert [r.name for r in report.results] == list(SETUP_CHECKS)
-    assert {r.name: r.status for r in report.results} == dict.fromkeys(SETUP_CHECKS, "pass")
+    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a"}
     assert report.passed
     assert report.curve.stop_reason == "memorized"
 
 
 def test_healthy_plain_loop_without_rebuild_is_not_applicable_for_reproducibility(tok):
     """Without ``rebuild`` the setup cannot be built with another seed: ``reproducible`` is
-    n/a (not a pass, not a fail); the other 12 checks still pass."""
+    n/a (not a pass, not a fail), as ``resume`` is without checkpoint functions; the other
+    checks still pass."""
     report = plain(tok, overfit_steps=200)
     statuses = {r.name: r.status for r in report.results}
-    assert statuses.pop("reproducible") == "n/a"
+    assert statuses.pop("reproducible") == statuses.pop("resume") == "n/a"
     assert set(statuses.values()) == {"pass"}
     assert report.passed
 
 
 def test_healthy_trainer_passes_every_check(tok, tmp_path):
-    """The healthy Trainer passes all 13 checks. Without ``rebuild``, ``reproducible`` reruns
-    the Trainer with ``args.seed`` changed (the data order and dropout follow the seed)."""
+    """The healthy Trainer passes every check. Without ``rebuild``, ``reproducible`` reruns the
+    Trainer with ``args.seed`` changed (the data order and dropout follow the seed), and
+    ``resume``, which needs a Trainer built afresh, is not applicable."""
     report = check_trainer(setups.trainer(tok, str(tmp_path)))
-    assert {r.name: r.status for r in report.results} == dict.fromkeys(SETUP_CHECKS, "pass")
+    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a"}
     assert report.setup["micro-batches per optimizer step"] == 2
     assert os.listdir(tmp_path) == []
 

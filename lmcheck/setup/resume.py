@@ -423,8 +423,10 @@ def _rank() -> int:
 def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace], *, fresh: bool) -> Result:
     name = "resume"
     how = "in a fresh process" if fresh else "on fresh objects"
+    runs = (straight, first, *resumed.values())
     metrics: dict[str, Any] = {"steps": plan.steps, "resumed_from": list(plan.saves), "fresh_process": fresh,
-                               "micro_batches_per_epoch": plan.epoch_calls}
+                               "micro_batches_per_epoch": plan.epoch_calls,
+                               "optimizer_steps": sum(len(t.ends) for t in runs)}
     for label, trace in (("the straight run", straight), ("the first half", first), *(
             (f"the run resumed from step {n}", t) for n, t in resumed.items())):
         bad = next((i for i, v in enumerate(trace.losses) if not math.isfinite(v)), None)
