@@ -10,6 +10,7 @@ of imports each) once per launch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -65,6 +66,57 @@ class DDPLoop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+class DDPResumeLoop(DDPLoop):
+    """The DDP loop with dropout, each rank its own masks, a DistributedSampler set to each
+    epoch, and a checkpoint in ``torch.distributed.checkpoint``: the model and optimizer
+    sharded across ranks, and each rank's own generator and data position in a file of its own.
+    ``fault="rank0_state"``: every rank loads rank 0's file (Megatron-LM PR #6858: the RNG wrong
+    on 252 of 256 ranks after a resume)."""
+
+    def __init__(self, tok, rank: int, world: int, *, seed: int = 0, fault: str | None = None) -> None:
+        super().__init__(setups.model(tok, seed=seed, dropout=0.1))
+        torch.manual_seed(1000 * seed + rank)  # after the model: the same weights, each rank its own masks
+        self.rank, self.resume_fault, self.resumed_at = rank, fault, None
+        data = packed()
+        self.sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        # a generator of its own: iter() draws the loader's base seed from it, not from the torch
+        # generator the checkpoint restores (NVIDIA-NeMo/Megatron-Bridge #5257)
+        self.loader = DataLoader(data, batch_size=4, sampler=self.sampler, collate_fn=collate,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def batches(self, epoch: int):
+        self.sampler.set_epoch(epoch)
+        skip = 0
+        if self.resumed_at is not None:  # the epoch the resume falls in: what it trained already skipped
+            skip, self.resumed_at = self.resumed_at - epoch * len(self.loader), None
+        return itertools.islice(self.loader, max(skip, 0), None)
+
+    def save(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=folder)
+        torch.save({"rng": torch.get_rng_state(), "calls": self.calls}, os.path.join(folder, f"rank-{self.rank}.pt"))
+
+    def load(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        state = {"model": model, "optimizer": optimizer}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        mine = 0 if self.resume_fault == "rank0_state" else self.rank
+        own = torch.load(os.path.join(folder, f"rank-{mine}.pt"), weights_only=True)
+        torch.set_rng_state(own["rng"])
+        self.calls = self.resumed_at = own["calls"]
+
+    def setup(self) -> dict:
+        return {"model": self.model, "train_step": self.step, "batches": self.batches,
+                "checkpoint": (self.save, self.load)}
 
 
 class FSDPLoop:
@@ -160,6 +212,14 @@ def setup_scenarios(tok, rank: int, world: int, *, faults: bool) -> dict[str, di
         loop = DDPLoop(setups.model(tok, seed=0), fault=fault)
         report = lmcheck.check_loop(loop.model, loop.step, sharded, tokenizer=tok, overfit_steps=150)
         found["check_loop" + (f"/{fault}" if fault else "")] = report.to_dict()
+
+    # resume under torchrun: every rank's state and data position against the straight run
+    for fault in (None, "rank0_state")[: 2 if faults else 1]:
+        def rebuild(seed: int, fault=fault) -> dict:
+            return DDPResumeLoop(tok, rank, world, seed=seed, fault=fault).setup()
+
+        report = lmcheck.check_loop(**rebuild(0), rebuild=rebuild, tokenizer=tok, overfit_steps=5)
+        found["resume" + (f"/{fault}" if fault else "")] = report["resume"].to_dict()
 
     # check_trainer on a Trainer that runs DDP itself (accelerate finds the process group)
     trainers = (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean))

@@ -204,8 +204,13 @@ class ResumableLoop:
         done = 0
         if self.resume_at is not None:  # the epoch the resume falls in: its batches trained before it skipped
             done, self.resume_at = self.resume_at - epoch * len(chunks), None
-        for chunk in chunks[max(done, 0):]:
-            yield self.collate([self.data[i] for i in chunk])
+        batches = [self.collate([self.data[i] for i in chunk]) for chunk in chunks[max(done, 0):]]
+        if self.fault == "loader_seed_after_restore":
+            # a DataLoader without a generator of its own: iter() draws its base seed from the torch
+            # generator, after the checkpoint restored it (NVIDIA-NeMo/Megatron-Bridge #5257)
+            yield from torch.utils.data.DataLoader(batches, batch_size=None)
+        else:
+            yield from batches
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.model.train()

@@ -262,3 +262,98 @@ def examples(tok: PreTrainedTokenizerFast, count: int = 16) -> Any:
 
     return datasets.Dataset.from_list([{"input_ids": tok(s)["input_ids"] + [tok.eos_token_id]}
                                        for s in sentences(count)])
+
+
+# ---------------------------------------------------------------- the loops with their own checkpointing
+
+
+class _Progress:
+    """How many micro-batches the loop has trained: where the data is, saved with the checkpoint."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.calls = state["calls"]
+
+
+def resumable_accelerate(tok: PreTrainedTokenizerFast, seed: int = 0, *, seedable: bool = True) -> dict[str, Any]:
+    """The accelerate loop resumed as accelerate's ``complete_nlp_example.py`` resumes:
+    ``save_state``/``load_state`` (model, optimizer, scheduler, generators, the registered
+    progress) and ``skip_first_batches`` in the epoch the resume falls in, with the sampler set
+    to each epoch. ``seedable``: ``DataLoaderConfiguration(use_seedable_sampler=True)``, whose
+    order is a function of the seed and the epoch; without it the loader's generator, which no
+    checkpoint holds, draws each epoch's order."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    from transformers import get_linear_schedule_with_warmup
+
+    model = llama(tok, seed=seed)
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seedable))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 3, 200)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, chunk_loader(tok, seed=seed), scheduler)
+    progress, resumed = _Progress(), {"at": None}
+    accelerator.register_for_checkpointing(progress)
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        model.train()
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        progress.calls += 1
+        return loss.detach()
+
+    def batches(epoch: int) -> Any:
+        loader.set_epoch(epoch)
+        skip = 0
+        if resumed["at"] is not None:  # the epoch the resume falls in: what it trained already skipped
+            skip, resumed["at"] = resumed["at"] - epoch * len(loader), None
+        return accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
+
+    def load(folder: str) -> None:
+        accelerator.load_state(folder)
+        resumed["at"] = progress.calls
+
+    return {"model": model, "train_step": step, "batches": batches, "scheduler": scheduler, "tokenizer": tok,
+            "max_grad_norm": 1.0, "checkpoint": (accelerator.save_state, load)}
+
+
+def resumable_nanogpt(tok: PreTrainedTokenizerFast, seed: int = 0, *, save_generator: bool = False) -> dict[str, Any]:
+    """The nanoGPT loop with nanoGPT's own checkpoint: the model, the optimizer and ``iter_num``
+    (``train.py`` saves those, with the model's arguments and the best loss). ``get_batch``
+    draws from a generator seeded at the start; ``save_generator`` also saves its state."""
+    from plain_models import Config, NanoGPT
+
+    import lmcheck
+
+    torch.manual_seed(seed)
+    net = NanoGPT(Config(vocab_size=len(tok), block_size=16))
+    loop = NanoGPTLoop(net, token_stream(tok), seed=seed)
+
+    def save(folder: str) -> None:
+        state = {"model": net.state_dict(), "optimizer": loop.optimizer.state_dict(), "iter_num": loop.iter_num}
+        if save_generator:
+            state["generator"] = loop.generator.get_state()
+        torch.save(state, f"{folder}/ckpt.pt")
+
+    def load(folder: str) -> None:
+        state = torch.load(f"{folder}/ckpt.pt", weights_only=True)
+        net.load_state_dict(state["model"])
+        loop.optimizer.load_state_dict(state["optimizer"])
+        loop.iter_num = state["iter_num"]
+        if "generator" in state:
+            loop.generator.set_state(state["generator"])
+
+    return {"model": lmcheck.adapt(net, logits=lambda ids: net(ids, ids)[0]), "train_step": loop.step,
+            "batches": lambda epoch: (loop.get_batch() for _ in range(8)), "tokenizer": tok,
+            "max_grad_norm": 1.0, "sampling": "with_replacement", "checkpoint": (save, load)}

@@ -173,3 +173,20 @@ def test_every_scenario_holds_with_nccl_on_two_gpus(tmp_path):
         status = result.get("status", "pass" if result.get("passed") else "fail")
         healthy = "/" not in scenario
         assert (status != "fail") == healthy, (scenario, result)
+
+
+def test_resume_under_torchrun_matches_every_rank_with_torch_distributed_checkpoint(reports):
+    """A DDP loop checkpointed with torch.distributed.checkpoint and each rank's own generator
+    and data position: every rank's resumed runs continue as its straight run."""
+    result = outcome(reports, "resume")
+    assert result["status"] == "pass", result["explanation"]
+    assert result["metrics"]["fresh_process"] is False  # the ranks' process group lives in this process
+
+
+def test_resume_that_restores_rank_0s_state_on_every_rank_fails_naming_the_rank(accelerate_reports):
+    """Megatron-LM PR #6858: every rank loads rank 0's generator and position; rank 1's dropout
+    masks after the resume are rank 0's."""
+    result = outcome(accelerate_reports, "resume/rank0_state")
+    assert result["status"] == "fail"
+    assert result["explanation"].startswith("on rank 1: resumed from step"), result["explanation"]
+    assert "the torch generator differs" in result["explanation"]

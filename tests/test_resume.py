@@ -8,7 +8,8 @@ a checkpoint of everything including where the data is) and the Trainer with dro
 negative control puts one documented resume bug into them and must fail with its cause named:
 the random generator not restored (transformers #17032), the scheduler or the GradScaler left
 out of the checkpoint (transformers PR #11663), Adam's moments reset on load (Megatron-Bridge
-PR #3832), the loader restarting the epoch, ``global_step`` batches skipped instead of
+PR #3832), the loader restarting the epoch, a DataLoader drawing its seed from the restored
+generator (Megatron-Bridge #5257), ``global_step`` batches skipped instead of
 ``global_step x k`` (transformers #5605), a ``zero_grad`` at the start of every epoch that
 throws away its partial accumulation (ultralytics PR #11217), ``ignore_data_skip=True``
 (transformers #11284), ``save_only_model=True``, and the data order held only in memory
@@ -93,6 +94,8 @@ def test_a_healthy_trainer_resumes_exactly_at_an_epoch_end_and_inside_the_next(t
     ("adam_reset", ["optimizer state `step` of `transformer.wte.weight` differs: absent where the straight run has 3.0"]),
     ("restart_epoch", ["step 4 trained on 4 of its 8 rows other than the straight run's", "(replayed)"]),
     ("skip_steps", ["step 4 trained on", "(replayed)"]),
+    ("loader_seed_after_restore", ["resumed from step 4 (mid-epoch 1, 3 of its 5 micro-batches) on fresh objects: "
+                                   "step 5's loss is", "just after loading, the torch generator differs"]),
     ("zero_grad_each_epoch", ["the gradient of micro-batch 5 (after optimizer step 2) was zeroed by "
                               "AdamW.zero_grad() before any optimizer step used it", "ultralytics PR #11217"]),
 ])

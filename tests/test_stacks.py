@@ -18,7 +18,7 @@ import pytest
 import stacks
 import torch
 from plain_models import Config, NanoGPT
-from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers import DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer
 
 import lmcheck
 from lmcheck.setup import SETUP_CHECKS, SetupReport, check_loop, check_trainer
@@ -64,7 +64,11 @@ def test_trl_sft_healthy(tok, tmp_path, data):
             "assistant-only chat": (stacks.two_turn_conversations(), {"assistant_only_loss": True}),
             "prompt-completion": (stacks.prompt_completions(), {})}
     rows, options = made[data]
-    report = check_trainer(stacks.sft_trainer(tok, str(tmp_path), rows, **options))
+
+    def build(seed: int) -> Any:  # the resume check resumes TRL's own checkpoint on a new SFTTrainer
+        return stacks.sft_trainer(tok, str(tmp_path), rows, seed=seed, **options)
+
+    report = check_trainer(build(0), rebuild=build)
     healthy(report)
     assert "held constant" in report["overfits"].explanation
     if data != "plain text":
@@ -92,15 +96,24 @@ def test_peft_lora_healthy(tok, tmp_path, checkpointing):
     (pretrained, so loss_at_init is n/a; its own loss is compared); lora_A's zero gradient at
     step 1 (lora_B starts at zero) is named, not failed. With reentrant checkpointing (the QLoRA
     recipes) the reference gradient still reaches the checkpointed blocks."""
-    model = stacks.lora(stacks.pretrained_llama(tok, str(tmp_path / "base")))
-    options: dict[str, Any] = {}
-    if checkpointing == "reentrant":
-        model.enable_input_require_grads()  # as peft.prepare_model_for_kbit_training does
-        options = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
-    trainer = Trainer(model=model, args=stacks.training_arguments(str(tmp_path), **options),
-                      train_dataset=stacks.examples(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                      processing_class=tok)
-    report = check_trainer(trainer)
+    stacks.pretrained_llama(tok, str(tmp_path / "base"))
+
+    def build(seed: int) -> Trainer:
+        """The LoRA over the saved base, its lora_A drawn from ``seed``; the resume check resumes
+        the adapter's own checkpoint."""
+        torch.manual_seed(seed)
+        model = stacks.lora(LlamaForCausalLM.from_pretrained(str(tmp_path / "base")))
+        options: dict[str, Any] = {}
+        if checkpointing == "reentrant":
+            model.enable_input_require_grads()  # as peft.prepare_model_for_kbit_training does
+            options = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+        return Trainer(model=model, args=stacks.training_arguments(str(tmp_path), seed=seed, **options),
+                       train_dataset=stacks.examples(tok),
+                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok)
+
+    trainer = build(0)
+    model = trainer.model
+    report = check_trainer(trainer, rebuild=build)
     healthy(report, not_applicable=("loss_at_init",))
     if checkpointing == "reentrant":  # the Trainer turned it on for its runs
         assert model.get_base_model().is_gradient_checkpointing
@@ -122,7 +135,7 @@ def test_llama_trainer_healthy(tok, tmp_path, own_optimizer):
                                                                   warmup_steps=5),
                       train_dataset=stacks.examples(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                       processing_class=tok, optimizers=optimizers)
-    healthy(check_trainer(trainer))
+    healthy(check_trainer(trainer), not_applicable=("resume",))  # no rebuild: no Trainer built afresh
 
 
 @pytest.mark.slow
@@ -177,7 +190,7 @@ def test_nanogpt_loop_healthy(tok):
     model, loop = nanogpt(tok)
     report = check_loop(model, loop.step, loop.batches(), tokenizer=tok, max_grad_norm=1.0,
                         sampling="with_replacement")
-    healthy(report, not_applicable=("loss_matches_reference", "reproducible"))
+    healthy(report, not_applicable=("loss_matches_reference", "reproducible", "resume"))
     assert "sampling with replacement" in report["data_order"].explanation
     # the step returns loss / k: the curve sums a step's micro-batches, so it starts near ln V
     first = report.curve.train[0][1]
@@ -226,7 +239,7 @@ def test_accelerate_loop_healthy(tok):
     loop = stacks.AccelerateLoop(stacks.llama(tok), stacks.chunk_loader(tok))
     report = check_loop(loop.model, loop.step, loop.loader, tokenizer=tok, scheduler=loop.scheduler,
                         max_grad_norm=1.0)
-    healthy(report, not_applicable=("reproducible",))
+    healthy(report, not_applicable=("reproducible", "resume"))
 
 
 def test_accelerate_loop_on_padded_rows_of_unequal_length(tok):
@@ -292,3 +305,41 @@ def test_unequal_lengths_keep_part_of_every_completion():
     assert min(kept) >= 1
     assert len(set(kept)) > 1  # unequal across the micro-batches
     assert kept[-1] == 3  # every fourth keeps the whole completion
+
+
+# ---------------------------------------------------------------- resuming with the stack's own checkpointing
+
+
+def test_accelerate_save_state_and_load_state_resume_exactly_with_a_seedable_sampler(tok):
+    """accelerate's own checkpointing and ``skip_first_batches``, with
+    ``use_seedable_sampler=True``: the resumed runs continue bit for bit, at an epoch's end and
+    inside the next."""
+    build = lambda seed: stacks.resumable_accelerate(tok, seed)  # noqa: E731
+    result = check_loop(**build(0), rebuild=build, overfit_steps=5)["resume"]
+    assert result.passed, result.explanation
+    assert "2 (the end of epoch 0) and 3 (mid-epoch 1" in result.explanation
+
+
+def test_accelerate_resume_replays_an_order_its_checkpoint_does_not_hold(tok):
+    """accelerate's default sampler: each epoch's order comes from the loader's own generator,
+    which ``save_state`` does not hold, so the resumed epoch draws the first epoch's order again
+    (accelerate PRs #4071 and #4233 are the same family)."""
+    build = lambda seed: stacks.resumable_accelerate(tok, seed, seedable=False)  # noqa: E731
+    result = check_loop(**build(0), rebuild=build, overfit_steps=5)["resume"]
+    assert result.status == "fail"
+    assert "step 3 trained on" in result.explanation
+    assert "the straight run trained on them at step 1 (replayed)" in result.explanation
+
+
+@pytest.mark.parametrize("save_generator", [False, True])
+def test_nanogpt_checkpoint_resumes_exactly_only_with_its_generator(tok, save_generator):
+    """nanoGPT's checkpoint holds the model, the optimizer and ``iter_num``, not the generator
+    its ``get_batch`` draws from: a resumed run draws the windows the run began with."""
+    build = lambda seed: stacks.resumable_nanogpt(tok, seed, save_generator=save_generator)  # noqa: E731
+    result = check_loop(**build(0), rebuild=build, overfit_steps=5)["resume"]
+    if save_generator:
+        assert result.passed, result.explanation
+    else:
+        assert result.status == "fail"
+        assert "step 5 trained on 8 of its 8 rows other than the straight run's" in result.explanation
+        assert "(replayed)" in result.explanation

@@ -436,14 +436,18 @@ def _root_causes_first(results: list[Result]) -> list[Result]:
 
 
 def _agree(results: list[Result]) -> list[Result]:
-    """The same results on every rank: for each check, the first failing rank's result (its
-    explanation prefixed with the rank), else this rank's."""
+    """The same results on every rank: for each check, the failing rank's result (its
+    explanation prefixed with the rank), else this rank's. Where several ranks fail, the one
+    whose run differs first (``metrics["first_difference_step"]``: a fault on one rank spreads
+    to the others through the all-reduce a step later), then the lowest."""
     if world_size() == 1:
         return results
     everyone = gathered([r.to_dict() for r in results])
     agreed = []
     for index, result in enumerate(results):
-        failing = next((rank for rank, rows in enumerate(everyone) if rows[index]["status"] == "fail"), None)
+        failing = min((rank for rank, rows in enumerate(everyone) if rows[index]["status"] == "fail"),
+                      key=lambda rank: (everyone[rank][index]["metrics"].get("first_difference_step", 0), rank),
+                      default=None)
         if failing is None:
             agreed.append(result)
         else:

@@ -441,7 +441,7 @@ def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace
     end = straight.states.get(plan.steps, {})
     unused = {n for n, piece in straight.generators.items() if end.get(n) == piece}  # never drawn from
     problems = []
-    twice = _first_difference(straight, first, 1, max(plan.saves))
+    twice = _first_difference(straight, first, 1, max(plan.saves))[1]
     if twice is not None:
         problems.append(f"built twice, the setup does not repeat its own first steps ({twice}), so no resume can "
                         f"match; see reproducible")
@@ -449,19 +449,26 @@ def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace
         changed = _state_difference(straight.states.get(n), first.states.get(n), unused)
         if twice is None and changed is not None:
             problems.append(f"saving a checkpoint at step {n} changed the run: just after it, {changed}")
+    first_step: int | None = None  # where a run first differs (a resume point where its state does)
     for n, trace in resumed.items():
         where = plan.where(plan.calls_at[n])
-        found = [f for f in (_first_difference(straight, trace, n + 1, plan.steps),) if f is not None]
+        step, difference = _first_difference(straight, trace, n + 1, plan.steps)
+        found = [difference] if difference is not None else []
         # the gradients at the first step follow from its data, the parameters and the generators:
         # named only where nothing before them differs
         at_load = _state_difference(straight.states.get(n), trace.states.get(n), unused, gradients=not found)
         at_end = _state_difference(straight.states.get(plan.steps), trace.states.get(plan.steps), unused)
         if at_load is not None:
             found.append(f"just after loading, {at_load}")
+            step = n
+        if step is not None:
+            first_step = step if first_step is None else min(first_step, step)
         if at_end is not None and at_load is None:
             found.append(f"at step {plan.steps}, {at_end}")
         if found:
             problems.append(f"resumed from step {n} ({where}) {how}: " + "; ".join(found))
+    if first_step is not None:
+        metrics["first_difference_step"] = first_step
     passed = not problems
     points = " and ".join(f"{n} ({plan.where(plan.calls_at[n])})" for n in plan.saves)
     explanation = (f"resumed {how} from step {points}, every run continues as the straight run to step "
@@ -472,22 +479,23 @@ def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace
     return Result(name=name, passed=passed, metrics=metrics, explanation=explanation)
 
 
-def _first_difference(straight: Trace, other: Trace, first: int, last: int) -> str | None:
+def _first_difference(straight: Trace, other: Trace, first: int, last: int) -> tuple[int | None, str | None]:
     """The first optimizer step in first..last where ``other`` trained on other rows or had
-    another loss than the straight run, in words; None where none differs."""
+    another loss than the straight run, and what differs in words; (None, None) where none does."""
     for step in range(first, last + 1):
         mine, theirs = straight.step_calls(step), other.step_calls(step)
         if not theirs:
-            return f"it never reached step {step}"
+            return step, f"it never reached step {step}"
         rows = [straight.rows[i] for i in mine], [other.rows[i] for i in theirs]
         if rows[0] != rows[1]:
-            return f"step {step} trained on {_rows(straight, step, other.start, rows[1], rows[0])}"
+            return step, f"step {step} trained on {_rows(straight, step, other.start, rows[1], rows[0])}"
         losses = [straight.losses[i] for i in mine], [other.losses[i] for i in theirs]
         if losses[0] != losses[1]:
-            where = next(i for i, (a, b) in enumerate(zip(*losses, strict=True)) if a != b)
-            return (f"step {step}'s loss is {losses[1][where]!r} where the straight run has {losses[0][where]!r}"
-                    + (f" (micro-batch {where + 1} of {len(losses[0])})" if len(losses[0]) > 1 else ""))
-    return None
+            where = next((i for i, (a, b) in enumerate(zip(*losses, strict=False)) if a != b), 0)
+            return step, (f"step {step}'s loss is {losses[1][where]!r} where the straight run has "
+                          f"{losses[0][where]!r}" + (f" (micro-batch {where + 1} of {len(losses[0])})"
+                                                    if len(losses[0]) > 1 else ""))
+    return None, None
 
 
 def _rows(straight: Trace, step: int, resumed_at: int, theirs: list[list[str]], mine: list[list[str]]) -> str:
