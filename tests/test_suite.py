@@ -336,3 +336,13 @@ def test_train_check_imports_a_factory_from_the_working_directory(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "raised RuntimeError: reached my factory" in done.stderr + done.stdout
     assert "ModuleNotFoundError" not in done.stderr + done.stdout
+
+
+def test_the_setup_suite_resumes_in_fresh_processes(pytester, setup_factories):
+    """``--lmcheck-trainer`` names an importable function: the resume check's resumed runs go to
+    fresh Python processes, each building the setup with it."""
+    result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider", "-k", "resume",
+                                          "--lmcheck-trainer=setup_factories:resumable_loop", "--lmcheck-json=out.json")
+    result.assert_outcomes(passed=1)
+    resume = next(r for r in json.loads((pytester.path / "out.json").read_text()) if r["name"] == "resume")
+    assert resume["metrics"]["fresh_process"] is True

@@ -42,6 +42,10 @@ step or parameter at fault:
 ``reproducible``            the same seed gives the same first losses, another seed other ones
                             (torchtune #2335)
 ``eval_deterministic``      evaluating twice gives the same loss: dropout off in evaluation
+``resume``                  a run saved with the setup's own checkpointing and resumed on a fresh
+                            build (a fresh process from the CLI and pytest faces) continues bit
+                            for bit as the run never stopped (transformers #17032, #5605, PR
+                            #11663; accelerate PRs #4071, #4233; ultralytics PR #11217)
 ==========================  ====================================================================
 """
 
