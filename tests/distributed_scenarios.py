@@ -225,8 +225,13 @@ def setup_scenarios(tok, rank: int, world: int, *, faults: bool) -> dict[str, di
     trainers = (("check_trainer", Trainer), ("check_trainer/per_micro_mean", PerMicroMean))
     for name, trainer_class in trainers[: 2 if faults else 1]:
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer = setups.trainer(tok, output_dir, trainer_class=trainer_class, use_cpu=DEVICE.type == "cpu")
-            report = lmcheck.check_trainer(trainer, overfit_steps=100)
+            def build(seed: int, output_dir=output_dir, trainer_class=trainer_class) -> Trainer:
+                return setups.trainer(tok, output_dir, seed=seed, trainer_class=trainer_class,
+                                      use_cpu=DEVICE.type == "cpu")
+
+            # rebuilt for reproducible and for resume: the Trainer's own checkpoint, resumed on every rank
+            trainer = build(0)
+            report = lmcheck.check_trainer(trainer, overfit_steps=100, rebuild=build)
             found[name] = {**report.to_dict(), "written": sorted(os.listdir(output_dir)),
                            "user_train_still_syncs": still_syncs(trainer)}
     return found

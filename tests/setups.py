@@ -178,16 +178,17 @@ class ResumableLoop:
 
     def __init__(self, seed: int = 0, *, fault: str | None = None, accumulate: int = 2, count: int = 20,
                  batch_size: int = 4, dropout: float = 0.1,
-                 order: Callable[[int, int], list[int]] | None = None) -> None:
+                 order: Callable[[int, int], list[int]] | None = None, device: str = "cpu") -> None:
         self.tok = tokenizer()
         stream = [i for e in examples(self.tok, 2 * count) for i in e["input_ids"]]
         self.data = [{"input_ids": stream[12 * i:12 * (i + 1)]} for i in range(count)]
         self.collate = collator(self.tok)
-        self.model = model(self.tok, seed=seed, dropout=dropout)
+        self.model = model(self.tok, seed=seed, dropout=dropout).to(device)
+        self.device = torch.device(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
         self.scheduler = warmup(self.optimizer)
         # the scale doubles every 2 steps without an overflow: its state changes as the run goes
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 10, growth_interval=2)
         self.seed, self.fault, self.accumulate, self.batch_size = seed, fault, accumulate, batch_size
         self.order = order or (lambda epoch, n: torch.randperm(
             n, generator=torch.Generator().manual_seed(1000 * self.seed + epoch)).tolist())
@@ -214,7 +215,7 @@ class ResumableLoop:
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.model.train()
-        loss = self.model(**batch).loss / self.accumulate
+        loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss / self.accumulate
         self.scaler.scale(loss).backward()
         self.calls += 1
         if self.calls % self.accumulate == 0:
@@ -231,6 +232,8 @@ class ResumableLoop:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": torch.get_rng_state(), "calls": self.calls, "steps": self.steps}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         for fault, key in (("no_scheduler", "scheduler"), ("no_scaler", "scaler"), ("no_rng", "rng")):
             if self.fault == fault:
                 del state[key]
@@ -246,6 +249,8 @@ class ResumableLoop:
                 item.load_state_dict(state[key])
         if "rng" in state:
             torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.fault != "no_rng":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.calls, self.steps = state["calls"], state["steps"]
         self.resume_at = self.calls
         per_epoch = -(-len(self.data) // self.batch_size)

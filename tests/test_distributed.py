@@ -136,11 +136,14 @@ def test_check_loop_under_accelerate_launch_catches_an_inverted_no_sync_on_every
 
 
 def test_check_trainer_runs_unchanged_under_torchrun(reports):
-    """A Trainer that runs DDP itself: every check passes on both ranks, nothing is written."""
+    """A Trainer that runs DDP itself: every check passes on both ranks, resume (the Trainer's
+    own checkpoint, each rank's generator file) included, and nothing is written."""
     for report in (r["check_trainer"] for r in reports):
         assert report["passed"], [r for r in report["results"] if r["status"] != "pass"]
         assert [r["name"] for r in report["results"]] == list(lmcheck.setup.SETUP_CHECKS + lmcheck.setup.DISTRIBUTED_CHECKS)
         assert report["setup"]["world size"] == 2
+        resume = next(r for r in report["results"] if r["name"] == "resume")
+        assert resume["status"] == "pass", resume["explanation"]
         assert report["written"] == []
         # the Trainer is left able to train: evaluate() marked the model prepared, which would
         # have kept the next train() from wrapping it in DDP, and the ranks from syncing

@@ -147,6 +147,7 @@ def test_train_check_resumes_a_healthy_loop_in_fresh_processes(tmp_path, capsys)
     resume = next(r for r in json.loads(target.read_text())["results"] if r["name"] == "resume")
     assert resume["status"] == "pass", resume["explanation"]
     assert resume["metrics"]["fresh_process"] is True
+    assert resume["metrics"]["steps_elsewhere"] == 5  # 3 and 2 steps resumed, counted in the report's costs
     assert "resumed in a fresh process from step 3" in resume["explanation"]
     assert status == 0, capsys.readouterr().out
 
@@ -226,3 +227,16 @@ def test_the_resumable_loop_passes_every_check_of_the_battery():
     assert {r.name: r.status for r in report} == dict.fromkeys(SETUP_CHECKS, "pass"), \
         {r.name: r.explanation for r in report if r.status != "pass"}
     assert report.costs["resume"]["optimizer_steps"] == report["resume"].metrics["optimizer_steps"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fault", [None, "no_rng"])
+def test_on_a_gpu_the_cuda_generator_is_compared_too(fault):
+    """Dropout on the GPU draws from the CUDA generator: a checkpoint that holds only the CPU
+    generator's state resumes with other masks."""
+    result = loop_resume(fault, device="cuda")
+    if fault is None:
+        assert result.passed, result.explanation
+    else:
+        assert result.status == "fail"
+        assert "the CUDA generator of device 0 differs" in result.explanation

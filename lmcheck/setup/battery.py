@@ -388,8 +388,9 @@ def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None 
             started = time.perf_counter()
             with counted_steps() as steps:
                 session.results[check.name] = _isolated(check.name, partial(check.judge, session))
+            elsewhere = session.results[check.name].metrics.get("steps_elsewhere", 0)  # in a fresh process
             session.costs[check.name] = {"seconds": round(time.perf_counter() - started, 3),
-                                         "optimizer_steps": steps[0]}
+                                         "optimizer_steps": steps[0] + int(elsewhere)}
     finally:
         driver.restore()
     if ranks:

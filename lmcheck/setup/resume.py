@@ -14,7 +14,8 @@ accumulation partial where the setup accumulates. Compared bit for bit: the loss
 micro-batch after ``n``, the examples each optimizer step trained on, and the whole state
 (every parameter, every optimizer state tensor and hyperparameter, the scheduler, the grad
 scaler and any other stateful object, every random generator, the gradients) just after ``n``
-and at ``T``. The state is compared by digests of its bytes: nothing is copied.
+and at ``T``. The state is compared by digests of its bytes, one tensor at a time: no second copy
+of it is kept.
 """
 
 from __future__ import annotations
@@ -427,6 +428,8 @@ def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace
     metrics: dict[str, Any] = {"steps": plan.steps, "resumed_from": list(plan.saves), "fresh_process": fresh,
                                "micro_batches_per_epoch": plan.epoch_calls,
                                "optimizer_steps": sum(len(t.ends) for t in runs)}
+    if fresh:  # the resumed runs' steps, taken in other processes
+        metrics["steps_elsewhere"] = sum(len(t.ends) for t in resumed.values())
     for label, trace in (("the straight run", straight), ("the first half", first), *(
             (f"the run resumed from step {n}", t) for n, t in resumed.items())):
         bad = next((i for i, v in enumerate(trace.losses) if not math.isfinite(v)), None)
@@ -560,8 +563,9 @@ def in_fresh_process(resumable: Resumable, plan: Plan, step: int, folder: Path) 
                                "step": step, "folder": str(folder), "out": str(out),
                                "threads": torch.get_num_threads()}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "lmcheck.setup.resume", str(job)], capture_output=True,
-                          text=True, env=env, cwd=os.getcwd(), check=False)
+    command = "import sys; from lmcheck.setup.resume import _fresh_process; _fresh_process(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", command, str(job)], capture_output=True, text=True, env=env,
+                          cwd=os.getcwd(), check=False)
     if done.returncode != 0 or not out.is_file():
         tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise InputError(f"the resumed run from step {step} in a fresh process ({resumable.factory}) failed "
@@ -590,6 +594,3 @@ def _fresh_process(job_file: str) -> None:
     trace = made.resumed(plan, int(job["step"]), Path(job["folder"]))
     Path(job["out"]).write_text(json.dumps(trace.to_dict()))
 
-
-if __name__ == "__main__":
-    _fresh_process(sys.argv[1])
