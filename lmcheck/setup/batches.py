@@ -304,25 +304,26 @@ def take(batches: Iterable[Any], count: int, argument: str) -> list[Any]:
     return taken
 
 
-def epoch_batches(batches_of_epoch: Callable[[int], Iterable[Any]], epoch: int) -> Iterable[Any]:
+def users_code(what: str, function: Callable[..., Any], *arguments: Any) -> Any:
+    """``function(*arguments)``, the user's code: what it raises (lmcheck's own errors aside)
+    becomes an InputError of one line that begins with ``what``, the traceback chained."""
     try:
-        made = batches_of_epoch(epoch)
+        return function(*arguments)
     except LmcheckError:
         raise
-    except Exception as error:  # the user's code, traceback chained
-        raise InputError(f"'batches({epoch})' raised {type(error).__name__}: {error}") from error
+    except Exception as error:  # the user's code
+        raise InputError(f"{what} raised {type(error).__name__}: {error}") from error
+
+
+def epoch_batches(batches_of_epoch: Callable[[int], Iterable[Any]], epoch: int) -> Iterable[Any]:
+    made = users_code(f"'batches({epoch})'", batches_of_epoch, epoch)
     if made is None:
         raise InputError(f"'batches' as a function must return the batches of the epoch (got None for epoch {epoch})")
     return made
 
 
 def call_rebuild(rebuild: Callable[[int], Any], seed: int) -> Any:
-    try:
-        return rebuild(seed)
-    except LmcheckError:
-        raise
-    except Exception as error:  # the user's code, reported in one line with the traceback chained
-        raise InputError(f"'rebuild({seed})' raised {type(error).__name__}: {error}") from error
+    return users_code(f"'rebuild({seed})'", rebuild, seed)
 
 
 def loss_value(loss: Any, where: str) -> float:

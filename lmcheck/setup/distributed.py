@@ -48,7 +48,7 @@ from lmcheck._recording import Recorder, Snapshot, rng_state, set_rng_state
 from lmcheck._validate import check_callable, check_int, check_model, check_number
 from lmcheck.errors import InputError, LmcheckError, NotApplicableError
 from lmcheck.results import Result, headroom_below
-from lmcheck.setup.batches import converter, loss_value, take
+from lmcheck.setup.batches import converter, loss_value, take, users_code
 from lmcheck.setup.order import epoch_keys
 
 __all__ = ["SyncWatch", "data_sharding", "ddp_matches_single", "grads_synchronized", "rank_randomness", "same_init"]
@@ -119,12 +119,7 @@ def data_sharding(batches_of_epoch: Callable[[int], Iterable[Any]], *, epochs: i
     convert = converter(as_batch)
     orders = []
     for epoch in range(epochs):
-        try:
-            batches = batches_of_epoch(epoch)
-        except LmcheckError:
-            raise
-        except Exception as error:  # the user's code
-            raise InputError(f"'batches_of_epoch({epoch})' raised {type(error).__name__}: {error}") from error
+        batches = users_code(f"'batches_of_epoch({epoch})'", batches_of_epoch, epoch)
         orders.append(epoch_keys(batches, convert, max_rows)[0])
     everyone = gathered(orders)  # [rank][epoch] -> keys
     problems = []

@@ -39,6 +39,7 @@ from lmcheck.setup.batches import (
     note_changed_ids,
     put_ids_back,
     take,
+    users_code,
 )
 from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
 from lmcheck.setup.order import Epochs, loop_epochs, sampled_epochs
@@ -447,12 +448,7 @@ class LoopResume:
 
 
 def _user(function: Callable[[Any], Any], what: str, argument: Any) -> Any:
-    """The user's ``train_step``, ``save`` or ``load`` on ``argument``: what it raises named, the
-    traceback chained; a step's loss as a float."""
-    try:
-        made = function(argument)
-    except LmcheckError:
-        raise
-    except Exception as error:  # the user's code
-        raise InputError(f"'{what}' raised {type(error).__name__} during the resume check: {error}") from error
+    """The user's ``train_step``, ``save`` or ``load`` on ``argument`` in the resume check; a
+    step's loss as a float."""
+    made = users_code(f"'{what}' (in the resume check)", function, argument)
     return loss_value(made, f"'{what}'") if what == "train_step" else made

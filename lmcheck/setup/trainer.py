@@ -419,12 +419,11 @@ class TrainerResume:
              save: bool = False, resume_from: str | None = None) -> Trace:
         """The Trainer's own train() on the cut train set to optimizer step ``stop``, a checkpoint
         saved at each step of ``keep`` where ``save``; dropout as the user has it."""
-        mine = self.driver is not None and trainer is self.trainer
-        if mine:
-            assert self.driver is not None
-            self.driver.snapshot.restore()
+        driver = self.driver if trainer is self.trainer else None  # the user's Trainer: put back after
+        if driver is not None:
+            driver.snapshot.restore()
             for name in ("optimizer", "lr_scheduler"):
-                setattr(trainer, name, self.driver.saved.attributes[name])
+                setattr(trainer, name, driver.saved.attributes[name])
 
         def others() -> list[tuple[str, Any]]:
             scheduler = trainer.lr_scheduler
@@ -460,9 +459,8 @@ class TrainerResume:
             trainer.train_dataset = dataset
             if "training_step" in vars(trainer):
                 del trainer.training_step
-            if mine:
-                assert self.driver is not None
-                self.driver.saved.after_run()
+            if driver is not None:
+                driver.saved.after_run()
         return watch.trace
 
 
@@ -487,13 +485,12 @@ class _Resume(TrainerCallback):
             control.should_training_stop = True
 
 
-
 @contextlib.contextmanager
 def lmcheck_arguments(trainer: Any, output_dir: str, callbacks: list[Any], **changes: Any) -> Iterator[None]:
-    """The Trainer's arguments for lmcheck's runs: outputs to ``output_dir``, no saving,
-    evaluation, logging or hub, and only the flow callback (the user's own, early stopping,
-    logging, their state, are not part of the update and must not count lmcheck's steps); its
-    arguments and ``callbacks`` put back after."""
+    """The Trainer's arguments for lmcheck's runs: outputs to ``output_dir``, no saving (but
+    where a callback of lmcheck's asks for it), evaluation, logging or hub, and only the flow
+    callback (the user's own, early stopping, logging, their state, are not part of the update
+    and must not count lmcheck's steps); its arguments and ``callbacks`` put back after."""
     from transformers.trainer_callback import DefaultFlowCallback
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
