@@ -352,8 +352,10 @@ def no_dropout(model: torch.nn.Module) -> Iterator[None]:
 
 def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
                   *, use_cache: bool = True, what: str = "the model's logits",
-                  last: int | None = None) -> tuple[torch.Tensor, Any]:
+                  last: int | None = None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
     """One model call on the new tokens ``ids`` (B, t); ``mask`` covers the whole sequence.
+    ``positions``, the batch's own ``position_ids`` (a packed row's, restarting at each
+    document), go to a Hugging Face model that takes them instead of those counted from ``mask``.
 
     Returns the logits (B, t, V) and the cache (None for a model without one: the caller then
     feeds the whole sequence again). With ``last``, the logits of the last ``last`` positions
@@ -370,7 +372,7 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
         mask = mask.to(ids.device)
     if kind(model) == "transformers":
         keep = {"logits_to_keep": last} if last and _names(model, "logits_to_keep") else {}
-        output = _call_transformers(model, ids, _mask_for(model, mask), past, use_cache, **keep)
+        output = _call_transformers(model, ids, _mask_for(model, mask), past, use_cache, positions=positions, **keep)
         cache = _cache_of(model, output) if use_cache else None
         if keep:
             output = output.logits  # (B, last, V)
@@ -389,13 +391,15 @@ def model_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
 
 
 def _call_transformers(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, past: Any,
-                       use_cache: bool, **extra: Any) -> Any:
+                       use_cache: bool, *, positions: torch.Tensor | None = None, **extra: Any) -> Any:
     kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": use_cache, **extra}
     if mask is not None:
         kwargs["attention_mask"] = mask
-        if _accepts(model, "position_ids"):
+    if _accepts(model, "position_ids"):
+        if positions is None and mask is not None:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): pads do not count
-            kwargs["position_ids"] = positions[:, -ids.shape[1]:]
+        if positions is not None:
+            kwargs["position_ids"] = positions.to(ids.device)[:, -ids.shape[1]:]
     if past is not None:
         kwargs[_cache_name(model)] = past
     return model(**kwargs)
@@ -557,8 +561,9 @@ def own_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
         loss = model.own_loss(dict(batch))
         logits = None
     elif kind(model) == "transformers":
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-        output = _call_transformers(model, batch["input_ids"], batch.get("attention_mask"), None, False, **extra)
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        output = _call_transformers(model, batch["input_ids"], batch.get("attention_mask"), None, False,
+                                    positions=batch.get("position_ids"), **extra)
         loss, logits = getattr(output, "loss", None), getattr(output, "logits", None)
     else:
         raise NotApplicableError(f"the {type(model).__name__} computes no loss of its own (a plain module "
@@ -583,7 +588,7 @@ def loss_and_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     if has_own_loss(model):
         return own_loss(model, batch)
     logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
-                              use_cache=False, what="the logits behind the loss")
+                              use_cache=False, what="the logits behind the loss", positions=batch.get("position_ids"))
     return reference_loss(logits, batch["labels"]), logits
 
 

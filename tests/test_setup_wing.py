@@ -316,3 +316,29 @@ def test_the_liveness_count_sees_a_check_that_keeps_its_copies(tok, monkeypatch)
         gc.enable()
     assert kept
     assert left, "the snapshot kept by the driver should be found alive"
+
+
+# ---------------------------------------------------------------- packed rows
+
+
+def test_a_packed_row_is_keyed_by_its_documents():
+    """``position_ids`` that restart mark the documents of a packed row: each gets the key a row
+    of its own would get, so data order and resume compare examples, not packings."""
+    from lmcheck.setup.order import row_keys
+
+    first, second = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    packed = {"input_ids": torch.cat([first, second], dim=1), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+    assert row_keys(packed) == row_keys({"input_ids": first}) + row_keys({"input_ids": second})
+    assert len(row_keys({"input_ids": packed["input_ids"]})) == 1  # without positions: one row
+
+
+def test_a_packed_documents_prefixes_restart_at_its_start():
+    """The memorization check leaves out a position whose prefix recurs with another next token:
+    in a packed row the prefix is the document's own, as the model sees it."""
+    from lmcheck.setup.overfit import _prefix_hashes
+
+    ids = torch.tensor([[4, 5, 4, 6]])
+    alone = _prefix_hashes(torch.tensor([[4, 5]]))
+    packed = _prefix_hashes(ids, torch.tensor([[0, 1, 0, 1]]))
+    assert packed[0, 0] == packed[0, 2] == alone[0, 0]  # the same one-token prefix in both documents
+    assert _prefix_hashes(ids)[0, 2] != alone[0, 0]  # whole-row prefixes never recur

@@ -343,3 +343,41 @@ def test_nanogpt_checkpoint_resumes_exactly_only_with_its_generator(tok, save_ge
         assert result.status == "fail"
         assert "step 5 trained on 8 of its 8 rows other than the straight run's" in result.explanation
         assert "(replayed)" in result.explanation
+
+
+# ---------------------------------------------------------------- padding-free batches
+
+
+def flattening_trainer(tok, output_dir: str, seed: int = 0, trainer_class: type[Trainer] = Trainer) -> Trainer:
+    """A tiny Llama trained padding-free: ``DataCollatorWithFlattening`` packs each batch's
+    examples into one row, its ``position_ids`` restarting at every example."""
+    import datasets
+    from transformers import DataCollatorWithFlattening
+
+    rows = [{"input_ids": tok(s)["input_ids"] + [tok.eos_token_id]} for s in stacks.sentences(32, seed=7)]
+    return trainer_class(model=stacks.llama(tok, seed=seed),
+                         args=stacks.training_arguments(output_dir, seed=seed),
+                         train_dataset=datasets.Dataset.from_list(rows), data_collator=DataCollatorWithFlattening(),
+                         processing_class=tok)
+
+
+def test_a_padding_free_trainer_passes_every_check(tok, tmp_path):
+    """lmcheck's own forwards (the accumulation reference, the memorization check, the loss)
+    pass the batch's ``position_ids``, so each packed example is its own sequence, as in the
+    user's step; data order and resume fingerprint the examples, not the packed rows."""
+    build = lambda seed: flattening_trainer(tok, str(tmp_path), seed)  # noqa: E731
+    report = check_trainer(build(0), rebuild=build)
+    healthy(report)
+
+
+class _MeanPerMicroBatch(Trainer):
+    """compute_loss returns each micro-batch's mean, ignoring num_items_in_batch (transformers #34191)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+def test_a_padding_free_trainer_that_averages_per_micro_batch_fails_accumulation(tok, tmp_path):
+    report = check_trainer(flattening_trainer(tok, str(tmp_path), trainer_class=_MeanPerMicroBatch), overfit_steps=5)
+    fails_first(report, "accumulation", "#34191")

@@ -27,8 +27,8 @@ Collated = tuple[list[str], int, int]  # collating's problems, examples compared
 
 def converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> Callable[[Any, int], dict[str, torch.Tensor]]:
     """A function from one of the user's batches (and its index) to lmcheck's form: a dict with
-    ``input_ids`` and ``labels`` (unshifted) or ``targets`` (next-token), ``attention_mask``
-    where given."""
+    ``input_ids`` and ``labels`` (unshifted) or ``targets`` (next-token), ``attention_mask`` and
+    ``position_ids`` (a packed row's, restarting at each document) where given."""
     def convert(batch: Any, index: int) -> dict[str, torch.Tensor]:
         where = f"batch {index}"
         if as_batch is not None:
@@ -38,7 +38,7 @@ def converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> C
                                  f"(got {describe(made)} for {where})")
             out = {k: v for k, v in made.items() if isinstance(v, torch.Tensor)}
         elif isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
-            out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")
+            out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")
                    if isinstance(batch.get(k), torch.Tensor)}
             if "labels" not in out:  # the model's own labels are the inputs; lmcheck's copy masks pads
                 out["labels"] = _labels_from(batch["input_ids"], out.get("attention_mask"))

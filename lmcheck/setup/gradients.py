@@ -104,7 +104,8 @@ def _reference(model: torch.nn.Module, parameters: Sequence[torch.Tensor],
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits, _ = model_forward(model, batch["input_ids"], batch.get("attention_mask"), None,
-                                      use_cache=False, what="the logits of a micro-batch")
+                                      use_cache=False, what="the logits of a micro-batch",
+                                      positions=batch.get("position_ids"))
             total, count, before_shift = token_loss_sum(logits, batch)
             del logits
             if not bool(torch.isfinite(total)):

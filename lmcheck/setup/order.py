@@ -44,11 +44,21 @@ def epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, t
 
 
 def row_keys(batch: Mapping[str, torch.Tensor]) -> list[str]:
-    """One key per row of a batch in lmcheck's form: the fingerprint of its unpadded ids."""
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    """One key per example in a batch in lmcheck's form: the fingerprint of a row's unpadded ids,
+    or, in a packed row (``position_ids`` that restart), of each document's."""
+    ids, mask, positions = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
     if mask is not None and mask.shape != ids.shape:  # a 4-D mask: the ids as they are
         mask = None
-    return [fingerprint(ids[row] if mask is None else ids[row][mask[row].bool()]) for row in range(ids.shape[0])]
+    keys = []
+    for row in range(ids.shape[0]):
+        kept = torch.ones_like(ids[row], dtype=torch.bool) if mask is None else mask[row].bool()
+        if positions is not None and positions.shape == ids.shape:
+            starts = ((positions[row] == 0) & kept).nonzero().flatten().tolist() or [0]
+            ends = starts[1:] + [ids.shape[1]]
+            keys += [fingerprint(ids[row, a:b][kept[a:b]]) for a, b in zip(starts, ends, strict=True)]
+        else:
+            keys.append(fingerprint(ids[row][kept]))
+    return keys
 
 
 def _two_epochs(epochs: Sequence[tuple[list[str], bool]], dataset: list[str] | None) -> Result:

@@ -39,7 +39,8 @@ def memorized_rows(model: torch.nn.Module, lm_batches: Sequence[Mapping[str, tor
             batch = {k: v.to(device) for k, v in batch.items()}
             ids = batch["input_ids"]
             logits, _ = model_forward(model, ids, batch.get("attention_mask"), None,
-                                      use_cache=False, what="the logits while overfitting")
+                                      use_cache=False, what="the logits while overfitting",
+                                      positions=batch.get("position_ids"))
             if "targets" in batch:
                 predicted, targets, prefix = logits.argmax(-1), batch["targets"], ids
             else:
@@ -50,7 +51,10 @@ def memorized_rows(model: torch.nn.Module, lm_batches: Sequence[Mapping[str, tor
             tokens += int((targets != IGNORE_INDEX).sum())
             predicted_of.append(predicted.cpu())
             targets_of.append(targets.cpu())
-            keys_of.append(_prefix_hashes(prefix.cpu()))
+            positions = batch.get("position_ids")
+            if positions is not None and "targets" not in batch:
+                positions = positions[:, :-1]
+            keys_of.append(_prefix_hashes(prefix.cpu(), None if positions is None else positions.cpu()))
     width = max(t.shape[1] for t in targets_of)
     pad = lambda t, v: F.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
     targets = torch.cat([pad(t, IGNORE_INDEX) for t in targets_of])
@@ -68,10 +72,22 @@ def memorized_rows(model: torch.nn.Module, lm_batches: Sequence[Mapping[str, tor
     return int((right.all(dim=1) & counted).sum()), int(counted.sum()), nll, tokens
 
 
-def _prefix_hashes(ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) int64 hash of each prefix ``ids[:, :t + 1]`` (a polynomial hash; int64 wraps)."""
-    powers = torch.full((ids.shape[1],), 1_000_003, dtype=torch.int64).cumprod(0)
-    return ((ids.to(torch.int64) + 1) * powers).cumsum(dim=1) * 31 + torch.arange(ids.shape[1])
+def _prefix_hashes(ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) int64 hash of each prefix ``ids[:, :t + 1]`` (a polynomial hash; int64 wraps); in a
+    packed row (``positions`` that restart at 0), of the prefix within its own document."""
+    def hashed(part: torch.Tensor) -> torch.Tensor:
+        powers = torch.full((part.shape[-1],), 1_000_003, dtype=torch.int64).cumprod(0)
+        return ((part.to(torch.int64) + 1) * powers).cumsum(dim=-1) * 31 + torch.arange(part.shape[-1])
+
+    if positions is None or positions.shape != ids.shape:
+        return hashed(ids)
+    out = torch.empty(ids.shape, dtype=torch.int64)
+    for row in range(ids.shape[0]):
+        starts = (positions[row] == 0).nonzero().flatten().tolist()
+        starts = starts if starts and starts[0] == 0 else [0, *starts]
+        for a, b in zip(starts, starts[1:] + [ids.shape[1]], strict=True):
+            out[row, a:b] = hashed(ids[row, a:b])
+    return out
 
 
 @dataclass
