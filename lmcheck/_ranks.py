@@ -12,11 +12,16 @@ import torch.distributed as dist
 
 from lmcheck.errors import InputError
 
-__all__ = ["fingerprint", "gathered", "local", "rank_and_world", "unwrap_parallel", "world_size"]
+__all__ = ["fingerprint", "gathered", "local", "rank", "rank_and_world", "unwrap_parallel", "world_size"]
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the initialized process group; 0 in one process."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def rank_and_world() -> tuple[int, int]:

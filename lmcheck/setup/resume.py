@@ -38,7 +38,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lmcheck._finite import non_finite_result
-from lmcheck._ranks import fingerprint, gathered, unwrap_parallel, world_size
+from lmcheck._ranks import fingerprint, gathered, rank, unwrap_parallel, world_size
 from lmcheck.errors import InputError
 from lmcheck.results import Result
 from lmcheck.setup.order import row_keys
@@ -402,7 +402,7 @@ def resume(resumable: Resumable | str) -> Result:
 @contextlib.contextmanager
 def shared_folder() -> Iterator[Path]:
     """A temporary folder for the checkpoints: rank 0's under torchrun, the same path on every rank."""
-    made = tempfile.TemporaryDirectory(prefix="lmcheck-resume-") if _rank() == 0 else None
+    made = tempfile.TemporaryDirectory(prefix="lmcheck-resume-") if rank() == 0 else None
     path = gathered(made.name if made is not None else None)[0]
     try:
         yield Path(path)
@@ -413,12 +413,6 @@ def shared_folder() -> Iterator[Path]:
             dist.barrier()  # every rank is done with the checkpoints before rank 0 removes them
         if made is not None:
             made.cleanup()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def judge(plan: Plan, straight: Trace, first: Trace, resumed: Mapping[int, Trace], *, fresh: bool) -> Result:
