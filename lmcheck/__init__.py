@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "causal_batch": "lmcheck.training",
     "memorizes": "lmcheck.training",
     "batch_supervision": "lmcheck.supervision",
+    "packing_equivalence": "lmcheck.packing",
     "loss_decreases": "lmcheck.curves",
     "overfits": "lmcheck.curves",
     "generalization_gap": "lmcheck.curves",

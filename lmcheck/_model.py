@@ -153,6 +153,13 @@ def can_generate(model: torch.nn.Module) -> bool:
     return base is not None and base.can_generate() and callable(getattr(model, "generate", None))
 
 
+def configured_cache(model: torch.nn.Module) -> bool:
+    """Whether a call that does not say ``use_cache`` builds a KV cache: the Hugging Face
+    model's ``config.use_cache`` (the Trainer sets it from its arguments, False by default)."""
+    base = hf_model(model)
+    return base is not None and bool(getattr(base.config, "use_cache", False))
+
+
 def has_own_loss(model: torch.nn.Module) -> bool:
     """Whether the model computes its own training loss (``labels=`` or an adapted loss)."""
     if isinstance(model, AdaptedLM):

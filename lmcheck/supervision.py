@@ -31,7 +31,7 @@ from lmcheck._validate import as_ids, as_mask, check_bool, check_fraction, check
 from lmcheck.errors import InputError
 from lmcheck.results import Result
 
-__all__ = ["batch_supervision", "end_of_turn_ids"]
+__all__ = ["batch_supervision", "end_of_turn_ids", "template_end_of_turn"]
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
@@ -43,12 +43,15 @@ def end_of_turn_ids(tokenizer: Any) -> set[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
-    if getattr(tokenizer, "chat_template", None):
-        ids |= _template_end_of_turn(tokenizer)
-    return ids
+    return ids | template_end_of_turn(tokenizer)
 
 
-def _template_end_of_turn(tokenizer: Any) -> set[int]:
+def template_end_of_turn(tokenizer: Any) -> set[int]:
+    """The first token ``tokenizer``'s chat template writes after an assistant's message, as a
+    set of one id (empty where it has no template, or the template cannot render a two-message
+    chat, or what follows is not a special token)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
     marker = "lmcheckpong"
     chat = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": marker}]
     try:

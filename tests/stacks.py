@@ -357,3 +357,63 @@ def resumable_nanogpt(tok: PreTrainedTokenizerFast, seed: int = 0, *, save_gener
     return {"model": lmcheck.adapt(net, logits=lambda ids: net(ids, ids)[0]), "train_step": loop.step,
             "batches": lambda epoch: (loop.get_batch() for _ in range(8)), "tokenizer": tok,
             "max_grad_norm": 1.0, "sampling": "with_replacement", "checkpoint": (save, load)}
+
+
+# ---------------------------------------------------------------- a loop of one's own over packed rows
+
+
+def packed_examples(tok: PreTrainedTokenizerFast, count: int = 32, seed: int = 7) -> list[dict[str, list[int]]]:
+    """Short sentences, each ending with its eos: the documents a packing collator puts in a row."""
+    return [{"input_ids": tok(s)["input_ids"] + [tok.eos_token_id]} for s in sentences(count, seed=seed)]
+
+
+class Packer:
+    """A collator of one's own that packs each batch of examples into one row; ``fault`` names a
+    documented packing bug to put in it: ``"all_ones_mask"`` (a 2-D all-ones attention mask
+    beside the packed position ids: transformers PR #46634), ``"arange_positions"`` (position
+    ids that never restart: trl #3705, legacy wrapped packing), ``"labels_cross"`` (every
+    document's first token labelled, so the last of the one before predicts it)."""
+
+    def __init__(self, fault: str | None = None) -> None:
+        self.fault = fault
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([t for e in examples for t in e["input_ids"]])[None]
+        positions = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]
+        labels = ids.clone()
+        if self.fault != "labels_cross":
+            labels[positions == 0] = -100
+        if self.fault == "arange_positions":
+            positions = torch.arange(ids.shape[1])[None]
+        batch = {"input_ids": ids, "position_ids": positions, "labels": labels}
+        if self.fault == "all_ones_mask":
+            batch["attention_mask"] = torch.ones_like(ids)
+        return batch
+
+
+class PackingLoop:
+    """A plain loop over packed rows, written as a padding-free user writes it: ``model(**batch)``
+    with the collator's keys, AdamW, clipping at 1. ``use_cache`` is the model's
+    ``config.use_cache`` in training (a Llama built from its config has True; the Trainer sets
+    False): True leaves transformers without a document mask."""
+
+    def __init__(self, tok: PreTrainedTokenizerFast, *, collator: Any = None, use_cache: bool = False,
+                 seed: int = 0, batch_size: int = 4) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.model = llama(tok, seed=seed)
+        self.model.config.use_cache = use_cache
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = torch.utils.data.DataLoader(
+            packed_examples(tok), batch_size=batch_size, shuffle=True, generator=generator,
+            collate_fn=collator if collator is not None else DataCollatorWithFlattening(return_tensors="pt"))
+
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.train()
+        loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()

@@ -15,7 +15,7 @@ TOP_LEVEL = sorted("""
     round_trip inspect_tokens
     fill_mask mask_fill_accuracy masked_loss_at_init bidirectionality encoder_padding_invariance
     greedy_matches_generate kv_cache_matches_full causality padding_invariance batch_invariance
-    loss_at_init gradient_flow params_update loss_matches_reference causal_batch memorizes batch_supervision
+    loss_at_init gradient_flow params_update loss_matches_reference causal_batch memorizes batch_supervision packing_equivalence
     loss_decreases overfits generalization_gap reproducible finite_loss LossCurve
     check_loop check_trainer check_lightning SetupReport
     Result LmcheckError InputError ModelError NonFiniteError NotApplicableError AssetError GoldenMissingError

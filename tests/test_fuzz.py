@@ -194,6 +194,14 @@ ENTRIES: dict[str, Entry] = {
                             "expect_eos": garbage, "end_ids": garbage, "bos_id": garbage}),
     "end_of_turn_ids": Entry(lmcheck.supervision.end_of_turn_ids, lambda w: dict(tokenizer=w.gpt2),
                              {"tokenizer": garbage}, returns=set),
+    "template_end_of_turn": Entry(lmcheck.supervision.template_end_of_turn, lambda w: dict(tokenizer=w.gpt2),
+                                  {"tokenizer": garbage}, returns=set),
+    "packing_equivalence": Entry(lmcheck.packing_equivalence, lambda w: dict(
+        model=w.causal, packed_batch={"input_ids": w.ids(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])[:, :w.ids().shape[1]]}),
+        {"model": garbage, "packed_batch": garbage, "documents": garbage, "eos_id": garbage, "max_rows": garbage,
+         "max_documents": garbage, "gradients": garbage}),
+    "document_starts": Entry(lmcheck.packing.document_starts, lambda w: dict(positions=torch.tensor([0, 1, 0, 1])),
+                             {"positions": garbage}, returns=list),
     # masked LMs
     "fill_mask": Entry(lmcheck.fill_mask, lambda w: dict(
         model=w.masked, tokenizer=w.bert, text_or_texts="paris is the [MASK] of france."),

@@ -157,6 +157,13 @@ def _additive_mask(case: Case) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask}
 
 
+def _packed(case: Case) -> dict[str, torch.Tensor]:
+    """The case's ids as one packed row of two documents, positions restarting at the second."""
+    ids = case.ids()
+    half = ids.shape[1] // 2
+    return {"input_ids": ids, "position_ids": torch.cat([torch.arange(half), torch.arange(ids.shape[1] - half)])[None]}
+
+
 # How each public probe is called on a case. A new public probe fails
 # test_every_public_probe_has_a_row until it gets a row here.
 @contextmanager
@@ -200,6 +207,7 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "memorizes": lambda c, _: lmcheck.memorizes(c.causal, None, c.ids(), prefix_length=2,
                                                 continuation_length=4, min_verbatim_rate=0.0),
     "causal_batch": lambda c, _: lmcheck.causal_batch(_additive_mask(c)),
+    "packing_equivalence": lambda c, _: lmcheck.packing_equivalence(c.causal, _packed(c)),
     "mask_fill_accuracy": lambda c, _: lmcheck.mask_fill_accuracy(
         c.masked, c.bert, [("paris is the capital of [MASK] and its largest city.", "france")],
         threshold=0.0),

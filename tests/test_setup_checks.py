@@ -120,7 +120,8 @@ def test_healthy_plain_loop_passes_every_check(tok):
     report = check_loop(net, loop.step, setups.loader(tok), tokenizer=tok, scheduler=loop.scheduler,
                         max_grad_norm=1.0, rebuild=rebuild_plain(tok))
     assert [r.name for r in report.results] == list(SETUP_CHECKS)
-    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a"}
+    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a",
+                                                          "packing_equivalence": "n/a"}  # padded rows, not packed
     assert report.passed
     assert report.curve.stop_reason == "memorized"
 
@@ -131,7 +132,7 @@ def test_healthy_plain_loop_without_rebuild_is_not_applicable_for_reproducibilit
     checks still pass."""
     report = plain(tok, overfit_steps=200)
     statuses = {r.name: r.status for r in report.results}
-    assert statuses.pop("reproducible") == statuses.pop("resume") == "n/a"
+    assert statuses.pop("reproducible") == statuses.pop("resume") == statuses.pop("packing_equivalence") == "n/a"
     assert set(statuses.values()) == {"pass"}
     assert report.passed
 
@@ -141,7 +142,8 @@ def test_healthy_trainer_passes_every_check(tok, tmp_path):
     Trainer with ``args.seed`` changed (the data order and dropout follow the seed), and
     ``resume``, which needs a Trainer built afresh, is not applicable."""
     report = check_trainer(setups.trainer(tok, str(tmp_path)))
-    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a"}
+    assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a",
+                                                          "packing_equivalence": "n/a"}
     assert report.setup["micro-batches per optimizer step"] == 2
     assert os.listdir(tmp_path) == []
 

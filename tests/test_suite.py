@@ -231,16 +231,18 @@ def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:trainer")
     # no model given: the model batteries skip
-    result.assert_outcomes(passed=len(SETUP_CHECKS),
-                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS))
+    # packing_equivalence is not applicable (padded rows): skipped with its reason
+    result.assert_outcomes(passed=len(SETUP_CHECKS) - 1,
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 1)
 
 
 def test_the_setup_suite_fails_the_check_a_faulty_loop_breaks(pytester, setup_factories):
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:scheduler_per_micro_batch")
-    # resume is not applicable (the loop has no checkpoint functions): skipped with its reason
-    result.assert_outcomes(passed=len(SETUP_CHECKS) - 2, failed=1,
-                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 1)
+    # resume (the loop has no checkpoint functions) and packing_equivalence (padded rows) are not
+    # applicable: skipped with their reasons
+    result.assert_outcomes(passed=len(SETUP_CHECKS) - 3, failed=1,
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 2)
     assert result.ret == 1
     result.stdout.fnmatch_lines(["FAILED *test_training_setup[[]lr_schedule[]]*"])
     result.stdout.fnmatch_lines(["*lr_schedule: at optimizer step * the scheduler is stepped on every "

@@ -59,6 +59,24 @@ def converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> C
     return convert
 
 
+def packing_of(collator: Any, arguments: Any = None, packed: bool = False) -> str | None:
+    """What says the rows hold several documents each that must not see each other: the user's
+    ``packed=True``, a packing collator (transformers' ``DataCollatorWithFlattening``, TRL's
+    padding-free one) or TRL's ``packing``/``padding_free`` arguments; None where nothing does
+    (position ids that restart inside a row say it too, read from the batches)."""
+    if check_bool(packed, "packed"):
+        return "packed=True"
+    if type(collator).__name__ == "DataCollatorWithFlattening":
+        return "the collator, a DataCollatorWithFlattening"
+    if getattr(collator, "padding_free", False) is True:
+        return f"the collator's padding_free=True ({type(collator).__name__})"
+    for option in ("packing", "padding_free"):
+        if getattr(arguments, option, False) is True:
+            strategy = getattr(arguments, "packing_strategy", None) if option == "packing" else None
+            return f"{option}=True in the trainer's arguments" + (f" (packing_strategy={strategy!r})" if strategy else "")
+    return None
+
+
 def _labels_from(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Labels for a batch that brings none: a copy of the ids (never the same memory), -100 at pads."""
     labels = ids.clone()

@@ -26,6 +26,7 @@ from lmcheck._recording import OptimizerStep, Snapshot, counted_steps
 from lmcheck._validate import check_bool
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
+from lmcheck.packing import document_starts, packing_equivalence
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
@@ -50,6 +51,7 @@ from lmcheck.setup.report import SetupReport
 from lmcheck.setup.resume import Resumable, resume
 from lmcheck.setup.schedule import lr_schedule, peak_lrs
 from lmcheck.setup.seeds import eval_deterministic, reproducible
+from lmcheck.supervision import template_end_of_turn
 from lmcheck.training import loss_at_init, loss_matches_reference
 
 __all__ = ["CHECKS", "DISTRIBUTED_CHECKS", "SETUP_CHECKS", "Check", "Driver", "FirstStep", "Run", "first_step_hook", "run_battery"]
@@ -174,9 +176,9 @@ class Session:
     """One battery over one driver: the options and what the runs have recorded so far."""
 
     def __init__(self, driver: Driver, budget: SetupBudget, pretrained: bool | None,
-                 expect_eos: bool | None) -> None:
+                 expect_eos: bool | None, packing: str | None = None) -> None:
         self.driver, self.budget = driver, budget
-        self.pretrained, self.expect_eos = pretrained, expect_eos
+        self.pretrained, self.expect_eos, self.packing = pretrained, expect_eos, packing
         self.collated = driver.collating()
         self.special = special_ids(driver.tokenizer, driver.collator, driver.model)
         driver.setup["eos and BOS from"] = self.special.source
@@ -288,6 +290,38 @@ def _overfits(s: Session) -> Result:
     return overfits(watch, run.steps, d.curve, peaks)
 
 
+def _packing_equivalence(s: Session) -> Result:
+    """The first batch with a packed row, each of its documents run alone: where position ids
+    restart and, where the setup says it packs, after each eos (unless the eos also ends the
+    turns of the chat template)."""
+    tokenizer = s.special.tokenizer
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else min(s.special.end_ids, default=None)
+    if s.packing is None or not isinstance(eos, int) or (tokenizer is not None and eos in template_end_of_turn(tokenizer)):
+        eos = None  # documents only where the positions restart: an eos that ends chat turns ends no document
+    batches = [labels_form(b) for b in s.driver.lm_batches]
+    packed = next((b for b in batches if _restarts(b)), None)
+    if packed is None and s.packing is None:
+        return Result.not_applicable("packing_equivalence", NOT_PACKED)
+    if s.packing is not None:
+        s.driver.setup["packing"] = s.packing
+    return packing_equivalence(s.driver.model, packed if packed is not None else batches[0], eos_id=eos)
+
+
+def _restarts(batch: dict[str, torch.Tensor]) -> bool:
+    positions = batch.get("position_ids")
+    if positions is None or positions.shape[-1] < 2:
+        return False
+    mask = batch.get("attention_mask")
+    rows = positions.reshape(-1, positions.shape[-1])
+    return any(len(document_starts(row[:int(mask[i].sum())] if mask is not None and mask.shape == rows.shape
+                                   else row)) > 1 for i, row in enumerate(rows))
+
+
+NOT_PACKED = ("the batches are not packed: no position ids restart inside a row, and neither the collator nor an "
+              "option packs (rows of eos-separated documents that attend to each other, as GPT-2's pretraining "
+              "chunks are, are not checked; pass packed=True if each document must be its own sequence)")
+
+
 def _reproducible(s: Session) -> Result:
     plan = s.driver.seeding()
     if isinstance(plan, str):
@@ -340,6 +374,7 @@ CHECKS: tuple[Check, ...] = (
           follows=("batch_supervision",)),
     Check("loss_at_init", BATCHES, _loss_at_init),
     Check("loss_matches_reference", BATCHES, _loss_matches_reference, supervised=True),
+    Check("packing_equivalence", BATCHES, _packing_equivalence),
     Check("gradient_flow", FIRST_RUN, lambda s: gradient_flow(s.driver.model, s.first.run.steps, s.driver.snapshot),
           supervised=True),
     # the parameters as the first run left them: judged before accumulation restores the saved ones
@@ -347,13 +382,14 @@ CHECKS: tuple[Check, ...] = (
                                                               len(s.first.run.steps)),
           supervised=True, follows=("gradient_flow", "lr_schedule")),
     Check("accumulation", FIRST_RUN, lambda s: s.accumulation(), supervised=True,
-          follows=("batch_supervision", "loss_matches_reference", "gradient_flow")),
+          follows=("batch_supervision", "loss_matches_reference", "packing_equivalence", "gradient_flow")),
     Check("lr_schedule", FIRST_RUN, lambda s: lr_schedule(s.first.run.steps, s.driver.scheduler, s.driver.snapshot,
                                                           s.driver.schedule)),
     Check("overfits", OVERFITTING, _overfits, supervised=True,
-          follows=("batch_supervision", "causal_batch", "loss_matches_reference", "gradient_flow",
+          follows=("batch_supervision", "causal_batch", "loss_matches_reference", "packing_equivalence", "gradient_flow",
                    "params_update", "accumulation", "lr_schedule")),
-    Check("data_order", AFTER_THE_RUNS, lambda s: data_order(s.driver.epochs())),
+    # packed rows are keyed by their documents, found where the position ids restart
+    Check("data_order", AFTER_THE_RUNS, lambda s: data_order(s.driver.epochs()), follows=("packing_equivalence",)),
     Check("reproducible", AFTER_THE_RUNS, _reproducible, supervised=True, follows=("gradient_flow",)),
     Check("eval_deterministic", AFTER_THE_RUNS, _eval_deterministic, supervised=True),
     Check("resume", AFTER_THE_RUNS, lambda s: resume(s.driver.resumable()), supervised=True,
@@ -370,14 +406,15 @@ DISTRIBUTED_CHECKS = tuple(c.name for c in CHECKS if c.stage == RANKS)
 
 
 def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None = None,
-                expect_eos: bool | None = None) -> SetupReport:
+                expect_eos: bool | None = None, packing: str | None = None) -> SetupReport:
     """Every check of :data:`CHECKS` on the driver's setup, stage by stage, each isolated: one
     that raises is an ``error`` result and the rest still run (an InputError, the setup itself
-    unfit, stops them). Under torchrun every rank returns the same report. The driver's
+    unfit, stops them). ``packing`` says what declares the rows packed (:func:`lmcheck.setup.batches.packing_of`), for
+    ``packing_equivalence``. Under torchrun every rank returns the same report. The driver's
     ``restore()`` runs at the end, whatever happens."""
     ranks = world_size() > 1
     try:
-        session = Session(driver, budget, pretrained, expect_eos)
+        session = Session(driver, budget, pretrained, expect_eos, packing)
         for check in sorted(CHECKS, key=lambda c: c.stage):
             if check.stage == RANKS and not ranks:
                 continue

@@ -27,7 +27,7 @@ import torch
 
 from lmcheck._model import hf_model, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._validate import check_callable, describe
+from lmcheck._validate import check_bool, check_callable, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.recipes import SetupBudget
@@ -39,6 +39,7 @@ from lmcheck.setup.batches import (
     loader_collating,
     loss_value,
     note_changed_ids,
+    packing_of,
     take,
 )
 from lmcheck.setup.battery import (
@@ -64,6 +65,7 @@ def check_lightning(
     pretrained: bool | None = None, rebuild: Callable[[int], Any] | None = None, seed: int = 0,
     steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
     check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
+    packed: bool = False,
 ) -> SetupReport:
     """Run the setup checks on a Lightning setup through ``Trainer.fit``, and leave it as it was.
 
@@ -84,7 +86,7 @@ def check_lightning(
         overfit_batches: the budget, as :class:`~lmcheck.setup.SetupBudget`.
         overfit_steps: the budget, as :class:`~lmcheck.setup.SetupBudget`.
         check_every: the budget, as :class:`~lmcheck.setup.SetupBudget`.
-        expect_eos: as :func:`~lmcheck.setup.check_loop`.
+        expect_eos, packed: as :func:`~lmcheck.setup.check_loop`.
         progress: as :func:`~lmcheck.setup.check_loop`.
     """
     try:
@@ -103,10 +105,12 @@ def check_lightning(
     for argument, value in (("as_batch", as_batch), ("rebuild", rebuild), ("progress", progress)):
         if value is not None:
             check_callable(value, argument, "a function")
+    check_bool(packed, "packed")
     lm = _language_model(module, model)
     driver = LightningDriver(trainer, module, lm, _train_loader(module, datamodule), as_batch, progress, budget,
                              tokenizer=tokenizer, rebuild=rebuild, seed=seed)
-    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
+    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos,
+                       packing=packing_of(driver.collator, None, packed))
 
 
 def _language_model(module: torch.nn.Module, model: torch.nn.Module | None) -> torch.nn.Module:

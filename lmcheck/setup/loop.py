@@ -17,6 +17,7 @@ from lmcheck._model import no_dropout, parameter_dtype
 from lmcheck._ranks import unwrap_parallel
 from lmcheck._recording import Recorder, Snapshot
 from lmcheck._validate import (
+    check_bool,
     check_callable,
     check_checkpoint,
     check_factory,
@@ -37,6 +38,7 @@ from lmcheck.setup.batches import (
     loader_state,
     loss_value,
     note_changed_ids,
+    packing_of,
     put_ids_back,
     take,
     users_code,
@@ -64,6 +66,7 @@ def check_loop(
     check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
     stateful: Sequence[Any] = (), sampling: str = "epochs",
     checkpoint: tuple[Callable[[str], Any], Callable[[str], Any]] | None = None, factory: str | None = None,
+    packed: bool = False,
 ) -> SetupReport:
     """Run the battery on a plain training loop, and leave its objects as they were.
 
@@ -122,6 +125,10 @@ def check_loop(
         factory: the importable ``package.module:function`` that builds this setup (as
             ``lmcheck train-check`` takes it): where given, each resumed run of ``resume`` goes
             to a fresh Python process, so that state kept only in memory is caught too.
+        packed: each row holds several documents that must not see each other (a packing
+            collator): ``packing_equivalence`` runs each alone, finding them where the position
+            ids restart, else after each eos. Rows whose position ids restart, or a
+            ``DataCollatorWithFlattening`` loader, are checked without it.
 
     Under ``torchrun`` (an initialized process group of more than one rank), call it on every
     rank with the DDP-wrapped model: the accumulation reference is computed over every rank's
@@ -139,6 +146,7 @@ def check_loop(
         check_checkpoint(checkpoint, "checkpoint")
     if factory is not None:
         check_factory(factory)
+    check_bool(packed, "packed")
     batches_of_epoch = batches if callable(batches) and not isinstance(batches, Iterable) else None
     loader = epoch_batches(batches_of_epoch, 0) if batches_of_epoch is not None else cast(Iterable[Any], batches)
     put_back = loader_state(loader)  # reading batches advances a DataLoader's generator
@@ -151,7 +159,8 @@ def check_loop(
     except BaseException:
         put_back()
         raise
-    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
+    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos,
+                       packing=packing_of(driver.collator, None, packed))
 
 
 def _checked_options(max_grad_norm: object, scheduler: Any, stateful: object, sampling: object,

@@ -22,7 +22,7 @@ from transformers.trainer_callback import TrainerCallback
 from lmcheck._allocator import heap_frozen
 from lmcheck._model import IGNORE_INDEX, no_dropout, parameter_dtype
 from lmcheck._recording import Recorder, Snapshot
-from lmcheck._validate import check_callable, check_factory, check_model, describe
+from lmcheck._validate import check_bool, check_callable, check_factory, check_model, describe
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.recipes import SetupBudget
@@ -35,6 +35,7 @@ from lmcheck.setup.batches import (
     ids_copy,
     loss_value,
     note_changed_ids,
+    packing_of,
     take,
 )
 from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
@@ -50,7 +51,7 @@ def check_trainer(
     trainer: Any, *, pretrained: bool | None = None, rebuild: Callable[[int], Any] | None = None,
     steps: int | None = None, overfit_batches: int | None = None, overfit_steps: int | None = None,
     check_every: int | None = None, expect_eos: bool | None = None, progress: Progress | None = None,
-    factory: str | None = None,
+    factory: str | None = None, packed: bool = False,
 ) -> SetupReport:
     """Run the battery on a constructed ``transformers.Trainer``: its model, arguments
     (accumulation, clipping, schedule, seed), collator and datasets.
@@ -69,8 +70,9 @@ def check_trainer(
     ``train(resume_from_checkpoint=...)``; without ``rebuild`` that check is not applicable.
     ``factory``, the ``package.module:function`` that builds the Trainer, sends each resumed run
     to a fresh Python process (``lmcheck train-check`` and ``--lmcheck-trainer`` pass it).
-    The other arguments are :func:`~lmcheck.setup.check_loop`'s; every one is checked before
-    the Trainer is touched.
+    A ``DataCollatorWithFlattening``, TRL's padding-free collator and TRL's ``packing`` say the
+    rows are packed, as ``packed=True`` does. The other arguments are
+    :func:`~lmcheck.setup.check_loop`'s; every one is checked before the Trainer is touched.
     """
     budget = SetupBudget.of(steps=steps, overfit_batches=overfit_batches, overfit_steps=overfit_steps,
                             check_every=check_every)
@@ -84,8 +86,10 @@ def check_trainer(
     if factory is not None:
         check_factory(factory)
     check_model(trainer.model, "trainer.model")
+    check_bool(packed, "packed")
     driver = TrainerDriver(trainer, budget, progress, rebuild, factory)
-    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos)
+    return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos,
+                       packing=packing_of(trainer.data_collator, trainer.args, packed))
 
 
 def is_trainer(value: object) -> bool:
