@@ -268,8 +268,8 @@ def _check_positions(rows: list[_Row], positions: torch.Tensor | None, found: _F
                 found.problems.append(
                     f"the positions do not restart at document {number} of row {row.index} (token {start}): {said}; "
                     f"the model sees one long sequence and builds no document mask (TRL's packing without its "
-                    f"seq_lengths column: trl #3705); give position ids that restart at each document, as "
-                    f"DataCollatorWithFlattening does")
+                    f"seq_lengths column, trl #3705; wrapped packing, trl #3067); give position ids that restart "
+                    f"at each document, as DataCollatorWithFlattening does")
                 found.details.append({"row": row.index, "document": number, "start": start, "position_id": value})
                 return
 

@@ -137,12 +137,19 @@ def batch_supervision(
                         f"they add nothing to the loss; a completion-only collator that never found its "
                         f"response template does this (trl #598)")
     masked_rows = 0
+    # a packed row's documents (position ids that restart) are judged as rows of their own: a span
+    # that runs into the end of the longest document was cut at max_length, as in a full padded row
+    documents = _documents(inputs, real, target, batch.get("position_ids"))
     if ends:
         blank = _Whitespace(tokenizer)
         pads = set(inputs[~real].unique().tolist())  # the ids the collator padded with
         if getattr(tokenizer, "pad_token_id", None) is not None:
             pads.add(tokenizer.pad_token_id)
-        findings = _end_problems(inputs, real, target, ends, blank, expect_eos, set(empty), pads)
+        if documents is None:
+            findings = _end_problems(inputs, real, target, ends, blank, expect_eos, set(empty), pads)
+        else:
+            findings = _end_problems(*documents, ends, blank, expect_eos, set(), pads, documents=True)
+            findings.problems = [f"{p} (rows: the packed rows' documents, in order)" for p in findings.problems]
         problems += findings.problems
         masked_rows = findings.masked_rows
     padded = ~real & supervised
@@ -152,9 +159,10 @@ def batch_supervision(
                         f"{column}): label padding -100")
     bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_token_id", None)
     if bos is not None and inputs.shape[1] > 1:
-        first_real = real.float().argmax(dim=1)  # (B,) the first real position (left padding aside)
-        starts = inputs.gather(1, first_real[:, None]).squeeze(1)
-        following = inputs.gather(1, (first_real + 1).clamp(max=inputs.shape[1] - 1)[:, None]).squeeze(1)
+        rows, kept = (inputs, real) if documents is None else documents[:2]
+        first_real = kept.float().argmax(dim=1)  # (B,) the first real position (left padding aside)
+        starts = rows.gather(1, first_real[:, None]).squeeze(1)
+        following = rows.gather(1, (first_real + 1).clamp(max=rows.shape[1] - 1)[:, None]).squeeze(1)
         doubled = ((starts == bos) & (following == bos)).nonzero()
         if len(doubled):
             problems.append(f"{len(doubled)} row(s) start with two BOS tokens (first: row {int(doubled[0])}): "
@@ -191,8 +199,10 @@ class _Findings:
 
 
 def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor, ends: set[int],
-                  blank: _Whitespace, expect_eos: bool, empty: set[int], pads: set[int]) -> _Findings:
-    """The end-of-sequence rules, row by row: at most one message per kind, the first row at fault."""
+                  blank: _Whitespace, expect_eos: bool, empty: set[int], pads: set[int], *,
+                  documents: bool = False) -> _Findings:
+    """The end-of-sequence rules, row by row: at most one message per kind, the first row at fault.
+    ``documents``: the rows are packed documents, whole but where as long as the longest."""
     found = _Findings()
     hidden: list[tuple[int, int]] = []  # (row, position) of an unsupervised end closing a span
     unended: list[tuple[int, int, int]] = []  # (row, position, token) of a span's last token
@@ -231,7 +241,7 @@ def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor
                 end -= 1
             if ids[positions[end]] in ends:
                 continue
-            if positions[last] == last_real and (full or not expect_eos):
+            if positions[last] == last_real and (full or not (expect_eos or documents)):
                 continue  # cut at max_length, or a packed row that goes on in the next one
             following = positions[last + 1] if last + 1 < len(positions) else None
             if following is not None and ids[following] in ends:
@@ -261,6 +271,33 @@ def _end_problems(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor
                               f"stop: append eos when tokenizing (a tokenizer that adds BOS but no EOS does "
                               f"this: transformers #22794)")
     return found
+
+
+def _documents(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor, positions: object,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The documents of packed rows as right-padded rows of their own (ids, real, target), where
+    ``positions`` (the batch's position ids) restart inside a row; None where none do."""
+    if not isinstance(positions, torch.Tensor) or positions.shape != inputs.shape:
+        return None
+    pieces = []
+    for row in range(inputs.shape[0]):
+        kept = real[row].nonzero().flatten()
+        if len(kept) < 2:
+            continue
+        first, last = int(kept[0]), int(kept[-1]) + 1
+        steps = positions[row, first + 1:last] - positions[row, first:last - 1]
+        bounds = [first] + [first + 1 + int(i) for i in (steps != 1).nonzero().flatten()] + [last]
+        pieces += [(row, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    if len(pieces) <= inputs.shape[0]:
+        return None
+    width = max(b - a for _, a, b in pieces)
+    ids = torch.zeros(len(pieces), width, dtype=inputs.dtype)
+    kept_out = torch.zeros(len(pieces), width, dtype=torch.bool)
+    target_out = torch.zeros(len(pieces), width, dtype=torch.bool)
+    for index, (row, a, b) in enumerate(pieces):
+        ids[index, :b - a], kept_out[index, :b - a] = inputs[row, a:b], True
+        target_out[index, 1:b - a] = target[row, a + 1:b]  # a document's first token is never a target
+    return ids, kept_out, target_out
 
 
 def _before_blank(ids: list[int], positions: list[int], index: int, blank: _Whitespace) -> int:

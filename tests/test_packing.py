@@ -195,3 +195,50 @@ def test_a_flattening_trainer_is_checked_as_packed(tok, tmp_path):
     result = report["packing_equivalence"]
     assert result.passed, result.explanation
     assert report.setup["packing"] == "the collator, a DataCollatorWithFlattening"
+
+
+# ---------------------------------------------------------------- batch_supervision on packed rows
+
+
+def chat_document(tok, question, answer, *, train_end=True, cut=None):
+    """A ChatML exchange as ids and labels, only the answer supervised (and its <|im_end|>)."""
+    prompt = tok(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    reply = tok(answer)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    ids = prompt + reply
+    labels = [-100] * len(prompt) + reply[:-1] + [reply[-1] if train_end else -100]
+    return (ids[:cut], labels[:cut]) if cut else (ids, labels)
+
+
+def packed_chat(tok, documents):
+    ids = torch.tensor([t for d, _ in documents for t in d])[None]
+    labels = torch.tensor([t for _, marks in documents for t in marks])[None]
+    positions = torch.cat([torch.arange(len(d)) for d, _ in documents])[None]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def test_batch_supervision_judges_each_packed_document_as_a_row(tok):
+    """A packed chat row: each document's assistant span must end with its supervised
+    <|im_end|>, except in a document as long as the longest (cut at max_length, as TRL's
+    best-fit packing truncates); a document cut shorter than that is a fault."""
+    whole = chat_document(tok, "the cat sat", "a dog ran on the mat")
+    longest = chat_document(tok, "the cat sat on the mat", "then the dog ran and it was a big red bird")
+    answer_starts = len(chat_document(tok, "the sun came up", "")[0]) - 1
+    cut = chat_document(tok, "the sun came up", "then it was day and night came and the moon saw a fish",
+                        cut=len(longest[0]))
+    assert len(cut[0]) == len(longest[0]) > answer_starts + 2  # cut inside its answer
+    result = lmcheck.batch_supervision(packed_chat(tok, [whole, cut, longest]), tok)
+    assert result.passed, result.explanation
+    short = (cut[0][:answer_starts + 2], cut[1][:answer_starts + 2])
+    result = lmcheck.batch_supervision(packed_chat(tok, [whole, short, longest]), tok)
+    assert not result.passed
+    assert "(rows: the packed rows' documents, in order)" in result.explanation
+    assert "first: row 1" in result.explanation  # the second document
+
+
+def test_a_packed_document_whose_end_of_turn_is_not_trained_fails(tok):
+    """trl PR #5988 inside a packed row: the second document's <|im_end|> is -100."""
+    first = chat_document(tok, "the cat sat", "a dog ran on the mat")
+    second = chat_document(tok, "the sun came up", "then it was day", train_end=False)
+    result = lmcheck.batch_supervision(packed_chat(tok, [first, second]), tok)
+    assert not result.passed
+    assert "trl PR #5988" in result.explanation

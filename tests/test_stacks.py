@@ -79,6 +79,49 @@ def test_trl_sft_healthy(tok, tmp_path, data):
         assert report["batch_supervision"].metrics["masked_rows"] > 0
 
 
+def plain_text_tokenizer():
+    """The chat tokenizer without its template: in plain text its eos ends documents, not turns."""
+    plain = stacks.chat_tokenizer()
+    plain.chat_template = None
+    return plain
+
+
+def packed_sft(tokenizer, folder, data, **options):
+    """SFT with TRL's packing (best-fit decreasing, padding-free: position ids from each packed
+    example's ``seq_lengths``), rebuilt for the resume check."""
+    def build(seed: int) -> Any:
+        return stacks.sft_trainer(tokenizer, folder, data, seed=seed, packing=True, **options)
+    return build
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["plain text", "assistant-only chat"])
+def test_trl_sft_with_packing_healthy(tok, tmp_path, data):
+    """Each packed document is its own sequence: packing_equivalence runs each alone; the data
+    order and the resume check key the documents, not the packed rows; an epoch that ends inside
+    an accumulation is not read as skipped steps."""
+    build = (packed_sft(plain_text_tokenizer(), str(tmp_path), stacks.plain_texts(48)) if data == "plain text" else
+             packed_sft(tok, str(tmp_path), stacks.two_turn_conversations(32), assistant_only_loss=True))
+    report = check_trainer(build(0), rebuild=build)
+    healthy(report, packed=True)
+    assert report.setup["packing"].startswith("the collator's padding_free=True")
+    assert report["packing_equivalence"].metrics["documents"] >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["seq_lengths dropped", "wrapped"])
+def test_trl_packing_whose_documents_see_each_other(tmp_path, strategy):
+    """trl #3705: without the seq_lengths column the position ids restart only at each packed
+    example; trl #3067: wrapped packing gives none. Either way the packed documents attend to
+    each other, and the positions do not restart at each eos."""
+    options = {"packing_strategy": "wrapped"} if strategy == "wrapped" else {}
+    trainer = packed_sft(plain_text_tokenizer(), str(tmp_path), stacks.plain_texts(48), **options)(0)
+    if strategy == "seq_lengths dropped":
+        trainer.train_dataset = trainer.train_dataset.remove_columns("seq_lengths")
+    report = check_trainer(trainer, overfit_steps=5)
+    fails_first(report, "packing_equivalence", "the positions do not restart at document 1", "trl #3705")
+
+
 @pytest.mark.slow
 def test_trl_template_that_never_trains_the_end_of_turn(tok, tmp_path):
     """trl PR #5988: a training template whose ``{% generation %}`` block closes before

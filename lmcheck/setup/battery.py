@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -214,10 +215,13 @@ class Session:
             return FirstRun(run, range(0), {})
         run = driver.run(self.budget.steps, phase="first steps", first=True, on_first_step=self._at_first_step)
         first = run.steps[0]
-        # k: the fewest calls between two steps. More before the first step means steps were skipped
-        # (an AMP loss scaler that met an overflow skips optimizer.step and the gradients are zeroed):
-        # the first step's gradient holds the last k micro-batches only.
-        k = min(s.micro_batches for s in run.steps)
+        # k: the calls between two steps, the most common count (fewer where an epoch ends inside an
+        # accumulation: the Trainer steps on what is left; ties go to the larger). More before the
+        # first step means steps were skipped (an AMP loss scaler that met an overflow skips
+        # optimizer.step and the gradients are zeroed): the first step's gradient holds the last k
+        # micro-batches only.
+        counts = Counter(s.micro_batches for s in run.steps)
+        k = min(max(counts.items(), key=lambda item: (item[1], item[0]))[0], first.micro_batches)
         driver.setup["micro-batches per optimizer step"] = k
         optimizers = {type(o).__name__ for o, _ in driver.snapshot.objects.values()
                       if isinstance(o, torch.optim.Optimizer)}

@@ -19,16 +19,27 @@ _ORDER_ROWS = 4096  # rows read per epoch by data_order
 
 
 def dataset_keys(dataset: Any) -> list[str] | None:
-    """One fingerprint per example of a small map-style dataset (its ``input_ids``), to tell
+    """One fingerprint per example of a small map-style dataset (its ``input_ids``; one per
+    document of a packed example), to tell
     repeated and skipped examples apart; None where there is none to read. Under torchrun a rank
     sees only its share of the dataset (data_sharding compares the shares): None there too."""
     if world_size() > 1 or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) \
             or len(dataset) > _ORDER_ROWS:
         return None
     try:
-        return [fingerprint(torch.as_tensor(_example_ids(dataset[i]))) for i in range(len(dataset))]
+        return [key for i in range(len(dataset)) for key in _example_keys(dataset[i])]
     except (TypeError, KeyError, ValueError, IndexError, RuntimeError):
         return None
+
+
+def _example_keys(example: Any) -> list[str]:
+    """An example's key; a packed example's (TRL's, with its ``seq_lengths``) one per document,
+    as :func:`row_keys` keys the packed rows its collator makes."""
+    ids = torch.as_tensor(_example_ids(example))
+    lengths = example.get("seq_lengths") if isinstance(example, Mapping) else None
+    if lengths is None or ids.dim() != 1 or sum(lengths) != len(ids):
+        return [fingerprint(ids)]
+    return [fingerprint(piece) for piece in ids.split(list(lengths))]
 
 
 def epoch_keys(batches: Iterable[Any], convert: Callable[[Any, int], dict[str, torch.Tensor]],
