@@ -29,6 +29,9 @@ step or parameter at fault:
 ``loss_at_init``            near ln V for a model trained from scratch (n/a for a pretrained one)
 ``loss_matches_reference``  the model's own loss is shifted cross-entropy (transformers #27517,
                             #47395, #46204)
+``packing_equivalence``     where rows are packed: each document alone gives the logits, loss and
+                            gradients it gets in the row; positions restart, no label crosses
+                            (transformers PR #46634; trl #3705, #3067)
 ``gradient_flow``           at the user's first step every trainable parameter has a finite,
                             non-zero gradient (transformers #21381)
 ``params_update``           the user's steps change every trainable parameter and no frozen one
