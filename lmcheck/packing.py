@@ -139,8 +139,7 @@ def packing_equivalence(
     positions = _positions(packed_batch.get("position_ids"), ids)
     labels = packed_batch.get("labels")
     if labels is not None:
-        labels = as_ids(labels, "packed_batch['labels']", min_length=1) if not isinstance(labels, torch.Tensor) \
-            else labels
+        labels = as_ids(labels, "packed_batch['labels']")
         if labels.shape != ids.shape:
             raise InputError(f"'packed_batch['labels']' must have the shape of input_ids {tuple(ids.shape)} "
                              f"(got {tuple(labels.shape)})")
@@ -173,9 +172,12 @@ def packing_equivalence(
         call = _Call(model, ids, mask, positions)
         logits = call.logits()
         worst, first = 0.0, None
+        alone_total, alone_count = 0.0, 0  # the documents' own summed loss and supervised tokens
         for row in packed:
             for number, (start, end) in enumerate(row.documents[:max_documents]):
                 alone = _alone(model, ids[row.index, start:end])
+                total, count = shifted_loss_sum(alone[None], labels[row.index:row.index + 1, start:end])
+                alone_total, alone_count = alone_total + float(total), alone_count + count
                 diff = (logits[row.index, start:end].float() - alone.float()).abs().amax(-1)  # (n,)
                 bad = (~(diff <= atol)).nonzero().flatten()  # NaN compares False: a fault
                 worst = max(worst, float(diff.nan_to_num(float("inf")).max()))
@@ -186,7 +188,7 @@ def packing_equivalence(
             found.problems.append(_contamination(call, first, atol))
             found.details.append({"row": first[0].index, "document": first[1], "start": first[2],
                                   "position": first[2] + first[4], "diff": first[5]})
-        loss_problem = _check_loss(model, logits, ids, labels, packed, max_documents, rtol, metrics)
+        loss_problem = _check_loss(logits, labels, packed, max_documents, (alone_total, alone_count), rtol, metrics)
         if loss_problem and not found.problems:
             found.problems.append(loss_problem)
     if gradients and not found.problems:
@@ -347,20 +349,17 @@ def _attention(model: torch.nn.Module) -> str:
     return f"attn_implementation {getattr(config, '_attn_implementation', '?')!r}"
 
 
-def _check_loss(model: torch.nn.Module, logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                rows: list[_Row], max_documents: int, rtol: float, metrics: dict[str, Any]) -> str | None:
-    """The row's summed token loss over the compared documents against theirs alone."""
-    packed_total, alone_total, packed_count, alone_count = 0.0, 0.0, 0, 0
+def _check_loss(logits: torch.Tensor, labels: torch.Tensor, rows: list[_Row], max_documents: int,
+                alone: tuple[float, int], rtol: float, metrics: dict[str, Any]) -> str | None:
+    """The rows' summed token loss over the compared documents against theirs alone (``alone``:
+    their summed loss and supervised tokens)."""
+    alone_total, alone_count = alone
+    packed_total, packed_count = 0.0, 0
     for row in rows:
-        documents = row.documents[:max_documents]
-        end = documents[-1][1]
+        end = row.documents[:max_documents][-1][1]
         # the row's loss up to the last compared document: position t predicts labels[t + 1]
         total, count = shifted_loss_sum(logits[row.index:row.index + 1, :end], labels[row.index:row.index + 1, :end])
         packed_total, packed_count = packed_total + float(total), packed_count + count
-        for start, stop in documents:
-            own = labels[row.index:row.index + 1, start:stop].clone()
-            total, count = shifted_loss_sum(_alone(model, ids[row.index, start:stop])[None], own)
-            alone_total, alone_count = alone_total + float(total), alone_count + count
     metrics.update(packed_loss=packed_total / max(packed_count, 1), documents_loss=alone_total / max(alone_count, 1))
     if packed_count != alone_count:
         return (f"the packed rows supervise {packed_count} tokens where their documents alone supervise "
