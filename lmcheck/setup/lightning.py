@@ -86,7 +86,8 @@ def check_lightning(
         overfit_batches: the budget, as :class:`~lmcheck.setup.SetupBudget`.
         overfit_steps: the budget, as :class:`~lmcheck.setup.SetupBudget`.
         check_every: the budget, as :class:`~lmcheck.setup.SetupBudget`.
-        expect_eos, packed: as :func:`~lmcheck.setup.check_loop`.
+        expect_eos: as :func:`~lmcheck.setup.check_loop`.
+        packed: as :func:`~lmcheck.setup.check_loop`.
         progress: as :func:`~lmcheck.setup.check_loop`.
     """
     try:
