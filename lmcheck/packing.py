@@ -166,7 +166,9 @@ def packing_equivalence(
     _check_labels(packed, labels, found)
     atol = tolerance_for(LOGIT_ATOL, model)
     rtol = PACKED_RTOL.get(parameter_dtype(model), PACKED_RTOL[torch.float32])
-    metrics: dict[str, Any] = {"packed_rows": len(packed), "documents": sum(len(r.documents) for r in packed),
+    metrics: dict[str, Any] = {"packed_rows": len(packed),
+                               "documents": sum(min(len(r.documents), max_documents) for r in packed),
+                               "documents_in_rows": sum(len(r.documents) for r in packed),
                                "documents_from": packed[0].source, "atol": atol}
     with eval_mode(model), torch.no_grad():
         call = _Call(model, ids, mask, positions)
@@ -196,7 +198,7 @@ def packing_equivalence(
         if problem:
             found.problems.append(problem)
     passed = not found.problems
-    explanation = (f"{metrics['documents']} documents in {len(packed)} packed row(s) (found by "
+    explanation = (f"{metrics['documents']} documents compared in {len(packed)} packed row(s) (found by "
                    f"{packed[0].source}) each give alone the logits they get in the row (within {atol:g}), "
                    f"the same loss{' and gradients' if gradients else ''}; positions restart and no label "
                    f"crosses a document" if passed else "; ".join(found.problems))

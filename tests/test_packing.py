@@ -242,3 +242,10 @@ def test_a_packed_document_whose_end_of_turn_is_not_trained_fails(tok):
     result = lmcheck.batch_supervision(packed_chat(tok, [first, second]), tok)
     assert not result.passed
     assert "trl PR #5988" in result.explanation
+
+
+def test_at_most_max_documents_of_a_row_are_compared_and_said(model):
+    result = lmcheck.packing_equivalence(model, packed((4, 3, 5, 4, 3)), max_documents=2, gradients=False)
+    assert result.passed, result.explanation
+    assert (result.metrics["documents"], result.metrics["documents_in_rows"]) == (2, 5)
+    assert result.explanation.startswith("2 documents compared in 1 packed row(s)")
