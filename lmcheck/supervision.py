@@ -29,9 +29,10 @@ from lmcheck._finite import probe
 from lmcheck._model import IGNORE_INDEX
 from lmcheck._validate import as_ids, as_mask, check_bool, check_fraction, check_tokenizer, describe
 from lmcheck.errors import InputError
+from lmcheck.packing import document_starts
 from lmcheck.results import Result
 
-__all__ = ["batch_supervision", "end_of_turn_ids", "template_end_of_turn"]
+__all__ = ["batch_supervision", "end_of_turn_ids", "template_end_of_turn", "template_turn_headers"]
 
 
 def end_of_turn_ids(tokenizer: Any) -> set[int]:
@@ -65,10 +66,52 @@ def template_end_of_turn(tokenizer: Any) -> set[int]:
     return {ids[0]} if ids and ids[0] in special else set()
 
 
+def template_turn_headers(tokenizer: Any) -> dict[str, tuple[int, ...]]:
+    """The ids the chat template writes before a message of each role (``system``, ``user``,
+    ``assistant``), from the token that opens a turn (``<|im_start|>``, ``<|start_header_id|>``,
+    ``<start_of_turn>``) to the message's first token: ChatML's ``<|im_start|>user\n``. Read off
+    the template's own rendering of a short chat; empty where it has no template, cannot render
+    one, or opens its turns with no special token (then the turns cannot be told apart in ids)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return {}
+    contents = {"system": "lmcheckzero", "user": "lmcheckping", "assistant": "lmcheckpong"}
+    headers: dict[str, tuple[int, ...]] = {}
+    for roles in (("system", "user", "assistant"), ("user", "assistant")):
+        try:
+            text = tokenizer.apply_chat_template([{"role": r, "content": contents[r]} for r in roles], tokenize=False)
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception:  # a template that refuses a system turn, or a tokenizer without offsets
+            continue
+        ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+        starts = {}  # role -> the index of its message's first token
+        for role in roles:
+            at = text.find(contents[role])
+            first = next((i for i, (a, _) in enumerate(offsets) if a == at), None)
+            if at < 0 or first is None:
+                break
+            starts[role] = first
+        else:
+            special = set(getattr(tokenizer, "all_special_ids", ())) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+            ends = template_end_of_turn(tokenizer)
+            # the turn opener: the first special token between the user's message and the assistant's
+            # that does not end the user's turn
+            between = range(starts["user"] + 1, starts["assistant"])
+            opener = next((ids[i] for i in between if ids[i] in special and ids[i] not in ends
+                           and offsets[i][0] >= text.find(contents["user"]) + len(contents["user"])), None)
+            if opener is None:
+                return {}
+            for role, first in starts.items():
+                begin = max((i for i in range(first) if ids[i] == opener), default=None)
+                if begin is not None and role not in headers:
+                    headers[role] = tuple(ids[begin:first])
+    return headers if {"user", "assistant"} <= set(headers) else {}
+
+
 @probe("batch_supervision")
 def batch_supervision(
     batch: Mapping[str, torch.Tensor], tokenizer: Any, *, min_supervised_fraction: float = 0.0,
     expect_eos: bool = False, end_ids: Collection[int] | None = None, bos_id: int | None = None,
+    completion_only: bool | None = None, assistant_only: bool = False,
 ) -> Result:
     """A causal-LM training batch supervises what it should: the silent collator bugs.
 
@@ -86,6 +129,11 @@ def batch_supervision(
     - padding (``attention_mask == 0``) is labelled -100;
     - a row starts with at most one BOS (a chat template that writes BOS, then a tokenizer that
       adds another: sglang #888);
+    - where the tokenizer has a chat template, the rows' turns are found by the ids the template
+      writes before each role's message: in a setup that trains on completions only, no token
+      of a user or system turn is supervised (wrong prompt-completion labels: trl #4147; a
+      dropped assistant mask: nanochat PR #582), and with ``assistant_only`` every assistant
+      turn is (but one cut at the end of a full row);
     - ``labels`` does not share memory with ``input_ids``;
     - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``.
 
@@ -96,6 +144,9 @@ def batch_supervision(
         end_ids: more ids that end a sequence or a turn (a model's ``eos_token_id``); without a
             tokenizer, the only ones.
         bos_id: the BOS id, where the tokenizer has none (or there is no tokenizer).
+        completion_only: the setup trains on completions (or assistant turns) only; None: read
+            from the batch, where some row leaves a whole user turn out.
+        assistant_only: the setup trains on every assistant turn (TRL's ``assistant_only_loss``).
 
     Without a tokenizer, ``end_ids`` nor ``bos_id``, the eos and BOS checks are skipped, and the
     explanation says so.
@@ -107,6 +158,9 @@ def batch_supervision(
         check_tokenizer(tokenizer)
     check_fraction(min_supervised_fraction, "min_supervised_fraction")
     check_bool(expect_eos, "expect_eos")
+    check_bool(assistant_only, "assistant_only")
+    if completion_only is not None:
+        check_bool(completion_only, "completion_only")
     if end_ids is not None and (not isinstance(end_ids, (list, tuple, set, frozenset)) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in end_ids)):
         raise InputError(f"'end_ids' must be a list, tuple or set of token ids, ints (got {describe(end_ids)})")
@@ -152,6 +206,10 @@ def batch_supervision(
             findings.problems = [f"{p} (rows: the packed rows' documents, in order)" for p in findings.problems]
         problems += findings.problems
         masked_rows = findings.masked_rows
+    headers = template_turn_headers(tokenizer) if tokenizer is not None else {}
+    turns = _Turns(*(documents or (inputs, real, target)), headers) if headers else None
+    if turns is not None:
+        problems += turns.problems(completion_only, assistant_only, packed=documents is not None)
     padded = ~real & supervised
     if padded.any():
         row, column = (int(i) for i in padded.nonzero()[0])
@@ -178,6 +236,7 @@ def batch_supervision(
                           f"end-of-turn token, " if masked_rows else "")
                        + ("every real eos that closes a supervised span supervised, " if ends else "")
                        + ("every whole row ends with a supervised eos, " if expect_eos and ends else "")
+                       + (turns.summary() if turns is not None else "")
                        + "no empty row, pads ignored, "
                        + ("one BOS at most, " if bos is not None else "")
                        + "labels a tensor of their own"
@@ -188,8 +247,76 @@ def batch_supervision(
     return Result(name="batch_supervision", passed=passed,
                   metrics={"supervised_fraction": fraction, "rows": int(inputs.shape[0]),
                            "unsupervised_rows": len(empty), "masked_rows": masked_rows,
-                           "end_ids": sorted(ends)},
+                           "end_ids": sorted(ends), "turns": turns.count if turns is not None else 0},
                   threshold=min_supervised_fraction, headroom=None, explanation=explanation)
+
+
+class _Turns:
+    """The chat turns of each row (a packed row's documents are rows here), found where the
+    template's header of a role starts; a turn runs to the next header or the row's end."""
+
+    def __init__(self, inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor,
+                 headers: dict[str, tuple[int, ...]]) -> None:
+        self.target = target
+        self.real = real
+        self.rows: list[list[tuple[str, int, int, int]]] = []  # per row: (role, start, content start, end)
+        for row in range(inputs.shape[0]):
+            ids = inputs[row].tolist()
+            width = int(real[row].nonzero().max()) + 1 if bool(real[row].any()) else 0
+            found = sorted((at, role, len(header)) for role, header in headers.items()
+                           for at in _occurrences(ids[:width], header))
+            self.rows.append([(role, at, at + size, found[i + 1][0] if i + 1 < len(found) else width)
+                              for i, (at, role, size) in enumerate(found)])
+        self.count = sum(map(len, self.rows))
+        self.prompt_only = False  # set by problems()
+        self.user_left_out = any(role != "assistant" and content < end and not bool(target[row, start:end].any())
+                                 for row, turns in enumerate(self.rows) for role, start, content, end in turns)
+
+    def problems(self, completion_only: bool | None, assistant_only: bool, *, packed: bool) -> list[str]:
+        where = "(rows: the packed rows' documents, in order)" if packed else ""
+        trained_prompt: list[tuple[int, int, str, int, int]] = []  # (row, turn, role, supervised, first)
+        untrained: list[tuple[int, int]] = []  # (row, turn) of an assistant turn with nothing supervised
+        prompt_only = self.user_left_out if completion_only is None else completion_only or assistant_only
+        self.prompt_only = prompt_only
+        for row, turns in enumerate(self.rows):
+            full = bool(self.real[row, -1])
+            for index, (role, start, content, end) in enumerate(turns):
+                supervised = self.target[row, start:end]
+                if role != "assistant" and bool(supervised.any()):
+                    trained_prompt.append((row, index, role, int(supervised.sum()),
+                                           start + int(supervised.nonzero()[0])))
+                cut = index == len(turns) - 1 and full
+                if role == "assistant" and content < end and not bool(self.target[row, content:end].any()) and not cut:
+                    untrained.append((row, index))
+        out = []
+        if prompt_only and trained_prompt:
+            row, turn, role, count, first = trained_prompt[0]
+            basis = ("the setup trains on completions only" if completion_only or assistant_only else
+                     "other rows leave whole user turns out")
+            out.append(f"{len(trained_prompt)} prompt turn(s) have supervised tokens, though {basis} (first: row "
+                       f"{row}, turn {turn} ({role}): {count} supervised token(s) from position {first}){' ' + where if where else ''}: "
+                       f"the model is trained to write the prompt; the completion or assistant mask is wrong "
+                       f"(wrong prompt-completion labels: trl #4147; a dropped assistant mask: nanochat PR #582)")
+        if assistant_only and untrained:
+            row, turn = untrained[0]
+            out.append(f"{len(untrained)} assistant turn(s) supervise no token, though the setup trains on every "
+                       f"assistant turn (first: row {row}, turn {turn}){' ' + where if where else ''}: the "
+                       f"template's assistant mask misses them (a template without {{% generation %}} around "
+                       f"every assistant message)")
+        return out
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no chat turn found by the template's headers (turns not checked), "
+        return (f"{self.count} chat turns found by the template's headers, "
+                + ("no prompt turn supervised, " if self.prompt_only else
+                   "prompt turns supervised too (the setup trains on whole conversations), "))
+
+
+def _occurrences(ids: list[int], header: tuple[int, ...]) -> list[int]:
+    """Where ``header`` starts in ``ids``."""
+    first, size = header[0], len(header)
+    return [i for i, token in enumerate(ids) if token == first and tuple(ids[i:i + size]) == header]
 
 
 class _Findings:
@@ -285,8 +412,7 @@ def _documents(inputs: torch.Tensor, real: torch.Tensor, target: torch.Tensor, p
         if len(kept) < 2:
             continue
         first, last = int(kept[0]), int(kept[-1]) + 1
-        steps = positions[row, first + 1:last] - positions[row, first:last - 1]
-        bounds = [first] + [first + 1 + int(i) for i in (steps != 1).nonzero().flatten()] + [last]
+        bounds = [first + s for s in document_starts(positions[row, first:last])] + [last]
         pieces += [(row, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
     if len(pieces) <= inputs.shape[0]:
         return None

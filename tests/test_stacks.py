@@ -133,6 +133,18 @@ def test_trl_template_that_never_trains_the_end_of_turn(tok, tmp_path):
     fails_first(report, "batch_supervision", "end-of-sequence token(s) are not supervised", "trl PR #5988")
 
 
+@pytest.mark.slow
+def test_trl_prompt_completion_whose_prompt_is_trained(tok, tmp_path):
+    """trl #4147: wrong prompt-completion labels. TRL trains prompt-completion data on its
+    completions; labels copied from the ids train the user's turn too."""
+    trainer = stacks.sft_trainer(tok, str(tmp_path), stacks.prompt_completions())
+    trainer.train_dataset = trainer.train_dataset.map(lambda row: {"labels": list(row["input_ids"])})
+    report = check_trainer(trainer, overfit_steps=5)
+    fails_first(report, "batch_supervision", "though the setup trains on completions only", "turn 0 (user)",
+                "trl #4147")
+    assert report.setup["trains on"] == "prompt-completion data, completion_only_loss not False"
+
+
 # ---------------------------------------------------------------- PEFT
 
 

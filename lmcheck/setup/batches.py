@@ -77,6 +77,28 @@ def packing_of(collator: Any, arguments: Any = None, packed: bool = False) -> st
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Supervision:
+    """What the setup says it trains on, for the chat-turn rules of ``batch_supervision``:
+    ``completion_only`` (None: read from the batches), ``assistant_only`` and what said so."""
+
+    completion_only: bool | None = None
+    assistant_only: bool = False
+    source: str = ""
+
+
+def supervision_of(arguments: Any, dataset: Any) -> Supervision:
+    """TRL's arguments: ``assistant_only_loss=True`` trains on every assistant turn and nothing
+    else; prompt-completion data (``prompt`` and ``completion`` columns) trains on completions
+    unless ``completion_only_loss=False``. Anything else: read from the batches."""
+    if getattr(arguments, "assistant_only_loss", False) is True:
+        return Supervision(True, True, "assistant_only_loss=True in the trainer's arguments")
+    columns = set(getattr(dataset, "column_names", None) or ())
+    if {"prompt", "completion"} <= columns and getattr(arguments, "completion_only_loss", None) is not False:
+        return Supervision(True, False, "prompt-completion data, completion_only_loss not False")
+    return Supervision()
+
+
 def _labels_from(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Labels for a batch that brings none: a copy of the ids (never the same memory), -100 at pads."""
     labels = ids.clone()
@@ -132,14 +154,15 @@ def special_ids(tokenizer: Any, collator: Any, model: torch.nn.Module) -> Specia
 
 
 def batch_checks(lm_batches: list[dict[str, torch.Tensor]], special: SpecialIds,
-                  expect_eos: bool | None) -> list[Result]:
+                  expect_eos: bool | None, supervision: Supervision = Supervision()) -> list[Result]:
     """batch_supervision and causal_batch on each of the first batches: the first failure, else
     the first batch's pass with the supervised fraction over all of them."""
     padded = any("attention_mask" in b and bool((b["attention_mask"] == 0).any()) for b in lm_batches)
     eos = padded if expect_eos is None else check_bool(expect_eos, "expect_eos")
     out = []
     for check in (lambda b: batch_supervision(b, special.tokenizer, expect_eos=eos, end_ids=special.end_ids,
-                                              bos_id=special.bos_id),
+                                              bos_id=special.bos_id, completion_only=supervision.completion_only,
+                                              assistant_only=supervision.assistant_only),
                   lambda b: causal_batch(b, max_ignored_fraction=1.0)):
         results = [check(labels_form(b)) for b in lm_batches]
         failed = next(((i, r) for i, r in enumerate(results) if not r.passed), None)

@@ -33,6 +33,7 @@ from lmcheck.results import Result
 from lmcheck.setup.batches import (
     UNSUPERVISED,
     Collated,
+    Supervision,
     batch_checks,
     inputs_unchanged,
     labels_form,
@@ -177,8 +178,9 @@ class Session:
     """One battery over one driver: the options and what the runs have recorded so far."""
 
     def __init__(self, driver: Driver, budget: SetupBudget, pretrained: bool | None,
-                 expect_eos: bool | None, packing: str | None = None) -> None:
-        self.driver, self.budget = driver, budget
+                 expect_eos: bool | None, packing: str | None = None,
+                 supervision: Supervision = Supervision()) -> None:
+        self.driver, self.budget, self.supervision = driver, budget, supervision
         self.pretrained, self.expect_eos, self.packing = pretrained, expect_eos, packing
         self.collated = driver.collating()
         self.special = special_ids(driver.tokenizer, driver.collator, driver.model)
@@ -195,7 +197,7 @@ class Session:
     def batch_result(self, index: int) -> Result:
         if self._batches is None:
             try:
-                self._batches = batch_checks(self.driver.lm_batches, self.special, self.expect_eos)
+                self._batches = batch_checks(self.driver.lm_batches, self.special, self.expect_eos, self.supervision)
             except InputError:
                 raise
             except Exception as error:  # noqa: BLE001 -- both batch checks' outcome, said in full
@@ -410,15 +412,19 @@ DISTRIBUTED_CHECKS = tuple(c.name for c in CHECKS if c.stage == RANKS)
 
 
 def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None = None,
-                expect_eos: bool | None = None, packing: str | None = None) -> SetupReport:
+                expect_eos: bool | None = None, packing: str | None = None,
+                supervision: Supervision = Supervision()) -> SetupReport:
     """Every check of :data:`CHECKS` on the driver's setup, stage by stage, each isolated: one
     that raises is an ``error`` result and the rest still run (an InputError, the setup itself
     unfit, stops them). ``packing`` says what declares the rows packed (:func:`lmcheck.setup.batches.packing_of`), for
-    ``packing_equivalence``. Under torchrun every rank returns the same report. The driver's
+    ``packing_equivalence``; ``supervision``, what the setup says it trains on, for
+    ``batch_supervision``'s chat-turn rules. Under torchrun every rank returns the same report. The driver's
     ``restore()`` runs at the end, whatever happens."""
     ranks = world_size() > 1
     try:
-        session = Session(driver, budget, pretrained, expect_eos, packing)
+        session = Session(driver, budget, pretrained, expect_eos, packing, supervision)
+        if supervision.source:
+            driver.setup["trains on"] = supervision.source
         for check in sorted(CHECKS, key=lambda c: c.stage):
             if check.stage == RANKS and not ranks:
                 continue

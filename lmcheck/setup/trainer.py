@@ -36,6 +36,7 @@ from lmcheck.setup.batches import (
     loss_value,
     note_changed_ids,
     packing_of,
+    supervision_of,
     take,
 )
 from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
@@ -89,7 +90,8 @@ def check_trainer(
     check_bool(packed, "packed")
     driver = TrainerDriver(trainer, budget, progress, rebuild, factory)
     return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos,
-                       packing=packing_of(trainer.data_collator, trainer.args, packed))
+                       packing=packing_of(trainer.data_collator, trainer.args, packed),
+                       supervision=supervision_of(trainer.args, trainer.train_dataset))
 
 
 def is_trainer(value: object) -> bool:
