@@ -87,6 +87,9 @@ class Supervision:
     source: str = ""
 
 
+READ_FROM_BATCHES = Supervision()  # nothing declared: the chat-turn rules read the setup off the batches
+
+
 def supervision_of(arguments: Any, dataset: Any) -> Supervision:
     """TRL's arguments: ``assistant_only_loss=True`` trains on every assistant turn and nothing
     else; prompt-completion data (``prompt`` and ``completion`` columns) trains on completions
@@ -96,7 +99,7 @@ def supervision_of(arguments: Any, dataset: Any) -> Supervision:
     columns = set(getattr(dataset, "column_names", None) or ())
     if {"prompt", "completion"} <= columns and getattr(arguments, "completion_only_loss", None) is not False:
         return Supervision(True, False, "prompt-completion data, completion_only_loss not False")
-    return Supervision()
+    return READ_FROM_BATCHES
 
 
 def _labels_from(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +157,7 @@ def special_ids(tokenizer: Any, collator: Any, model: torch.nn.Module) -> Specia
 
 
 def batch_checks(lm_batches: list[dict[str, torch.Tensor]], special: SpecialIds,
-                  expect_eos: bool | None, supervision: Supervision = Supervision()) -> list[Result]:
+                  expect_eos: bool | None, supervision: Supervision = READ_FROM_BATCHES) -> list[Result]:
     """batch_supervision and causal_batch on each of the first batches: the first failure, else
     the first batch's pass with the supervised fraction over all of them."""
     padded = any("attention_mask" in b and bool((b["attention_mask"] == 0).any()) for b in lm_batches)

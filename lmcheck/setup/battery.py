@@ -31,6 +31,7 @@ from lmcheck.packing import document_starts, packing_equivalence
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
+    READ_FROM_BATCHES,
     UNSUPERVISED,
     Collated,
     Supervision,
@@ -179,7 +180,7 @@ class Session:
 
     def __init__(self, driver: Driver, budget: SetupBudget, pretrained: bool | None,
                  expect_eos: bool | None, packing: str | None = None,
-                 supervision: Supervision = Supervision()) -> None:
+                 supervision: Supervision = READ_FROM_BATCHES) -> None:
         self.driver, self.budget, self.supervision = driver, budget, supervision
         self.pretrained, self.expect_eos, self.packing = pretrained, expect_eos, packing
         self.collated = driver.collating()
@@ -413,7 +414,7 @@ DISTRIBUTED_CHECKS = tuple(c.name for c in CHECKS if c.stage == RANKS)
 
 def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None = None,
                 expect_eos: bool | None = None, packing: str | None = None,
-                supervision: Supervision = Supervision()) -> SetupReport:
+                supervision: Supervision = READ_FROM_BATCHES) -> SetupReport:
     """Every check of :data:`CHECKS` on the driver's setup, stage by stage, each isolated: one
     that raises is an ``error`` result and the rest still run (an InputError, the setup itself
     unfit, stops them). ``packing`` says what declares the rows packed (:func:`lmcheck.setup.batches.packing_of`), for
