@@ -417,3 +417,34 @@ class PackingLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+# ---------------------------------------------------------------- TRL's DPOTrainer
+
+
+def preference_pairs(count: int = 16) -> list[dict[str, Any]]:
+    """Conversational preference data: one user turn, a chosen and a rejected assistant reply."""
+    questions = sentences(count, seed=11, low=2, high=5)
+    chosen, rejected = sentences(count, seed=12, low=2, high=6), sentences(count, seed=13, low=2, high=6)
+    return [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for q, c, r in zip(questions, chosen, rejected, strict=True)]
+
+
+def dpo_trainer(tok: PreTrainedTokenizerFast, output_dir: str, base: str, *, ref_model: torch.nn.Module | None = None,
+                model: torch.nn.Module | None = None, **arguments: Any) -> Any:
+    """TRL's DPOTrainer as its documentation builds it, on the tiny Llama saved in ``base``
+    (TRL loads the reference from the same folder): the sigmoid loss, beta 0.1, a cosine schedule
+    with warm-up, accumulation, clipping at 1."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+        lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0, weight_decay=0.0,
+        max_length=64, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+        logging_strategy="no", dataset_num_proc=None)
+    settings.update(arguments)
+    return DPOTrainer(model=model if model is not None else LlamaForCausalLM.from_pretrained(base),
+                      ref_model=ref_model, args=DPOConfig(**settings),
+                      train_dataset=datasets.Dataset.from_list(preference_pairs()), processing_class=tok)

@@ -32,9 +32,14 @@ def tok():
     return stacks.chat_tokenizer()
 
 
-def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = (), packed: bool = False) -> None:
+def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = (), packed: bool = False,
+            preference: bool = False) -> None:
     """Every check passed but those named, which are n/a; nothing crashed or failed. A setup that
-    does not pack has ``packing_equivalence`` n/a, saying so."""
+    does not pack has ``packing_equivalence`` n/a, saying so; one that is not a preference
+    trainer, ``preference_at_init``."""
+    if not preference:
+        not_applicable += ("preference_at_init",)
+        assert report["preference_at_init"].explanation.startswith("not applicable: not a preference trainer")
     if not packed:
         not_applicable += ("packing_equivalence",)
         assert report["packing_equivalence"].explanation.startswith("not applicable: the batches are not packed")
@@ -143,6 +148,85 @@ def test_trl_prompt_completion_whose_prompt_is_trained(tok, tmp_path):
     fails_first(report, "batch_supervision", "though the setup trains on completions only", "turn 0 (user)",
                 "trl #4147")
     assert report.setup["trains on"] == "prompt-completion data, completion_only_loss not False"
+
+
+# ---------------------------------------------------------------- TRL's DPOTrainer
+
+
+@pytest.fixture(scope="module")
+def base(tok, tmp_path_factory):
+    """A tiny Llama trained a little and saved: DPO's policy, and TRL's reference loaded from it."""
+    folder = str(tmp_path_factory.mktemp("dpo") / "base")
+    stacks.pretrained_llama(tok, folder)
+    return folder
+
+
+def healthy_preference(report: SetupReport) -> None:
+    """A preference trainer passes every check that judges its loss and updates; the ones that
+    judge a next-token cross-entropy are n/a, saying why."""
+    healthy(report, not_applicable=("loss_at_init", "loss_matches_reference", "accumulation", "overfits"),
+            preference=True)
+    assert "a preference loss" in report["loss_at_init"].explanation
+
+
+@pytest.mark.slow
+def test_trl_dpo_healthy(tok, tmp_path, base):
+    """DPO at TRL's defaults (sigmoid loss, beta 0.1, bf16 autocast, dropout disabled, the
+    reference loaded from the policy's folder): at step 0 the two agree and the loss is ln 2;
+    the updates, schedule, data order, reproducibility and TRL's own resume pass."""
+    def build(seed: int) -> Any:
+        torch.manual_seed(seed)
+        return stacks.dpo_trainer(tok, str(tmp_path), base, seed=seed)
+
+    report = check_trainer(build(0), rebuild=build)
+    healthy_preference(report)
+    assert report["preference_at_init"].metrics["max_logp_gap"] == 0
+    assert "loss 0.693147 = ln 2" in report["preference_at_init"].explanation
+    assert report.setup["trains on"].startswith("a preference trainer")
+    assert report["batch_supervision"].metrics["masked_rows"] > 0
+
+
+@pytest.mark.slow
+def test_trl_dpo_reference_in_train_mode_with_dropout(tok, tmp_path, base):
+    """reef PR #536: dropout left on in the reference's forward (put back in train mode with its
+    attention dropout, which TRL's disable_dropout does not reach) moves its log-probabilities
+    at step 0, and the first updates chase that noise."""
+    trainer = stacks.dpo_trainer(tok, str(tmp_path), base)
+    for module in trainer.ref_model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    trainer.ref_model.train()
+    report = check_trainer(trainer, steps=2)
+    fails_first(report, "preference_at_init", "differ before any update", "the reference's forward (in train mode",
+                "attention_dropout=0.5", "dropout is on", "reef PR #536")
+
+
+@pytest.mark.slow
+def test_trl_dpo_reference_that_is_another_model(tok, tmp_path, base):
+    """NeMo-Aligner #227: policy and reference differ at iteration 0 (here the reference is
+    another initialisation): the first parameter that differs is named."""
+    trainer = stacks.dpo_trainer(tok, str(tmp_path), base, ref_model=stacks.llama(tok, seed=5))
+    report = check_trainer(trainer, steps=2)
+    fails_first(report, "preference_at_init", "the reference's weights are not the policy's (first model.",
+                "not ln 2", "NeMo-Aligner #227")
+
+
+@pytest.mark.slow
+def test_trl_dpo_whose_masks_train_the_prompt(tok, tmp_path, base):
+    """Chosen and rejected masks must supervise completions only: a collator whose mask covers
+    the prompt trains the model to write the user's turn."""
+    trainer = stacks.dpo_trainer(tok, str(tmp_path), base)
+    collate = trainer.data_collator
+
+    def prompt_too(examples: list[Any]) -> Any:
+        batch = collate(examples)
+        batch["completion_mask"] = batch["attention_mask"].clone()
+        return batch
+
+    trainer.data_collator = prompt_too
+    report = check_trainer(trainer, steps=2)
+    fails_first(report, "batch_supervision", "though the setup trains on completions only", "turn 0 (user)")
+    assert "row 0 supervises its prompt" in report["preference_at_init"].explanation
 
 
 # ---------------------------------------------------------------- PEFT

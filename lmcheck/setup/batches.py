@@ -40,7 +40,10 @@ def converter(as_batch: Callable[[Any], Mapping[str, torch.Tensor]] | None) -> C
         elif isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
             out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")
                    if isinstance(batch.get(k), torch.Tensor)}
-            if "labels" not in out:  # the model's own labels are the inputs; lmcheck's copy masks pads
+            if "labels" not in out and isinstance(batch.get("completion_mask"), torch.Tensor):
+                # a preference batch (TRL's DPO collator): its completions are what it trains on
+                out["labels"] = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+            elif "labels" not in out:  # the model's own labels are the inputs; lmcheck's copy masks pads
                 out["labels"] = _labels_from(batch["input_ids"], out.get("attention_mask"))
         elif isinstance(batch, torch.Tensor):
             out = {"input_ids": batch, "labels": _labels_from(batch, None)}
@@ -94,6 +97,8 @@ def supervision_of(arguments: Any, dataset: Any) -> Supervision:
     """TRL's arguments: ``assistant_only_loss=True`` trains on every assistant turn and nothing
     else; prompt-completion data (``prompt`` and ``completion`` columns) trains on completions
     unless ``completion_only_loss=False``. Anything else: read from the batches."""
+    if type(arguments).__name__ == "DPOConfig":
+        return Supervision(True, False, "a preference trainer: the completions of chosen and rejected rows")
     if getattr(arguments, "assistant_only_loss", False) is True:
         return Supervision(True, True, "assistant_only_loss=True in the trainer's arguments")
     columns = set(getattr(dataset, "column_names", None) or ())

@@ -50,6 +50,7 @@ from lmcheck.setup.overfit import (
     record_curve,
     sums_micro_batches,
 )
+from lmcheck.setup.preference import PREFERENCE_NOT_APPLICABLE
 from lmcheck.setup.report import SetupReport
 from lmcheck.setup.resume import Resumable, resume
 from lmcheck.setup.schedule import lr_schedule, peak_lrs
@@ -329,6 +330,16 @@ NOT_PACKED = ("the batches are not packed: no position ids restart inside a row,
               "chunks are, are not checked; pass packed=True if each document must be its own sequence)")
 
 
+def _preference_at_init(s: Session) -> Result:
+    """A preference trainer's step 0 (:mod:`lmcheck.setup.preference`); n/a for any other setup."""
+    preference = getattr(s.driver, "preference", None)
+    if preference is None:
+        return Result.not_applicable("preference_at_init", "not a preference trainer (TRL's DPOTrainer): no "
+                                     "reference model to compare the policy with")
+    s.driver.setup["preference loss"] = ", ".join(getattr(preference.trainer, "loss_types", ["?"]))
+    return preference.judge()
+
+
 def _reproducible(s: Session) -> Result:
     plan = s.driver.seeding()
     if isinstance(plan, str):
@@ -382,6 +393,7 @@ CHECKS: tuple[Check, ...] = (
     Check("loss_at_init", BATCHES, _loss_at_init),
     Check("loss_matches_reference", BATCHES, _loss_matches_reference, supervised=True),
     Check("packing_equivalence", BATCHES, _packing_equivalence),
+    Check("preference_at_init", BATCHES, _preference_at_init, supervised=True),
     Check("gradient_flow", FIRST_RUN, lambda s: gradient_flow(s.driver.model, s.first.run.steps, s.driver.snapshot),
           supervised=True),
     # the parameters as the first run left them: judged before accumulation restores the saved ones
@@ -428,6 +440,9 @@ def run_battery(driver: Driver, budget: SetupBudget, *, pretrained: bool | None 
             driver.setup["trains on"] = supervision.source
         for check in sorted(CHECKS, key=lambda c: c.stage):
             if check.stage == RANKS and not ranks:
+                continue
+            if getattr(driver, "preference", None) is not None and check.name in PREFERENCE_NOT_APPLICABLE:
+                session.results[check.name] = Result.not_applicable(check.name, PREFERENCE_NOT_APPLICABLE[check.name])
                 continue
             if check.supervised and not session.supervised:
                 # the root cause, said once by batch_supervision: what needs supervised tokens cannot run

@@ -42,6 +42,7 @@ from lmcheck.setup.batches import (
 from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, dataset_keys, epoch_keys
+from lmcheck.setup.preference import Preference, is_preference_trainer
 from lmcheck.setup.report import SetupReport
 from lmcheck.setup.resume import Plan, Resumable, RunWatch, Trace, plan_for
 
@@ -166,6 +167,7 @@ class TrainerDriver:
             self.restore()
             raise
         self.lm_batches = [converter(None)(b, i) for i, b in enumerate(self.loader_batches)]
+        self.preference = Preference(trainer, self.loader_batches[0]) if is_preference_trainer(trainer) else None
         args = trainer.args
         self.setup: dict[str, Any] = {
             "kind": f"transformers {type(trainer).__name__}", "model": type(self.model).__name__,
