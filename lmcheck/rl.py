@@ -57,7 +57,8 @@ from lmcheck._validate import (
 from lmcheck.errors import InputError, NonFiniteError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
-__all__ = ["importance_ratio", "trainer_importance_ratio"]
+# trainer_importance_ratio is check_trainer's on an RL trainer, which is its public face
+__all__ = ["importance_ratio"]
 
 NAME = "importance_ratio"
 
@@ -67,8 +68,8 @@ NAME = "importance_ratio"
 # moves by at most twice the largest logit difference, so 1e-3 leaves a margin of 7. Half
 # precision: twice the rounding step at a logit of 32 (a log-prob takes the rounding of its own
 # logit and of the log-sum-exp): 0.25 in bf16's 8 significant bits, so 0.5 (a ratio from 0.61 to
-# 1.65); 0.03125 in fp16's 11, so 0.0625. Not measured on a pretrained model. Under these bounds a
-# small bias passes, e.g. a top-p of 0.9 (a log ratio of -0.1): check in fp32 to see it.
+# 1.65); 0.03125 in fp16's 11, so 0.0625. Not measured on a pretrained model. A small bias within
+# these bounds (a top-p of 0.9: a log ratio of -0.1) is caught on average (_nearer_elsewhere).
 RATIO_TOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 0.0625, torch.bfloat16: 0.5}
 
 # Logits processors set to do nothing, so that the sampler applies only the settings given:
@@ -144,7 +145,7 @@ def importance_ratio(
     top_p: float = 1.0, max_new_tokens: int = 8, eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None, seed: int = 0, tol: float | None = None,
 ) -> Result:
-    """Before any update, the update's log-probs equal the sampler's at every token.
+    """Before any update, the training side's log-probs equal the sampler's at every token.
 
     Samples ``max_new_tokens`` from each prompt with ``generate`` (seeded, in eval mode, the
     model's mode and torch's random state put back after) under exactly the settings given (no
@@ -221,8 +222,9 @@ def trainer_importance_ratio(trainer: Any, *, tol: float | None = None) -> Resul
 
     ``tol`` bounds max |log ratio| as in :func:`importance_ratio`; by default :data:`RATIO_TOL`
     for the dtype the update computes in: bf16 under ``args.bf16`` (GRPOConfig's default), whose
-    bound of 0.5 lets a top-p of 0.9 (a log ratio of -0.1) through; check with ``bf16=False``
-    or a ``tol`` of your own for that.
+    bound of 0.5 is wide token by token; a bias within it (a top-p of 0.9: a log ratio of -0.1)
+    fails all the same where the update's log-probs lie on average twice as near another
+    distribution of the model's as the sampler's.
 
     Not applicable where trl is not installed, the trainer is not GRPO-style, or it samples
     elsewhere than with transformers' ``generate`` in this process (vLLM, continuous batching,
@@ -303,7 +305,7 @@ def _sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, config: Any, seed
         try:
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         except RuntimeError as error:  # torch.multinomial refuses NaN or Inf probabilities
-            if "inf" in str(error) or "nan" in str(error):
+            if "probability tensor contains" in str(error):
                 raise NonFiniteError(f"the sampling distribution is not finite: generate raised {error}") from error
             raise
     completion = output.sequences[:, ids.shape[1]:]  # (B, C)
@@ -382,9 +384,16 @@ def _verdict(rollout: _Rollout, train: object, source: str, settings: _Settings,
                "worst_row": row, "worst_position": position, "settings": settings.words()}
     details = tuple({"row": r, "tokens": int(valid[r].sum()),
                      "max_abs_log_ratio": float(log_ratio[r].abs().max()),
-                     "mean_ratio": float(log_ratio[r][valid[r]].exp().mean())} for r in range(rows))
+                     "mean_ratio": float(log_ratio[r][valid[r]].exp().mean())} for r in range(rows)
+                    if bool(valid[r].any()))
     passed = largest <= tol
-    if passed:
+    nearer = _nearer_elsewhere(train, sampler, rollout, settings) if passed and tol > RATIO_TOL[torch.float32] else ""
+    if nearer:  # within a half-precision bound, but biased: the update computes another distribution
+        passed = False
+        explanation = (f"the importance ratio is biased before any update: max |log ratio| {largest:.3g} is within "
+                       f"the {tol:g} of half precision, but the update's log-probs lie {nearer}; "
+                       + _cause(train, rollout, settings, tol, note))
+    elif passed:
         explanation = (f"the update's log-probs equal the sampler's on all {metrics['tokens']} completion "
                        f"tokens of {rows} rows ({settings.words()}): max |log ratio| {largest:.2e}, within "
                        f"{tol:g}; mean ratio {metrics['mean_ratio']:.6f}")
@@ -398,6 +407,28 @@ def _verdict(rollout: _Rollout, train: object, source: str, settings: _Settings,
                        + _cause(train, rollout, settings, tol, note))
     return Result(name=NAME, passed=passed, metrics=metrics, threshold=tol, headroom=headroom_below(largest, tol),
                   explanation=explanation, details=details)
+
+
+def _nearer_elsewhere(train: torch.Tensor, sampler: torch.Tensor, rollout: _Rollout, settings: _Settings) -> str:
+    """Where half precision's rounding hides a bias token by token: the update's log-probs on
+    average at least twice as near the model's at temperature 1, or its full tempered
+    distribution's, as the sampler's (rounding scatters them around the sampler's; a wrong
+    distribution moves every token the same way). Empty where the sampler's are the nearest."""
+    valid = rollout.compared
+
+    def mean_distance(candidate: torch.Tensor) -> float:
+        return float((train - candidate.double())[valid].abs().mean())
+
+    own = mean_distance(sampler)
+    others = []
+    if settings.temperature != 1:
+        others.append((mean_distance(rollout.plain), "the model's at temperature 1"))
+    if settings.truncation() or settings.repetition_penalty != 1:
+        others.append((mean_distance(rollout.tempered), "the full tempered distribution's"))
+    distance, which = min(others, default=(math.inf, ""))
+    if 2 * distance < own:
+        return f"{distance:.3g} nats on average from {which} and {own:.3g} from the sampler's"
+    return ""
 
 
 def _cause(train: torch.Tensor, rollout: _Rollout, settings: _Settings, tol: float, dropout: str) -> str:

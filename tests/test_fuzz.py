@@ -34,6 +34,7 @@ import lmcheck.loops
 import lmcheck.models
 import lmcheck.report
 import lmcheck.results
+import lmcheck.rl
 import lmcheck.supervision
 import lmcheck.tokens
 import lmcheck.training
@@ -46,6 +47,14 @@ VOCAB = 50257
 PROMPTS = ["Hello there", "The capital of France is"]
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of stalling the suite
+
+
+def _update_logprobs(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """An RL update's log-probs of the completion tokens at temperature 1 (the sampler's default)."""
+    def logprobs(sequences: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+        logits = model(input_ids=sequences, attention_mask=mask).logits[:, -length - 1:-1]
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, -length:, None]).squeeze(-1)
+    return logprobs
 
 
 # --- what a user can pass by mistake --------------------------------------------------------
@@ -191,7 +200,8 @@ ENTRIES: dict[str, Entry] = {
     "batch_supervision": Entry(lmcheck.batch_supervision, lambda w: dict(
         batch={"input_ids": w.ids(), "labels": w.ids().clone(), "attention_mask": torch.ones_like(w.ids())},
         tokenizer=w.gpt2), {"batch": garbage, "tokenizer": garbage, "min_supervised_fraction": garbage,
-                            "expect_eos": garbage, "end_ids": garbage, "bos_id": garbage}),
+                            "expect_eos": garbage, "end_ids": garbage, "bos_id": garbage,
+                            "completion_only": garbage, "assistant_only": garbage}),
     "end_of_turn_ids": Entry(lmcheck.supervision.end_of_turn_ids, lambda w: dict(tokenizer=w.gpt2),
                              {"tokenizer": garbage}, returns=set),
     "template_end_of_turn": Entry(lmcheck.supervision.template_end_of_turn, lambda w: dict(tokenizer=w.gpt2),
@@ -200,6 +210,13 @@ ENTRIES: dict[str, Entry] = {
         model=w.causal, packed_batch={"input_ids": w.ids(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])[:, :w.ids().shape[1]]}),
         {"model": garbage, "packed_batch": garbage, "documents": garbage, "eos_id": garbage, "max_rows": garbage,
          "max_documents": garbage, "gradients": garbage}),
+    "template_turn_headers": Entry(lmcheck.supervision.template_turn_headers, lambda w: dict(tokenizer=w.gpt2),
+                                   {"tokenizer": garbage}, returns=dict),
+    "importance_ratio": Entry(lmcheck.rl.importance_ratio, lambda w: dict(
+        model=w.causal, prompt_ids=w.ids(), logprobs=_update_logprobs(w.causal), max_new_tokens=2),
+        {"model": garbage, "prompt_ids": garbage, "logprobs": garbage, "attention_mask": garbage,
+         "temperature": garbage, "top_k": garbage, "top_p": garbage, "max_new_tokens": garbage,
+         "eos_token_id": garbage, "pad_token_id": garbage, "seed": garbage, "tol": garbage}),
     "document_starts": Entry(lmcheck.packing.document_starts, lambda w: dict(positions=torch.tensor([0, 1, 0, 1])),
                              {"positions": garbage}, returns=list),
     # masked LMs

@@ -64,7 +64,8 @@ def test_a_healthy_lightning_setup_passes_through_fit(tok):
     report = lmcheck.check_lightning(trainer(), module, tokenizer=tok)
     statuses = {r.name: r.status for r in report}
     assert set(statuses) == set(SETUP_CHECKS)
-    assert {n for n, s in statuses.items() if s != "pass"} == {"reproducible", "resume", "packing_equivalence"}, \
+    assert {n for n, s in statuses.items() if s != "pass"} == {"reproducible", "resume", "packing_equivalence",
+                                                                     "preference_at_init", "importance_ratio"}, \
         {r.name: r.explanation for r in report if r.status != "pass"}
     assert "LambdaLR stepped once per optimizer step" in report["lr_schedule"].explanation
     assert report.setup["scheduler interval"] == "step (every 1)"

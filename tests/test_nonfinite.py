@@ -32,6 +32,7 @@ from public import public_names
 from transformers import PreTrainedTokenizerBase
 
 import lmcheck
+import lmcheck.rl
 import lmcheck.decoding
 import lmcheck.golden
 import lmcheck.setup.distributed
@@ -208,6 +209,8 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
                                                 continuation_length=4, min_verbatim_rate=0.0),
     "causal_batch": lambda c, _: lmcheck.causal_batch(_additive_mask(c)),
     "packing_equivalence": lambda c, _: lmcheck.packing_equivalence(c.causal, _packed(c)),
+    "importance_ratio": lambda c, _: lmcheck.rl.importance_ratio(c.causal, c.ids(), _tempered(c.causal),
+                                                                 temperature=0.7, max_new_tokens=3),
     "mask_fill_accuracy": lambda c, _: lmcheck.mask_fill_accuracy(
         c.masked, c.bert, [("paris is the capital of [MASK] and its largest city.", "france")],
         threshold=0.0),
@@ -224,6 +227,14 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "reproducible": lambda c, _: lmcheck.reproducible(c.curve(), c.curve(), steps=10, atol=1e9),
     "matches_golden": _golden,
 }
+
+
+def _tempered(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """An RL update's log-probs of the completion tokens, at the sampler's temperature 0.7."""
+    def logprobs(sequences: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+        logits = model(input_ids=sequences, attention_mask=mask).logits[:, -length - 1:-1] / 0.7
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, -length:, None]).squeeze(-1)
+    return logprobs
 
 
 def public_probes() -> dict[str, Callable[..., Any]]:

@@ -38,6 +38,7 @@ from lmcheck.results import Result
 from lmcheck.setup import SETUP_CHECKS, SetupReport, check_loop, check_trainer
 from tests import setups
 
+ONLY_SOME = setups.ONLY_SOME
 SHORT = {"overfit_steps": 5}  # where the overfitting run is not the subject
 
 
@@ -121,7 +122,7 @@ def test_healthy_plain_loop_passes_every_check(tok):
                         max_grad_norm=1.0, rebuild=rebuild_plain(tok))
     assert [r.name for r in report.results] == list(SETUP_CHECKS)
     assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a",
-                                                          "packing_equivalence": "n/a"}  # padded rows, not packed
+                                                          **ONLY_SOME}  # padded rows, not packed
     assert report.passed
     assert report.curve.stop_reason == "memorized"
 
@@ -132,7 +133,8 @@ def test_healthy_plain_loop_without_rebuild_is_not_applicable_for_reproducibilit
     checks still pass."""
     report = plain(tok, overfit_steps=200)
     statuses = {r.name: r.status for r in report.results}
-    assert statuses.pop("reproducible") == statuses.pop("resume") == statuses.pop("packing_equivalence") == "n/a"
+    assert statuses.pop("reproducible") == statuses.pop("resume") == "n/a"
+    assert {name: statuses.pop(name) for name in ONLY_SOME} == ONLY_SOME
     assert set(statuses.values()) == {"pass"}
     assert report.passed
 
@@ -143,7 +145,7 @@ def test_healthy_trainer_passes_every_check(tok, tmp_path):
     ``resume``, which needs a Trainer built afresh, is not applicable."""
     report = check_trainer(setups.trainer(tok, str(tmp_path)))
     assert {r.name: r.status for r in report.results} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "resume": "n/a",
-                                                          "packing_equivalence": "n/a"}
+                                                          **ONLY_SOME}
     assert report.setup["micro-batches per optimizer step"] == 2
     assert os.listdir(tmp_path) == []
 

@@ -36,7 +36,9 @@ def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = (), packed
             preference: bool = False) -> None:
     """Every check passed but those named, which are n/a; nothing crashed or failed. A setup that
     does not pack has ``packing_equivalence`` n/a, saying so; one that is not a preference
-    trainer, ``preference_at_init``."""
+    trainer, ``preference_at_init``; every one but an RL trainer, ``importance_ratio``."""
+    not_applicable += ("importance_ratio",)
+    assert report["importance_ratio"].explanation.startswith("not applicable: not an RL trainer")
     if not preference:
         not_applicable += ("preference_at_init",)
         assert report["preference_at_init"].explanation.startswith("not applicable: not a preference trainer")

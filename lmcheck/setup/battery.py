@@ -340,6 +340,10 @@ def _preference_at_init(s: Session) -> Result:
     return preference.judge()
 
 
+NOT_RL = ("not an RL trainer (TRL's GRPOTrainer): no completions are sampled inside the step, so there is no "
+          "importance ratio")
+
+
 def _reproducible(s: Session) -> Result:
     plan = s.driver.seeding()
     if isinstance(plan, str):
@@ -394,6 +398,8 @@ CHECKS: tuple[Check, ...] = (
     Check("loss_matches_reference", BATCHES, _loss_matches_reference, supervised=True),
     Check("packing_equivalence", BATCHES, _packing_equivalence),
     Check("preference_at_init", BATCHES, _preference_at_init, supervised=True),
+    # an RL trainer's own report (check_trainer's rl_report) judges it; every other setup has none
+    Check("importance_ratio", BATCHES, lambda s: Result.not_applicable("importance_ratio", NOT_RL)),
     Check("gradient_flow", FIRST_RUN, lambda s: gradient_flow(s.driver.model, s.first.run.steps, s.driver.snapshot),
           supervised=True),
     # the parameters as the first run left them: judged before accumulation restores the saved ones

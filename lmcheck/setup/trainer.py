@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -27,6 +28,7 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, LmcheckError
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
+from lmcheck.rl import trainer_importance_ratio
 from lmcheck.setup.batches import (
     Collated,
     call_rebuild,
@@ -39,14 +41,21 @@ from lmcheck.setup.batches import (
     supervision_of,
     take,
 )
-from lmcheck.setup.battery import FirstStep, Progress, Run, first_step_hook, run_battery
+from lmcheck.setup.battery import (
+    SETUP_CHECKS,
+    FirstStep,
+    Progress,
+    Run,
+    first_step_hook,
+    run_battery,
+)
 from lmcheck.setup.gradients import GRADIENT_RTOL
 from lmcheck.setup.order import Epochs, dataset_keys, epoch_keys
 from lmcheck.setup.preference import Preference, is_preference_trainer
 from lmcheck.setup.report import SetupReport
 from lmcheck.setup.resume import Plan, Resumable, RunWatch, Trace, plan_for
 
-__all__ = ["check_trainer", "is_trainer"]
+__all__ = ["check_trainer", "is_rl_trainer", "is_trainer", "rl_report"]
 
 
 def check_trainer(
@@ -89,6 +98,8 @@ def check_trainer(
         check_factory(factory)
     check_model(trainer.model, "trainer.model")
     check_bool(packed, "packed")
+    if is_rl_trainer(trainer):
+        return rl_report(trainer)
     driver = TrainerDriver(trainer, budget, progress, rebuild, factory)
     return run_battery(driver, budget, pretrained=pretrained, expect_eos=expect_eos,
                        packing=packing_of(trainer.data_collator, trainer.args, packed),
@@ -99,6 +110,31 @@ def is_trainer(value: object) -> bool:
     """A ``transformers.Trainer`` or a subclass (TRL's among them), told by its classes' names, so
     that asking never imports the Trainer."""
     return any(c.__module__ == "transformers.trainer" and c.__name__ == "Trainer" for c in type(value).__mro__)
+
+
+def is_rl_trainer(trainer: object) -> bool:
+    """A TRL trainer that samples its completions inside its step and computes their log-probs
+    for the update (``GRPOTrainer``, ``RLOOTrainer``), told by its classes' names."""
+    return any(c.__module__.startswith("trl") and c.__name__ in ("GRPOTrainer", "RLOOTrainer")
+               for c in type(trainer).__mro__)
+
+
+# why the rest of the battery does not run on an RL trainer, said in each of its rows
+RL_ONLY = ("an RL trainer's batches are prompts and its completions are sampled inside its step, so lmcheck's "
+           "batch, loss and update checks do not apply to it as they are; its step 0 is checked by importance_ratio")
+
+
+def rl_report(trainer: Any) -> SetupReport:
+    """An RL trainer's report: ``importance_ratio`` (:func:`lmcheck.rl.trainer_importance_ratio`)
+    judged, every other row not applicable with the reason."""
+    started = time.perf_counter()
+    judged = trainer_importance_ratio(trainer)
+    seconds = round(time.perf_counter() - started, 3)
+    results = [judged if name == "importance_ratio" else Result.not_applicable(name, RL_ONLY) for name in SETUP_CHECKS]
+    setup = {"kind": f"TRL {type(trainer).__name__}", "model": type(trainer.model).__name__,
+             "sampling": judged.metrics.get("settings", "?"), "seed": trainer.args.seed}
+    return SetupReport(results=results, curve=LossCurve(), setup=setup,
+                       costs={"importance_ratio": {"seconds": seconds, "optimizer_steps": 0}})
 
 
 class TrainerState:
