@@ -32,9 +32,9 @@ from public import public_names
 from transformers import PreTrainedTokenizerBase
 
 import lmcheck
-import lmcheck.rl
 import lmcheck.decoding
 import lmcheck.golden
+import lmcheck.rl
 import lmcheck.setup.distributed
 from lmcheck.batteries import CAUSAL_CHECKS, MASKED_CHECKS
 from lmcheck.cli import main

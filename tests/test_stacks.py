@@ -166,22 +166,28 @@ def base(tok, tmp_path_factory):
 def healthy_preference(report: SetupReport) -> None:
     """A preference trainer passes every check that judges its loss and updates; the ones that
     judge a next-token cross-entropy are n/a, saying why."""
-    healthy(report, not_applicable=("loss_at_init", "loss_matches_reference", "accumulation", "overfits"),
-            preference=True)
+    healthy(report, not_applicable=("loss_at_init", "loss_matches_reference", "overfits"), preference=True)
     assert "a preference loss" in report["loss_at_init"].explanation
 
 
 @pytest.mark.slow
-def test_trl_dpo_healthy(tok, tmp_path, base):
-    """DPO at TRL's defaults (sigmoid loss, beta 0.1, bf16 autocast, dropout disabled, the
-    reference loaded from the policy's folder): at step 0 the two agree and the loss is ln 2;
-    the updates, schedule, data order, reproducibility and TRL's own resume pass."""
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_trl_dpo_healthy(tok, tmp_path, base, adapter):
+    """DPO at TRL's defaults (sigmoid loss, beta 0.1, bf16 autocast, dropout disabled): the
+    reference loaded from the policy's folder, or for a LoRA the base with its adapter off. At
+    step 0 the two agree and the loss is ln 2; the update over two micro-batches is the gradient
+    of the mean loss over their pairs; the updates, schedule, data order, reproducibility and
+    TRL's own resume pass."""
     def build(seed: int) -> Any:
         torch.manual_seed(seed)
-        return stacks.dpo_trainer(tok, str(tmp_path), base, seed=seed)
+        model = stacks.lora(LlamaForCausalLM.from_pretrained(base)) if adapter else None
+        return stacks.dpo_trainer(tok, str(tmp_path), base, model=model, seed=seed)
 
     report = check_trainer(build(0), rebuild=build)
     healthy_preference(report)
+    assert report["preference_at_init"].metrics["reference"] == (
+        "the PEFT model with its adapter off" if adapter else "a separate reference model")
+    assert "the gradient of the mean preference loss" in report["accumulation"].explanation
     assert report["preference_at_init"].metrics["max_logp_gap"] == 0
     assert "loss 0.693147 = ln 2" in report["preference_at_init"].explanation
     assert report.setup["trains on"].startswith("a preference trainer")
@@ -211,6 +217,18 @@ def test_trl_dpo_reference_that_is_another_model(tok, tmp_path, base):
     report = check_trainer(trainer, steps=2)
     fails_first(report, "preference_at_init", "the reference's weights are not the policy's (first model.",
                 "not ln 2", "NeMo-Aligner #227")
+
+
+@pytest.mark.slow
+def test_trl_dpo_whose_loss_is_not_divided_by_the_accumulation(tok, tmp_path, base):
+    """The Trainer told that the loss is already scaled for the accumulation
+    (``loss_is_scaled_for_ga``, transformers' flag for a loss normalised over the whole step),
+    while DPO's compute_loss gives each micro-batch's mean: the losses of a step are summed, not
+    averaged (transformers #34191's kind, on pairs), and the update is k times the mean's gradient."""
+    trainer = stacks.dpo_trainer(tok, str(tmp_path), base)
+    trainer.loss_is_scaled_for_ga = True
+    report = check_trainer(trainer, overfit_steps=5)
+    fails_first(report, "accumulation", "the loss is not divided by the 2 micro-batches")
 
 
 @pytest.mark.slow

@@ -240,6 +240,11 @@ class Session:
         window = min(self._window or calls, calls)
         micro_batches = batches_of(range(calls - window, calls))
         d = self.driver
+        preference = getattr(d, "preference", None)
+        if preference is not None:  # the gradient of the trainer's own preference loss over the step's pairs
+            self._accumulation = _isolated("accumulation", lambda: preference.accumulation(micro_batches,
+                                                                                           d.gradient_rtol))
+            return
         self._accumulation = _isolated("accumulation", lambda: accumulation(
             d.model, micro_batches, clip, d.max_grad_norm, d.gradient_rtol))
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,8 +53,6 @@ LN2 = math.log(2)
 PREFERENCE_NOT_APPLICABLE = {
     "loss_at_init": "a preference loss is ln 2 at step 0, not ln V: preference_at_init checks it",
     "loss_matches_reference": "the trained loss is the preference loss, not the model's own cross-entropy",
-    "accumulation": ("the preference loss is a mean over pairs, not over supervised tokens, and lmcheck's "
-                     "reference gradient is the token mean's: not compared"),
     "overfits": "memorizing a few batches is a next-token criterion; a preference loss has no such target",
 }
 
@@ -72,6 +70,13 @@ class Preference:
 
     def judge(self) -> Result:
         return preference_at_init(self.trainer, self.batch)
+
+    def accumulation(self, micro_batches: Sequence[Mapping[str, torch.Tensor]], rtol: float | None) -> Result:
+        """At the first optimizer step, before it is taken: the user's update against the gradient
+        of the trainer's own preference loss over every pair of the step's micro-batches, merged
+        into one batch (chosen rows, then rejected rows). The user's gradients are set aside and
+        put back, with the random generators and the trainer's logged metrics."""
+        return preference_accumulation(self.trainer, micro_batches, rtol)
 
 
 def preference_at_init(trainer: Any, batch: Mapping[str, Any]) -> Result:
@@ -283,3 +288,106 @@ def _quiet_warnings() -> Iterator[None]:
         warnings.simplefilter("ignore")
         yield
 
+
+
+# the relative L2 error allowed between the update and the merged batch's gradient: as the
+# cross-entropy accumulation check's (lmcheck.setup.gradients.GRADIENT_RTOL)
+PAIR_RTOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def preference_accumulation(trainer: Any, micro_batches: Sequence[Mapping[str, torch.Tensor]],
+                            rtol: float | None) -> Result:
+    """The update over k micro-batches of pairs equals the gradient of the preference loss's
+    mean over all their pairs (the trainer's own ``compute_loss`` on the merged batch): a loss
+    not divided by k, or divided by it twice, moves the update by a factor of k."""
+    name = "accumulation"
+    batches = [b for b in micro_batches if isinstance(b.get("completion_mask"), torch.Tensor)]
+    if not batches:
+        return Result.not_applicable(name, "no micro-batch of the first step holds a completion_mask")
+    model = trainer.model
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    parameters = [p for n, p in model.named_parameters() if p.requires_grad]
+    user = [p.grad for p in parameters]
+    state, metrics = rng_state(), copy.deepcopy(getattr(trainer, "_metrics", None))
+    merged = _merged(batches, model_device(model))
+    autocast = getattr(getattr(trainer, "accelerator", None), "autocast", None)
+    training = model.training
+    try:
+        for parameter in parameters:
+            parameter.grad = None
+        model.train()
+        with autocast() if callable(autocast) else contextlib.nullcontext(), _quiet_warnings():
+            loss = trainer.compute_loss(model, merged)
+        if not bool(torch.isfinite(loss)):
+            return Result(name=name, passed=False, metrics={},
+                          explanation=f"the preference loss of the first step's merged micro-batches is {float(loss)}")
+        loss.backward()
+        reference = [p.grad for p in parameters]
+        uu = uc = cc = 0.0
+        for parameter_name, mine, theirs in zip(names, user, reference, strict=True):
+            u = mine.detach().double() if mine is not None else None
+            c = theirs.detach().double() if theirs is not None else None
+            if u is not None:
+                found = locate(u, ("index",) * u.dim())
+                if found is not None:
+                    return Result(name=name, passed=False, metrics={},
+                                  explanation=f"the gradient at the user's first optimizer step is not finite: "
+                                              f"{parameter_name} {found}")
+                uu += float((u * u).sum())
+            if c is not None:
+                cc += float((c * c).sum())
+            if u is not None and c is not None:
+                uc += float((u * c).sum())
+    finally:
+        for parameter, grad in zip(parameters, user, strict=True):
+            parameter.grad = grad
+        model.train(training)
+        set_rng_state(state)
+        if metrics is not None:
+            trainer._metrics = metrics
+    if cc == 0:
+        return Result.not_applicable(name, "the gradient of the preference loss over the first step's pairs is "
+                                     "exactly zero, so there is no update to compare the user's with")
+    dtype = torch.bfloat16 if getattr(trainer.args, "bf16", False) else \
+        torch.float16 if getattr(trainer.args, "fp16", False) else torch.float32
+    tol = rtol if rtol is not None else PAIR_RTOL[dtype]
+    error = math.sqrt(max(uu - 2 * uc + cc, 0.0) / cc)
+    scale = uc / cc
+    k, pairs = len(batches), int(merged["input_ids"].shape[0] // 2)
+    measured = {"micro_batches": k, "pairs": pairs, "relative_error": error, "scale": scale,
+                "reference_loss": float(loss), "reference_norm": math.sqrt(cc), "user_norm": math.sqrt(uu)}
+    counted = f"{k} micro-batch{'es' if k > 1 else ''} of {pairs} pairs in all"
+    if error <= tol:
+        return Result(name=name, passed=True, metrics=measured, threshold=tol, headroom=1 - error / tol,
+                      explanation=f"the update over {counted} equals the gradient of the mean preference loss over "
+                                  f"all of them (the trainer's own compute_loss on the merged batch): relative error "
+                                  f"{error:.2e}, within {tol:g}")
+    if k > 1 and abs(scale - k) < 0.1 * k:
+        cause = f"the update is {scale:.3g} times it: the loss is not divided by the {k} micro-batches"
+    elif k > 1 and abs(scale - 1 / k) < 0.1 / k:
+        cause = f"the update is {scale:.3g} times it: the loss is divided by the {k} micro-batches twice"
+    else:
+        cause = (f"the update is {scale:.3g} times it with a residual beyond a scale: the micro-batches are weighted "
+                 f"unequally, or the loss the update used is not the trainer's compute_loss")
+    return Result(name=name, passed=False, metrics=measured, threshold=tol,
+                  explanation=f"the update over {counted} is not the gradient of the mean preference loss over all of "
+                              f"them: relative error {error:.3g}, above {tol:g}; {cause}")
+
+
+def _merged(batches: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Micro-batches of pairs as one batch: every chosen row, then every rejected row, right-padded
+    to one width (pads: attention and completion mask 0)."""
+    width = max(int(b["input_ids"].shape[1]) for b in batches)
+    keys = ("input_ids", "attention_mask", "completion_mask")
+    halves: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for part in (0, 1):
+        for batch in batches:
+            for key in keys:
+                value = batch[key]
+                rows = value.chunk(2, dim=0)[part]
+                halves[key].append(torch.nn.functional.pad(rows, (0, width - value.shape[1]), value=0))
+    merged = {k: torch.cat(v).to(device) for k, v in halves.items()}
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if all(isinstance(b.get(key), torch.Tensor) for b in batches):
+            merged[key] = torch.cat([b[key] for b in batches]).to(device)
+    return merged
