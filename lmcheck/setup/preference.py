@@ -43,9 +43,11 @@ from lmcheck.results import Result
 __all__ = ["PREFERENCE_NOT_APPLICABLE", "Preference", "is_preference_trainer", "preference_at_init"]
 
 NAME = "preference_at_init"
-# Summed log-probabilities of one completion, policy against reference, in float32: the same
-# weights and ops give the same sums to about 1e-6 on a CPU; dropout or other weights move them
-# by 0.1 nat or more. Half precision rounds each token's log-probability to about 1e-2.
+# Summed log-probabilities of one completion, policy against reference, by the dtype the forwards
+# compute in (autocast's, else the parameters'). In float32 the same weights and ops give the
+# same sums to about 1e-6 on a CPU (7.6e-6 against TRL's precomputed values); dropout or other
+# weights move them by 0.1 nat or more. Half precision rounds each token's log-probability to
+# about 1e-3, and shapes that differ (another batch's padding) change the rounding.
 LOGP_ATOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 LN2 = math.log(2)
 
@@ -120,8 +122,9 @@ def _judged(trainer: Any, batch: dict[str, Any]) -> Result:
     reference, how = _reference(trainer, batch)
     if isinstance(reference, str):
         return Result.not_applicable(NAME, reference)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    tol = LOGP_ATOL.get(dtype, LOGP_ATOL[torch.float32])
+    tol = LOGP_ATOL.get(_compute_dtype(trainer), LOGP_ATOL[torch.float32])
+    # the loss moves from ln 2 by at most beta times the largest log-ratio gap
+    loss_tol = max(1e-5, float(getattr(trainer, "beta", 1.0)) * tol)
     pairs = policy.shape[0] // 2
     for values, what in ((policy, "the policy's log-probabilities"), (reference, "the reference's log-probabilities")):
         found = locate(values, ("row",))
@@ -144,9 +147,9 @@ def _judged(trainer: Any, batch: dict[str, Any]) -> Result:
                         f"{_cause(trainer, batch, policy, reference)}")
     if not math.isfinite(loss):
         problems.append(f"the trainer's loss at step 0 is {loss}")
-    elif sigmoid and abs(loss - LN2) > max(tol, 1e-4) * 10:
-        problems.append(f"the trainer's loss at step 0 is {loss:.6f}, not ln 2 = {LN2:.6f}: with the reference "
-                        f"equal to the policy every log-ratio is 0")
+    elif sigmoid and abs(loss - LN2) > loss_tol:
+        problems.append(f"the trainer's loss at step 0 is {loss:.6f}, not ln 2 = {LN2:.6f} (tolerance {loss_tol:.2g}): "
+                        f"with the reference equal to the policy every log-ratio is 0")
     if problems:
         return Result(name=NAME, passed=False, metrics=metrics, threshold=tol,
                       explanation="; ".join(problems) + " (NeMo-Aligner #227, reef PR #536)")
@@ -157,6 +160,16 @@ def _judged(trainer: Any, batch: dict[str, Any]) -> Result:
                               f"{pairs} chosen and rejected completions agree within {float(gap.max()):.2g} nats "
                               f"(tolerance {tol:g}), both forwards deterministic, {said}; the masks supervise "
                               f"completions only and each pair shares its prompt")
+
+
+def _compute_dtype(trainer: Any) -> torch.dtype:
+    """The dtype the trainer's forwards compute in: its autocast's, else its parameters'."""
+    arguments = getattr(trainer, "args", None)
+    if getattr(arguments, "bf16", False):
+        return torch.bfloat16
+    if getattr(arguments, "fp16", False):
+        return torch.float16
+    return next((p.dtype for p in trainer.model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -348,9 +361,7 @@ def preference_accumulation(trainer: Any, micro_batches: Sequence[Mapping[str, t
     if cc == 0:
         return Result.not_applicable(name, "the gradient of the preference loss over the first step's pairs is "
                                      "exactly zero, so there is no update to compare the user's with")
-    dtype = torch.bfloat16 if getattr(trainer.args, "bf16", False) else \
-        torch.float16 if getattr(trainer.args, "fp16", False) else torch.float32
-    tol = rtol if rtol is not None else PAIR_RTOL[dtype]
+    tol = rtol if rtol is not None else PAIR_RTOL.get(_compute_dtype(trainer), PAIR_RTOL[torch.float32])
     error = math.sqrt(max(uu - 2 * uc + cc, 0.0) / cc)
     scale = uc / cc
     k, pairs = len(batches), int(merged["input_ids"].shape[0] // 2)

@@ -373,6 +373,9 @@ class TrainerDriver:
         if isinstance(dataset, Mapping):
             dataset = next(iter(dataset.values()))
         part = subset(dataset, 2 * trainer.args.per_device_eval_batch_size)
+        precomputed = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in (getattr(part, "column_names", None) or ())]
+        if precomputed:  # TRL's DPO evaluate() precomputes them for a dataset it is given, and refuses one that has them
+            part = part.remove_columns(precomputed)
         self.snapshot.restore()
         losses = []
         with tempfile.TemporaryDirectory(prefix="lmcheck-setup-") as output_dir, self._arguments(output_dir):
