@@ -131,9 +131,10 @@ def batch_supervision(
       adds another: sglang #888);
     - where the tokenizer has a chat template, the rows' turns are found by the ids the template
       writes before each role's message: in a setup that trains on completions only, no token
-      of a user or system turn is supervised (wrong prompt-completion labels: trl #4147; a
-      dropped assistant mask: nanochat PR #582), and with ``assistant_only`` every assistant
-      turn is (but one cut at the end of a full row);
+      of a user or system turn is supervised, nor an assistant's header (the generation prompt:
+      a prompt rendered without ``add_generation_prompt=True`` gives it to the completion, trl
+      #4147; a dropped assistant mask: nanochat PR #582), and with ``assistant_only`` every
+      assistant turn is (but one cut at the end of a full row);
     - ``labels`` does not share memory with ``input_ids``;
     - the supervised share of real tokens is reported, and must reach ``min_supervised_fraction``.
 
@@ -276,6 +277,7 @@ class _Turns:
         where = "(rows: the packed rows' documents, in order)" if packed else ""
         trained_prompt: list[tuple[int, int, str, int, int]] = []  # (row, turn, role, supervised, first)
         untrained: list[tuple[int, int]] = []  # (row, turn) of an assistant turn with nothing supervised
+        headed: list[tuple[int, int, int]] = []  # (row, turn, position) of a supervised assistant header token
         prompt_only = self.user_left_out if completion_only is None else completion_only or assistant_only
         self.prompt_only = prompt_only
         for row, turns in enumerate(self.rows):
@@ -285,6 +287,9 @@ class _Turns:
                 if role != "assistant" and bool(supervised.any()):
                     trained_prompt.append((row, index, role, int(supervised.sum()),
                                            start + int(supervised.nonzero()[0])))
+                header = self.target[row, start:content]
+                if role == "assistant" and bool(header.any()):
+                    headed.append((row, index, start + int(header.nonzero()[0])))
                 cut = index == len(turns) - 1 and full
                 if role == "assistant" and content < end and not bool(self.target[row, content:end].any()) and not cut:
                     untrained.append((row, index))
@@ -297,6 +302,12 @@ class _Turns:
                        f"{row}, turn {turn} ({role}): {count} supervised token(s) from position {first}){' ' + where if where else ''}: "
                        f"the model is trained to write the prompt; the completion or assistant mask is wrong "
                        f"(wrong prompt-completion labels: trl #4147; a dropped assistant mask: nanochat PR #582)")
+        if prompt_only and headed and not trained_prompt:
+            row, turn, position = headed[0]
+            out.append(f"{len(headed)} assistant turn header(s) have supervised tokens, though the setup trains on "
+                       f"completions only (first: row {row}, turn {turn}, position {position}){' ' + where if where else ''}: "
+                       f"the header is the generation prompt, part of the prompt at inference; the prompt was "
+                       f"tokenized without add_generation_prompt=True, so its header went to the completion (trl #4147)")
         if assistant_only and untrained:
             row, turn = untrained[0]
             out.append(f"{len(untrained)} assistant turn(s) supervise no token, though the setup trains on every "

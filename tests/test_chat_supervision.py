@@ -66,6 +66,21 @@ def test_a_row_that_trains_its_prompt_beside_rows_that_do_not_fails(tok):
     assert "trl #4147" in result.explanation
 
 
+def test_an_assistant_header_trained_as_completion_fails(tok):
+    """trl #4147: the prompt rendered without ``add_generation_prompt=True``, so the assistant's
+    header (``<|im_start|>assistant\n``) counts as completion and is trained."""
+    ids, labels = exchange(tok, "the cat sat", "a dog ran")
+    header = len(template_turn_headers(tok)["assistant"])
+    first = next(i for i, label in enumerate(labels) if label != -100)
+    labels[first - header:first] = ids[first - header:first]
+    result = lmcheck.batch_supervision(batch([(ids, labels)], tok.pad_token_id), tok, completion_only=True)
+    assert not result.passed
+    assert f"1 assistant turn header(s) have supervised tokens, though the setup trains on completions only " \
+           f"(first: row 0, turn 1, position {first - header})" in result.explanation
+    assert "add_generation_prompt=True" in result.explanation
+    assert "trl #4147" in result.explanation
+
+
 def test_whole_conversations_trained_pass_unless_the_setup_trains_on_completions(tok):
     """Training on every token of a chat is a choice; declared completion-only, it is the bug."""
     rows = [exchange(tok, "the cat sat", "a dog ran", train_prompt=True)]
