@@ -160,9 +160,12 @@ def importance_ratio(
             returning the (B, completion_length) log-probs of the completion tokens, the last
             ``completion_length`` of ``sequences``; the mask is 0 at left pads and after an eos.
         attention_mask: (B, T), 0 at the pads; all ones by default.
-        temperature, top_k, top_p: the sampler's settings (top_k None or 0: off).
+        temperature: the sampler's temperature, above 0.
+        top_k: the sampler's top-k (None or 0: off).
+        top_p: the sampler's nucleus, in (0, 1].
         max_new_tokens: the completion length sampled (shorter when every row ends).
-        eos_token_id, pad_token_id: the model's generation config's by default.
+        eos_token_id: the id (or ids) that end a completion; the model's generation config's by default.
+        pad_token_id: the id that pads a finished row; the model's generation config's by default.
         seed: the sampling seed.
         tol: the bound on max |log ratio|; by default :data:`RATIO_TOL` for the parameters' dtype.
 

@@ -28,9 +28,9 @@ from transformers import (
 WORDS = ("the a cat dog sat ran on under mat log big small red blue saw ate fish bird tree sun "
          "moon rain came went home fast slow old new and then it was day night here there up down").split()
 
-# the checks a plain, padded, single-process setup has no use for: its rows are not packed, and
-# it is neither a preference nor an RL trainer
-ONLY_SOME = {"packing_equivalence": "n/a", "preference_at_init": "n/a", "importance_ratio": "n/a"}
+# the checks a plain, padded, single-process setup has no use for: its rows are not packed, it
+# has no adapter, and it is neither a preference nor an RL trainer
+ONLY_SOME = {"packing_equivalence": "n/a", "preference_at_init": "n/a", "importance_ratio": "n/a", "adapters": "n/a"}
 
 
 def tokenizer() -> PreTrainedTokenizerFast:

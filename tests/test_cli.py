@@ -77,9 +77,10 @@ def test_train_check_passes_a_healthy_trainer_and_writes_json_and_markdown(setup
     assert main(["train-check", "setup_factories:trainer", "--overfit-steps", "100",
                  "--json", str(target), "--markdown", str(markdown)]) == 0
     out = capsys.readouterr().out
-    # its rows are padded, not packed, and it is neither a preference nor an RL trainer: three n/a
-    assert f"{len(SETUP_CHECKS) - 3} of {len(SETUP_CHECKS)} checks passed, 3 not applicable" in out
-    assert out.count(" PASS ") == len(SETUP_CHECKS) - 3  # one table row per check
+    # its rows are padded, not packed, it has no adapter, and it is neither a preference nor an RL
+    # trainer: four n/a
+    assert f"{len(SETUP_CHECKS) - 4} of {len(SETUP_CHECKS)} checks passed, 4 not applicable" in out
+    assert out.count(" PASS ") == len(SETUP_CHECKS) - 4  # one table row per check
     assert "kind: transformers Trainer" in out
     written = json.loads(target.read_text())
     assert written["passed"] is True
@@ -96,7 +97,7 @@ def test_train_check_fails_a_loop_that_steps_its_scheduler_per_micro_batch(setup
     assert "FAIL lr_schedule: at optimizer step" in out
     assert "the scheduler is stepped on every micro-batch" in out
     # the loop has no checkpoint functions: resume is not applicable; nor is packing_equivalence
-    assert f"{len(SETUP_CHECKS) - 5} of {len(SETUP_CHECKS)} checks passed, 4 not applicable" in out
+    assert f"{len(SETUP_CHECKS) - 6} of {len(SETUP_CHECKS)} checks passed, 5 not applicable" in out
 
 
 @pytest.mark.parametrize(("spec", "message"), [

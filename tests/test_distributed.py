@@ -125,7 +125,7 @@ def test_check_loop_runs_unchanged_under_torchrun_on_a_healthy_ddp_loop(reports)
     not_passed = {r["name"]: r["status"] for r in first["results"] if r["status"] != "pass"}
     assert not_passed == {"reproducible": "n/a", "resume": "n/a", "rank_randomness": "n/a",
                           "packing_equivalence": "n/a", "preference_at_init": "n/a",
-                          "importance_ratio": "n/a"}, first["results"]
+                          "importance_ratio": "n/a", "adapters": "n/a"}, first["results"]
     assert first["setup"]["world size"] == 2
 
 

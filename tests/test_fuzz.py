@@ -31,6 +31,7 @@ import lmcheck.corpus
 import lmcheck.decoding
 import lmcheck.golden
 import lmcheck.loops
+import lmcheck.lora
 import lmcheck.models
 import lmcheck.report
 import lmcheck.results
@@ -47,6 +48,15 @@ VOCAB = 50257
 PROMPTS = ["Hello there", "The capital of France is"]
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of stalling the suite
+
+
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA over a copy of the world's GPT-2 (its fused attention and MLP projections)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
 
 
 def _update_logprobs(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -217,6 +227,10 @@ ENTRIES: dict[str, Entry] = {
         {"model": garbage, "prompt_ids": garbage, "logprobs": garbage, "attention_mask": garbage,
          "temperature": garbage, "top_k": garbage, "top_p": garbage, "max_new_tokens": garbage,
          "eos_token_id": garbage, "pad_token_id": garbage, "seed": garbage, "tol": garbage}),
+    "lora_adapters": Entry(lmcheck.lora.lora_adapters, lambda w: dict(model=_lora(w.causal), batch=dict(
+        input_ids=w.ids(), labels=w.ids().clone())),
+        {"model": garbage, "batch": garbage, "min_coverage": garbage, "steps": garbage, "lr": garbage}),
+    "is_peft_model": Entry(lmcheck.lora.is_peft_model, lambda w: dict(model=w.causal), {"model": garbage}, returns=bool),
     "document_starts": Entry(lmcheck.packing.document_starts, lambda w: dict(positions=torch.tensor([0, 1, 0, 1])),
                              {"positions": garbage}, returns=list),
     # masked LMs

@@ -65,7 +65,7 @@ def test_a_healthy_lightning_setup_passes_through_fit(tok):
     statuses = {r.name: r.status for r in report}
     assert set(statuses) == set(SETUP_CHECKS)
     assert {n for n, s in statuses.items() if s != "pass"} == {"reproducible", "resume", "packing_equivalence",
-                                                                     "preference_at_init", "importance_ratio"}, \
+                                                                     "preference_at_init", "importance_ratio", "adapters"}, \
         {r.name: r.explanation for r in report if r.status != "pass"}
     assert "LambdaLR stepped once per optimizer step" in report["lr_schedule"].explanation
     assert report.setup["scheduler interval"] == "step (every 1)"

@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 import lmcheck
 import lmcheck.decoding
 import lmcheck.golden
+import lmcheck.lora
 import lmcheck.rl
 import lmcheck.setup.distributed
 from lmcheck.batteries import CAUSAL_CHECKS, MASKED_CHECKS
@@ -209,6 +210,7 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
                                                 continuation_length=4, min_verbatim_rate=0.0),
     "causal_batch": lambda c, _: lmcheck.causal_batch(_additive_mask(c)),
     "packing_equivalence": lambda c, _: lmcheck.packing_equivalence(c.causal, _packed(c)),
+    "lora_adapters": lambda c, _: lmcheck.lora.lora_adapters(_lora(c.causal), {"input_ids": c.ids(), "labels": c.ids()}),
     "importance_ratio": lambda c, _: lmcheck.rl.importance_ratio(c.causal, c.ids(), _tempered(c.causal),
                                                                  temperature=0.7, max_new_tokens=3),
     "mask_fill_accuracy": lambda c, _: lmcheck.mask_fill_accuracy(
@@ -227,6 +229,13 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "reproducible": lambda c, _: lmcheck.reproducible(c.curve(), c.curve(), steps=10, atol=1e9),
     "matches_golden": _golden,
 }
+
+
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA over the (broken) GPT-2: its fused attention and MLP projections."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
 
 
 def _tempered(model: torch.nn.Module) -> Callable[..., torch.Tensor]:

@@ -226,7 +226,7 @@ def test_the_resumable_loop_passes_every_check_of_the_battery():
     build = setup_factories.resumable_loop
     report = check_loop(**build(0), rebuild=build)
     assert {r.name: r.status for r in report} == {**dict.fromkeys(SETUP_CHECKS, "pass"), "packing_equivalence": "n/a", "preference_at_init": "n/a",
-                                                           "importance_ratio": "n/a"}, \
+                                                           "importance_ratio": "n/a", "adapters": "n/a"}, \
         {r.name: r.explanation for r in report if r.status != "pass"}
     assert report.costs["resume"]["optimizer_steps"] == report["resume"].metrics["optimizer_steps"]
 

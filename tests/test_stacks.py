@@ -33,11 +33,15 @@ def tok():
 
 
 def healthy(report: SetupReport, *, not_applicable: tuple[str, ...] = (), packed: bool = False,
-            preference: bool = False) -> None:
+            preference: bool = False, adapter: bool = False) -> None:
     """Every check passed but those named, which are n/a; nothing crashed or failed. A setup that
     does not pack has ``packing_equivalence`` n/a, saying so; one that is not a preference
-    trainer, ``preference_at_init``; every one but an RL trainer, ``importance_ratio``."""
+    trainer, ``preference_at_init``; one without a PEFT adapter, ``adapters``; every one but an
+    RL trainer, ``importance_ratio``."""
     not_applicable += ("importance_ratio",)
+    if not adapter:
+        not_applicable += ("adapters",)
+        assert report["adapters"].explanation.startswith("not applicable: not a PEFT model")
     assert report["importance_ratio"].explanation.startswith("not applicable: not an RL trainer")
     if not preference:
         not_applicable += ("preference_at_init",)
@@ -166,7 +170,8 @@ def base(tok, tmp_path_factory):
 def healthy_preference(report: SetupReport) -> None:
     """A preference trainer passes every check that judges its loss and updates; the ones that
     judge a next-token cross-entropy are n/a, saying why."""
-    healthy(report, not_applicable=("loss_at_init", "loss_matches_reference", "overfits"), preference=True)
+    healthy(report, not_applicable=("loss_at_init", "loss_matches_reference", "overfits"), preference=True,
+            adapter=report["preference_at_init"].metrics["reference"].startswith("the PEFT"))
     assert "a preference loss" in report["loss_at_init"].explanation
 
 
@@ -279,7 +284,7 @@ def test_peft_lora_healthy(tok, tmp_path, checkpointing):
     trainer = build(0)
     model = trainer.model
     report = check_trainer(trainer, rebuild=build)
-    healthy(report, not_applicable=("loss_at_init",))
+    healthy(report, not_applicable=("loss_at_init",), adapter=True)
     if checkpointing == "reentrant":  # the Trainer turned it on for its runs
         assert model.get_base_model().is_gradient_checkpointing
     assert "lora_B" in report["gradient_flow"].explanation

@@ -231,19 +231,20 @@ def test_the_setup_suite_passes_a_healthy_trainer(pytester, setup_factories):
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:trainer")
     # no model given: the model batteries skip
-    # packing_equivalence (padded rows), preference_at_init and importance_ratio (neither a preference
-    # nor an RL trainer) are not applicable: skipped with their reasons
-    result.assert_outcomes(passed=len(SETUP_CHECKS) - 3,
-                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 3)
+    # packing_equivalence (padded rows), adapters (no PEFT model), preference_at_init and
+    # importance_ratio (neither a preference nor an RL trainer) are not applicable: skipped with
+    # their reasons
+    result.assert_outcomes(passed=len(SETUP_CHECKS) - 4,
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 4)
 
 
 def test_the_setup_suite_fails_the_check_a_faulty_loop_breaks(pytester, setup_factories):
     result = pytester.runpytest_inprocess("--pyargs", "lmcheck.suite", "-p", "no:cacheprovider",
                                            "--lmcheck-trainer=setup_factories:scheduler_per_micro_batch")
-    # resume (the loop has no checkpoint functions), packing_equivalence (padded rows),
+    # resume (the loop has no checkpoint functions), packing_equivalence (padded rows), adapters,
     # preference_at_init and importance_ratio are not applicable: skipped with their reasons
-    result.assert_outcomes(passed=len(SETUP_CHECKS) - 5, failed=1,
-                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 4)
+    result.assert_outcomes(passed=len(SETUP_CHECKS) - 6, failed=1,
+                           skipped=len(CAUSAL_CHECKS) + len(MASKED_CHECKS) + len(DISTRIBUTED_CHECKS) + 5)
     assert result.ret == 1
     result.stdout.fnmatch_lines(["FAILED *test_training_setup[[]lr_schedule[]]*"])
     result.stdout.fnmatch_lines(["*lr_schedule: at optimizer step * the scheduler is stepped on every "

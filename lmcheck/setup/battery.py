@@ -27,6 +27,7 @@ from lmcheck._recording import OptimizerStep, Snapshot, counted_steps
 from lmcheck._validate import check_bool
 from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
+from lmcheck.lora import is_peft_model, lora_adapters
 from lmcheck.packing import document_starts, packing_equivalence
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
@@ -303,6 +304,23 @@ def _overfits(s: Session) -> Result:
     return overfits(watch, run.steps, d.curve, peaks)
 
 
+def _adapters(s: Session) -> Result:
+    """A PEFT model's adapter (:func:`lmcheck.lora.lora_adapters` on the first batch), and every
+    ``lora_B`` off zero after the user's own first run; n/a for any other model."""
+    model = s.driver.model
+    if not is_peft_model(model):
+        return Result.not_applicable("adapters", f"not a PEFT model ({type(model).__name__}): no adapter to check")
+    result = lora_adapters(model, labels_form(s.driver.lm_batches[0]))
+    still = [n for n, p in s.first.left.items() if ".lora_B." in n and not bool(p.any())]
+    if not still:
+        return result
+    said = (f"{len(still)} lora_B weight(s) are still zero after {len(s.first.run.steps)} optimizer steps of the "
+            f"user's own run (first: {still[0]}): the adapter's output stays zero while the loss may fall "
+            f"(peft #1402); are they in the optimizer?")
+    explanation = said if result.passed else f"{said}; {result.explanation}"
+    return dataclasses.replace(result, passed=False, explanation=explanation)
+
+
 def _packing_equivalence(s: Session) -> Result:
     """The first batch with a packed row, each of its documents run alone: where position ids
     restart and, where the setup says it packs, after each eos (unless the eos also ends the
@@ -411,6 +429,7 @@ CHECKS: tuple[Check, ...] = (
     Check("params_update", FIRST_RUN, lambda s: params_update(s.driver.model, s.driver.snapshot, s.first.left,
                                                               len(s.first.run.steps)),
           supervised=True, follows=("gradient_flow", "lr_schedule")),
+    Check("adapters", FIRST_RUN, _adapters, supervised=True, follows=("gradient_flow", "params_update")),
     Check("accumulation", FIRST_RUN, lambda s: s.accumulation(), supervised=True,
           follows=("batch_supervision", "loss_matches_reference", "packing_equivalence", "gradient_flow")),
     Check("lr_schedule", FIRST_RUN, lambda s: lr_schedule(s.first.run.steps, s.driver.scheduler, s.driver.snapshot,
