@@ -311,7 +311,8 @@ def _adapters(s: Session) -> Result:
     if not is_peft_model(model):
         return Result.not_applicable("adapters", f"not a PEFT model ({type(model).__name__}): no adapter to check")
     result = lora_adapters(model, labels_form(s.driver.lm_batches[0]))
-    still = [n for n, p in s.first.left.items() if ".lora_B." in n and not bool(p.any())]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # not a frozen copy (TRL's "ref" adapter)
+    still = [n for n, p in s.first.left.items() if ".lora_B." in n and n in trained and not bool(p.any())]
     if not still:
         return result
     said = (f"{len(still)} lora_B weight(s) are still zero after {len(s.first.run.steps)} optimizer steps of the "
