@@ -197,7 +197,7 @@ def _coverage(model: Any) -> _Coverage:
             weight = getattr(module.get_base_layer(), "weight", None)
             count = weight.numel() if isinstance(weight, torch.Tensor) else 0
             adapted_weights, linear_weights = adapted_weights + count, linear_weights + count
-        elif isinstance(module, torch.nn.Linear) and name not in inside and module is not head:
+        elif _linear(module) and name not in inside and module is not head:
             plain.append(name)
             linear_weights += module.weight.numel()
     names = adapted + plain
@@ -217,6 +217,11 @@ def _coverage(model: Any) -> _Coverage:
             unmatched += sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
     return _Coverage(adapted, plain, unmatched, "; ".join(described) or "no target_modules", chosen,
                      adapted_weights, linear_weights)
+
+
+def _linear(module: torch.nn.Module) -> bool:
+    """A linear layer: ``torch.nn.Linear``, or transformers' ``Conv1D`` (GPT-2's, a transposed one)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 @contextlib.contextmanager
