@@ -13,7 +13,7 @@ import lmcheck
 NAMESPACES = (
     "lmcheck.adapters", "lmcheck.batteries", "lmcheck.causal", "lmcheck.cloze", "lmcheck.comparison",
     "lmcheck.corpus", "lmcheck.curves", "lmcheck.decoding", "lmcheck.errors", "lmcheck.golden",
-    "lmcheck.invariance", "lmcheck.loops", "lmcheck.lora", "lmcheck.masked", "lmcheck.models", "lmcheck.packing", "lmcheck.recipes",
+    "lmcheck.invariance", "lmcheck.loops", "lmcheck.lora", "lmcheck.masked", "lmcheck.models", "lmcheck.packing", "lmcheck.precision", "lmcheck.recipes",
     "lmcheck.report", "lmcheck.results", "lmcheck.rl", "lmcheck.setup", "lmcheck.setup.distributed", "lmcheck.supervision",
     "lmcheck.tokens", "lmcheck.training",
 )

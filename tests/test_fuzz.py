@@ -33,6 +33,7 @@ import lmcheck.golden
 import lmcheck.loops
 import lmcheck.lora
 import lmcheck.models
+import lmcheck.precision
 import lmcheck.report
 import lmcheck.results
 import lmcheck.rl
@@ -48,6 +49,23 @@ VOCAB = 50257
 PROMPTS = ["Hello there", "The capital of France is"]
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of stalling the suite
+
+
+def _labelled(w: Any) -> dict[str, torch.Tensor]:
+    return {"input_ids": w.ids(), "labels": w.ids().clone()}
+
+
+def _lost_updates_call(w: Any) -> dict[str, Any]:
+    """One SGD step of the world's model on its ids, watched (fp32, so forced; put back after)."""
+    model = w.causal
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        model(**_labelled(w)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return dict(model=model, optimizer=optimizer, step=step, steps=1, force=True)
 
 
 def _lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -231,6 +249,17 @@ ENTRIES: dict[str, Entry] = {
         input_ids=w.ids(), labels=w.ids().clone())),
         {"model": garbage, "batch": garbage, "min_coverage": garbage, "steps": garbage, "lr": garbage}),
     "is_peft_model": Entry(lmcheck.lora.is_peft_model, lambda w: dict(model=w.causal), {"model": garbage}, returns=bool),
+    "loss_precision": Entry(lmcheck.precision.loss_precision, lambda w: dict(model=w.causal, batch=_labelled(w)),
+                            {"model": garbage, "batch": garbage, "loss": garbage}),
+    "autocast_ops": Entry(lmcheck.precision.autocast_ops, lambda w: dict(model=w.causal, batch=_labelled(w)),
+                          {"model": garbage, "batch": garbage, "dtype": garbage, "loss": garbage}),
+    "fp16_headroom": Entry(lmcheck.precision.fp16_headroom, lambda w: dict(model=w.causal, batch=_labelled(w)),
+                           {"model": garbage, "batch": garbage, "fraction": garbage}),
+    "rope_precision": Entry(lmcheck.precision.rope_precision, lambda w: dict(model=w.causal),
+                            {"model": garbage, "context_length": garbage, "autocast": garbage}),
+    "lost_updates": Entry(lmcheck.precision.lost_updates, _lost_updates_call,
+                          {"model": garbage, "optimizer": garbage, "step": garbage, "steps": garbage,
+                           "max_lost_fraction": garbage, "force": garbage}),
     "document_starts": Entry(lmcheck.packing.document_starts, lambda w: dict(positions=torch.tensor([0, 1, 0, 1])),
                              {"positions": garbage}, returns=list),
     # masked LMs

@@ -35,6 +35,7 @@ import lmcheck
 import lmcheck.decoding
 import lmcheck.golden
 import lmcheck.lora
+import lmcheck.precision
 import lmcheck.rl
 import lmcheck.setup.distributed
 from lmcheck.batteries import CAUSAL_CHECKS, MASKED_CHECKS
@@ -57,6 +58,8 @@ NAMES_IT = re.compile(r"\b(nan|inf|NaN|Inf)\b.*not finite|not finite.*\b(nan|inf
 
 # probes that read no number a model computes, with the reason
 NO_NUMBERS = {"round_trip": "compares token ids and texts only; nothing in it can be NaN",
+              "rope_precision": "reads the rotary tables, computed from the config and inv_freq, not a model output; "
+                                "non-finite weights are refused by the probe wrapper before it runs",
               "batch_supervision": "reads integer ids, labels and masks only; nothing in it can be NaN",
               "data_sharding": "compares the token ids each rank sees; nothing in it can be NaN",
               "same_init": "compares weights bit for bit and computes nothing; non-finite weights are "
@@ -211,6 +214,10 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "causal_batch": lambda c, _: lmcheck.causal_batch(_additive_mask(c)),
     "packing_equivalence": lambda c, _: lmcheck.packing_equivalence(c.causal, _packed(c)),
     "lora_adapters": lambda c, _: lmcheck.lora.lora_adapters(_lora(c.causal), {"input_ids": c.ids(), "labels": c.ids()}),
+    "loss_precision": lambda c, _: lmcheck.precision.loss_precision(c.causal, _labelled(c)),
+    "autocast_ops": lambda c, _: lmcheck.precision.autocast_ops(c.causal, _labelled(c)),
+    "fp16_headroom": lambda c, _: lmcheck.precision.fp16_headroom(c.causal, _labelled(c)),
+    "lost_updates": lambda c, _: _lost_updates(c),
     "importance_ratio": lambda c, _: lmcheck.rl.importance_ratio(c.causal, c.ids(), _tempered(c.causal),
                                                                  temperature=0.7, max_new_tokens=3),
     "mask_fill_accuracy": lambda c, _: lmcheck.mask_fill_accuracy(
@@ -229,6 +236,22 @@ CALLS: dict[str, Callable[[Case, Any], Result]] = {
     "reproducible": lambda c, _: lmcheck.reproducible(c.curve(), c.curve(), steps=10, atol=1e9),
     "matches_golden": _golden,
 }
+
+
+def _labelled(c: Case) -> dict[str, torch.Tensor]:
+    return {"input_ids": c.ids(), "labels": c.ids()}
+
+
+def _lost_updates(c: Case) -> Result:
+    """Two SGD steps of the (broken) model on its ids, watched; fp32, so forced."""
+    optimizer = torch.optim.SGD(c.causal.parameters(), lr=1e-3)
+
+    def step() -> None:
+        c.causal(**_labelled(c)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return lmcheck.precision.lost_updates(c.causal, optimizer, step, steps=2, force=True)
 
 
 def _lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
 from lmcheck.lora import is_peft_model, lora_adapters
 from lmcheck.packing import document_starts, packing_equivalence
+from lmcheck.precision import autocast_ops, fp16_headroom, loss_precision, rope_precision
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
@@ -322,6 +323,94 @@ def _adapters(s: Session) -> Result:
     return dataclasses.replace(result, passed=False, explanation=explanation)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _precision(s: Session) -> Result:
+    """What the dtype the user trains in loses (:mod:`lmcheck.precision`): the loss against the
+    fp32 cross-entropy of the same logits, always; the RoPE tables where the model has them; the
+    ops under autocast where the setup computes in mixed precision; fp16's range where it trains
+    in fp16; and the half-precision weights that never changed in the user's own first run
+    though they had a gradient (updates rounded away)."""
+    d = s.driver
+    model, batch = d.model, labels_form(d.lm_batches[0])
+    mixed = d.setup.get("mixed precision")  # "bf16" or "fp16" where the setup's autocast says so
+    weights = {p.dtype for p in model.parameters() if p.requires_grad}
+    parts = [loss_precision(model, batch)]
+    if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
+        parts.append(rope_precision(model, autocast=mixed is not None))
+    if mixed is not None:
+        parts.append(autocast_ops(model, batch, dtype=torch.bfloat16 if mixed == "bf16" else torch.float16))
+    if mixed == "fp16" or torch.float16 in weights:
+        parts.append(fp16_headroom(model, batch))
+    parts.append(_rounded_away(s))
+    parts.append(_optimizer_state(s))
+    judged = [r for r in parts if r.status != "n/a"]
+    failed = [r for r in judged if not r.passed]
+    dtypes = ", ".join(sorted(str(t).replace("torch.", "") for t in weights)) or "none trainable"
+    metrics = {r.name: r.status for r in parts}
+    if failed:
+        return Result(name="precision", passed=False, metrics=metrics,
+                      explanation="; ".join(f"{r.name}: {r.explanation}" for r in failed))
+    if not judged:
+        return Result.not_applicable("precision", "; ".join(f"{r.name}: {r.explanation}" for r in parts))
+    return Result(name="precision", passed=True, metrics=metrics,
+                  explanation=f"weights in {dtypes}" + (f", {mixed} autocast" if mixed else "") + ": "
+                              + "; ".join(f"{r.name}: {r.explanation}" for r in judged)
+                              + "".join(f" ({r.name} n/a: {r.skip_reason})" for r in parts if r.status == "n/a"))
+
+
+def _rounded_away(s: Session) -> Result:
+    """Half-precision weights whose every element is unchanged after the user's first run though
+    the weight had a gradient: its updates rounded away (an update below half a step of the
+    dtype leaves it as it was: vllm-project/speculators PR #765). fp32 weights: not applicable."""
+    name = "lost_updates"
+    model, first = s.driver.model, s.first
+    half = {n for n, p in model.named_parameters() if p.requires_grad and p.dtype in HALF}
+    if not half:
+        return Result.not_applicable(name, "no trainable weight is stored in half precision")
+    saved = s.driver.snapshot.parameters()
+    seen = first.run.steps[0].seen or {} if first.run.steps else {}
+    stuck = [n for n in sorted(half, key=lambda n: ("norm" not in n.lower(), n))
+             if n in saved and n in first.left and getattr(seen.get(n), "nonzero", False)
+             and torch.equal(first.left[n].detach().cpu(), saved[n])]
+    steps = len(first.run.steps)
+    if stuck:
+        return Result(name=name, passed=False, metrics={"stuck": len(stuck), "half_precision": len(half)},
+                      explanation=f"{len(stuck)} of {len(half)} half-precision weights did not change at all in "
+                                  f"{steps} optimizer steps of the user's run though they had gradients (first: "
+                                  f"{stuck[0]}): their updates are below half a step of their dtype and round away; "
+                                  f"keep fp32 master weights (vllm-project/speculators PR #765, workofart/ml-by-hand "
+                                  f"PR #85); lmcheck.precision.lost_updates measures each update")
+    return Result(name=name, passed=True, metrics={"stuck": 0, "half_precision": len(half)},
+                  explanation=f"every one of the {len(half)} half-precision weights with a gradient changed in "
+                              f"{steps} optimizer steps")
+
+
+def _optimizer_state(s: Session) -> Result:
+    """The dtypes of the user's optimizer state, as their first run left it: Adam's second moment
+    in half precision fails (its decay by beta2 = 0.999 each step is below half a bf16 step, 0.39%,
+    so it stops following the gradients); the rest is reported."""
+    name = "optimizer_state"
+    found: dict[str, set[str]] = {}
+    for item, _ in s.driver.snapshot.objects.values():
+        for state in getattr(item, "state", {}).values() if isinstance(item, torch.optim.Optimizer) else ():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                    found.setdefault(key, set()).add(str(value.dtype).replace("torch.", ""))
+    if not found:
+        return Result.not_applicable(name, "no optimizer state with tensors was seen")
+    said = ", ".join(f"{k} in {'/'.join(sorted(v))}" for k, v in sorted(found.items()))
+    half = sorted(k for k, v in found.items() if k in ("exp_avg_sq", "square_avg", "sum") and v & {"bfloat16", "float16"})
+    if half:
+        return Result(name=name, passed=False, metrics={"state_dtypes": said},
+                      explanation=f"the optimizer keeps {half[0]} in half precision ({said}): its decay each step is "
+                                  f"below half a step of the dtype, so it stops following the gradients and the "
+                                  f"update's scale is wrong; keep the optimizer state in fp32 "
+                                  f"(lmcheck.precision.lost_updates measures it)")
+    return Result(name=name, passed=True, metrics={"state_dtypes": said}, explanation=f"optimizer state: {said}")
+
+
 def _packing_equivalence(s: Session) -> Result:
     """The first batch with a packed row, each of its documents run alone: where position ids
     restart and, where the setup says it packs, after each eos (unless the eos also ends the
@@ -426,10 +515,12 @@ CHECKS: tuple[Check, ...] = (
     Check("importance_ratio", BATCHES, lambda s: Result.not_applicable("importance_ratio", NOT_RL)),
     Check("gradient_flow", FIRST_RUN, lambda s: gradient_flow(s.driver.model, s.first.run.steps, s.driver.snapshot),
           supervised=True),
+    # before params_update: half-precision weights that never moved are its cause
+    Check("precision", FIRST_RUN, _precision, supervised=True, follows=("loss_matches_reference",)),
     # the parameters as the first run left them: judged before accumulation restores the saved ones
     Check("params_update", FIRST_RUN, lambda s: params_update(s.driver.model, s.driver.snapshot, s.first.left,
                                                               len(s.first.run.steps)),
-          supervised=True, follows=("gradient_flow", "lr_schedule")),
+          supervised=True, follows=("gradient_flow", "lr_schedule", "precision")),
     Check("adapters", FIRST_RUN, _adapters, supervised=True, follows=("gradient_flow", "params_update")),
     Check("accumulation", FIRST_RUN, lambda s: s.accumulation(), supervised=True,
           follows=("batch_supervision", "loss_matches_reference", "packing_equivalence", "gradient_flow")),

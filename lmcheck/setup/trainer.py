@@ -213,6 +213,8 @@ class TrainerDriver:
             "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
             "max grad norm": args.max_grad_norm, "seed": args.seed,
         }
+        if args.bf16 or args.fp16:  # the Trainer's autocast, for the precision check
+            self.setup["mixed precision"] = "bf16" if args.bf16 else "fp16"
 
     def restore(self) -> None:
         self.snapshot.restore()

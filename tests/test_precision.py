@@ -1,0 +1,549 @@
+"""The precision probes: what low precision silently loses. Each probe passes on a healthy tiny
+Llama (fp32, or bf16 where it keeps fp32 where it must) and fails on its documented bug put in:
+the loss over bf16 logits (Modalities PR #464), bf16 weights whose updates round away
+(vllm-project/speculators PR #765, workofart/ml-by-hand PR #85), bf16 Adam moments that stop
+moving, a softmax in bf16 inside a custom autocast region, an FFN activation past fp16's range
+(transformers #5651), two finfo.min masks summed on a fully masked row (transformers PR #17306),
+and RoPE tables computed in bf16 (transformers PR #29285)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import stacks
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers.models.llama import modeling_llama
+
+import lmcheck
+from lmcheck.errors import InputError
+from lmcheck.precision import (
+    autocast_ops,
+    fp16_headroom,
+    loss_precision,
+    lost_updates,
+    rope_precision,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return stacks.chat_tokenizer()
+
+
+@pytest.fixture
+def batch(tok):
+    """Two rows of 12 random tokens; the first three labels of row 1 left out (a prompt)."""
+    ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+class TinyAttentionLM(torch.nn.Module):
+    """One causal attention layer between an embedding and an output head, written by hand:
+    ``forward(input_ids, attention_mask=None) -> (B, T, V) logits``. Its masks are additive
+    ``finfo.min`` biases. ``fault``:
+
+    - ``"softmax_in_bf16"``: the attention's softmax runs on scores cast to bf16 inside a
+      custom autocast region (autocast disabled), so autocast cannot keep it in fp32;
+    - ``"masks_summed"``: ``finfo.min`` is added where the key is a pad and again where the query
+      is a pad, as two masks summed (transformers PR #17306): a fully masked row sums to -inf,
+      and its softmax is NaN. Without it the bias is clamped at ``finfo.min``.
+    """
+
+    def __init__(self, vocab: int, width: int = 16, *, fault: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fault = fault
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.attention = TinyAttention(width, fault)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)  # (B, T, C)
+        return self.head(x + self.attention(x, attention_mask))  # (B, T, V)
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, width: int, fault: str | None) -> None:
+        super().__init__()
+        self.fault = fault
+        self.qkv = torch.nn.Linear(width, 3 * width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, C) each
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, T, T)
+        low = torch.finfo(scores.dtype).min
+        length = x.shape[1]
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        bias = torch.zeros_like(scores).masked_fill(future, low)
+        if mask is not None:
+            pads = (1 - mask.to(scores.dtype)) * low  # (B, T)
+            bias = bias + pads[:, None, :] + pads[:, :, None]  # the keys' mask, then the queries'
+            if self.fault != "masks_summed":
+                bias = bias.clamp(min=low)
+        scores = scores + bias
+        if self.fault == "softmax_in_bf16":
+            with torch.autocast(x.device.type, enabled=False):  # a custom autocast region
+                weights = torch.softmax(scores.to(torch.bfloat16), dim=-1)
+        else:
+            weights = torch.softmax(scores.float(), dim=-1)
+        return weights.to(v.dtype) @ v
+
+
+def train_step(model, optimizer, batch):
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return step
+
+
+def cross_entropy_in_bf16(model, batch):
+    """A loss written by hand that casts the logits to bf16 first (Modalities PR #464)."""
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].to(torch.bfloat16).reshape(-1, logits.shape[-1]),
+                           batch["labels"][:, 1:].reshape(-1))
+
+
+# ---------------------------------------------------------------- loss_precision
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16 weights", "bf16 autocast"])
+def test_the_model_s_own_loss_is_the_fp32_cross_entropy_of_its_logits(tok, batch, setting):
+    """transformers upcasts the logits before its loss, whatever the weights' dtype or autocast."""
+    model = stacks.llama(tok)
+    if setting == "bf16 weights":
+        model = model.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "bf16 autocast"):
+        result = loss_precision(model, batch)
+    assert result.passed, result.explanation
+    assert result.metrics["difference"] <= result.metrics["tolerance"]
+    assert result.metrics["logits_dtype"] == ("float32" if setting == "fp32" else "bfloat16")
+    assert ("_log_softmax", "float32") in result.metrics["loss_ops"]
+
+
+def test_a_loss_over_bf16_logits_is_named(tok, batch):
+    result = loss_precision(stacks.llama(tok), batch, loss=cross_entropy_in_bf16)
+    assert not result.passed
+    assert "is the cross-entropy of the logits in bfloat16 (equal to it within 1e-6); the fp32 cross-entropy of " \
+           f"the same logits is {result.metrics['reference_loss']:.6g}" in result.explanation
+    assert "_log_softmax ran in bfloat16" in result.explanation
+    assert "Modalities PR #464" in result.explanation
+    # off by up to one bf16 step of the loss (2**-5 between 4 and 8), far above the fp32 tolerance
+    assert 100 * result.metrics["tolerance"] < result.metrics["difference"] <= 2 ** -5
+
+
+def test_a_plain_module_s_loss_is_read_through_its_last_linear(tok, batch):
+    model = TinyAttentionLM(len(tok))
+
+    def loss(net, data):
+        logits = net(data["input_ids"])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), data["labels"][:, 1:].reshape(-1))
+
+    result = loss_precision(model, batch, loss=loss)
+    assert result.passed, result.explanation
+    assert result.metrics["output_head"] == "head"
+    bad = loss_precision(model, batch, loss=lambda net, data: loss(net, data).to(torch.bfloat16))
+    assert not bad.passed
+    assert "differs from the fp32 cross-entropy" in bad.explanation
+
+
+def test_a_loss_that_never_calls_the_output_head_is_not_applicable(tok, batch):
+    result = loss_precision(stacks.llama(tok), batch, loss=lambda model, data: torch.tensor(1.0))
+    assert result.status == "n/a"
+    assert "lm_head" in result.skip_reason
+    assert "was not called" in result.skip_reason
+
+
+# ---------------------------------------------------------------- lost_updates
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fp32_master_weights_are_not_applicable_unless_forced(tok, batch, autocast):
+    """Autocast keeps the weights and the optimizer in fp32: the remedy the failures name."""
+    model = stacks.llama(tok)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plain_step = train_step(model, optimizer, batch)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            plain_step()
+
+    skipped = lost_updates(model, optimizer, step)
+    assert skipped.status == "n/a"
+    assert "fp32 weights and optimizer state: nothing rounds away" in skipped.skip_reason
+    result = lost_updates(model, optimizer, step, force=True)
+    assert result.passed, result.explanation
+    assert result.metrics["lost_fraction"] == 0
+    # the fp64 replay makes Adam's update: about the learning rate per element
+    medians = [row["median_intended_update"] for row in result.details]
+    assert all(5e-4 < m < 2e-3 for m in medians), medians
+
+
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                                  torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam],
+                         ids=lambda kind: kind.__name__)
+def test_the_fp64_replay_makes_the_optimizer_s_own_update(tok, batch, kind):
+    """In fp32 each stored weight is within a few fp32 steps of the fp64 replay of its update (at
+    most 14 measured, Adamax's; 0.5 is a replay rounded to fp32): the replay is the optimizer's."""
+    model = stacks.llama(tok)
+    optimizer = kind(model.parameters(), lr=1e-3, **({"momentum": 0.9} if kind is torch.optim.SGD else {}))
+    result = lost_updates(model, optimizer, train_step(model, optimizer, batch), steps=2, force=True)
+    assert result.passed, result.explanation
+    assert result.metrics["replay_error_ulps"] < 32
+    # every element of every weight is meant to move at each step (the tied output head gives every
+    # embedding row a gradient)
+    assert result.metrics["intended_updates"] == 2 * sum(p.numel() for p in model.parameters())
+
+
+def test_bf16_weights_at_a_small_learning_rate_never_move(tok, batch):
+    """vllm-project/speculators PR #765: norm weights stored in bf16 stay at exactly 1.0."""
+    model = stacks.llama(tok).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = lost_updates(model, optimizer, train_step(model, optimizer, batch))
+    assert not result.passed
+    named = result.explanation.split(" steps: ", 1)[1]
+    assert named.split(" ", 1)[0].endswith("layernorm.weight"), result.explanation
+    assert "100% lost, stored in bfloat16: updates below half its ulp, 0.0039 at 1.0, vanish" in named
+    assert "speculators PR #765" in result.explanation
+    assert "ml-by-hand PR #85" in result.explanation
+    assert result.metrics["lost_fraction_by_parameter"]["model.norm.weight"] == 1.0
+    assert result.metrics["lost_fraction"] > 0.5
+    assert result.metrics["parameter_dtypes"] == {"bfloat16": len(before)}
+    assert result.metrics["state_dtypes"]["exp_avg_sq"] == ["bfloat16"]
+    assert result.metrics["replay_error_ulps"] < 4  # 3.2 measured: the stored weights are the replay, rounded
+    # everything put back: the weights as before, the optimizer with no state yet
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not optimizer.state
+
+
+def test_bf16_adam_moments_that_stop_moving_are_named(tok, batch):
+    """An optimizer built on bf16 weights keeps its moments in bf16: once the second moment
+    holds the squared gradients (a long run), its decay by beta2 = 0.999 and the new 0.001 g**2
+    are below half its bf16 step, so it stops following the gradients."""
+    model = stacks.llama(tok).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)  # the weights move
+    step = train_step(model, optimizer, batch)
+    step()
+    model(**batch).loss.backward()
+    for p in model.parameters():  # the state of a long run
+        optimizer.state[p]["exp_avg_sq"].copy_(p.grad.float() ** 2)
+        optimizer.state[p]["step"].fill_(1000)
+    optimizer.zero_grad()
+    saved = {k: v.clone() for k, v in optimizer.state[model.model.norm.weight].items()}
+    result = lost_updates(model, optimizer, step, steps=2, max_lost_fraction=0.05)
+    assert not result.passed
+    assert result.explanation.startswith("exp_avg_sq stored in bfloat16: ")
+    assert "of its intended updates were rounded away" in result.explanation
+    assert result.metrics["state_lost_fraction"]["exp_avg_sq"] > 0.5  # 67% measured
+    assert result.metrics["lost_fraction"] < 0.05  # the weights move: 0.8% measured
+    assert result.metrics["state_lost_fraction"]["exp_avg"] < 0.05
+    restored = optimizer.state[model.model.norm.weight]
+    assert all(torch.equal(restored[k], v) and restored[k].dtype == v.dtype for k, v in saved.items())
+
+
+def test_an_optimizer_it_cannot_replay_is_not_applicable(tok, batch):
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    model = stacks.llama(tok).to(torch.bfloat16)
+    optimizer = MyAdamW(model.parameters(), lr=1e-5)
+    result = lost_updates(model, optimizer, train_step(model, optimizer, batch))
+    assert result.status == "n/a"
+    assert "a MyAdamW's step cannot be replayed" in result.skip_reason
+
+
+# ---------------------------------------------------------------- autocast_ops
+
+
+def test_an_eager_llama_keeps_softmax_norms_and_loss_in_fp32_under_autocast(tok, batch):
+    model = stacks.llama(tok)
+    model.set_attn_implementation("eager")
+    result = autocast_ops(model, batch)
+    assert result.passed, result.explanation
+    assert result.metrics["op_dtypes"]["_softmax float32"] == 2  # one per layer
+    assert result.metrics["op_dtypes"]["rsqrt float32"] == 5  # the RMSNorms, upcast by hand
+    assert result.metrics["fused_attention_calls"] == 0
+
+
+def test_sdpa_attention_is_counted_as_unseen(tok, batch):
+    result = autocast_ops(stacks.llama(tok), batch)
+    assert result.passed, result.explanation
+    assert result.metrics["fused_attention_calls"] == 2
+    assert "attn_implementation='eager'" in result.explanation
+
+
+def test_a_softmax_in_bf16_inside_a_custom_autocast_region_is_named(tok, batch):
+    assert autocast_ops(TinyAttentionLM(len(tok)), batch).passed
+    result = autocast_ops(TinyAttentionLM(len(tok), fault="softmax_in_bf16"), batch)
+    assert not result.passed
+    assert "_softmax ran in bfloat16 in attention" in result.explanation
+    assert result.metrics["half_precision_ops"] == 1
+
+
+def test_a_hand_written_rms_norm_without_its_upcast_is_named(tok, batch):
+    """In a bf16 model an RMSNorm that skips transformers' upcast takes its statistics in bf16."""
+    model = stacks.llama(tok).to(torch.bfloat16)
+    norm = model.model.layers[0].input_layernorm
+    norm.forward = lambda h: norm.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    result = autocast_ops(model, batch)
+    assert not result.passed
+    assert "pow, mean, rsqrt ran in bfloat16 in model.layers.0.input_layernorm" in result.explanation
+    assert "model.layers.1" not in result.explanation
+
+
+# ---------------------------------------------------------------- fp16_headroom
+
+
+def test_a_tiny_llama_is_far_from_fp16_s_range(tok, batch):
+    result = fp16_headroom(stacks.llama(tok), batch)
+    assert result.passed, result.explanation
+    assert result.metrics["max_ratio"] < 1e-3
+    assert "a fully masked row and the real row beside it give finite logits" in result.explanation
+
+
+def test_an_mlp_activation_past_half_of_fp16_s_range_is_named(tok, batch):
+    """transformers #5651: T5's FFN outputs overflow fp16."""
+    model = stacks.llama(tok)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e5)
+    result = fp16_headroom(model, batch)
+    assert not result.passed
+    assert result.explanation.startswith("model.layers.0.mlp.up_proj's output reaches ")  # 40,881 measured
+    assert "of float16's 65504 (bound 50%, 32,752)" in result.explanation
+    assert "transformers #5651" in result.explanation
+    assert result.metrics["max_activation"] > 32752
+    assert "the real row beside a fully masked one" not in result.explanation  # finite in fp16, barely
+
+
+def test_two_finfo_min_masks_summed_on_a_fully_masked_row_give_nan(tok, batch):
+    """transformers PR #17306: the model is fp16, and runs as it is."""
+    assert fp16_headroom(TinyAttentionLM(len(tok)).half(), batch).passed
+    result = fp16_headroom(TinyAttentionLM(len(tok), fault="masks_summed").half(), batch)
+    assert not result.passed
+    assert result.explanation.startswith("a fully masked row gives NaN in float16 (nan at position 0")
+    assert "finfo.min plus another negative term" in result.explanation
+    assert "transformers PR #17306" in result.explanation
+    assert result.metrics["float16_copy"] is False
+
+
+# ---------------------------------------------------------------- rope_precision
+
+
+def long_llama(tok, positions=8192):
+    config = stacks.llama(tok).config
+    config.max_position_embeddings = positions
+    return modeling_llama.LlamaForCausalLM(config)
+
+
+def test_fp32_rope_tables_are_accurate_at_8k_positions(tok):
+    result = rope_precision(long_llama(tok))
+    assert result.passed, result.explanation
+    assert result.metrics["context_length"] == 8192
+    assert result.metrics["max_error"] < 2e-4  # 1.4e-4 measured
+    assert result.metrics["reference"].startswith("recomputed in float64 from the config")
+
+
+def test_rope_tables_computed_in_bf16_drift_with_the_position(tok, monkeypatch):
+    model = long_llama(tok)
+
+    def in_bf16(self, x, position_ids):  # the positions and the angles in bf16
+        angle = position_ids[..., None].to(torch.bfloat16) * self.inv_freq.to(torch.bfloat16)
+        emb = torch.cat((angle, angle), dim=-1).float()
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", in_bf16)
+    result = rope_precision(model)
+    assert not result.passed
+    assert result.explanation.startswith("as called and under torch.autocast(bfloat16), the RoPE table of "
+                                         "model.rotary_emb (float32) drifts")
+    assert "transformers PR #29285" in result.explanation
+    assert result.metrics["max_error"] > 1
+
+
+def test_a_rope_matmul_that_autocast_runs_in_bf16_is_named(tok, monkeypatch):
+    """transformers PR #29285: before it, the angles were a matmul, which autocast runs in bf16."""
+    model = long_llama(tok)
+
+    def matmul(self, x, position_ids):
+        angle = (self.inv_freq[None, :, None].float() @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((angle, angle), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", matmul)
+    result = rope_precision(model)
+    assert not result.passed
+    assert result.explanation.startswith("under torch.autocast(bfloat16), the RoPE table")
+    assert result.metrics["errors"]["as called"] < 2e-4
+    assert rope_precision(model, autocast=False).passed
+
+
+def test_a_bf16_llama_s_inv_freq_is_named(tok):
+    """model.to(torch.bfloat16) casts the inv_freq buffer: the angles drift from position 6 on."""
+    result = rope_precision(stacks.llama(tok).to(torch.bfloat16))
+    assert not result.passed
+    assert "model.rotary_emb.inv_freq is stored in bfloat16" in result.explanation
+    assert result.metrics["table_dtype"] == "bfloat16"
+
+
+def test_a_model_without_rotary_embeddings_is_not_applicable(tok):
+    result = rope_precision(TinyAttentionLM(len(tok)), context_length=16)
+    assert result.status == "n/a"
+    assert "no rotary embedding module" in result.skip_reason
+
+
+# ---------------------------------------------------------------- misuse and NaN
+
+
+@pytest.mark.parametrize(("call", "argument"), [
+    (lambda model, batch: loss_precision(model, {"input_ids": batch["input_ids"]}), "'batch'"),
+    (lambda model, batch: loss_precision(model, batch, loss="cross_entropy"), "'loss'"),
+    (lambda model, batch: lost_updates(model, torch.optim.SGD(model.parameters()), lambda: None, steps=0), "'steps'"),
+    (lambda model, batch: lost_updates(model, "adamw", lambda: None), "'optimizer'"),
+    (lambda model, batch: autocast_ops(model, batch, dtype=torch.float32), "'dtype'"),
+    (lambda model, batch: fp16_headroom(model, batch, fraction=2), "'fraction'"),
+    (lambda model, batch: fp16_headroom(model, {**batch, "attention_mask": batch["input_ids"]}),
+     "'batch['attention_mask']'"),
+    (lambda model, batch: rope_precision(model, context_length=0), "'context_length'"),
+], ids=["batch-without-labels", "loss-not-callable", "steps-0", "optimizer-a-str", "dtype-fp32", "fraction-2",
+        "mask-not-0-1", "context-0"])
+def test_bad_input_raises_input_error_naming_the_argument(tok, batch, call, argument):
+    with pytest.raises(InputError, match="^" + re.escape(argument)):
+        call(stacks.llama(tok), batch)
+
+
+def test_a_step_that_never_steps_the_optimizer_raises_and_restores(tok, batch):
+    model = stacks.llama(tok)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(InputError, match=r"'step' must call optimizer.step\(\) \(it stepped 0 times in 16 calls\)"):
+        lost_updates(model, optimizer, lambda: model(**batch).loss.backward(), steps=1, force=True)
+    assert all(p.grad is None for p in model.parameters())  # the gradients it accumulated are gone
+
+
+@pytest.mark.parametrize("check", [
+    lambda model, batch: loss_precision(model, batch),
+    lambda model, batch: lost_updates(model, torch.optim.SGD(model.parameters()), lambda: None),
+    lambda model, batch: autocast_ops(model, batch),
+    lambda model, batch: fp16_headroom(model, batch),
+    lambda model, batch: rope_precision(model),
+], ids=["loss_precision", "lost_updates", "autocast_ops", "fp16_headroom", "rope_precision"])
+def test_a_nan_weight_fails_naming_the_parameter(tok, batch, check):
+    model = stacks.llama(tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = math.nan
+    result = check(model, batch)
+    assert result.status == "fail"
+    assert "model.layers.1.mlp.up_proj.weight has 1 NaN" in result.explanation
+
+
+def test_an_activation_that_overflows_in_the_fp16_copy_fails_saying_where(tok, batch):
+    model = stacks.llama(tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(3e5)  # outputs past 65504: inf in fp16
+    result = fp16_headroom(model, batch, fraction=1.0)
+    assert result.status == "fail"
+    assert "in float16, the real row beside a fully masked one: nan at row 0, position 0" in result.explanation
+    assert "the first module whose output is not finite there: model.layers.1.mlp.up_proj" in result.explanation
+
+
+def test_a_nan_gradient_fails_naming_the_parameter_and_the_step(tok, batch):
+    model = stacks.llama(tok).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    before = model.model.norm.weight.detach().clone()
+
+    def step():
+        model(**batch).loss.backward()
+        if model.model.norm.weight.grad is not None and optimizer.state:
+            model.model.norm.weight.grad[4] = math.nan  # at the second step
+        optimizer.step()
+        optimizer.zero_grad()
+
+    result = lost_updates(model, optimizer, step)
+    assert result.status == "fail"
+    assert result.explanation.startswith("the gradient of model.norm.weight at optimizer step 2: nan at index (4,)")
+    assert torch.equal(model.model.norm.weight, before)  # put back all the same
+    assert not optimizer.state
+
+
+def test_a_nan_rope_frequency_fails_naming_the_buffer(tok):
+    model = stacks.llama(tok)
+    model.model.rotary_emb.inv_freq[2] = math.nan
+    result = rope_precision(model)
+    assert result.status == "fail"
+    assert "model.rotary_emb.inv_freq" in result.explanation
+
+
+# ---------------------------------------------------------------- through the setup checks
+
+
+def plain_loop(tok, model, lr):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return lmcheck.check_loop(model, step, stacks.padded_loader(tok), tokenizer=tok, overfit_steps=5)
+
+
+def test_the_setup_check_passes_a_healthy_fp32_loop(tok):
+    """fp32 weights without autocast: the loss and the RoPE tables are checked, the rest is n/a."""
+    report = plain_loop(tok, stacks.llama(tok), 1e-2)
+    result = report["precision"]
+    assert result.passed, result.explanation
+    assert result.metrics == {"loss_precision": "pass", "rope_precision": "pass", "lost_updates": "n/a",
+                              "optimizer_state": "pass"}
+    assert result.explanation.startswith("weights in float32: loss_precision: ")
+
+
+def test_the_setup_check_fails_pure_bf16_weights_first(tok):
+    """vllm-project/speculators PR #765 in the user's own loop: weights stored in bf16 at a small
+    learning rate; the norm weights never move. precision leads (params_update follows from it),
+    naming a norm weight, and the bf16 RoPE tables (model.to(bfloat16) casts inv_freq too)."""
+    report = plain_loop(tok, stacks.llama(tok).to(torch.bfloat16), 1e-5)
+    failures = report.failures()
+    assert failures[0].name == "precision", [(r.name, r.explanation[:80]) for r in failures]
+    explanation = failures[0].explanation
+    assert "lost_updates: " in explanation
+    assert "half-precision weights did not change at all" in explanation
+    assert "(first: model.layers.0.input_layernorm.weight)" in explanation
+    assert "rope_precision: " in explanation
+    assert "optimizer_state: the optimizer keeps exp_avg_sq in half precision" in explanation
+    assert report["params_update"].explanation.startswith("follows from precision")
+
+
+def test_the_setup_check_reads_the_trainers_autocast(tok, tmp_path):
+    """A Trainer with bf16=True: the ops under its autocast are traced, and stay in fp32."""
+    trainer = Trainer(model=stacks.llama(tok), args=stacks.training_arguments(str(tmp_path), bf16=True),
+                      train_dataset=stacks.examples(tok),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok)
+    report = lmcheck.check_trainer(trainer, steps=2, overfit_steps=5)
+    result = report["precision"]
+    assert result.passed, result.explanation
+    assert result.metrics["autocast_ops"] == "pass"
+    assert report.setup["mixed precision"] == "bf16"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_ops_under_cuda_autocast_and_the_lost_updates(tok, batch):
+    """CUDA's autocast keeps softmax, the norms and the loss in fp32 (eager attention, so the
+    softmax is seen); pure bf16 weights lose their norm updates on the GPU as on the CPU."""
+    model = stacks.llama(tok).cuda()
+    model.config._attn_implementation = "eager"
+    on_gpu = {k: v.cuda() for k, v in batch.items()}
+    traced = autocast_ops(model, on_gpu, dtype=torch.bfloat16)
+    assert traced.passed, traced.explanation
+    model = model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    lost = lost_updates(model, optimizer, train_step(model, optimizer, on_gpu))
+    assert not lost.passed
+    assert "layernorm.weight (100% lost" in lost.explanation
