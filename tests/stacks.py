@@ -82,6 +82,27 @@ def prompt_completions(count: int = 16) -> list[dict[str, Any]]:
     return [{"prompt": c["messages"][:1], "completion": c["messages"][1:]} for c in conversations(count)]
 
 
+def trl_settings(output_dir: str, *, learning_rate: float) -> dict[str, Any]:
+    """TRL's trainers' arguments as their documentation sets them: a cosine schedule with
+    warm-up, accumulation, clipping at 1; on the CPU, quiet, saving nothing."""
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0,
+        weight_decay=0.0, max_length=64, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
+        seed=0, logging_strategy="no", dataset_num_proc=None)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Any], torch.Tensor]:
+    """A plain loop's step: the model's own loss on the batch, backward, step, gradients cleared."""
+    def step(batch: Any) -> torch.Tensor:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
 def sft_trainer(tok: PreTrainedTokenizerFast, output_dir: str, data: list[dict[str, Any]], *,
                 model: torch.nn.Module | None = None, **arguments: Any) -> Any:
     """TRL's SFTTrainer as its documentation builds it: a cosine schedule with warm-up,
@@ -89,12 +110,7 @@ def sft_trainer(tok: PreTrainedTokenizerFast, output_dir: str, data: list[dict[s
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    settings: dict[str, Any] = dict(
-        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
-        lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0, weight_decay=0.0,
-        max_length=64, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-        logging_strategy="no", dataset_num_proc=None)
-    settings.update(arguments)
+    settings = {**trl_settings(output_dir, learning_rate=1e-2), **arguments}
     return SFTTrainer(model=model if model is not None else llama(tok), args=SFTConfig(**settings),
                       train_dataset=datasets.Dataset.from_list(data), processing_class=tok)
 
@@ -439,12 +455,7 @@ def dpo_trainer(tok: PreTrainedTokenizerFast, output_dir: str, base: str, *, ref
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    settings: dict[str, Any] = dict(
-        output_dir=output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
-        lr_scheduler_type="cosine", warmup_steps=3, max_steps=100, max_grad_norm=1.0, weight_decay=0.0,
-        max_length=64, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-        logging_strategy="no", dataset_num_proc=None)
-    settings.update(arguments)
+    settings = {**trl_settings(output_dir, learning_rate=1e-3), **arguments}
     return DPOTrainer(model=model if model is not None else LlamaForCausalLM.from_pretrained(base),
                       ref_model=ref_model, args=DPOConfig(**settings),
                       train_dataset=datasets.Dataset.from_list(preference_pairs()), processing_class=tok)

@@ -157,15 +157,7 @@ def test_lora_weights_left_out_of_the_users_optimizer_fail(tok, pretrained):
     adapters check says what it means for the adapter."""
     model = stacks.lora(pretrained)
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_A" in n], lr=1e-2)
-
-    def step(batch):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    report = lmcheck.check_loop(model, step, stacks.padded_loader(tok), tokenizer=tok, overfit_steps=5)
+    report = lmcheck.check_loop(model, stacks.train_step(model, optimizer), stacks.padded_loader(tok), tokenizer=tok, overfit_steps=5)
     assert report.failures()[0].name in ("gradient_flow", "params_update")
     assert not report["adapters"].passed
     assert "lora_B weight(s) are still zero after" in report["adapters"].explanation

@@ -483,15 +483,7 @@ def test_a_nan_rope_frequency_fails_naming_the_buffer(tok):
 
 
 def plain_loop(tok, model, lr):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-
-    def step(batch):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    step = stacks.train_step(model, torch.optim.AdamW(model.parameters(), lr=lr))
     return lmcheck.check_loop(model, step, stacks.padded_loader(tok), tokenizer=tok, overfit_steps=5)
 
 
