@@ -513,7 +513,17 @@ def test_the_setup_check_fails_pure_bf16_weights_first(tok):
     assert report["params_update"].explanation.startswith("follows from precision")
 
 
-def test_the_setup_check_reads_the_trainers_autocast(tok, tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process: a Trainer made with bf16=True leaves
+    bf16 in it for every Accelerator made after, in other tests too. Reset after the test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_setup_check_reads_the_trainers_autocast(tok, tmp_path, fresh_accelerate_state):
     """A Trainer with bf16=True: the ops under its autocast are traced, and stay in fp32."""
     trainer = Trainer(model=stacks.llama(tok), args=stacks.training_arguments(str(tmp_path), bf16=True),
                       train_dataset=stacks.examples(tok),
