@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -310,14 +310,19 @@ def check_context(model: torch.nn.Module, prompt_length: int, max_new_tokens: in
 
 
 @contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while probing; the model's own mode is restored afterwards."""
+def in_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """The model in training or eval mode meanwhile; its own mode restored afterwards."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
         model.train(was_training)
+
+
+def eval_mode(model: torch.nn.Module) -> AbstractContextManager[None]:
+    """Dropout off while probing; the model's own mode is restored afterwards."""
+    return in_mode(model, False)
 
 
 def _dropouts(model: torch.nn.Module) -> list[tuple[object, str, float]]:

@@ -818,8 +818,9 @@ def fp16_headroom(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, 
       largest value (T5's FFN activations overflow it: transformers #5651), naming the first
       module (the innermost) over the bound and the largest;
     - a two-row batch, the first row of ``batch`` beside a copy of it whose attention mask is all
-      0, runs through the model in float16 (a deep copy cast to float16 where the model is not:
-      a second model in memory, meant for small models). The real row's logits must be finite,
+      0, runs through the model in float16: as it is where its weights are float16, else under
+      ``torch.autocast(<its device type>, float16)``, as mixed-precision training runs it (no
+      copy of the model). The real row's logits must be finite,
       and the masked row must not be NaN: an additive mask of ``finfo.min`` plus another negative
       term (a second mask, a negative score) overflows to -inf, and a row of -inf gives NaN in
       the softmax (transformers PR #17306), which the backward carries into every gradient. A
@@ -862,7 +863,7 @@ def fp16_headroom(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, 
     ratio = peak / FP16_MAX
     metrics = {"max_activation": peak, "max_module": peak_module, "max_ratio": ratio, "limit": limit,
                "modules_over_limit": len(over), "masked_row": masked.summary,
-               "float16_copy": parameter_dtype(model) != torch.float16}
+               "float16_by": "weights" if parameter_dtype(model) == torch.float16 else "autocast"}
     if problems:
         explanation = "; ".join(problems)
     else:
@@ -883,10 +884,11 @@ def _masked_row(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | 
     row = ids[:1]  # (1, T)
     real = torch.ones_like(row) if mask is None else mask[:1].long()
     pair_ids, pair_mask = torch.cat([row, row]), torch.cat([real, torch.zeros_like(real)])  # (2, T)
-    half = model if parameter_dtype(model) == torch.float16 else copy.deepcopy(model).to(torch.float16)
+    weights = parameter_dtype(model) == torch.float16
+    cast = nullcontext() if weights else torch.autocast(model_device(model).type, dtype=torch.float16)
     try:
-        with _Peaks(half, row=0, rows=2) as peaks, eval_mode(half), torch.no_grad():
-            logits, _ = model_forward(half, pair_ids, pair_mask, None, use_cache=False,
+        with _Peaks(model, row=0, rows=2) as peaks, eval_mode(model), torch.no_grad(), cast:
+            logits, _ = model_forward(model, pair_ids, pair_mask, None, use_cache=False,
                                       what="in float16, the real row beside a fully masked one")
     except NotApplicableError as error:
         return _Masked(f"the fully masked row was not run: {error}")
@@ -895,9 +897,9 @@ def _masked_row(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | 
         return _Masked("in float16 the real row is not finite",
                        f"{error}{first} (an fp16 overflow: transformers #5651)")
     except ModelError as error:
-        if half is model:
+        if weights:
             raise
-        return _Masked(f"the fully masked row was not run: the model does not run in float16 ({error})")
+        return _Masked(f"the fully masked row was not run: the model does not run under float16 autocast ({error})")
     found = locate(logits[1], ("position", "token id"))
     if found is not None:
         return _Masked("in float16 a fully masked row is not finite",

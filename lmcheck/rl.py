@@ -39,6 +39,7 @@ from lmcheck._model import (
     can_generate,
     eval_mode,
     has_dropout,
+    in_mode,
     input_vocabulary,
     model_device,
     parameter_dtype,
@@ -271,7 +272,7 @@ def trainer_importance_ratio(trainer: Any, *, tol: float | None = None) -> Resul
                           getattr(trainer, "pad_to_multiple_of", None), trainer.accelerator.device)
     eos = _token_ids(getattr(trainer, "eos_token_ids", None) or config.eos_token_id, "trainer.eos_token_ids")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else parameter_dtype(model)
-    with _training_mode(model), _generation_model(trainer) as sampler:
+    with in_mode(model, True), _generation_model(trainer) as sampler:
         rollout = _sample(sampler, ids, mask, config, args.seed, eos)
     if getattr(trainer, "mask_truncated_completions", False):
         # the trainer masks completions that reach max_completion_length without an eos out of the
@@ -284,7 +285,7 @@ def trainer_importance_ratio(trainer: Any, *, tol: float | None = None) -> Resul
         if not bool(rollout.compared.any()):
             return Result.not_applicable(NAME, "every sampled completion was cut at max_completion_length, and "
                                                "mask_truncated_completions leaves them all out of the loss")
-    with _training_mode(model), torch.no_grad(), torch.random.fork_rng(devices=_cuda(ids.device)):
+    with in_mode(model, True), torch.no_grad(), torch.random.fork_rng(devices=_cuda(ids.device)):
         torch.manual_seed(args.seed)
         output = trainer._get_per_token_logps_and_entropies(model, rollout.sequences, rollout.attention_mask,
                                                              rollout.steps)
@@ -333,16 +334,6 @@ def _cuda(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-@contextlib.contextmanager
-def _training_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.train()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -330,7 +330,7 @@ def test_two_finfo_min_masks_summed_on_a_fully_masked_row_give_nan(tok, batch):
     assert result.explanation.startswith("a fully masked row gives NaN in float16 (nan at position 0")
     assert "finfo.min plus another negative term" in result.explanation
     assert "transformers PR #17306" in result.explanation
-    assert result.metrics["float16_copy"] is False
+    assert result.metrics["float16_by"] == "weights"
 
 
 # ---------------------------------------------------------------- rope_precision
@@ -442,7 +442,8 @@ def test_a_nan_weight_fails_naming_the_parameter(tok, batch, check):
     assert "model.layers.1.mlp.up_proj.weight has 1 NaN" in result.explanation
 
 
-def test_an_activation_that_overflows_in_the_fp16_copy_fails_saying_where(tok, batch):
+def test_an_activation_that_overflows_under_fp16_autocast_fails_saying_where(tok, batch):
+    """An fp32 model is run under float16 autocast, as mixed-precision training runs it: no copy."""
     model = stacks.llama(tok)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.mul_(3e5)  # outputs past 65504: inf in fp16

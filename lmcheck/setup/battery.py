@@ -336,9 +336,7 @@ def _precision(s: Session) -> Result:
     model, batch = d.model, labels_form(d.lm_batches[0])
     mixed = d.setup.get("mixed precision")  # "bf16" or "fp16" where the setup's autocast says so
     weights = {p.dtype for p in model.parameters() if p.requires_grad}
-    parts = [loss_precision(model, batch)]
-    if any(type(m).__name__.endswith("RotaryEmbedding") for m in model.modules()):
-        parts.append(rope_precision(model, autocast=mixed is not None))
+    parts = [loss_precision(model, batch), rope_precision(model, autocast=mixed is not None)]  # n/a without RoPE
     if mixed is not None:
         parts.append(autocast_ops(model, batch, dtype=torch.bfloat16 if mixed == "bf16" else torch.float16))
     if mixed == "fp16" or torch.float16 in weights:
