@@ -11,7 +11,9 @@ A PEFT run can train for days and change nothing useful, and the loss may still 
 - gradient checkpointing with frozen embeddings leaves nothing requiring grad (transformers
   #26334, #42489);
 - a resized embedding made trainable but not saved with the adapter: the reloaded model has
-  the base's rows (artidoro/qlora #214).
+  the base's rows (artidoro/qlora #214);
+- a resized, untied head re-initialised by ``post_init`` (transformers #35141, fixed by PR #45079):
+  the base's logits over the old vocabulary are gibberish, and the adapter trains on them.
 
 :func:`lora_adapters` reads the PEFT model's structure, then takes a few steps of its own on the
 trainable parameters (AdamW; put back afterwards, with the gradients and the random generators),
@@ -21,10 +23,12 @@ so that ``lora_B`` is off zero and the adapter has an effect to save, reload and
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +85,16 @@ def lora_adapters(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, 
       the same logits;
     - merging: each adapted layer's weight merged out of place (``W + get_delta_weight``, as
       ``merge_and_unload`` adds it) gives the layer's output with its adapter;
-    - tying: where the config ties the embeddings, the head is still the input embedding.
+    - tying: where the config ties the embeddings, the head is still the input embedding;
+    - resizing: where the base was loaded from a local folder of safetensors and its vocabulary
+      was resized since, the old vocabulary's rows of the input embedding and of the output head
+      (and its bias) are the checkpoint's, value for value in the live dtype: the base's weights
+      under PEFT's wrappers (a ``base_layer``, a ``modules_to_save`` wrapper's ``original_module``),
+      the adapter's own copies and deltas left out. Weights, not logits: the rows are what makes
+      the old vocabulary's logits, and no second model is loaded. Only those rows are read from
+      the files. Where no such folder is at hand (a model built in memory, a Hub id, ``.bin``
+      weights), ``metrics["resize_check"]`` is ``"not checked"`` and the explanation says why;
+      a pretrained base is still held to predicting its batch better than chance.
 
     Everything is put back: the trainable parameters, their gradients, the active adapter, the
     random generators. Not applicable for a model that is not a PEFT model.
@@ -101,11 +114,12 @@ def lora_adapters(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, 
     problems += coverage.problems(min_coverage)
     device = model_device(model)
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    metrics: dict[str, Any] = {}
+    problems += _resized_rows(model, metrics)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         problems.append("no parameter requires grad: the adapter cannot train")
-        return _result(problems, coverage, {})
-    metrics: dict[str, Any] = {}
+        return _result(problems, coverage, metrics)
     problems += _chance(model, inputs, metrics)
     with _put_back(model, trainable):
         untrained = _train(model, inputs, trainable, steps, lr, metrics)
@@ -119,7 +133,8 @@ def lora_adapters(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, 
 def _chance(model: Any, inputs: Mapping[str, torch.Tensor], metrics: dict[str, Any]) -> list[str]:
     """A pretrained base (its config names where it was loaded from) must predict the batch
     better than chance: a loss near ln V means its output head is random (a resized, untied head
-    re-initialised: transformers PR #45079)."""
+    re-initialised: transformers PR #45079). Where the checkpoint is at hand, ``_resized_rows``
+    names the rows; this catches a random head also where it is not."""
     base = model.get_base_model()
     source = getattr(getattr(base, "config", None), "_name_or_path", "")
     if not source:
@@ -141,6 +156,228 @@ def _chance(model: Any, inputs: Mapping[str, torch.Tensor], metrics: dict[str, A
                 f"loss {loss:.3f} is near ln V = {chance:.3f}: its output head is random; a resize re-initialised "
                 f"an untied head (transformers PR #45079), or the head was not loaded"]
     return []
+
+
+@dataclass
+class _Rows:
+    """One tensor of the live base (the input embedding, the head's weight or bias) beside its
+    saved counterpart: the rows they share (the old vocabulary) and how many of them differ."""
+
+    what: str  # "the output head"
+    live_name: str  # its name in the PEFT model: "base_model.model.lm_head.base_layer.weight"
+    key: str  # its name in the checkpoint: "lm_head.weight"
+    file: Path  # the safetensors file that holds it
+    saved_rows: int  # the old vocabulary
+    live_rows: int
+    changed: int = 0  # old rows that differ
+    first: int = -1  # the first of them
+    non_finite: str = ""  # where the saved rows hold a NaN or Inf, said by ``locate``
+
+    @property
+    def common(self) -> int:
+        return min(self.saved_rows, self.live_rows)
+
+
+_TIED_HEAD = "the output head (tied to the input embedding)"
+# what, most often, changed a tensor's old rows after a resize
+_HINTS = {
+    "the input embedding": "the embedding was re-initialised or overwritten after the resize",
+    _TIED_HEAD: "the embedding, and the head tied to it, was re-initialised or overwritten after the resize",
+    "the output head": "an untied head re-initialised after the resize (post_init, before transformers PR #45079)",
+    "the output head's bias": "an untied head re-initialised after the resize (post_init, before transformers "
+                              "PR #45079)",
+}
+
+
+def _resized_rows(model: Any, metrics: dict[str, Any]) -> list[str]:
+    """After ``resize_token_embeddings`` the old vocabulary's rows of the input embedding and of
+    the output head (the base's weights, the adapter's own deltas left out) must be the checkpoint's
+    the base was loaded from, value for value: a resize copies them, so the base's logits over the
+    old vocabulary stay the pretrained model's. Read lazily from the checkpoint's safetensors, a
+    slice of rows at a time: no second model is loaded, and no logits are compared (the rows are
+    what makes those logits; the resize touches nothing else). A head re-initialised after the
+    resize (transformers PR #45079) fails here, naming its rows. Where the pre-resize weights are
+    not at hand, the part is said to be not checked, with the reason."""
+    from safetensors import SafetensorError
+
+    base = model.get_base_model()
+    found = _checkpoint(base)
+    if isinstance(found, str):
+        return _resize_unchecked(metrics, found)
+    folder, files = found
+    compared: list[_Rows] = []
+    unchecked: list[str] = []
+    for what, tensor, live_name, path in _base_tensors(model, base, unchecked):
+        keys = _checkpoint_keys(path, getattr(base, "base_model_prefix", ""))
+        key = next((k for k in keys if k in files), None)
+        if key is None:
+            unchecked.append(f"{live_name}: the checkpoint has no tensor for it (looked for {', '.join(keys)})")
+            continue
+        try:
+            rows = _compare_rows(what, tensor, live_name, key, files[key], unchecked)
+        except (OSError, SafetensorError) as error:
+            unchecked.append(f"{live_name}: {files[key]} could not be read ({type(error).__name__}: {error})")
+            continue
+        if rows is not None:
+            compared.append(rows)
+    resized = [r for r in compared if r.saved_rows != r.live_rows]
+    metrics["resize_unchecked"] = unchecked
+    if not compared:
+        return _resize_unchecked(metrics, "; ".join(unchecked) or "the base has no input embedding or output head")
+    part = f" ({'; '.join(unchecked)}: not checked)" if unchecked else ""
+    if not resized:
+        metrics.update(resize_check="no resize", old_rows_changed=0,
+                       resize_note=f"the vocabulary is the checkpoint's ({compared[0].saved_rows:,} rows in "
+                                   f"{folder}): no resize to check{part}")
+        return []
+    metrics["old_vocabulary"] = min(r.saved_rows for r in resized)
+    metrics["old_rows_changed"] = sum(r.changed for r in resized)
+    problems = [f"the checkpoint's {r.key} in {r.file} is not finite ({r.non_finite}): the base's own weights are "
+                f"broken" for r in resized if r.non_finite]
+    problems += [f"the resize changed the old vocabulary's rows of {r.what}: {r.changed:,} of the {r.common:,} old "
+                 f"rows of {r.live_name} differ from {r.key} in {folder} (first: row {r.first}), so the base's logits "
+                 f"over the old vocabulary are not the pretrained model's: "
+                 f"{_HINTS.get(r.what, _HINTS['the input embedding'])}; load the base again and resize it once, or "
+                 f"copy the checkpoint's rows back" for r in resized if r.changed and not r.non_finite]
+    if problems:
+        metrics.update(resize_check="rows changed" if metrics["old_rows_changed"] else "checkpoint not finite",
+                       resize_note=f"the resize check failed{part}")
+        return problems
+    shown = " and ".join(f"{r.what} ({r.live_name}: {r.common:,} of {r.live_rows:,} rows)" for r in resized)
+    metrics.update(resize_check="rows kept",
+                   resize_note=f"the resize kept the old vocabulary's rows of {shown} as the checkpoint in {folder} "
+                               f"has them (weights compared value for value, not logits){part}")
+    return []
+
+
+def _resize_unchecked(metrics: dict[str, Any], reason: str) -> list[str]:
+    metrics.update(resize_check="not checked", resize_unchecked=[reason],
+                   resize_note=f"whether a resize kept the old vocabulary's rows was not checked: {reason}")
+    return []
+
+
+def _checkpoint(base: Any) -> tuple[Path, dict[str, Path]] | str:
+    """The folder the base was loaded from and the safetensors file that holds each tensor (the
+    index of a sharded checkpoint, else the keys of each file's header); a reason where there is none."""
+    from safetensors import SafetensorError, safe_open
+
+    source = getattr(getattr(base, "config", None), "_name_or_path", "") or getattr(base, "name_or_path", "")
+    if not isinstance(source, (str, Path)) or not str(source):
+        return "the base was built in memory (its config names no folder it was loaded from)"
+    folder = Path(source)
+    if not folder.is_dir():
+        return (f"the base names {str(source)!r}, not a local folder (a Hub id, or a folder since removed): its "
+                f"pre-resize weights are not at hand")
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return folder, {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        files: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            if not file.name.startswith("adapter_model"):
+                with safe_open(str(file), "pt") as opened:
+                    files.update(dict.fromkeys(opened.keys(), file))
+    except (OSError, ValueError, KeyError, AttributeError, SafetensorError) as error:
+        return f"the checkpoint in {folder} could not be read ({type(error).__name__}: {error})"
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+        return (f"{folder} holds no *.safetensors weights" + (f" (only {', '.join(others[:3])}: lmcheck reads "
+                                                               f"safetensors only, never a pickle)" if others else ""))
+    return folder, files
+
+
+def _base_tensors(model: Any, base: Any, unchecked: list[str]) -> list[tuple[str, torch.Tensor, str, str]]:
+    """The input embedding's weight and the output head's weight and bias as the base has them,
+    under PEFT's wrappers: a LoRA or trainable-tokens layer's ``base_layer``, a ``modules_to_save``
+    wrapper's ``original_module`` (its trained copy is the adapter's). Each with its name in the
+    model and its module path in the base (PEFT's own segments left out). A tied head is the
+    embedding: its rows are compared once."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper, TrainableTokensWrapper
+
+    live_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    base_paths = {id(m): n for n, m in base.named_modules(remove_duplicate=False)}
+    out: list[tuple[str, torch.Tensor, str, str]] = []
+    embedding_weight = None
+    for what, getter in (("the input embedding", "get_input_embeddings"), ("the output head", "get_output_embeddings")):
+        try:
+            module = getattr(base, getter)() if callable(getattr(base, getter, None)) else None
+        except (NotImplementedError, AttributeError):  # a model that does not say which it is
+            module = None
+        for _ in range(8):  # a wrapper around a wrapper: modules_to_save around a LoRA layer
+            if isinstance(module, TrainableTokensWrapper):
+                module = module.token_adapter  # a tuner layer: its base_layer, unless merged
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                module = module.original_module
+            elif isinstance(module, BaseTunerLayer):
+                if module.merged:
+                    unchecked.append(f"{what}: its adapter is merged into its weight ({live_names.get(id(module))})")
+                    module = None
+                    break
+                module = getattr(module, "base_layer", None)
+            else:
+                break
+        if not isinstance(module, torch.nn.Module) or id(module) not in base_paths:
+            continue
+        path = ".".join(s for s in base_paths[id(module)].split(".")
+                        if s not in ("base_layer", "original_module", "token_adapter"))
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if kind == "weight" and what == "the output head" and embedding_weight is not None and \
+                    tensor.data_ptr() == embedding_weight.data_ptr() and tensor.shape == embedding_weight.shape:
+                out[0] = (_TIED_HEAD, *out[0][1:])
+                continue
+            if kind == "weight" and what == "the input embedding":
+                embedding_weight = tensor
+            out.append((what if kind == "weight" else f"{what}'s bias", tensor,
+                        f"{live_names.get(id(module), path)}.{kind}", f"{path}.{kind}"))
+    return out
+
+
+def _checkpoint_keys(path: str, prefix: str) -> list[str]:
+    """The names a tensor may have in the checkpoint: its path in the base, without the base's
+    prefix (GPT-2's hub checkpoint says ``wte.weight`` for ``transformer.wte.weight``), or with it."""
+    if not prefix:
+        return [path]
+    return [path, path.removeprefix(f"{prefix}.") if path.startswith(f"{prefix}.") else f"{prefix}.{path}"]
+
+
+def _compare_rows(what: str, live: torch.Tensor, live_name: str, key: str, file: Path,
+                  unchecked: list[str]) -> _Rows | None:
+    """The rows the live tensor shares with the saved one, compared a slice at a time on the CPU. Equal value for value: the saved rows are cast to the live dtype as the load
+    cast them (``Tensor.to``, round to nearest even), and a resize copies rows, so any difference,
+    even one ulp, is a change and not a rounding; a NaN is never equal."""
+    from safetensors import safe_open
+
+    if live.is_meta or not live.is_floating_point():
+        unchecked.append(f"{live_name}: its weights are {'offloaded (on the meta device)' if live.is_meta else live.dtype}")
+        return None
+    with safe_open(str(file), "pt") as opened:
+        saved = opened.get_slice(key)
+        shape = list(saved.get_shape())
+        if not shape or shape[1:] != list(live.shape[1:]):
+            unchecked.append(f"{live_name}: its shape {tuple(live.shape)} does not match the checkpoint's "
+                             f"{key} {tuple(shape)} (quantized, or another layout)")
+            return None
+        rows = _Rows(what, live_name, key, file, shape[0], int(live.shape[0]))
+        if rows.saved_rows == rows.live_rows:
+            return rows
+        step = max(1, 2 ** 22 // max(1, math.prod(shape[1:])))  # rows in 4M values: 16 MB in float32
+        for start in range(0, rows.common, step):
+            stop = min(rows.common, start + step)
+            old = saved[start:stop]  # (rows, H): only these rows are read from the file
+            bad = locate(old, ("row", "column"), offsets=(start,))
+            if bad is not None:
+                rows.non_finite = bad
+                return rows
+            new = live.detach()[start:stop].cpu()
+            differ = (new != old.to(new.dtype)).reshape(stop - start, -1).any(dim=1)  # (rows,)
+            if rows.first < 0 and bool(differ.any()):
+                rows.first = start + int(differ.nonzero()[0])
+            rows.changed += int(differ.sum())
+    return rows
 
 
 class _Coverage:
@@ -335,7 +572,10 @@ def _merged(model: Any, metrics: dict[str, Any], layers: int = 8) -> list[str]:
         delta = layer.get_delta_weight(adapter)
         with torch.no_grad():
             with_adapter = layer(x).float()
-            merged = torch.func.functional_call(base, {**dict(base.named_parameters()), "weight": weight + delta},
+            # in the base's dtype, as merging adds the delta in place: PEFT keeps a half-precision
+            # base's adapter weights (and so the delta) in float32
+            merged_weight = (weight + delta).to(weight.dtype)
+            merged = torch.func.functional_call(base, {**dict(base.named_parameters()), "weight": merged_weight},
                                                 (x,)).float()
         gap = float((merged - with_adapter).abs().max() / with_adapter.abs().max().clamp(min=1e-12))
         if gap > worst:
@@ -396,8 +636,11 @@ def _saved(model: Any, inputs: Mapping[str, torch.Tensor], adapter: torch.Tensor
 
 def _saved_as(name: str, adapter: str, keys: set[str]) -> bool:
     """Whether a trainable parameter is among the saved tensors: PEFT saves ``...lora_A.default.weight``
-    as ``...lora_A.weight`` and ``...modules_to_save.default.weight`` as ``...weight``."""
-    plain = name.replace(f".{adapter}.", ".").replace(".modules_to_save.", ".").replace(".original_module.", ".")
+    as ``...lora_A.weight``, ``...modules_to_save.default.weight`` as ``...weight``, and a parameter
+    dict's entry (``...trainable_tokens_delta.default``, ``...lora_embedding_A.default``) without the
+    adapter's name."""
+    plain = name.removesuffix(f".{adapter}").replace(f".{adapter}.", ".").replace(".modules_to_save.", ".") \
+        .replace(".original_module.", ".")
     return plain in keys or any(key.endswith(plain.split("base_model.model.", 1)[-1]) for key in keys)
 
 
@@ -424,12 +667,15 @@ def _tying(model: Any) -> list[str]:
 def _result(problems: list[str], coverage: _Coverage, metrics: dict[str, Any]) -> Result:
     metrics = {**metrics, "coverage": coverage.share, "adapted_layers": len(coverage.adapted),
                "linear_layers": len(coverage.adapted) + len(coverage.plain), "unmatched_patterns": coverage.unmatched}
+    note = metrics.get("resize_note", "")
     if problems:
-        return Result(name=NAME, passed=False, metrics=metrics, explanation="; ".join(problems))
+        # a part that could not run is said beside the failures too, never left out
+        unchecked = [note] if metrics.get("resize_check") == "not checked" else []
+        return Result(name=NAME, passed=False, metrics=metrics, explanation="; ".join(problems + unchecked))
     return Result(name=NAME, passed=True, metrics=metrics,
                   explanation=f"the adapter covers {len(coverage.adapted)} of {metrics['linear_layers']} linear layers "
                               f"({coverage.share:.0%}; every pattern of {coverage.patterns} matched), every adapter "
                               f"parameter trained in {metrics.get('steps', 0)} steps and every lora_B left zero; "
                               f"saved and reloaded it gives the same logits ({metrics.get('reloaded_gap', 0):.1g}), "
                               f"merged layers too ({metrics.get('merged_gap', 0):.1g} relative), and it changes the base's "
-                              f"(by {metrics.get('adapter_effect', 0):.2g})")
+                              f"(by {metrics.get('adapter_effect', 0):.2g})" + (f"; {note}" if note else ""))
