@@ -182,29 +182,40 @@ def counted_steps() -> Iterator[list[int]]:
 
 @contextmanager
 def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
-    """Note (total norm, max_norm) of every ``torch.nn.utils.clip_grad_norm_`` call while active:
-    the step hook sees only clipped gradients, and a clipped update hides its scale (a loss not
-    divided by the accumulation steps clips to the same norm as the right one). The Trainer and
-    accelerate call it through ``torch.nn.utils`` at call time, as most loops do; a loop that
-    imported the function itself before the checks is not seen."""
+    """Note (total norm, max_norm) of every gradient clipping while active: the step hook sees only
+    clipped gradients, and a clipped update hides its scale (a loss not divided by the
+    accumulation steps clips to the same norm as the right one). Seen: ``clip_grad_norm_``, and
+    ``clip_grads_with_norm_`` given the total (accelerate 1.16 clips that way, after its own
+    ``get_total_norm``). The Trainer, accelerate and most loops call them through
+    ``torch.nn.utils`` at call time; a loop that imported the function itself before the checks is
+    not seen."""
     import torch.nn.utils as utils
     import torch.nn.utils.clip_grad as clip_grad
 
-    original = clip_grad.clip_grad_norm_
+    norm_then_clip, clip_with_norm = clip_grad.clip_grad_norm_, utils.clip_grads_with_norm_
 
-    def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
-        total = original(parameters, max_norm, *args, **kwargs)
+    def note(total: Any, max_norm: Any) -> None:
         try:
             calls.append((float(total), float(max_norm)))
         except (TypeError, ValueError, RuntimeError):  # a DTensor norm or an odd max_norm: not noted
             pass
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
+        total = norm_then_clip(parameters, max_norm, *args, **kwargs)
+        note(total, max_norm)
         return total
 
+    def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
+        note(total_norm, max_norm)
+        return clip_with_norm(parameters, max_norm, total_norm, *args, **kwargs)
+
     utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = clip_grad_norm_
+    utils.clip_grads_with_norm_ = clip_grads_with_norm_
     try:
         yield
     finally:
-        utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = original
+        utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = norm_then_clip
+        utils.clip_grads_with_norm_ = clip_with_norm
 
 
 class Snapshot:
