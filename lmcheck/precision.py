@@ -18,6 +18,9 @@ of them where it needs float32, and names the documented bug it causes:
   softmax is NaN (transformers PR #17306);
 - :func:`rope_precision`: RoPE cos/sin computed in bf16 drift with the position (transformers
   PR #29285).
+
+:class:`UpdateReplay` is :func:`lost_updates` on a run of the user's own, with memory of the size
+of a sample: the setup checks wrap their first run in it.
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lmcheck._finite import locate, probe, require_finite, require_finite_number
+from lmcheck._finite import locate, non_finite_result, probe, require_finite, require_finite_number
 from lmcheck._model import (
     IGNORE_INDEX,
     eval_mode,
@@ -45,6 +52,7 @@ from lmcheck._model import (
     parameter_dtype,
     reference_loss,
 )
+from lmcheck._ranks import local
 from lmcheck._validate import (
     as_ids,
     as_mask,
@@ -58,7 +66,7 @@ from lmcheck._validate import (
 from lmcheck.errors import InputError, LmcheckError, ModelError, NonFiniteError, NotApplicableError
 from lmcheck.results import Result, headroom_below
 
-__all__ = ["autocast_ops", "fp16_headroom", "loss_precision", "lost_updates", "rope_precision"]
+__all__ = ["UpdateReplay", "autocast_ops", "fp16_headroom", "loss_precision", "lost_updates", "rope_precision"]
 
 HALF = (torch.bfloat16, torch.float16)
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -74,11 +82,19 @@ LOSS_RTOL = 1e-5
 # positions or frequencies are off by 2e-2 at 128 positions and by 1 or more at 8,192.
 ROPE_ATOL = 1e-3
 ROPE_CHUNK = 8192  # positions per call of the rotary module: bounds the fp64 reference's memory
-# the optimizers whose step lost_updates can replay on fp64 copies: torch.optim's own, each
-# stepping without a closure; a subclass may change the step, so the class must match exactly
+# the optimizers whose step lost_updates replays: torch.optim's element-wise ones, whose update of
+# each element reads that element's weight, gradient and state and per-parameter scalars only (the
+# step count, NAdam's mu_product, ASGD's eta and mu: their single-tensor steps in torch 2.13; no
+# norm over a tensor), so a sample of a weight's elements, stepped alone, moves as it does inside
+# the whole weight. Not Adafactor (factored moments), Muon (an orthogonalized update), LBFGS (a line
+# search) or SparseAdam. A subclass may change the step, so the class must match exactly.
 REPLAYABLE: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
-    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.ASGD, torch.optim.Rprop)
+# their per-parameter scalars: 0-dim tensors, as a 0-dim weight's moments are, told apart by name
+SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+SAMPLE = 4096  # the elements of each weight UpdateReplay follows
+SAMPLE_SEED = 0  # of the generator that draws them: the same elements in every run
 CALLS_PER_STEP = 16  # calls of the user's step allowed per optimizer step (gradient accumulation)
 # ops that autocast keeps in float32 on CUDA, by the words in their aten names
 FP32_OP_WORDS = ("softmax", "norm", "nll_loss", "cross_entropy", "logsumexp")
@@ -346,14 +362,25 @@ class _Tally:
     norm: bool = False
     intended: int = 0  # elements whose fp64 replay changed them, over the steps
     lost: int = 0  # of those, the elements whose stored value did not change
+    # the same with each followed element counted for the elements of its weight it stands for
+    # (numel / sample): a model's share of lost updates estimated from samples weighs each weight
+    # by its size, as the share over every element does
+    weighted_intended: float = 0.0
+    weighted_lost: float = 0.0
     sizes: list[float] = field(default_factory=list)  # the median |intended update| of each step
     stored_sizes: list[float] = field(default_factory=list)  # the median |stored change| of each step
-    magnitude: float = 0.0  # the median |value| of the stored tensor
+    magnitude: float = 0.0  # the median |value| of the stored tensor (of its followed elements)
     replay_error: float = 0.0  # the largest |stored - replayed weight|, in steps (ulps) of the stored dtype
+
+    def count(self, intended: float, lost: float, scale: float) -> None:
+        self.intended += int(intended)
+        self.lost += int(lost)
+        self.weighted_intended += intended * scale
+        self.weighted_lost += lost * scale
 
     @property
     def fraction(self) -> float:
-        return self.lost / self.intended if self.intended else 0.0
+        return self.weighted_lost / self.weighted_intended if self.weighted_intended else 0.0
 
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": _name(self.dtype), "intended": self.intended, "lost": self.lost,
@@ -366,16 +393,335 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else 0.0
 
 
+@dataclass(frozen=True)
+class _Followed:
+    """A weight the replay follows, and which of its elements."""
+
+    name: str
+    where: tuple[torch.Tensor, ...] | None  # the sampled elements' indices, one tensor per dimension, on the
+    # weight's device; None: every element
+    size: int  # the elements followed
+    scale: float  # the weight's elements per followed element: numel / size
+
+
+def _pick(tensor: torch.Tensor, where: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """The followed elements of a weight, of its gradient or of a state tensor of its shape, (n,):
+    all of them (a view where the tensor is contiguous), else a gather of the sample. This rank's
+    shard of a DTensor."""
+    values = local(tensor.detach())
+    return values.reshape(-1) if where is None else values[where]
+
+
+def _followed(name: str, weight: torch.Tensor, sample: int | None, generator: torch.Generator) -> _Followed:
+    """Every element of ``weight``, or up to ``sample`` distinct ones drawn at random by ``generator``
+    (on the CPU, then kept on the weight's device)."""
+    values = local(weight.detach())
+    if sample is None or values.numel() <= sample:
+        return _Followed(name, None, values.numel(), 1.0)
+    flat = torch.randint(values.numel(), (sample,), generator=generator).unique()  # sorted, repeats dropped
+    where = tuple(i.to(values.device) for i in torch.unravel_index(flat, values.shape))
+    return _Followed(name, where, flat.numel(), values.numel() / flat.numel())
+
+
+def _per_element(key: str, value: Any, like: torch.Tensor) -> bool:
+    """Whether an optimizer state value holds one number per element of ``like`` (Adam's moments,
+    SGD's momentum), not a scalar of the parameter (its step count)."""
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and key not in SCALAR_STATE
+            and value.shape == like.shape)
+
+
 @dataclass
 class _Pending:
-    """One parameter's step as the fp64 replay did it, waiting for the real step to compare."""
+    """One weight's step as the fp64 replay made it, waiting for the real step to compare."""
 
-    before: torch.Tensor  # the stored weight before the step
-    target: torch.Tensor  # the weight after the replayed step, in fp64
-    moves: torch.Tensor  # bool: the replay changed the element
+    before: torch.Tensor  # the followed elements of the stored weight before the step, (n,)
+    target: torch.Tensor  # the same after the replayed step, in fp64
+    grad_problem: torch.Tensor  # _non_finite of the gradient the step read
     state_before: dict[str, torch.Tensor | None]  # the stored state (None: created by this step)
     state_moves: dict[str, torch.Tensor]  # bool, by state key: the replay changed the element
-    size: float = 0.0  # the median |intended update| of the elements it changed
+
+
+@dataclass
+class _Step:
+    """One optimizer step's replay, and the loss scaler's verdict on it."""
+
+    index: int  # 1-based, over the steps the watch saw
+    found_inf: torch.Tensor | None  # set by a GradScaler: non-zero where the step is skipped
+    pending: dict[torch.Tensor, _Pending]
+
+
+@dataclass
+class _Row:
+    """One weight at one step, compared: the numbers of ROW, then (intended, lost) of each state key,
+    in one vector on the weight's device, read back after the run."""
+
+    step: int
+    weight: torch.Tensor
+    keys: list[tuple[str, torch.dtype]]  # the state keys compared, with their stored dtype
+    values: torch.Tensor
+
+
+# a _Row's numbers: the step skipped by the loss scaler (0 or 1); the elements the replay moved and,
+# of those, the ones whose stored value did not change; the median |intended update| and |stored
+# change|; the median |stored value|; the replay error in ulps; and for the gradient the step read
+# and the weight it stored, how many values are not finite, the first one's position and value
+ROW = ("skipped", "intended", "lost", "intended_size", "stored_size", "magnitude", "replay_error",
+       "grad_bad", "grad_at", "grad_value", "weight_bad", "weight_at", "weight_value")
+
+
+def _non_finite(values: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
+    """(how many of ``values`` are not finite, the first one's position, its value), (3,) on their
+    device: read after the run, so no step waits on it."""
+    bad = ~torch.isfinite(values)
+    at = bad.to(torch.uint8).argmax()  # the first True; 0 where there is none
+    return torch.stack([bad.sum().to(wide), at.to(wide), values[at].to(wide)])
+
+
+def _step_unhooked(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` past the step hooks: the replay's step is not one of the user's, for
+    lmcheck's recorder and step counts as for the user's own hooks (torch's hooked ``step`` keeps
+    the plain one as ``__wrapped__``)."""
+    step = type(optimizer).step
+    getattr(step, "__wrapped__", step)(optimizer)
+
+
+def _replay_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _replay(optimizer: torch.optim.Optimizer, followed: Mapping[torch.Tensor, _Followed],
+            scale: torch.Tensor | None) -> dict[torch.Tensor, _Pending]:
+    """Each followed weight's update as ``optimizer``'s next step would make it, on fp64 copies of
+    its followed elements and of those of its gradient and of each state tensor of its shape: a
+    fresh optimizer of the same class and hyperparameters (the single-tensor path: no foreach,
+    fused or capturable kernels), stepped once. The optimizers of :data:`REPLAYABLE` update each
+    element from that element alone, so a sample of the elements steps as it would inside the
+    whole weight. ``scale``: the loss scale a GradScaler leaves in the gradients of an optimizer
+    that unscales them itself (fused Adam, AdamW, SGD), divided out of the copies."""
+    pending: dict[torch.Tensor, _Pending] = {}
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p in followed and p.grad is not None and not p.grad.is_sparse]
+        if not params:
+            continue
+        wide = _replay_dtype(params[0].device)
+        settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        for key, plain in (("foreach", False), ("fused", None), ("capturable", False), ("differentiable", False)):
+            if key in settings:
+                settings[key] = plain
+        copies, problems = [], []
+        for p in params:
+            grad = _pick(p.grad, followed[p].where)
+            problems.append(_non_finite(grad, wide))
+            copy_ = torch.nn.Parameter(_pick(p, followed[p].where).to(wide, copy=True))
+            copy_.grad = grad.to(wide, copy=True) if scale is None else grad.to(wide) / scale.to(grad.device, wide)
+            copies.append(copy_)
+        kind: Any = type(optimizer)
+        replay = kind([{"params": copies, **settings}])
+        starts = []
+        for copy_, p in zip(copies, params, strict=True):
+            where = followed[p].where
+            stored = optimizer.state.get(p, {})
+            if stored:
+                replay.state[copy_] = {k: _pick(v, where).to(wide, copy=True) if _per_element(k, v, p) else _clone(v)
+                                       for k, v in stored.items()}
+            starts.append({k: _clone(v) for k, v in replay.state.get(copy_, {}).items()})
+        _step_unhooked(replay)
+        for copy_, p, start, problem in zip(copies, params, starts, problems, strict=True):
+            where = followed[p].where
+            stored = optimizer.state.get(p, {})
+            state_moves, state_before = {}, {}
+            for key, new in replay.state[copy_].items():
+                if not _per_element(key, new, copy_):
+                    continue
+                old = start.get(key)
+                state_moves[key] = new != (old if isinstance(old, torch.Tensor) else torch.zeros_like(new))
+                kept = stored.get(key)
+                state_before[key] = _pick(kept, where).clone() if isinstance(kept, torch.Tensor) else None
+            pending[p] = _Pending(_pick(p, where).clone(), copy_.detach(), problem, state_before, state_moves)
+    return pending
+
+
+def _ulps_apart(before: torch.Tensor, stored: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+    """The largest |stored - replayed|, in steps of ``stored``'s dtype at the larger of the weight
+    before and after (an update that cancels the weight is computed at the weight's scale): 0.5
+    where the stored weight is the replay rounded to its dtype, a little more where the
+    optimizer's own arithmetic rounds its moments too."""
+    info = torch.finfo(stored.dtype)
+    scale = torch.maximum(before.abs(), stored.abs()).to(replayed.dtype).clamp(min=info.tiny)
+    step = info.eps * torch.exp2(torch.floor(torch.log2(scale)))
+    return ((stored.to(replayed.dtype) - replayed) / step).abs().max()
+
+
+def _compared(step: int, weight: torch.Tensor, planned: _Pending, where: tuple[torch.Tensor, ...] | None,
+              state: Mapping[str, Any], found_inf: torch.Tensor | None) -> _Row:
+    """The real step against the replay, for one weight's followed elements: a :class:`_Row`."""
+    stored = _pick(weight, where)
+    wide, before = planned.target.dtype, planned.before.to(planned.target.dtype)
+    nan = planned.target.new_full((), math.nan)
+    intended, change = (planned.target - before).abs(), (stored.to(wide) - before).abs()
+    moves, kept = intended != 0, change == 0
+    skipped = nan.new_zeros(()) if found_inf is None else (found_inf != 0).to(nan.device, wide).reshape(())
+    numbers = [skipped, moves.sum().to(wide), (moves & kept).sum().to(wide),
+               torch.where(moves, intended, nan).nanmedian(), torch.where(kept, nan, change).nanmedian(),
+               stored.abs().to(wide).median(), _ulps_apart(planned.before, stored, planned.target),
+               *planned.grad_problem.to(stored.device), *_non_finite(stored, wide)]
+    keys = []
+    for key, state_moves in planned.state_moves.items():
+        now, old = state.get(key), planned.state_before[key]
+        if not isinstance(now, torch.Tensor):
+            continue
+        now = _pick(now, where)
+        lost = state_moves & (now == (old if old is not None else torch.zeros_like(now)))
+        keys.append((key, now.dtype))
+        numbers += [state_moves.sum().to(wide), lost.sum().to(wide)]
+    return _Row(step, weight, keys, torch.stack(numbers))
+
+
+def _read_back(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """Each 1-D tensor's values, with one transfer per device: the run waited on none of them."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    out: list[list[float]] = [[] for _ in tensors]
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i] for i in indices]).cpu().double().tolist()
+        start = 0
+        for i in indices:
+            out[i] = flat[start: start + tensors[i].numel()]
+            start += tensors[i].numel()
+    return out
+
+
+class _Watch:
+    """Optimizer step hooks: before each step, the fp64 replay of the followed elements of each
+    weight; after it, their comparison with what the step stored. Nothing waits on the device until
+    :meth:`read`. ``sample``: follow at most that many elements of each weight (None: all);
+    ``dtypes``: follow only the weights stored in these; ``tolerant``: keep an exception of the
+    replay in ``failure`` instead of raising it into the step."""
+
+    def __init__(self, model: torch.nn.Module, *, sample: int | None = None,
+                 dtypes: tuple[torch.dtype, ...] | None = None, tolerant: bool = False) -> None:
+        self.model_names = {id(p): n for n, p in model.named_parameters()}
+        self.sample, self.dtypes, self.tolerant = sample, dtypes, tolerant
+        self.failure: str | None = None  # why the replay stopped, where tolerant
+        self.generator = torch.Generator().manual_seed(SAMPLE_SEED)
+        self.followed: dict[torch.Tensor, _Followed] = {}
+        self.steps = 0
+        self.pending: dict[int, _Step] = {}  # by id(optimizer): the replay of its step under way
+        self.rows: list[_Row] = []
+        self.params: dict[torch.Tensor, _Tally] = {}
+        self.state: dict[str, _Tally] = {}
+        self.skipped: set[int] = set()  # the steps the loss scaler skipped
+        self.problem: str | None = None  # the first gradient or weight read that is not finite
+
+    def _follow(self, optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, _Followed]:
+        for g, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p not in self.followed and p.numel() and (self.dtypes is None or p.dtype in self.dtypes):
+                    name = self.model_names.get(id(p), f"param_groups[{g}]['params'][{i}]")
+                    self.followed[p] = _followed(name, p, self.sample, self.generator)
+        return self.followed
+
+    def before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        # the hooks get step's arguments with the optimizer first: (optimizer, closure) or (optimizer,)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
+        if closure is None:
+            self._replay(optimizer)
+            return None
+
+        # optimizer.step(closure), as Lightning calls it: the gradients exist once the closure has run
+        def replayed() -> Any:
+            loss = closure()
+            self._replay(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": replayed}
+        return (args[0], replayed, *args[2:]), kwargs
+
+    def _replay(self, optimizer: torch.optim.Optimizer) -> None:
+        # a GradScaler hands an optimizer that unscales by itself (fused Adam, AdamW, SGD: its
+        # _step_supports_amp_scaling) the scale and the overflow flag as attributes for the step,
+        # torch 2.13's contract; the step's keyword arguments stay empty
+        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if self.failure is not None:
+            return
+        with self._tolerated():
+            self.pending[id(optimizer)] = _Step(
+                self.steps + 1, found_inf if isinstance(found_inf, torch.Tensor) else None,
+                _replay(optimizer, self._follow(optimizer), scale if isinstance(scale, torch.Tensor) else None))
+
+    def after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        step = self.pending.pop(id(optimizer), None)
+        if step is None or self.failure is not None:
+            return
+        with self._tolerated():
+            for p, planned in step.pending.items():
+                self.rows.append(_compared(step.index, p, planned, self.followed[p].where,
+                                           optimizer.state.get(p, {}), step.found_inf))
+
+    @contextmanager
+    def _tolerated(self) -> Iterator[None]:
+        """Where ``tolerant`` (the hooks run inside the user's own run, which must go on), an
+        exception of the replay is kept in ``failure`` and the replay stops; else it is raised."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 -- said by the result, and the user's run goes on
+            if not self.tolerant:
+                raise
+            self.failure = f"the replay raised {type(error).__name__}: {error}"
+            self.pending.clear()
+
+    def read(self) -> None:
+        """The rows compared since the last read into the tallies; NonFiniteError naming the first
+        gradient or stored weight, in the order of the run, that is not finite at a step the loss
+        scaler did not skip (again at every later read)."""
+        rows, self.rows = self.rows, []
+        problems = []
+        for row, numbers in zip(rows, _read_back([row.values for row in rows]), strict=True):
+            value = dict(zip(ROW, numbers, strict=False))
+            if value["skipped"]:
+                self.skipped.add(row.step)
+                continue
+            followed = self.followed[row.weight]
+            for order, part, what in ((0, "grad", f"the gradient of {followed.name} at optimizer step {row.step}"),
+                                      (1, "weight", f"{followed.name} after optimizer step {row.step}")):
+                if value[f"{part}_bad"]:
+                    problems.append(((row.step, order), f"{what}: {_non_finite_said(value, part, followed, row.weight)}"))
+            tally = self.params.setdefault(row.weight, _Tally(followed.name, row.weight.dtype, norm="norm" in
+                                                              followed.name.lower() or row.weight.dim() == 1))
+            tally.count(value["intended"], value["lost"], followed.scale)
+            tally.sizes.append(_number_or_zero(value["intended_size"]))
+            tally.stored_sizes.append(_number_or_zero(value["stored_size"]))
+            tally.magnitude = value["magnitude"]
+            tally.replay_error = max(tally.replay_error, value["replay_error"])
+            for k, (key, dtype) in enumerate(row.keys):
+                state = self.state.setdefault(key, _Tally(key, dtype))
+                state.count(numbers[len(ROW) + 2 * k], numbers[len(ROW) + 2 * k + 1], followed.scale)
+        if problems and self.problem is None:
+            self.problem = min(problems, key=lambda problem: problem[0])[1]  # the first of the earliest
+        if self.problem is not None:
+            raise NonFiniteError(self.problem)
+
+
+def _number_or_zero(value: float) -> float:
+    """A median read back: NaN where it had no element to take (no update meant, none stored)."""
+    return value if math.isfinite(value) else 0.0
+
+
+def _non_finite_said(value: Mapping[str, float], part: str, followed: _Followed, weight: torch.Tensor) -> str:
+    """Where the first non-finite value of a row's gradient or weight (``part``) is: ``nan at index
+    (4,) (1 of 64 values are not finite)``."""
+    count, at = int(value[f"{part}_bad"]), int(value[f"{part}_at"])
+    if followed.where is None:
+        shape = local(weight.detach()).shape
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(at), shape))
+        among = f"{count:,} of {followed.size:,} values are not finite"
+    else:
+        index = tuple(int(w[at]) for w in followed.where)
+        among = f"{count:,} of the {followed.size:,} sampled values are not finite"
+    return f"{value[f'{part}_value']} at index {index} ({among})"
 
 
 class _Snapshot:
@@ -417,118 +763,6 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _replay_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
-def _replay(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, _Pending]:
-    """Each parameter's update as ``optimizer``'s next step would make it on fp64 copies of the
-    weights, gradients and state: a fresh optimizer of the same class and hyperparameters (the
-    single-tensor path: no foreach, fused or capturable kernels), stepped once."""
-    pending: dict[torch.Tensor, _Pending] = {}
-    for group in optimizer.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        wide = _replay_dtype(params[0].device)
-        copies = [torch.nn.Parameter(p.detach().to(wide).clone()) for p in params]
-        settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        for key, plain in (("foreach", False), ("fused", None), ("capturable", False), ("differentiable", False)):
-            if key in settings:
-                settings[key] = plain
-        kind: Any = type(optimizer)
-        replay = kind([{"params": copies, **settings}])
-        starts = []
-        for copy_, p in zip(copies, params, strict=True):
-            copy_.grad = p.grad.detach().to(wide)
-            stored = optimizer.state.get(p, {})
-            if stored:
-                replay.state[copy_] = {k: _widen(v, p, wide) for k, v in stored.items()}
-            starts.append({k: _clone(v) for k, v in replay.state.get(copy_, {}).items()})
-        replay.step()
-        for copy_, p, start in zip(copies, params, starts, strict=True):
-            stored = optimizer.state.get(p, {})
-            state_moves, state_before = {}, {}
-            for key, new in replay.state[copy_].items():
-                if not (isinstance(new, torch.Tensor) and new.is_floating_point() and new.shape == p.shape):
-                    continue
-                old = start.get(key)
-                old = torch.zeros_like(new) if not isinstance(old, torch.Tensor) else old
-                state_moves[key] = new != old
-                kept = stored.get(key)
-                state_before[key] = kept.detach().clone() if isinstance(kept, torch.Tensor) else None
-            change = (copy_.detach() - p.detach().to(wide)).abs()
-            moves = change != 0
-            size = float(change[moves].median()) if bool(moves.any()) else 0.0
-            pending[p] = _Pending(p.detach().clone(), copy_.detach(), moves, state_before, state_moves, size)
-    return pending
-
-
-def _ulps_apart(before: torch.Tensor, stored: torch.Tensor, replayed: torch.Tensor) -> float:
-    """The largest |stored - replayed|, in steps of ``stored``'s dtype at the larger of the weight
-    before and after (an update that cancels the weight is computed at the weight's scale): 0.5
-    where the stored weight is the replay rounded to its dtype, a little more where the
-    optimizer's own arithmetic rounds its moments too."""
-    if not stored.numel():
-        return 0.0
-    info = torch.finfo(stored.dtype)
-    scale = torch.maximum(before.abs(), stored.detach().abs()).double().clamp(min=info.tiny)
-    step = info.eps * torch.exp2(torch.floor(torch.log2(scale)))
-    return float(((stored.detach().double() - replayed) / step).abs().max())
-
-
-def _widen(value: Any, parameter: torch.Tensor, wide: torch.dtype) -> Any:
-    """A state value for the replay: a tensor shaped like the parameter in ``wide``, the rest as is."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == parameter.shape:
-        return value.detach().to(wide).clone()
-    return _clone(value)
-
-
-class _Watch:
-    """Optimizer step hooks: before each step, the fp64 replay; after it, the comparison."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.names = {p: names.get(id(p), f"param_groups[{g}]['params'][{i}]")
-                      for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])}
-        self.optimizer = optimizer
-        self.steps = 0
-        self.pending: dict[torch.Tensor, _Pending] = {}
-        self.params: dict[torch.Tensor, _Tally] = {}
-        self.state: dict[str, _Tally] = {}
-
-    def before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        for p, name in self.names.items():
-            if p.grad is not None:
-                require_finite(p.grad, f"the gradient of {name} at optimizer step {self.steps + 1}", ())
-        self.pending = _replay(self.optimizer)
-
-    def after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.steps += 1
-        for p, planned in self.pending.items():
-            name = self.names[p]
-            require_finite(p, f"{name} after optimizer step {self.steps}", ())
-            tally = self.params.setdefault(p, _Tally(name, p.dtype, norm="norm" in name.lower() or p.dim() == 1))
-            change = (p.detach() - planned.before).abs()
-            kept = change == 0
-            tally.intended += int(planned.moves.sum())
-            tally.lost += int((planned.moves & kept).sum())
-            tally.sizes.append(planned.size)
-            tally.stored_sizes.append(float(change[~kept].float().median()) if not bool(kept.all()) else 0.0)
-            tally.replay_error = max(tally.replay_error, _ulps_apart(planned.before, p, planned.target))
-            tally.magnitude = float(p.detach().float().abs().median())
-            stored = self.optimizer.state.get(p, {})
-            for key, moves in planned.state_moves.items():
-                now, before = stored.get(key), planned.state_before[key]
-                if not isinstance(now, torch.Tensor):
-                    continue
-                kept = now == (before if before is not None else torch.zeros_like(now))
-                state = self.state.setdefault(key, _Tally(key, now.dtype))
-                state.intended += int(moves.sum())
-                state.lost += int((moves & kept).sum())
-        self.pending = {}
-
-
 def _floating_state(optimizer: torch.optim.Optimizer) -> dict[str, set[torch.dtype]]:
     """The dtypes of the optimizer's floating state tensors, by key (``exp_avg``, ``step``)."""
     found: dict[str, set[torch.dtype]] = {}
@@ -541,7 +775,8 @@ def _floating_state(optimizer: torch.optim.Optimizer) -> dict[str, set[torch.dty
 
 @probe("lost_updates")
 def lost_updates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], Any], *,
-                 steps: int = 3, max_lost_fraction: float = 0.01, force: bool = False) -> Result:
+                 steps: int = 3, max_lost_fraction: float = 0.01, force: bool = False,
+                 sample: int | None = None) -> Result:
     """The optimizer's updates reach the stored weights and state: none rounds away.
 
     An update smaller than half a step of the weight's dtype leaves it unchanged, so weights
@@ -552,30 +787,39 @@ def lost_updates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
     half a bf16 step, so it stops following the gradients).
 
     ``step`` is called until the optimizer has stepped ``steps`` times. Before each optimizer step
-    (``register_step_pre_hook``) the probe replays it on fp64 copies of the weights, gradients and
-    state (a fresh optimizer of the same class and hyperparameters); after it
-    (``register_step_post_hook``) an element's update is *lost* where the replay changed it and the
-    stored value did not change at all. The probe fails where more than ``max_lost_fraction`` of
-    the intended updates of the weights, or of any state tensor shaped like its weight
-    (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``), were lost, naming the parameters with the
-    largest lost share, norm weights (names with "norm", and 1-D weights) first; or where a
-    gradient or an updated weight is NaN or Inf, naming it and the step.
+    (``register_step_pre_hook``; where the step is given a closure, once the closure has run) the
+    probe replays it on fp64 copies of the weights, gradients and state (a fresh optimizer of the
+    same class and hyperparameters); after it (``register_step_post_hook``) an element's update is
+    *lost* where the replay changed it and the stored value did not change at all. The probe
+    fails where more than ``max_lost_fraction`` of the intended updates of the weights, or of any
+    state tensor shaped like its weight (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``), were
+    lost, naming the parameters with the largest lost share, norm weights (names with "norm", and
+    1-D weights) first; or where a gradient or an updated weight is NaN or Inf, naming it and the
+    step.
+
+    Under a ``torch.amp.GradScaler``, an optimizer that unscales its gradients itself (``fused=True``
+    Adam, AdamW and SGD) is stepped with the gradients still scaled: the replay divides them by the
+    scaler's ``grad_scale``, and a step the scaler skips (its ``found_inf`` set: inf or NaN
+    gradients) is not compared. Other optimizers are stepped by the scaler unscaled, or not at all.
 
     ``replay_error_ulps`` (in the metrics) says how far the stored weights came from the replay, in
-    steps of their dtype: a few where the replay is the optimizer's own step (at most 14 measured
-    in fp32 over the optimizers below); far more means something else changed the update, and the
+    steps of their dtype: a few where the replay is the optimizer's own step (in fp32 at most 6
+    measured over the optimizers below at lr 1e-3, 13 for AdamW at lr 1e-2, 20 for fused AdamW
+    under a GradScaler at lr 1e-2); far more means something else changed the update, and the
     counts do not hold.
 
     Everything is put back afterwards: the weights and buffers, the gradients, the optimizer's
     state and hyperparameters, and the modules' modes are cloned before the first step (a second
-    copy of the model and its state in memory: meant for small models). What ``step`` changes
-    outside them (a learning-rate scheduler's count, a data iterator's position, the random
-    generators) is not put back.
+    copy of the model and its state in memory, with or without ``sample``: meant for small
+    models; the setup checks replay the user's own run on a sample and put back nothing of
+    theirs). What ``step`` changes outside them (a learning-rate scheduler's count, a data
+    iterator's position, the random generators) is not put back.
 
     Args:
         model: the model the optimizer trains (for the parameters' names).
-        optimizer: a ``torch.optim`` SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam or RAdam,
-            or a wrapper that keeps one in ``.optimizer`` (accelerate's, the Trainer's).
+        optimizer: a ``torch.optim`` SGD, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad,
+            Adadelta, ASGD or Rprop, or a wrapper that keeps one in ``.optimizer`` (accelerate's,
+            the Trainer's).
         step: a function of no arguments that does one training step (forward, backward,
             ``optimizer.step()``, ``zero_grad``), or one micro-batch of one (at most 16 calls per
             optimizer step).
@@ -583,8 +827,12 @@ def lost_updates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
         max_lost_fraction: the largest share of intended updates that may be lost.
         force: run even where every weight and state tensor is fp32 or wider (then only updates
             below half an fp32 step, 6e-8 at 1.0, can be lost).
+        sample: replay and compare a fixed random sample of at most this many elements of each
+            weight (drawn once, seeded) instead of all of them. The optimizers above update each
+            element from that element alone, so the sample moves exactly as inside the whole
+            weight; the fp64 copies shrink to its size. None: every element.
 
-    Not applicable for another optimizer class (its step cannot be replayed), or, unless
+    Not applicable for another optimizer class (its update is not replayed), or, unless
     ``force``, where the weights and the state are all fp32 or wider.
     """
     check_model(model)
@@ -596,16 +844,18 @@ def lost_updates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
     check_int(steps, "steps", 1)
     max_lost_fraction = check_number(max_lost_fraction, "max_lost_fraction", low=0, high=1)
     check_bool(force, "force")
+    if sample is not None:
+        check_int(sample, "sample", 1)
     if type(optimizer) not in REPLAYABLE:
         known = ", ".join(kind.__name__ for kind in REPLAYABLE)
-        raise NotApplicableError(f"lost_updates replays torch.optim's {known} on fp64 copies; a "
+        raise NotApplicableError(f"lost_updates replays torch.optim's element-wise {known} on fp64 copies; a "
                                  f"{type(optimizer).__name__}'s step cannot be replayed")
     narrow = {p.dtype for p in _parameters(optimizer)} | {
         dtype for dtypes in _floating_state(optimizer).values() for dtype in dtypes}
     if not force and all(torch.finfo(dtype).bits >= 32 for dtype in narrow):
         raise NotApplicableError("fp32 weights and optimizer state: nothing rounds away (force=True measures "
                                  "the updates below half an fp32 step)")
-    watch = _Watch(model, optimizer)
+    watch = _Watch(model, sample=sample)
     snapshot = _Snapshot(model, optimizer)
     handles = [optimizer.register_step_pre_hook(watch.before), optimizer.register_step_post_hook(watch.after)]
     calls = 0
@@ -621,31 +871,136 @@ def lost_updates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step:
         for handle in handles:
             handle.remove()
         snapshot.restore()
-    return _lost_result(watch, steps, max_lost_fraction, state_dtypes)
+    watch.read()
+    return _lost_result(watch, max_lost_fraction, state_dtypes)
 
 
-def _lost_result(watch: _Watch, steps: int, bound: float, state_dtypes: dict[str, list[str]]) -> Result:
+class UpdateReplay:
+    """:func:`lost_updates` on a training run of the user's own, with no copy of the model: while
+    active, each step of an optimizer that trains ``model``'s bf16 or fp16 weights is replayed in
+    fp64 on a fixed random sample of at most ``sample`` elements of each (their weights,
+    gradients and state gathered before the step), and compared with what the step stored.
+    Nothing is put back: the run is the user's. The setup checks wrap their first run in it.
+
+    The hooks are torch's global optimizer-step hooks, armed only where the model has a trainable
+    half-precision weight; an optimizer none of whose parameters is one is left alone. The
+    replay is exact for :data:`REPLAYABLE`'s element-wise optimizers only: a step of any other
+    class is not replayed, and :meth:`result` says so. Memory: the sample's indices, and per step
+    fp64 copies of the sample and a few numbers per weight, read back from the device once, by
+    :meth:`result`.
+
+    Example:
+        >>> with UpdateReplay(model) as replay:  # doctest: +SKIP
+        ...     train(model, optimizer, steps=3)
+        >>> replay.result().passed  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, *, sample: int = SAMPLE) -> None:
+        check_model(model)
+        check_int(sample, "sample", 1)
+        self.half = {id(p) for p in model.parameters() if p.requires_grad and p.dtype in HALF}
+        self.watch = _Watch(model, sample=sample, dtypes=HALF, tolerant=True)
+        self.not_replayed: set[str] = set()  # the classes of the optimizers whose steps were not replayed
+        self.verdicts: dict[int, bool] = {}  # by id(optimizer): its steps are replayed
+        self.state_dtypes: dict[str, set[torch.dtype]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> UpdateReplay:
+        if self.half:
+            self.handles = [register_optimizer_step_pre_hook(self._before),
+                            register_optimizer_step_post_hook(self._after)]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _replayed(self, optimizer: torch.optim.Optimizer) -> bool:
+        if id(optimizer) not in self.verdicts:
+            trains = any(id(p) in self.half for group in optimizer.param_groups for p in group["params"])
+            # not: an optimizer of something else, or of the fp32 weights only
+            self.verdicts[id(optimizer)] = trains and type(optimizer) in REPLAYABLE
+            if trains and type(optimizer) not in REPLAYABLE:
+                self.not_replayed.add(type(optimizer).__name__)
+        return self.verdicts[id(optimizer)]
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        return self.watch.before(optimizer, args, kwargs) if self._replayed(optimizer) else None
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._replayed(optimizer):
+            self.watch.after(optimizer, args, kwargs)
+            for key, dtypes in _floating_state(optimizer).items():
+                self.state_dtypes.setdefault(key, set()).update(dtypes)
+
+    @property
+    def unreplayed(self) -> str | None:
+        """Why the steps of the half-precision weights that were seen were not replayed (an
+        optimizer of another class, or a replay that raised), else None."""
+        if self.watch.failure is not None:
+            return self.watch.failure
+        if self.not_replayed and not self.watch.steps:
+            known = ", ".join(kind.__name__ for kind in REPLAYABLE)
+            return (f"the half-precision weights are trained by a {' and a '.join(sorted(self.not_replayed))}, not one "
+                    f"of torch.optim's element-wise optimizers ({known}), whose update of each element reads that "
+                    f"element alone, so that a sample of the elements replays it exactly")
+        return None
+
+    def result(self, *, max_lost_fraction: float = 0.01) -> Result:
+        """The lost updates of the steps replayed so far, as :func:`lost_updates` reports them (the
+        run's own steps); not applicable, with the reason, where none was replayed."""
+        name = "lost_updates"
+        max_lost_fraction = check_number(max_lost_fraction, "max_lost_fraction", low=0, high=1)
+        if not self.half:
+            return Result.not_applicable(name, "no trainable weight is stored in half precision")
+        if self.unreplayed is not None:
+            return Result.not_applicable(name, self.unreplayed)
+        if not self.watch.steps:
+            return Result.not_applicable(name, "no optimizer step of the half-precision weights was seen")
+        try:
+            self.watch.read()
+        except NonFiniteError as error:
+            return non_finite_result(name, str(error))
+        return _lost_result(self.watch, max_lost_fraction,
+                            {k: sorted(map(_name, v)) for k, v in sorted(self.state_dtypes.items())},
+                            run=" of the run", unreplayed=sorted(self.not_replayed))
+
+
+def _lost_result(watch: _Watch, bound: float, state_dtypes: dict[str, list[str]], *, run: str = "",
+                 unreplayed: list[str] | None = None) -> Result:
     tallies = list(watch.params.values())
     intended = sum(t.intended for t in tallies)
     lost = sum(t.lost for t in tallies)
-    fraction = lost / intended if intended else 0.0
+    weighted = sum(t.weighted_intended for t in tallies)
+    fraction = sum(t.weighted_lost for t in tallies) / weighted if weighted else 0.0  # lost / intended without a sample
     states = sorted(watch.state.values(), key=lambda t: -t.fraction)
     worst_state = states[0].fraction if states else 0.0
+    steps = watch.steps - len(watch.skipped)
     dtypes: dict[str, int] = {}
     for tally in tallies:
         dtypes[_name(tally.dtype)] = dtypes.get(_name(tally.dtype), 0) + 1
     metrics = {"lost_fraction": fraction, "intended_updates": intended, "lost_updates": lost, "steps": steps,
+               "skipped_steps": len(watch.skipped), "sample": watch.sample,
+               "followed_elements": sum(watch.followed[p].size for p in watch.params),
                "replay_error_ulps": max((t.replay_error for t in tallies), default=0.0),
                "parameter_dtypes": dtypes, "state_dtypes": state_dtypes,
                "state_lost_fraction": {t.name: t.fraction for t in states},
                "lost_fraction_by_parameter": {t.name: t.fraction for t in tallies}}
+    how = (f" (replayed in float64 on a fixed sample of at most {watch.sample:,} elements of each weight; the shares "
+           f"count each sampled element for the elements of its weight it stands for)") if watch.sample is not None else ""
+    if watch.skipped:
+        how += f"; {len(watch.skipped)} step(s) the loss scaler skipped (inf or NaN gradients) are not compared"
+    if unreplayed:
+        how += f"; the steps of a {' and a '.join(unreplayed)} were not replayed (not an element-wise torch.optim class)"
     problems = []
-    if fraction > bound:
+    if not fraction <= bound:
         ranked = sorted((t for t in tallies if t.fraction > bound), key=lambda t: (not t.norm, -t.fraction))
         named = ", ".join([_describe_lost(ranked[0])] + [f"{t.name} ({t.fraction:.0%})" for t in ranked[1:3]])
         more = f" and {len(ranked) - 3} more" if len(ranked) > 3 else ""
-        problems.append(f"{fraction:.1%} of the intended updates were rounded away in {steps} steps: {named}{more}; "
-                        f"keep fp32 master weights (autocast, or the optimizer on fp32 copies) "
+        problems.append(f"{fraction:.1%} of the intended updates were rounded away in {steps} steps{run}: "
+                        f"{named}{more}; keep fp32 master weights (autocast, or the optimizer on fp32 copies) "
                         f"(vllm-project/speculators PR #765, workofart/ml-by-hand PR #85)")
     for state in states:
         if state.fraction > bound:
@@ -654,12 +1009,14 @@ def _lost_result(watch: _Watch, steps: int, bound: float, state_dtypes: dict[str
                             f"optimizer state in float32")
     worst = max(fraction, worst_state)
     if problems:
-        explanation = "; also ".join(problems)
+        explanation = "; also ".join(problems) + how
     else:
-        explanation = (f"{fraction:.2%} of the {intended:,} intended updates were rounded away in {steps} steps "
+        counted = f"of the {intended:,} intended updates" if watch.sample is None else \
+            f"of the intended updates ({intended:,} replayed)"
+        explanation = (f"{fraction:.2%} {counted} were rounded away in {steps} steps{run} "
                        f"(at most {bound:.0%}), and at most {worst_state:.2%} of any optimizer state's; weights "
                        f"in {', '.join(sorted(dtypes))}, optimizer state in "
-                       f"{', '.join(sorted({d for ds in state_dtypes.values() for d in ds})) or 'no tensor'}")
+                       f"{', '.join(sorted({d for ds in state_dtypes.values() for d in ds})) or 'no tensor'}{how}")
     return Result(name="lost_updates", passed=not problems, metrics=metrics, threshold=bound,
                   headroom=headroom_below(worst, bound), explanation=explanation,
                   details=tuple(t.row() for t in tallies))
@@ -923,10 +1280,23 @@ def _rotary(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
                              f"*RotaryEmbedding or holds inv_freq)")
 
 
-def _reference_frequencies(module: torch.nn.Module, config: Any) -> tuple[torch.Tensor, str, torch.dtype]:
-    """``inv_freq`` in float64, recomputed from the config (the default rope type:
-    ``1 / theta ** (2i / dim)``), else the module's own cast to float64; which it is; and the
-    dtype the module keeps its own in."""
+@dataclass
+class _Reference:
+    """The frequencies the RoPE table is compared with."""
+
+    at: Callable[[int], torch.Tensor]  # the positions' end -> inv_freq in float64, (D/2,)
+    source: str  # where they come from, in words
+    own_dtype: torch.dtype  # the dtype the module keeps its own inv_freq in
+    own: bool = False  # the module's own inv_freq: a half-precision one fails by its dtype alone
+    float32: bool = False  # computed in float32 (transformers' functions): exact to a few fp32 steps
+
+
+def _reference_frequencies(module: torch.nn.Module, config: Any) -> _Reference:
+    """``inv_freq`` in float64 for the rotary module: for the default rope type recomputed in
+    float64 from the config (``1 / theta ** (2i / dim)``); for another type (linear, dynamic,
+    llama3, yarn, longrope...) transformers' own ``ROPE_INIT_FUNCTIONS[rope_type](config, device)``
+    on a copy of the config, which computes in float32; the module's own cast to float64 only
+    where neither can be had, saying why."""
     own = getattr(module, "inv_freq", None)
     if not isinstance(own, torch.Tensor):
         raise NotApplicableError(f"the rotary module {type(module).__name__} holds no inv_freq tensor")
@@ -938,15 +1308,53 @@ def _reference_frequencies(module: torch.nn.Module, config: Any) -> tuple[torch.
     head_dim = getattr(config, "head_dim", None) or (
         getattr(config, "hidden_size", 0) // heads if isinstance(heads, int) and heads else None)
     share = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    why = f"rope type {kind!r} is not recomputed"
     if kind == "default" and isinstance(theta, (int, float)) and isinstance(head_dim, int):
         dim = int(head_dim * share)
         if dim // 2 == own.numel():
-            steps = torch.arange(0, dim, 2, dtype=torch.float64) / dim
-            return (1.0 / (float(theta) ** steps), f"recomputed in float64 from the config (theta {theta:g}, dim {dim})",
-                    own.dtype)
-    source = (f"the module's own inv_freq in float64 (rope type {kind!r} is not recomputed), whose "
-              f"{_name(own.dtype)} rounding it shares")
-    return own.detach().cpu().double(), source, own.dtype
+            inv = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            return _Reference(lambda end: inv, f"recomputed in float64 from the config (theta {theta:g}, dim {dim})",
+                              own.dtype)
+        why = f"the config's head dim {dim} does not give its {own.numel()} frequencies"
+    elif kind != "default" and config is not None:
+        made = _transformers_frequencies(kind, config, own)
+        if isinstance(made, _Reference):
+            return made
+        why = made
+    inv = own.detach().cpu().double()
+    return _Reference(lambda end: inv, f"the module's own inv_freq in float64 ({why}), whose {_name(own.dtype)} "
+                      f"rounding it shares", own.dtype, own=True)
+
+
+def _transformers_frequencies(kind: str, config: Any, own: torch.Tensor) -> _Reference | str:
+    """The reference of a rope type other than the default from transformers' own function of the
+    config, or why there is none. ``dynamic`` and ``longrope`` recompute the frequencies from the
+    length a call reaches (transformers' ``dynamic_rope_update``), so the reference of each chunk of
+    positions is computed for its end, as the module's is."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    function = ROPE_INIT_FUNCTIONS.get(kind)
+    if function is None:
+        return f"rope type {kind!r} is not in transformers' ROPE_INIT_FUNCTIONS"
+    copied = copy.deepcopy(config)  # the functions standardize the config's rope parameters in place
+    grows = "dynamic" in kind or kind == "longrope"
+    made: dict[int | None, torch.Tensor] = {}
+
+    def at(end: int) -> torch.Tensor:
+        key = end if grows else None
+        if key not in made:
+            inv, _ = function(copied, torch.device("cpu"), **({"seq_len": end} if grows else {}))
+            made[key] = inv.detach().double()
+        return made[key]
+
+    try:
+        first = at(1)
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError) as problem:
+        return f"transformers' ROPE_INIT_FUNCTIONS[{kind!r}] raised {type(problem).__name__}: {problem}"
+    if first.numel() != own.numel():
+        return f"transformers' ROPE_INIT_FUNCTIONS[{kind!r}] gives {first.numel()} frequencies, the module holds {own.numel()}"
+    return _Reference(at, f"transformers' ROPE_INIT_FUNCTIONS[{kind!r}] of the config, computed in float32", own.dtype,
+                      float32=True)
 
 
 @dataclass
@@ -958,13 +1366,14 @@ class _Drift:
     bound: float = 0.0  # the tolerance, plus half a step of the table's dtype where it is half precision
 
 
-def _table_drift(module: torch.nn.Module, inv: torch.Tensor, scaling: float, length: int, tolerance: float,
+def _table_drift(module: torch.nn.Module, reference: _Reference, scaling: float, length: int, tolerance: float,
                  x: torch.Tensor, region: AbstractContextManager[Any]) -> _Drift:
     """The rotary module's cos/sin at positions 0..length-1 against the fp64 reference, in chunks."""
     drift, layout = _Drift(bound=tolerance), ""
     for start in range(0, length, ROPE_CHUNK):
         positions = torch.arange(start, min(length, start + ROPE_CHUNK), device=x.device)  # (n,)
         n = positions.numel()
+        inv = reference.at(start + n)  # (D/2,)
         cos, sin = _call_rotary(module, x, positions, region)
         cos, sin = cos.detach().reshape(-1, n, cos.shape[-1])[0], sin.detach().reshape(-1, n, sin.shape[-1])[0]
         require_finite(cos, "the rotary cos table", ("position", "dimension"), offsets=(start,))
@@ -1041,16 +1450,25 @@ def rope_precision(model: torch.nn.Module, *, context_length: int | None = None,
     it, ``rotary(x, position_ids) -> (cos, sin)`` with ``x`` in the model's dtype, at positions 0
     to ``context_length - 1``, and, with ``autocast``, again under ``torch.autocast(<device type>,
     torch.bfloat16)``, as a training step under autocast calls it. The reference is
-    ``cos(position * inv_freq)`` (and sin) in float64, with ``inv_freq`` recomputed in float64
-    from the config (``rope_theta``, the head dim) for the default rope type, else the module's
-    own (then a half-precision ``inv_freq`` fails by its dtype alone: ``model.to(torch.bfloat16)``
-    casts it). The probe fails where the largest error exceeds the tolerance, naming the position
-    where it first does.
+    ``cos(position * inv_freq)`` (and sin) in float64, with ``inv_freq`` from the config, not from
+    the module's buffer (``model.to(torch.bfloat16)`` casts that buffer to bf16): for the default
+    rope type recomputed in float64 (``rope_theta``, the head dim); for the others (linear,
+    dynamic, llama3, yarn, longrope...) transformers' own
+    ``ROPE_INIT_FUNCTIONS[rope_type](config, device)`` on a copy of the config, which computes in
+    float32 (for dynamic and longrope at the length each chunk of positions reaches, as the module
+    recomputes them). Only where neither can be had (a custom rope type, a config that does not
+    give the module's frequencies) is it the module's own, the explanation says why, and a
+    half-precision ``inv_freq`` then fails by its dtype alone. The probe fails where the largest
+    error exceeds the tolerance, naming the position where it first does.
 
     The tolerance is the larger of 1e-3 and ``context_length`` times fp32's eps (a correct fp32
-    table is off by about position * 2**-26: 1.4e-4 at 8k positions, 2.2e-3 at 128k), plus half
-    a step of the table's own dtype where it is half precision (cos/sin cast to bf16 at the end
-    are off by at most 0.0039 at any position, which does not grow).
+    table is off by about position * 2**-26: 1.4e-4 at 8k positions, 2.2e-3 at 128k), plus
+    ``2 * context_length`` fp32 eps where the reference comes from transformers' float32
+    functions (its frequencies are exact to a few fp32 steps, up to position * 2**-22 in the
+    angle; a bf16 ``inv_freq`` is off by up to 2**-9 of each frequency, 0.016 by position 127 in
+    a tiny llama3-type Llama), plus half a step of the table's own dtype where it is half
+    precision (cos/sin cast to bf16 at the end are off by at most 0.0039 at any position, which
+    does not grow).
 
     Args:
         model: the model; its rotary module is put back as it was.
@@ -1070,18 +1488,21 @@ def rope_precision(model: torch.nn.Module, *, context_length: int | None = None,
                              f"config.max_position_embeddings to read it from (got {describe(context_length)})")
     check_int(context_length, "context_length", 1)
     check_bool(autocast, "autocast")
-    inv, source, inv_dtype = _reference_frequencies(module, config)
+    reference = _reference_frequencies(module, config)
     scaling = float(getattr(module, "attention_scaling", 1.0) or 1.0)
-    tolerance = max(ROPE_ATOL, context_length * torch.finfo(torch.float32).eps)
+    eps = torch.finfo(torch.float32).eps
+    tolerance = max(ROPE_ATOL, context_length * eps)
+    if reference.float32:  # its frequencies are off by a few fp32 steps: up to position * 2**-22 in the angle
+        tolerance += 2 * context_length * eps
     device, dtype = model_device(model), parameter_dtype(model)
     x = torch.zeros(1, 1, dtype=dtype, device=device)
     regions: list[tuple[str, AbstractContextManager[Any]]] = [("as called", nullcontext())]
     if autocast:
         regions.append(("under torch.autocast(bfloat16)", torch.autocast(device.type, dtype=torch.bfloat16)))
     with _kept(module):
-        drifts = {label: _table_drift(module, inv, scaling, context_length, tolerance, x, region)
+        drifts = {label: _table_drift(module, reference, scaling, context_length, tolerance, x, region)
                   for label, region in regions}
-    return _rope_result(name, drifts, context_length, source, inv_dtype, own_reference=source.startswith("the module"))
+    return _rope_result(name, drifts, context_length, reference.source, reference.own_dtype, own_reference=reference.own)
 
 
 def _rope_result(name: str, drifts: dict[str, _Drift], length: int, source: str, inv_dtype: torch.dtype, *,

@@ -29,7 +29,13 @@ from lmcheck.curves import LossCurve
 from lmcheck.errors import InputError, NonFiniteError
 from lmcheck.lora import is_peft_model, lora_adapters
 from lmcheck.packing import document_starts, packing_equivalence
-from lmcheck.precision import autocast_ops, fp16_headroom, loss_precision, rope_precision
+from lmcheck.precision import (
+    UpdateReplay,
+    autocast_ops,
+    fp16_headroom,
+    loss_precision,
+    rope_precision,
+)
 from lmcheck.recipes import SetupBudget
 from lmcheck.results import Result
 from lmcheck.setup.batches import (
@@ -219,7 +225,10 @@ class Session:
         if not self.supervised:  # only the learning rates are read
             run = driver.run(min(self.budget.steps, 3), phase="first steps", first=True)
             return FirstRun(run, range(0), {})
-        run = driver.run(self.budget.steps, phase="first steps", first=True, on_first_step=self._at_first_step)
+        # the half-precision weights' updates, replayed element by element on a sample as the run steps
+        self.replay = UpdateReplay(driver.model)
+        with self.replay:
+            run = driver.run(self.budget.steps, phase="first steps", first=True, on_first_step=self._at_first_step)
         first = run.steps[0]
         # k: the calls between two steps, the most common count (fewer where an epoch ends inside an
         # accumulation: the Trainer steps on what is left; ties go to the larger). More before the
@@ -330,8 +339,8 @@ def _precision(s: Session) -> Result:
     """What the dtype the user trains in loses (:mod:`lmcheck.precision`): the loss against the
     fp32 cross-entropy of the same logits, always; the RoPE tables where the model has them; the
     ops under autocast where the setup computes in mixed precision; fp16's range where it trains
-    in fp16; and the half-precision weights that never changed in the user's own first run
-    though they had a gradient (updates rounded away)."""
+    in fp16; and the share of the half-precision weights' element updates that the user's own
+    first run rounded away (replayed in fp64 on a sample of each weight's elements)."""
     d = s.driver
     model, batch = d.model, labels_form(d.lm_batches[0])
     mixed = d.setup.get("mixed precision")  # "bf16" or "fp16" where the setup's autocast says so
@@ -346,7 +355,11 @@ def _precision(s: Session) -> Result:
     judged = [r for r in parts if r.status != "n/a"]
     failed = [r for r in judged if not r.passed]
     dtypes = ", ".join(sorted(str(t).replace("torch.", "") for t in weights)) or "none trainable"
-    metrics = {r.name: r.status for r in parts}
+    metrics: dict[str, Any] = {r.name: r.status for r in parts}
+    lost = next(r for r in parts if r.name == "lost_updates")
+    if "replay_error_ulps" in lost.metrics:  # the element-wise replay's numbers
+        metrics["lost_updates_replay"] = {k: lost.metrics[k] for k in ("lost_fraction", "intended_updates", "steps",
+                                                                       "skipped_steps", "sample", "replay_error_ulps")}
     if failed:
         return Result(name="precision", passed=False, metrics=metrics,
                       explanation="; ".join(f"{r.name}: {r.explanation}" for r in failed))
@@ -359,30 +372,37 @@ def _precision(s: Session) -> Result:
 
 
 def _rounded_away(s: Session) -> Result:
-    """Half-precision weights whose every element is unchanged after the user's first run though
-    the weight had a gradient: its updates rounded away (an update below half a step of the
-    dtype leaves it as it was: vllm-project/speculators PR #765). fp32 weights: not applicable."""
+    """The half-precision updates of the user's first run that rounded away: each step replayed in
+    fp64 on a sample of each half-precision weight's elements (:class:`lmcheck.precision.UpdateReplay`),
+    the share of intended element updates the stored weights lost (an update below half a step of
+    the dtype leaves the element as it was: vllm-project/speculators PR #765). Where the optimizer
+    is not one the replay can step element by element, approximated: the half-precision weights
+    whose every element is unchanged after the run though they had a gradient. fp32 weights: not
+    applicable."""
     name = "lost_updates"
     model, first = s.driver.model, s.first
+    replayed = s.replay.result()
+    if replayed.status != "n/a" or s.replay.unreplayed is None:
+        return replayed
     half = {n for n, p in model.named_parameters() if p.requires_grad and p.dtype in HALF}
-    if not half:
-        return Result.not_applicable(name, "no trainable weight is stored in half precision")
     saved = s.driver.snapshot.parameters()
     seen = first.run.steps[0].seen or {} if first.run.steps else {}
     stuck = [n for n in sorted(half, key=lambda n: ("norm" not in n.lower(), n))
              if n in saved and n in first.left and getattr(seen.get(n), "nonzero", False)
              and torch.equal(first.left[n].detach().cpu(), saved[n])]
     steps = len(first.run.steps)
+    why = (f" (approximate, whole weights only: the element-wise replay was not possible, {replayed.skip_reason}; "
+           f"lmcheck.precision.lost_updates measures each update)")
     if stuck:
         return Result(name=name, passed=False, metrics={"stuck": len(stuck), "half_precision": len(half)},
                       explanation=f"{len(stuck)} of {len(half)} half-precision weights did not change at all in "
                                   f"{steps} optimizer steps of the user's run though they had gradients (first: "
                                   f"{stuck[0]}): their updates are below half a step of their dtype and round away; "
                                   f"keep fp32 master weights (vllm-project/speculators PR #765, workofart/ml-by-hand "
-                                  f"PR #85); lmcheck.precision.lost_updates measures each update")
+                                  f"PR #85){why}")
     return Result(name=name, passed=True, metrics={"stuck": 0, "half_precision": len(half)},
                   explanation=f"every one of the {len(half)} half-precision weights with a gradient changed in "
-                              f"{steps} optimizer steps")
+                              f"{steps} optimizer steps{why}")
 
 
 def _optimizer_state(s: Session) -> Result:
