@@ -10,7 +10,8 @@ A result is truthy when it passed; in a test, ``assert result, result.explanatio
 
 ``import lmcheck`` gives the probes, the setup checks' entry points, the result and error types,
 :func:`adapt` and the loaders a newcomer needs. The rest lives in namespaces: the setup wing
-(``lmcheck.setup``, its data-parallel probes in ``lmcheck.setup.distributed``), the recipes
+(``lmcheck.setup``, its data-parallel probes in ``lmcheck.setup.distributed``), the guard for
+the real run (``lmcheck.watch``), the recipes
 (``lmcheck.recipes``), lmcheck's own training loops (``lmcheck.loops``), golden loss curves
 (``lmcheck.golden``), model presets and builders (``lmcheck.models``), tolerances
 (``lmcheck.comparison``), the ready batteries (``lmcheck.batteries``), and each probe family's
@@ -89,6 +90,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name == "watch":  # the guard for the real run: a namespace that is also called, lmcheck.watch(model)
+        return import_module("lmcheck.watch")
     raise AttributeError(f"module 'lmcheck' has no attribute {name!r}")
 
 

@@ -15,7 +15,7 @@ NAMESPACES = (
     "lmcheck.corpus", "lmcheck.curves", "lmcheck.decoding", "lmcheck.errors", "lmcheck.golden",
     "lmcheck.invariance", "lmcheck.loops", "lmcheck.lora", "lmcheck.masked", "lmcheck.models", "lmcheck.packing", "lmcheck.precision", "lmcheck.recipes",
     "lmcheck.report", "lmcheck.results", "lmcheck.rl", "lmcheck.setup", "lmcheck.setup.distributed", "lmcheck.supervision",
-    "lmcheck.tokens", "lmcheck.training",
+    "lmcheck.tokens", "lmcheck.training", "lmcheck.watch",
 )
 
 

@@ -382,6 +382,7 @@ NOT_FUZZED = {
     "check_loop": "runs the user's training loop; its arguments are checked in tests/test_setup_checks.py",
     "check_trainer": "runs the user's Trainer; its arguments are checked in tests/test_setup_checks.py",
     "check_lightning": "runs the user's Lightning fit; its arguments are checked in tests/test_lightning.py",
+    "watch": "makes the guard of a run; its arguments are checked in tests/test_watch.py",
     **{name: "a ready battery or the loader of a named model or setup (lmcheck.batteries); its arguments are "
              "checked in tests/test_suite.py"
        for name in ("iter_checks", "load_model_for_checks", "load_setup", "model_family", "run_causal_checks",

@@ -99,10 +99,13 @@ def test_a_healthy_loop_of_200_steps_raises_no_event(tok, batches, tmp_path):
     model, optimizer = setup(tok)
     with lmcheck.watch(model, optimizer, log_dir=tmp_path) as guard:
         train(model, optimizer, batches, 200)
-    assert guard.step == 200 and guard.events == [], [e.message for e in guard.events]
-    assert len(guard.history["loss"]) == 200 and guard.history["loss"][-1] < 0.5 * guard.history["loss"][0]
+    assert guard.events == [], [e.message for e in guard.events]
+    assert guard.step == 200
+    assert len(guard.history["loss"]) == 200
+    assert guard.history["loss"][-1] < 0.5 * guard.history["loss"][0]
     summary = (tmp_path / "lmcheck-watch.md").read_text()
-    assert "optimizer steps watched: 200" in summary and "events: 0" in summary
+    assert "optimizer steps watched: 200" in summary
+    assert "events: 0" in summary
     assert (tmp_path / "lmcheck-watch.png").stat().st_size > 0
 
 
@@ -128,8 +131,10 @@ def test_a_nan_loss_is_skipped_and_the_run_ends_as_if_the_batch_was_never_seen(t
     remove()
     reference, reference_optimizer = setup(tok)
     train(reference, reference_optimizer, batches, 12, skip_batch=7)
-    assert conditions(guard) == [(7, "nonfinite", "skip")] and guard.skipped == [7]
-    assert "the loss is nan" in guard.events[0].message and "step skipped" in guard.events[0].message
+    assert conditions(guard) == [(7, "nonfinite", "skip")]
+    assert guard.skipped == [7]
+    assert "the loss is nan" in guard.events[0].message
+    assert "step skipped" in guard.events[0].message
     assert same(weights(model), weights(reference))  # neither the weights nor Adam's state moved at step 7
 
 
@@ -140,8 +145,10 @@ def test_a_nan_loss_under_stop_raises_before_the_update(tok, batches):
     with pytest.raises(GuardStop) as stopped, lmcheck.watch(model, optimizer, rules=Rules(nonfinite="stop")) as guard:
         train(model, optimizer, batches, 12, before_step=lambda step: kept.update({"w": weights(model)}))
     remove()
-    assert stopped.value.event.step == 5 and stopped.value.event.condition == "nonfinite"
-    assert guard.step == 5 and same(weights(model), kept["w"])  # the weights of step 4
+    assert stopped.value.event.step == 5
+    assert stopped.value.event.condition == "nonfinite"
+    assert guard.step == 5
+    assert same(weights(model), kept["w"])
 
 
 def test_an_inf_gradient_in_one_parameter_is_named(tok, batches):
@@ -155,7 +162,8 @@ def test_an_inf_gradient_in_one_parameter_is_named(tok, batches):
     with lmcheck.watch(model, optimizer) as guard:
         train(model, optimizer, batches, 12, before_step=corrupt)
     assert conditions(guard) == [(9, "nonfinite", "skip")]
-    assert guard.events[0].names == [target] and target in guard.events[0].message
+    assert guard.events[0].names == [target]
+    assert target in guard.events[0].message
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -169,7 +177,8 @@ def test_too_many_skipped_steps_stop_the_run(tok, batches):
     with pytest.raises(GuardStop, match="above max_skipped=2"), lmcheck.watch(
             model, optimizer, rules=Rules(max_skipped=2)) as guard:
         train(model, optimizer, batches, 12, before_step=corrupt)
-    assert guard.skipped == [3, 4, 5] and guard.events[-1].action == "stop"
+    assert guard.skipped == [3, 4, 5]
+    assert guard.events[-1].action == "stop"
 
 
 # ---------------------------------------------------------------- spikes
@@ -192,8 +201,10 @@ def test_a_corrupted_batch_is_a_loss_spike_at_its_step(tok, batches):
             optimizer.zero_grad()
     spikes = [e for e in guard.events if e.condition == "loss_spike"]
     assert [(e.step, e.action) for e in spikes] == [(140, "skip")], [e.message for e in guard.events]
-    assert guard.skipped == [140] and spikes[0].value > spikes[0].threshold > 2 * spikes[0].window["median"]
-    assert "median" in spikes[0].message and spikes[0].window["steps"] == 128
+    assert guard.skipped == [140]
+    assert spikes[0].value > spikes[0].threshold > 2 * spikes[0].window["median"]
+    assert "median" in spikes[0].message
+    assert spikes[0].window["steps"] == 128
 
 
 # ---------------------------------------------------------------- learning rate, frozen groups
@@ -211,7 +222,10 @@ def test_the_learning_rate_set_to_0_half_way_is_caught_against_the_scheduler(tok
     with lmcheck.watch(model, optimizer, scheduler=scheduler) as guard:
         train(model, optimizer, batches, 20, before_step=zero, scheduler=scheduler)
     lr = [e for e in guard.events if e.condition == "learning_rate"]
-    assert lr and lr[0].step == 15 and lr[0].value == 0.0 and lr[0].threshold == pytest.approx(1e-2)
+    assert lr
+    assert lr[0].step == 15
+    assert lr[0].value == 0.0
+    assert lr[0].threshold == pytest.approx(1e-2)
     assert "the scheduler's course recorded at the start" in lr[0].message
 
 
@@ -239,7 +253,9 @@ def test_a_parameter_group_frozen_half_way_is_caught(tok, batches):
     with lmcheck.watch(model, optimizer) as guard:
         train(model, optimizer, batches, 30, before_step=freeze)
     stalled = [e for e in guard.events if e.condition == "stalled"]
-    assert guard.events[0] is stalled[0] and conditions(guard)[0] == (20, "stalled", "warn") and len(stalled) == 1
+    assert guard.events[0] is stalled[0]
+    assert conditions(guard)[0] == (20, "stalled", "warn")
+    assert len(stalled) == 1
     assert "parameter group 0 stopped moving" in guard.events[0].message
     assert guard.events[0].names == ["model.embed_tokens.weight"]
 
@@ -260,8 +276,10 @@ def test_a_group_whose_updates_vanish_is_caught(tok, batches):
 
     with lmcheck.watch(model, optimizer, rules=Rules(stalled="stop")) as guard, pytest.raises(GuardStop) as stopped:
         train(model, optimizer, batches, 40, before_step=vanish)
-    assert stopped.value.event.condition == "stalled" and stopped.value.event.step == 26  # seen after step 25's update
-    assert "parameter group 1 stopped moving" in stopped.value.event.message and guard.events[-1].action == "stop"
+    assert stopped.value.event.condition == "stalled"
+    assert stopped.value.event.step == 26
+    assert "parameter group 1 stopped moving" in stopped.value.event.message
+    assert guard.events[-1].action == "stop"
 
 
 # ---------------------------------------------------------------- the loss scale, the throughput
@@ -280,7 +298,8 @@ def test_a_collapsing_loss_scale_is_caught(tok, batches):
             scaler.update()
             optimizer.zero_grad()
     assert conditions(guard) == [(10, "loss_scale", "warn")], [e.message for e in guard.events]
-    assert guard.events[0].value == 0.5 and "below 1" in guard.events[0].message
+    assert guard.events[0].value == 0.5
+    assert "below 1" in guard.events[0].message
     assert guard.step == 10  # the scaler's own skips are not optimizer steps
 
 
@@ -301,7 +320,8 @@ def test_falling_throughput_is_caught(tok, batches, monkeypatch):
         train(model, optimizer, batches, 50, before_step=tick)
     found = [e for e in guard.events if e.condition == "throughput"]
     assert [e.step for e in found] == [36], [e.message for e in guard.events]
-    assert found[0].value == pytest.approx(48 / 0.05) and found[0].window["start"] == pytest.approx(48 / 0.01)
+    assert found[0].value == pytest.approx(48 / 0.05)
+    assert found[0].window["start"] == pytest.approx(48 / 0.01)
     assert "tokens/s" in found[0].message
 
 
@@ -311,16 +331,21 @@ def test_falling_throughput_is_caught(tok, batches, monkeypatch):
 def test_a_save_after_nan_weights_is_refused_and_the_last_checkpoint_loads(tok, batches, tmp_path):
     model, optimizer = setup(tok)
     remove = nan_at(model, 6)  # let through (warn): the weights turn NaN at step 6
-    with pytest.raises(GuardStop, match="checkpoint save refused") as stopped, lmcheck.watch(
-            model, optimizer, rules=Rules(nonfinite="warn"), log_dir=tmp_path / "run") as guard:
+
+    def run() -> None:
         for step in range(1, 13):
             model(**batches[step % 4]).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             if step % 4 == 0:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / f"step-{step}.pt")
+
+    with lmcheck.watch(model, optimizer, rules=Rules(nonfinite="warn"), log_dir=tmp_path / "run") as guard, \
+            pytest.raises(GuardStop, match="checkpoint save refused") as stopped:
+        run()
     remove()
-    assert stopped.value.event.step == 8 and "model.embed_tokens.weight" in stopped.value.event.names
+    assert stopped.value.event.step == 8
+    assert "model.embed_tokens.weight" in stopped.value.event.names
     assert not (tmp_path / "step-8.pt").exists()
     saved = torch.load(tmp_path / "step-4.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
@@ -346,7 +371,9 @@ def test_the_guards_state_survives_a_checkpoint(tok, batches, tmp_path):
     restored = lmcheck.watch(model, optimizer)
     dcp.load({"guard": restored}, checkpoint_id=str(tmp_path / "dcp"))
     assert restored.state_dict() == guard.state_dict()
-    assert restored.step == 30 and restored.skipped == [3] and conditions(restored) == conditions(guard)
+    assert restored.step == 30
+    assert restored.skipped == [3]
+    assert conditions(restored) == conditions(guard)
 
 
 # ---------------------------------------------------------------- the Trainer
@@ -380,8 +407,10 @@ def test_a_healthy_trainer_of_200_steps_raises_no_event(tok, tmp_path):
     run = trainer(tok, tmp_path, [TrainerGuard()])
     run.train()
     guard = guard_of(run)
-    assert guard.step == 200 and guard.events == [], [e.message for e in guard.events]
-    assert (tmp_path / "lmcheck-watch.md").exists() and not guard._armed
+    assert guard.events == [], [e.message for e in guard.events]
+    assert guard.step == 200
+    assert (tmp_path / "lmcheck-watch.md").exists()
+    assert not guard._armed
 
 
 def test_a_nan_step_in_the_trainer_is_not_applied_and_stops_it(tok, tmp_path):
@@ -391,7 +420,8 @@ def test_a_nan_step_in_the_trainer_is_not_applied_and_stops_it(tok, tmp_path):
     run.train()
     kept.remove()
     guard = guard_of(run)
-    assert conditions(guard) == [(8, "nonfinite", "stop")] and run.state.global_step == 8
+    assert conditions(guard) == [(8, "nonfinite", "stop")]
+    assert run.state.global_step == 8
     assert same(kept.kept[8], kept.kept[7])  # step 8 was not applied
 
 
@@ -403,7 +433,8 @@ def test_the_trainer_does_not_save_nan_weights(tok, tmp_path):
     run.train()
     kept.remove()
     guard = guard_of(run)
-    assert [e.condition for e in guard.events][-1] == "checkpoint" and run.state.global_step == 6
+    assert [e.condition for e in guard.events][-1] == "checkpoint"
+    assert run.state.global_step == 6
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     reloaded = type(model).from_pretrained(tmp_path / "checkpoint-4")
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
@@ -421,13 +452,15 @@ def test_the_trainer_restores_the_guard_on_resume(tok, tmp_path):
                       save_strategy="steps", save_steps=4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     guard = guard_of(resumed)
-    assert guard.step == 8 and guard.skipped == [2] and conditions(guard) == [(2, "nonfinite", "skip")]
+    assert guard.step == 8
+    assert guard.skipped == [2]
+    assert conditions(guard) == [(2, "nonfinite", "skip")]
 
 
 # ---------------------------------------------------------------- Lightning
 
 
-def test_the_lightning_guard_skips_a_nan_step(tok):
+def test_the_lightning_guard_skips_a_nan_step(tok, tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from test_lightning import LitLM
     from test_lightning import trainer as lightning_trainer
@@ -435,11 +468,14 @@ def test_the_lightning_guard_skips_a_nan_step(tok):
     module = LitLM(tok)
     remove = nan_at(module.model, 6)
     guard = lmcheck.watch.LightningGuard()
-    fit = lightning_trainer(max_steps=40, callbacks=[guard])
+    fit = lightning_trainer(max_steps=40, callbacks=[guard], default_root_dir=tmp_path)
     fit.fit(module)
     remove()
-    assert isinstance(fit, pl.Trainer) and guard.guard is not None
-    assert conditions(guard.guard) == [(6, "nonfinite", "skip")] and guard.guard.step == 40
+    assert isinstance(fit, pl.Trainer)
+    assert guard.guard is not None
+    assert conditions(guard.guard) == [(6, "nonfinite", "skip")]
+    assert guard.guard.step == 40
+    assert (tmp_path / "lmcheck-watch.md").exists()  # in the Trainer's log_dir
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

@@ -29,14 +29,20 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from lmcheck.watch.guard import ACTIONS, Event, Guard, GuardStop, Rules
 
 __all__ = ["ACTIONS", "Event", "Guard", "GuardStop", "LightningGuard", "Rules", "TrainerGuard", "watch"]
 
 
-def watch(model: Any, optimizer: Any = None, **options: Any) -> Guard:
+def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, rules: Rules | None = None,
+          scheduler: Any = None, lr_schedule: Callable[[int], float | Sequence[float]] | None = None,
+          scaler: Any = None, log_dir: str | Path | None = None) -> Guard:
     """The guard over ``model``'s optimizer steps, to use as a context manager around a loop.
 
     Args:
@@ -54,7 +60,8 @@ def watch(model: Any, optimizer: Any = None, **options: Any) -> Guard:
     A step the guard stops raises :class:`GuardStop` from ``optimizer.step()`` (or from the save it
     refused), before anything is changed.
     """
-    return Guard(model, optimizer, **options)
+    return Guard(model, optimizer, rules=rules, scheduler=scheduler, lr_schedule=lr_schedule, scaler=scaler,
+                 log_dir=log_dir)
 
 
 def __getattr__(name: str) -> Any:
@@ -72,7 +79,8 @@ def __getattr__(name: str) -> Any:
 class _CallableModule(types.ModuleType):
     """``lmcheck.watch(model, optimizer)`` calls :func:`watch`; the module's names stay reachable."""
 
-    def __call__(self, model: Any, optimizer: Any = None, **options: Any) -> Guard:
+    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 **options: Any) -> Guard:
         return watch(model, optimizer, **options)
 
 

@@ -27,7 +27,10 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from lmcheck._ranks import rank, unwrap_parallel, world_size
 from lmcheck._validate import check_int, check_model, check_number, check_str, describe
@@ -230,7 +233,7 @@ class Guard:
         self.events: list[Event] = []
         self.skipped: list[int] = []
         self.step = 0  # optimizer steps seen
-        self.history: dict[str, list[float | None]] = {"step": [], "loss": [], "grad_norm": []}
+        self.history: dict[str, list[Any]] = {"step": [], "loss": [], "grad_norm": []}  # step, loss or None, norm
         self._stride = 1  # the history keeps every stride-th step
         self._loss_window = _Window(self.rules.window)
         self._grad_window = _Window(self.rules.window)
@@ -450,7 +453,6 @@ class Guard:
                                              torch.stack([w for _, w in parts]).sum()))
 
     def _judge_step(self, optimizer: torch.optim.Optimizer, kwargs: Mapping[str, Any]) -> None:
-        rules = self.rules
         self.step += 1
         step = self.step
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -600,7 +602,7 @@ class Guard:
         bad = [] if expected is None else [
             i for i, (got, want) in enumerate(zip(lrs, expected, strict=False))
             if not abs(got - want) <= self.rules.lr_rtol * max(abs(want), 1e-12)]
-        if bad:
+        if bad and expected is not None:
             i = bad[0]
             return Event(step, "learning_rate", self.rules.learning_rate,
                          f"step {step}: the learning rate of parameter group {i} is {lrs[i]:.6g}, not {expected[i]:.6g} "
@@ -812,8 +814,12 @@ class Guard:
         self._stalled, self._rates, self._slow = set(saved["stalled"]), saved["rates"], saved["slow"]
         self.history = {k: [float(v) if isinstance(v, str) else v for v in values]  # "nan" back to a float
                         for k, values in saved["history"].items()}
-        self.events = [Event(**{k: (float(v) if k in ("value", "threshold") and isinstance(v, str) else v)
-                                for k, v in e.items()}) for e in saved["events"]]
+        events: list[dict[str, Any]] = saved["events"]
+        for event in events:
+            for key in ("value", "threshold"):
+                if isinstance(event.get(key), str):  # "nan", "inf" back to floats
+                    event[key] = float(event[key])
+        self.events = [Event(**event) for event in events]
 
 
 def _act_said(action: str) -> str:

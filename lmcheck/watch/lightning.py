@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from lmcheck.errors import InputError
 from lmcheck.watch.guard import Guard, GuardStop, Rules
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:  # without Lightning the name exists and says what is missing
-    Callback = None
-
 __all__ = ["LightningGuard"]
 
-
-if Callback is None:
+if importlib.util.find_spec("lightning") is None:  # without Lightning the name exists and says what is missing
     class LightningGuard:
         """Needs Lightning: ``pip install lightning``."""
 
@@ -23,6 +18,8 @@ if Callback is None:
             raise InputError("lmcheck.watch.LightningGuard needs Lightning (pip install lightning)")
 
 else:
+    from lightning.pytorch import Callback
+
     class LightningGuard(Callback):  # type: ignore[no-redef]
         """``lightning.pytorch.Trainer(..., callbacks=[lmcheck.watch.LightningGuard()])``.
 
