@@ -108,7 +108,8 @@ class Recorder:
                 self._primary = id(optimizer)
             if id(optimizer) != self._primary:
                 return None  # a second optimizer of the same model: its state is saved, its steps not counted
-            closure = kwargs.get("closure", args[0] if args and callable(args[0]) else None)
+            # the hook's args begin with the optimizer itself: a closure given by position is args[1]
+            closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
             if closure is None:
                 record(optimizer)
                 return None
@@ -122,7 +123,7 @@ class Recorder:
 
             if "closure" in kwargs:
                 return args, {**kwargs, "closure": recorded}
-            return (recorded, *args[1:]), kwargs
+            return (args[0], recorded, *args[2:]), kwargs
 
         def record(optimizer: torch.optim.Optimizer) -> None:
             if not self.steps and self.at_first_step is not None:

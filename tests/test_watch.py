@@ -13,6 +13,7 @@ ln V to well below it within the first hundred steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -301,6 +302,52 @@ def test_a_collapsing_loss_scale_is_caught(tok, batches):
     assert guard.events[0].value == 0.5
     assert "below 1" in guard.events[0].message
     assert guard.step == 10  # the scaler's own skips are not optimizer steps
+
+
+def test_a_fused_optimizer_under_a_grad_scaler_is_judged_unscaled(tok, batches):
+    """A fused AdamW stepped by a GradScaler sees the gradients still scaled (the scaler sets
+    ``grad_scale`` and ``found_inf`` on the optimizer for the step): the guard divides the norm by
+    the scale, and a step the scaler skips for an overflow is the scaler's, not a NaN event."""
+    model = stacks.llama(tok)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    norms = []
+    with lmcheck.watch(model, optimizer, scaler=scaler) as guard:
+        for step in range(1, 9):
+            loss = model(**batches[step % 4]).loss
+            scaler.scale(loss * (math.inf if step == 5 else 1.0)).backward()
+            scaler.unscale_(optimizer) if step == 1 else None  # step 1: the unscaled norm, to compare
+            norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    assert guard.events == [], [e.message for e in guard.events]
+    assert guard.step == 7  # the overflowed step is the scaler's skip
+    assert guard.history["grad_norm"][0] == pytest.approx(norms[0], rel=1e-5)
+    assert guard.history["grad_norm"][1] == pytest.approx(norms[1] / 2.0**16, rel=1e-5)
+
+
+def test_a_step_given_a_closure_is_judged_once_the_closure_has_run(tok, batches):
+    """``optimizer.step(closure)``, the closure given by position (as LBFGS takes it) or by name
+    (as Lightning gives it): the gradients exist only once the closure has run."""
+    for by_name in (False, True):
+        model, optimizer = setup(tok)
+        remove = nan_at(model, 3)
+
+        def closure(batch: dict[str, torch.Tensor], model: torch.nn.Module = model,
+                    optimizer: torch.optim.Optimizer = optimizer) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        with lmcheck.watch(model, optimizer) as guard:
+            for step in range(1, 6):
+                step_closure = functools.partial(closure, batches[step % 4])
+                optimizer.step(closure=step_closure) if by_name else optimizer.step(step_closure)
+        remove()
+        assert conditions(guard) == [(3, "nonfinite", "skip")]
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_falling_throughput_is_caught(tok, batches, monkeypatch):

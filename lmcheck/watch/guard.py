@@ -424,9 +424,10 @@ class Guard:
             return None
         if self.optimizer is None:
             self.optimizer = optimizer
-        closure = kwargs.get("closure", args[0] if args and callable(args[0]) else None)
+        # the hook's args begin with the optimizer itself: a closure given by position is args[1]
+        closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
         if closure is None:
-            self._judge_step(optimizer, kwargs)
+            self._judge_step(optimizer)
             return None
 
         # optimizer.step(closure), as Lightning calls it: the gradients exist once the closure returns
@@ -434,12 +435,12 @@ class Guard:
             loss = closure()
             if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not self._losses:
                 self._losses.append(loss.detach().float().reshape(()))
-            self._judge_step(optimizer, kwargs)
+            self._judge_step(optimizer)
             return loss
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": judged}
-        return (judged, *args[1:]), kwargs
+        return (args[0], judged, *args[2:]), kwargs
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._ours(optimizer):
@@ -452,7 +453,7 @@ class Guard:
                 self._pending_change.append((group, lr, torch.stack([d for d, _ in parts]).sum(),
                                              torch.stack([w for _, w in parts]).sum()))
 
-    def _judge_step(self, optimizer: torch.optim.Optimizer, kwargs: Mapping[str, Any]) -> None:
+    def _judge_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.step += 1
         step = self.step
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -463,8 +464,10 @@ class Guard:
             norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False).to(device).float()
         else:
             norm = torch.zeros((), device=device)
-        scale = kwargs.get("grad_scale")
-        if isinstance(scale, torch.Tensor):  # a fused optimizer under a GradScaler: gradients still scaled
+        # a fused optimizer under a GradScaler: the scaler sets grad_scale and found_inf on the
+        # optimizer for the step, and the gradients are still scaled
+        scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if isinstance(scale, torch.Tensor):
             norm = norm / scale.reshape(()).float().to(device)
         loss = None
         if self._losses:
@@ -478,7 +481,6 @@ class Guard:
         no_grad_groups = [i for i, g in enumerate(optimizer.param_groups)
                           if g["params"] and all(p.grad is None for p in g["params"])]
         # the one synchronisation of the step: every number it judges, reduced across ranks
-        found_inf = kwargs.get("found_inf")  # a fused optimizer under a GradScaler: 1 where it skips the step
         host = [float(loss is not None), float(lr_event is not None), elapsed, float(self._tokens),
                 0.0 if not isinstance(found_inf, torch.Tensor) else math.nan]
         parts = [loss if loss is not None else torch.zeros((), device=device), norm,
