@@ -542,3 +542,38 @@ def test_the_lightning_guard_skips_a_nan_step(tok, tmp_path):
 def test_bad_input_is_named(make, message):
     with pytest.raises(LmcheckError, match=message):
         make()
+
+
+# ---------------------------------------------------------------- TRL's trainers
+
+
+@pytest.mark.slow
+def test_the_trainer_guard_in_trls_sft_trainer(tok, tmp_path):
+    """SFTTrainer is a Trainer: the guard reads the model's loss as it computes it, and a NaN
+    step among TRL's accumulated micro-batches is skipped at its optimizer step."""
+    model = stacks.llama(tok)
+    remove = nan_at(model, 9)  # the 9th micro-batch: the first of optimizer step 5 (two per step)
+    run = stacks.sft_trainer(tok, str(tmp_path), stacks.plain_texts(), model=model, max_steps=40)
+    run.add_callback(TrainerGuard())
+    run.train()
+    remove()
+    guard = guard_of(run)
+    assert conditions(guard) == [(5, "nonfinite", "skip")], [e.message for e in guard.events]
+    assert guard.step == 40
+    assert all(isinstance(v, float) for v in guard.history["loss"])  # the loss was read at every step
+
+
+@pytest.mark.slow
+def test_the_trainer_guard_in_trls_dpo_trainer(tok, tmp_path):
+    """DPOTrainer computes its loss outside the model: the gradient conditions are judged, the
+    loss is not read (said in the history as None), and a healthy run raises no event."""
+    base = str(tmp_path / "base")
+    stacks.llama(tok).save_pretrained(base)
+    run = stacks.dpo_trainer(tok, str(tmp_path / "run"), base, max_steps=20)
+    run.add_callback(TrainerGuard())
+    run.train()
+    guard = guard_of(run)
+    assert guard.events == [], [e.message for e in guard.events]
+    assert guard.step == 20
+    assert all(math.isfinite(v) for v in guard.history["grad_norm"])
+    assert all(v is None for v in guard.history["loss"])
