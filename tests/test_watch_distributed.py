@@ -97,8 +97,6 @@ def test_a_nan_gradient_on_one_rank_is_skipped_on_every_rank(ranks):
     assert first["optimizer"] == second["optimizer"]
 
 
-@pytest.mark.xfail(strict=True, reason="lmcheck.watch: a learning-rate event seen on another rank only is "
-                   "recorded with action '' (not Rules.learning_rate), so rank 0 logs it but does not stop")
 def test_a_learning_rate_off_its_schedule_on_one_rank_stops_every_rank(ranks):
     """``Rules(learning_rate="stop")``, rank 1's rate halved at the last step: both ranks stop
     there (at the last step, so that ranks that part ways have no collective left to hang in)."""

@@ -153,10 +153,12 @@ class _Window:
 
     def __init__(self, size: int, values: Sequence[float] = ()) -> None:
         self.size, self.values = size, list(values)[-size:]
+        self.logs = [math.log(v) if v > 0 else math.nan for v in self.values]  # each taken once
 
     def add(self, value: float) -> None:
         self.values.append(value)
-        del self.values[:-self.size]
+        self.logs.append(math.log(value) if value > 0 else math.nan)
+        del self.values[:-self.size], self.logs[:-self.size]
 
 
 def _spike_threshold(window: _Window, rules: Rules) -> tuple[float, dict[str, float]] | None:
@@ -169,7 +171,7 @@ def _spike_threshold(window: _Window, rules: Rules) -> tuple[float, dict[str, fl
         return None
     median = statistics.median(values)
     if min(values) > 0:
-        logs = [math.log(v) for v in values]
+        logs = window.logs
         centre = statistics.median(logs)
         sigma = 1.4826 * statistics.median(abs(v - centre) for v in logs)
         bound = math.exp(centre + rules.spike_sigmas * sigma)
@@ -181,24 +183,33 @@ def _spike_threshold(window: _Window, rules: Rules) -> tuple[float, dict[str, fl
     return max(bound, rules.spike_ratio * median) if median > 0 else bound, stats
 
 
-@dataclass
-class _Sample:
-    """A fixed slice of one parameter, copied before the step."""
+class _Slices:
+    """Fixed slices of a few of one group's parameters, copied before the step as one tensor and
+    compared after it (a handful of kernels per group, whatever the slices' count)."""
 
-    parameter: torch.Tensor
-    start: int
-    length: int
-    before: torch.Tensor | None = None
+    def __init__(self, parameters: Sequence[torch.Tensor]) -> None:
+        self.slices = [(p, (p.numel() - min(p.numel(), SAMPLED_ELEMENTS)) // 2, min(p.numel(), SAMPLED_ELEMENTS))
+                       for p in parameters]
+        self.taken: list[tuple[torch.Tensor, int, int]] = []
+        self.before: torch.Tensor | None = None
+
+    @staticmethod
+    def _gather(slices: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1)[start:start + length].float() for p, start, length in slices])
 
     def take(self) -> None:
-        self.before = self.parameter.detach().reshape(-1)[self.start:self.start + self.length].clone()
+        """Copy the slices of the parameters that have a gradient this step."""
+        self.taken = [item for item in self.slices if item[0].grad is not None]
+        self.before = self._gather(self.taken) if self.taken else None
 
-    def change(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(squared norm of the slice's update, squared norm of the slice) on the device."""
-        now = self.parameter.detach().reshape(-1)[self.start:self.start + self.length]
-        before = self.before if self.before is not None else now
-        self.before = None
-        return (now.float() - before.float()).square().sum(), now.float().square().sum()
+    def change(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(squared norm of the slices' update, squared norm of the slices) on the device; None
+        where nothing was taken before the step."""
+        if self.before is None:
+            return None
+        now = self._gather(self.taken)
+        before, self.before = self.before, None
+        return (now - before).square().sum(), now.square().sum()
 
 
 class Guard:
@@ -248,7 +259,7 @@ class Guard:
         self._losses: list[torch.Tensor] = []
         self._tokens = 0
         self._clip_norm: torch.Tensor | None = None
-        self._samples: dict[int, list[_Sample]] = {}
+        self._samples: dict[int, _Slices] = {}
         self._pending_change: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # group, lr, d2, w2
         self._last_time: float | None = None
         self._summed = False  # the step's loss is the sum of its micro-batches' (else their mean)
@@ -446,12 +457,11 @@ class Guard:
         if not self._ours(optimizer):
             return
         self._steps_since_update += 1
-        for group, samples in self._samples.items():
-            parts = [s.change() for s in samples if s.before is not None]
-            if parts:
+        for group, slices in self._samples.items():
+            change = slices.change()
+            if change is not None:
                 lr = float(optimizer.param_groups[group].get("lr", 0.0))
-                self._pending_change.append((group, lr, torch.stack([d for d, _ in parts]).sum(),
-                                             torch.stack([w for _, w in parts]).sum()))
+                self._pending_change.append((group, lr, *change))
 
     def _judge_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.step += 1
@@ -508,8 +518,9 @@ class Guard:
 
         withheld = self._judge_before(optimizer, step, loss_value, norm_value)
         if lr_event is not None or values[3] > 0:
-            self._act(lr_event or Event(step, "learning_rate", "", "the learning rate is off its schedule on "
-                                                                     "another rank"))
+            self._act(lr_event or Event(step, "learning_rate", self.rules.learning_rate,
+                                        f"step {step}: the learning rate is off its schedule on another rank"
+                                        + _act_said(self.rules.learning_rate)))
         self._judge_stalled(step, changes, no_grad_groups, optimizer)
         if scale_value is not None:
             self._judge_scale(scale_value, step)
@@ -656,9 +667,10 @@ class Guard:
         shadow = self._shadow
         if last < shadow.last_epoch:  # the schedule went back: restarted, or loaded from elsewhere
             return [math.nan] * len(optimizer.param_groups)
-        with _quiet_scheduler():
-            while shadow.last_epoch < last:
-                shadow.step()
+        if shadow.last_epoch < last:
+            with _quiet_scheduler():
+                while shadow.last_epoch < last:
+                    shadow.step()
         return [float(g["lr"]) for g in shadow.optimizer.param_groups]
 
     def _judge_stalled(self, step: int, changes: list[tuple[int, float, float, float]], no_grad: list[int],
@@ -677,11 +689,14 @@ class Guard:
             if len(first) < rules.stall_baseline:
                 first.append(per_lr)
                 continue
-            floor = rules.stall_factor * statistics.median(first)
+            start = statistics.median(first)
+            if not start > 0:  # a group that did not move in its first steps: nothing to fall from
+                continue
+            floor = rules.stall_factor * start
             if not per_lr > floor:
                 if group not in self._stalled:
                     stalled.append((group, f"its update per unit of learning rate is {per_lr:.3g}, below "
-                                           f"{rules.stall_factor:g} x its first steps' {statistics.median(first):.3g}",
+                                           f"{rules.stall_factor:g} x its first steps' {start:.3g}",
                                     per_lr, floor))
             else:
                 self._stalled.discard(group)
@@ -735,12 +750,9 @@ class Guard:
                 if not trainable:
                     continue
                 chosen = trainable[:: max(1, len(trainable) // SAMPLED_PARAMETERS)][:SAMPLED_PARAMETERS]
-                self._samples[i] = [_Sample(p, (p.numel() - min(p.numel(), SAMPLED_ELEMENTS)) // 2,
-                                            min(p.numel(), SAMPLED_ELEMENTS)) for p in chosen]
-        for samples in self._samples.values():
-            for sample in samples:
-                if sample.parameter.grad is not None:
-                    sample.take()
+                self._samples[i] = _Slices(chosen)
+        for slices in self._samples.values():
+            slices.take()
 
     # ---- actions -------------------------------------------------------------------------------
 
