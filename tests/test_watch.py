@@ -526,6 +526,25 @@ def test_the_lightning_guard_skips_a_nan_step(tok, tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_the_lightning_guard_is_restored_from_the_checkpoint(tok, tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from test_lightning import LitLM
+    from test_lightning import trainer as lightning_trainer
+
+    module = LitLM(tok)
+    remove = nan_at(module.model, 3)
+    first = lightning_trainer(max_steps=8, callbacks=[lmcheck.watch.LightningGuard()], default_root_dir=tmp_path)
+    first.fit(module)
+    remove()
+    first.save_checkpoint(tmp_path / "step-8.ckpt")
+    guard = lmcheck.watch.LightningGuard()
+    resumed = lightning_trainer(max_steps=12, callbacks=[guard], default_root_dir=tmp_path)
+    resumed.fit(LitLM(tok), ckpt_path=tmp_path / "step-8.ckpt")
+    assert guard.guard is not None
+    assert guard.guard.step == 12
+    assert conditions(guard.guard) == [(3, "nonfinite", "skip")]
+
+
 # ---------------------------------------------------------------- bad input
 
 
