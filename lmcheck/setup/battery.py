@@ -200,6 +200,7 @@ class Session:
         self.costs: dict[str, dict[str, float]] = {}  # check -> seconds and optimizer steps it ran
         self._batches: list[Result] | None = None
         self._first: FirstRun | None = None
+        self.replay: UpdateReplay | None = None  # the first run's element-wise replay of half-precision updates
         self._accumulation: Result | None = None  # judged at the first step of the first run
         self._window: int | None = None  # the first step's calls to judge, where steps were skipped
         self._ranks: dict[str, Result] | None = None
@@ -381,6 +382,8 @@ def _rounded_away(s: Session) -> Result:
     applicable."""
     name = "lost_updates"
     model, first = s.driver.model, s.first
+    if s.replay is None:
+        return Result.not_applicable(name, "the first run was not replayed (it supervised no token)")
     replayed = s.replay.result()
     if replayed.status != "n/a" or s.replay.unreplayed is None:
         return replayed
