@@ -9,7 +9,9 @@ peak resident set size after those steps; then the probe's seconds and the peak 
 peak only grows, so ``peak_after_check - peak_after_steps`` is what the probe holds beyond the
 user's training. ``adapters``: ``lmcheck.lora.lora_adapters`` on a LoRA of GPT-2's attention and
 MLP projections (r=16); ``packing``: ``lmcheck.packing_equivalence`` on one row of 4 packed
-documents of 32 tokens. ``benchmarks/test_bench_check_costs.py`` runs it.
+documents of 32 tokens; ``precision``: the setup row's probes for fp32 weights under bf16 autocast
+(the user's step runs under it too): ``loss_precision``, ``autocast_ops`` and ``fp16_headroom``.
+``benchmarks/test_bench_check_costs.py`` runs it.
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ def measure(check: str, size: str) -> dict[str, Any]:
         model.config.use_cache = False
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=check == "precision")
+
     def step() -> None:
-        model(**batch).loss.backward()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -71,6 +77,12 @@ def measure(check: str, size: str) -> dict[str, Any]:
     started = time.perf_counter()
     if check == "adapters":
         result = lora_adapters(model, batch)
+    elif check == "precision":
+        from lmcheck.precision import autocast_ops, fp16_headroom, loss_precision
+
+        parts = [loss_precision(model, batch), autocast_ops(model, batch, dtype=torch.bfloat16),
+                 fp16_headroom(model, batch)]
+        result = next((r for r in parts if not r.passed), parts[0])
     else:
         result = lmcheck.packing_equivalence(model, batch)
     seconds = time.perf_counter() - started
@@ -81,7 +93,7 @@ def measure(check: str, size: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", choices=["adapters", "packing"], required=True)
+    parser.add_argument("--check", choices=["adapters", "packing", "precision"], required=True)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     arguments = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

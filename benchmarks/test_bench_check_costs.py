@@ -21,7 +21,7 @@ SCRIPT = Path(__file__).with_name("check_costs.py")
 STEPS_GOAL, MEMORY_GOAL = 15.0, 0.3
 
 
-@pytest.mark.parametrize("check", ["adapters", "packing"])
+@pytest.mark.parametrize("check", ["adapters", "packing", "precision"])
 def test_probe_cost_against_the_users_step(benchmark, check):
     runs: dict[str, dict] = {}
 

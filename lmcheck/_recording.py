@@ -29,7 +29,8 @@ from torch.optim.optimizer import (
 from lmcheck._finite import locate
 from lmcheck._ranks import local
 
-__all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "rng_state", "set_rng_state"]
+__all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "once_gradients_exist",
+           "rng_state", "set_rng_state"]
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,7 @@ class Recorder:
                 self._primary = id(optimizer)
             if id(optimizer) != self._primary:
                 return None  # a second optimizer of the same model: its state is saved, its steps not counted
-            # the hook's args begin with the optimizer itself: a closure given by position is args[1]
-            closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
-            if closure is None:
-                record(optimizer)
-                return None
-
-            # optimizer.step(closure), as Lightning calls it: the forward, backward and clipping
-            # run inside the step, so the gradients are read when the closure returns
-            def recorded() -> Any:
-                loss = closure()
-                record(optimizer)
-                return loss
-
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": recorded}
-            return (args[0], recorded, *args[2:]), kwargs
+            return once_gradients_exist(args, kwargs, lambda loss: record(optimizer))
 
         def record(optimizer: torch.optim.Optimizer) -> None:
             if not self.steps and self.at_first_step is not None:
@@ -164,6 +150,28 @@ class Recorder:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def once_gradients_exist(args: Any, kwargs: Any, then: Callable[[Any], None]) -> tuple[Any, Any] | None:
+    """For a global optimizer-step pre-hook given the step's ``args`` and ``kwargs``: call
+    ``then(loss)`` once the step's gradients exist, before the update. Without a closure that is
+    now (``loss`` None), and the hook returns None; with one (``optimizer.step(closure)``, as
+    Lightning steps: the forward, backward and clipping run inside the step) it is when the closure
+    returns, with its loss, and the hook returns the arguments with the closure wrapped. The
+    hook's args begin with the optimizer itself: a closure given by position is ``args[1]``."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
+    if closure is None:
+        then(None)
+        return None
+
+    def wrapped() -> Any:
+        loss = closure()
+        then(loss)
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": wrapped}
+    return (args[0], wrapped, *args[2:]), kwargs
 
 
 @contextmanager

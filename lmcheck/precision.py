@@ -53,6 +53,7 @@ from lmcheck._model import (
     reference_loss,
 )
 from lmcheck._ranks import local
+from lmcheck._recording import once_gradients_exist
 from lmcheck._validate import (
     as_ids,
     as_mask,
@@ -623,21 +624,7 @@ class _Watch:
         return self.followed
 
     def before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        # the hooks get step's arguments with the optimizer first: (optimizer, closure) or (optimizer,)
-        closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
-        if closure is None:
-            self._replay(optimizer)
-            return None
-
-        # optimizer.step(closure), as Lightning calls it: the gradients exist once the closure has run
-        def replayed() -> Any:
-            loss = closure()
-            self._replay(optimizer)
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": replayed}
-        return (args[0], replayed, *args[2:]), kwargs
+        return once_gradients_exist(args, kwargs, lambda loss: self._replay(optimizer))
 
     def _replay(self, optimizer: torch.optim.Optimizer) -> None:
         # a GradScaler hands an optimizer that unscales by itself (fused Adam, AdamW, SGD: its

@@ -96,7 +96,23 @@ def conditions(guard: Any) -> list[tuple[int, str, str]]:
 # ---------------------------------------------------------------- healthy runs
 
 
-def test_a_healthy_loop_of_200_steps_raises_no_event(tok, batches, tmp_path):
+@pytest.fixture
+def steady_clock(monkeypatch):
+    """The guard's clock, 10 ms a step: the tests' workers share the machine's cores, so a healthy
+    run's real throughput halves whenever a neighbour starts work (the throughput condition is
+    judged on a clock of the test's own in test_falling_throughput_is_caught)."""
+    import lmcheck.watch.guard as engine
+
+    ticks = [0]
+
+    def now() -> float:
+        ticks[0] += 1
+        return ticks[0] * 0.01
+
+    monkeypatch.setattr(engine.time, "perf_counter", now)
+
+
+def test_a_healthy_loop_of_200_steps_raises_no_event(tok, batches, tmp_path, steady_clock):
     model, optimizer = setup(tok)
     with lmcheck.watch(model, optimizer, log_dir=tmp_path) as guard:
         train(model, optimizer, batches, 200)
@@ -450,7 +466,7 @@ def guard_of(trainer: Trainer) -> Any:
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainerGuard)).guard
 
 
-def test_a_healthy_trainer_of_200_steps_raises_no_event(tok, tmp_path):
+def test_a_healthy_trainer_of_200_steps_raises_no_event(tok, tmp_path, steady_clock):
     run = trainer(tok, tmp_path, [TrainerGuard()])
     run.train()
     guard = guard_of(run)

@@ -33,6 +33,7 @@ from torch.optim.optimizer import (
 )
 
 from lmcheck._ranks import rank, unwrap_parallel, world_size
+from lmcheck._recording import once_gradients_exist
 from lmcheck._validate import check_int, check_model, check_number, check_str, describe
 from lmcheck.errors import InputError
 
@@ -435,23 +436,7 @@ class Guard:
             return None
         if self.optimizer is None:
             self.optimizer = optimizer
-        # the hook's args begin with the optimizer itself: a closure given by position is args[1]
-        closure = kwargs.get("closure", args[1] if len(args) > 1 and callable(args[1]) else None)
-        if closure is None:
-            self._judge_step(optimizer)
-            return None
-
-        # optimizer.step(closure), as Lightning calls it: the gradients exist once the closure returns
-        def judged() -> Any:
-            loss = closure()
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not self._losses:
-                self._losses.append(loss.detach().float().reshape(()))
-            self._judge_step(optimizer)
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": judged}
-        return (args[0], judged, *args[2:]), kwargs
+        return once_gradients_exist(args, kwargs, lambda loss: self._judge_step(optimizer, loss))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._ours(optimizer):
@@ -463,7 +448,9 @@ class Guard:
                 lr = float(optimizer.param_groups[group].get("lr", 0.0))
                 self._pending_change.append((group, lr, *change))
 
-    def _judge_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def _judge_step(self, optimizer: torch.optim.Optimizer, closure_loss: Any = None) -> None:
+        if isinstance(closure_loss, torch.Tensor) and closure_loss.numel() == 1 and not self._losses:
+            self._losses.append(closure_loss.detach().float().reshape(()))  # Lightning's: the closure's loss
         self.step += 1
         step = self.step
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
