@@ -573,6 +573,7 @@ def test_the_lightning_guard_is_restored_from_the_checkpoint(tok, tmp_path):
     (lambda: lmcheck.watch(torch.nn.Linear(2, 2), optimizer="adam"), "'optimizer' must be a torch.optim.Optimizer"),
     (lambda: lmcheck.watch(torch.nn.Linear(2, 2), lr_schedule=3e-4), "'lr_schedule' must be a function"),
     (lambda: TrainerGuard(rules="strict"), "'rules' must be"),
+    (lambda: lmcheck.watch(torch.nn.Linear(2, 2), log_dir=3), "'log_dir' must be a folder's path"),
 ])
 def test_bad_input_is_named(make, message):
     with pytest.raises(LmcheckError, match=message):

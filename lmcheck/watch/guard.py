@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -237,6 +238,8 @@ class Guard:
             raise InputError(f"'scheduler' must be a torch learning-rate scheduler (got {describe(scheduler)})")
         if scaler is not None and not callable(getattr(scaler, "update", None)):
             raise InputError(f"'scaler' must be a torch.amp.GradScaler (got {describe(scaler)})")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise InputError(f"'log_dir' must be a folder's path or None (got {describe(log_dir)})")
         self.rules = rules or Rules()
         self.optimizer, self.scheduler, self.lr_schedule, self.scaler = optimizer, scheduler, lr_schedule, scaler
         self.log_dir = log_dir
