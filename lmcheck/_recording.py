@@ -29,7 +29,7 @@ from torch.optim.optimizer import (
 from lmcheck._finite import locate
 from lmcheck._ranks import local
 
-__all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "counted_steps", "cpu_copy", "once_gradients_exist",
+__all__ = ["GradientSeen", "OptimizerStep", "Recorder", "Snapshot", "clipping_seen", "counted_steps", "cpu_copy", "once_gradients_exist",
            "rng_state", "set_rng_state"]
 
 
@@ -145,7 +145,7 @@ class Recorder:
         handles = [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
         clips: list[tuple[float, float]] = []
         try:
-            with _clipping_seen(clips):
+            with clipping_seen(_noted(clips)):
                 yield self
         finally:
             for handle in handles:
@@ -190,24 +190,18 @@ def counted_steps() -> Iterator[list[int]]:
 
 
 @contextmanager
-def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
-    """Note (total norm, max_norm) of every gradient clipping while active: the step hook sees only
-    clipped gradients, and a clipped update hides its scale (a loss not divided by the
-    accumulation steps clips to the same norm as the right one). Seen: ``clip_grad_norm_``, and
-    ``clip_grads_with_norm_`` given the total (accelerate 1.16 clips that way, after its own
+def clipping_seen(note: Callable[[Any, float], None]) -> Iterator[None]:
+    """Call ``note(total_norm, max_norm)`` at every gradient clipping while active, with the
+    total as the clipping computed it (a tensor: nothing is read from the device here). The step
+    hook sees only clipped gradients, and a clipped update hides its scale (a loss not divided by
+    the accumulation steps clips to the same norm as the right one). Seen: ``clip_grad_norm_``,
+    and ``clip_grads_with_norm_`` given the total (accelerate 1.16 clips that way, after its own
     ``get_total_norm``). The Trainer, accelerate and most loops call them through
-    ``torch.nn.utils`` at call time; a loop that imported the function itself before the checks is
-    not seen."""
+    ``torch.nn.utils`` at call time; a loop that imported the function itself before is not seen."""
     import torch.nn.utils as utils
     import torch.nn.utils.clip_grad as clip_grad
 
     norm_then_clip, clip_with_norm = clip_grad.clip_grad_norm_, utils.clip_grads_with_norm_
-
-    def note(total: Any, max_norm: Any) -> None:
-        try:
-            calls.append((float(total), float(max_norm)))
-        except (TypeError, ValueError, RuntimeError):  # a DTensor norm or an odd max_norm: not noted
-            pass
 
     def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
         total = norm_then_clip(parameters, max_norm, *args, **kwargs)
@@ -225,6 +219,16 @@ def _clipping_seen(calls: list[tuple[float, float]]) -> Iterator[None]:
     finally:
         utils.clip_grad_norm_ = clip_grad.clip_grad_norm_ = norm_then_clip
         utils.clip_grads_with_norm_ = clip_with_norm
+
+
+def _noted(calls: list[tuple[float, float]]) -> Callable[[Any, float], None]:
+    """A ``clipping_seen`` note that keeps (total, max_norm) as floats."""
+    def note(total: Any, max_norm: Any) -> None:
+        try:
+            calls.append((float(total), float(max_norm)))
+        except (TypeError, ValueError, RuntimeError):  # a DTensor norm or an odd max_norm: not noted
+            pass
+    return note
 
 
 class Snapshot:

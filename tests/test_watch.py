@@ -574,6 +574,7 @@ def test_the_lightning_guard_is_restored_from_the_checkpoint(tok, tmp_path):
     (lambda: lmcheck.watch(torch.nn.Linear(2, 2), lr_schedule=3e-4), "'lr_schedule' must be a function"),
     (lambda: TrainerGuard(rules="strict"), "'rules' must be"),
     (lambda: lmcheck.watch(torch.nn.Linear(2, 2), log_dir=3), "'log_dir' must be a folder's path"),
+    (lambda: lmcheck.watch.Guard(torch.nn.Linear(2, 2), stop="never"), "'stop' must be one of"),
 ])
 def test_bad_input_is_named(make, message):
     with pytest.raises(LmcheckError, match=message):

@@ -34,7 +34,7 @@ from torch.optim.optimizer import (
 )
 
 from lmcheck._ranks import rank, unwrap_parallel, world_size
-from lmcheck._recording import once_gradients_exist
+from lmcheck._recording import clipping_seen, once_gradients_exist
 from lmcheck._validate import check_int, check_model, check_number, check_str, describe
 from lmcheck.errors import InputError
 
@@ -240,6 +240,7 @@ class Guard:
             raise InputError(f"'scaler' must be a torch.amp.GradScaler (got {describe(scaler)})")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise InputError(f"'log_dir' must be a folder's path or None (got {describe(log_dir)})")
+        check_str(stop, "stop", choices=("raise", "request"))
         self.rules = rules or Rules()
         self.optimizer, self.scheduler, self.lr_schedule, self.scaler = optimizer, scheduler, lr_schedule, scaler
         self.log_dir = log_dir
@@ -258,7 +259,6 @@ class Guard:
         self._rates: list[float] = []  # tokens (or steps) per second, each step
         self._slow = False
         self._lr_zero_said = False
-        self._initial_lrs: list[float] | None = None
         # within a step
         self._losses: list[torch.Tensor] = []
         self._tokens = 0
@@ -276,6 +276,7 @@ class Guard:
         self._patches: list[tuple[Any, str, Any]] = []
         self._names: dict[int, str] = {}
         self._armed = False
+        self._clipping = contextlib.ExitStack()
         self._jsonl: Any = None
 
     # ---- arming -------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ class Guard:
         self._handles = [register_optimizer_step_pre_hook(self._before_step),
                          register_optimizer_step_post_hook(self._after_step),
                          self.model.register_forward_hook(self._seen_forward, with_kwargs=True)]
-        self._patch_clipping()
+        self._clipping = contextlib.ExitStack()
+        self._clipping.enter_context(clipping_seen(self._seen_clipping))  # the norm before clipping
         self._patch_savers()
         if self.scaler is not None:
             self._patch_scaler(self.scaler)
@@ -321,6 +323,7 @@ class Guard:
             else:
                 setattr(owner, name, original)
         self._handles, self._patches = [], []
+        self._clipping.close()
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -335,31 +338,6 @@ class Guard:
     def _patch(self, owner: Any, name: str, replacement: Any) -> None:
         self._patches.append((owner, name, getattr(owner, name)))
         setattr(owner, name, replacement)
-
-    def _patch_clipping(self) -> None:
-        """The gradient norm before clipping (the step hook sees clipped gradients only): the total
-        that ``clip_grad_norm_`` returns, or that ``clip_grads_with_norm_`` is given (as accelerate
-        clips: ``get_total_norm``, then ``clip_grads_with_norm_``)."""
-        import torch.nn.utils as utils
-        import torch.nn.utils.clip_grad as clip_grad
-
-        norm_then_clip = clip_grad.clip_grad_norm_
-        clip_with_norm = utils.clip_grads_with_norm_
-
-        def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
-            total = norm_then_clip(parameters, max_norm, *args, **kwargs)
-            if isinstance(total, torch.Tensor):
-                self._clip_norm = total.detach()
-            return total
-
-        def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(total_norm, torch.Tensor):
-                self._clip_norm = total_norm.detach()
-            return clip_with_norm(parameters, max_norm, total_norm, *args, **kwargs)
-
-        self._patch(utils, "clip_grad_norm_", clip_grad_norm_)
-        self._patch(clip_grad, "clip_grad_norm_", clip_grad_norm_)
-        self._patch(utils, "clip_grads_with_norm_", clip_grads_with_norm_)
 
     def _patch_savers(self) -> None:
         """Every ``torch.save``, safetensors save and ``torch.distributed.checkpoint.save`` while
@@ -413,6 +391,10 @@ class Guard:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise InputError(f"'value' must be the step's loss, a number or a tensor (got {describe(value)})")
             self._losses.append(torch.tensor(float(value)))
+
+    def _seen_clipping(self, total: Any, max_norm: float) -> None:
+        if isinstance(total, torch.Tensor):  # the step hook sees the clipped gradients only
+            self._clip_norm = total.detach()
 
     def _seen_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -481,12 +463,9 @@ class Guard:
         no_grad_groups = [i for i, g in enumerate(optimizer.param_groups)
                           if g["params"] and all(p.grad is None for p in g["params"])]
         # the one synchronisation of the step: every number it judges, reduced across ranks
-        host = [float(loss is not None), float(lr_event is not None), elapsed, float(self._tokens),
-                0.0 if not isinstance(found_inf, torch.Tensor) else math.nan]
-        parts = [loss if loss is not None else torch.zeros((), device=device), norm,
-                 torch.tensor(host, device=device)]
-        if isinstance(found_inf, torch.Tensor):
-            parts[2] = torch.cat([parts[2][:4], found_inf.reshape(1).float().to(device)])
+        host = [float(loss is not None), float(lr_event is not None), elapsed, float(self._tokens)]
+        parts = [loss if loss is not None else torch.zeros((), device=device), norm, torch.tensor(host, device=device),
+                 found_inf.to(device) if isinstance(found_inf, torch.Tensor) else torch.zeros((), device=device)]
         parts += [v for _, _, d2, w2 in self._pending_change for v in (d2.to(device), w2.to(device))]
         if self._last_scale is not None:
             parts.append(self._last_scale.reshape(()).float().to(device))
@@ -600,8 +579,6 @@ class Guard:
         elif self.scheduler is not None:
             expected = self._shadow_lrs(optimizer)
             source = "the scheduler's course recorded at the start"
-        if self._initial_lrs is None:
-            self._initial_lrs = lrs
         bad = [] if expected is None else [
             i for i, (got, want) in enumerate(zip(lrs, expected, strict=False))
             if not abs(got - want) <= self.rules.lr_rtol * max(abs(want), 1e-12)]

@@ -4,6 +4,7 @@ rules it judged by) and the loss and gradient-norm curves as a PNG, events marke
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 COLOURS = {"warn": "tab:orange", "skip": "tab:purple", "stop": "tab:red", "refuse": "tab:red"}
 
 
-def write_summary(guard: Guard, folder: str | Path) -> Path:
+def write_summary(guard: Guard, folder: str | os.PathLike[str]) -> Path:
     """``lmcheck-watch.md`` and ``lmcheck-watch.png`` in ``folder``; returns the Markdown's path."""
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
