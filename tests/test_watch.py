@@ -126,6 +126,17 @@ def test_a_healthy_loop_of_200_steps_raises_no_event(tok, batches, tmp_path, ste
     assert (tmp_path / "lmcheck-watch.png").stat().st_size > 0
 
 
+def test_a_healthy_lora_loop_of_200_steps_raises_no_event(tok, batches, tmp_path, steady_clock):
+    """PEFT's LoRA on a pretrained base, its frozen weights left in the optimizer's group (they
+    have no gradient): quiet while the adapter learns."""
+    model = stacks.lora(stacks.pretrained_llama(tok, str(tmp_path / "base")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with lmcheck.watch(model, optimizer) as guard:
+        train(model, optimizer, batches, 200)
+    assert guard.events == [], [e.message for e in guard.events]
+    assert guard.history["loss"][-1] < 0.5 * guard.history["loss"][0]
+
+
 def test_the_guard_unhooks_itself(tok, batches):
     model, optimizer = setup(tok)
     original = torch.save
